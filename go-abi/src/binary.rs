@@ -1,0 +1,219 @@
+//! A Go executable as a whole: ELF + build info + pclntab (+ symtab and DWARF when present).
+
+use std::ops::Range;
+
+use object::{Object, ObjectSymbol};
+
+use crate::buildinfo::{BuildInfo, BuildInfoError};
+use crate::elf::{Elf, ElfError};
+use crate::pclntab::{Func, MAGIC_GO120, Pclntab, PclntabError};
+use crate::runtime::RuntimeLayout;
+use crate::symtab::{TextSymbol, go_text_symbols};
+use crate::version::GoVersion;
+
+/// The oldest Go whose binaries this crate reads (the pclntab layout of go1.20).
+pub const MIN_READABLE: GoVersion = GoVersion::new(1, 20, 0);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BinaryError {
+    #[error(transparent)]
+    Elf {
+        #[from]
+        source: ElfError,
+    },
+    #[error("not a Go executable: it has neither Go build info nor a Go function table")]
+    NotGo,
+    #[error(transparent)]
+    BuildInfo {
+        #[from]
+        source: BuildInfoError,
+    },
+    #[error("built with {version}, which is too old: inject reads binaries of go1.20 and newer")]
+    GoTooOld { version: String },
+    #[error("unrecognised Go version {version:?} in build info")]
+    BadVersion { version: String },
+    #[error("Go function table: {source}")]
+    Pclntab {
+        #[from]
+        source: PclntabError,
+    },
+}
+
+/// Where the pclntab was found, for `inject info`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PclntabLocation {
+    Section(&'static str),
+    Symbol,
+    MagicScan,
+}
+
+pub struct GoBinary<'a> {
+    pub elf: Elf<'a>,
+    pub build_info: BuildInfo,
+    pub version: GoVersion,
+    pub pclntab: Pclntab<'a>,
+    pub pclntab_vaddr: u64,
+    pub pclntab_location: PclntabLocation,
+}
+
+impl<'a> GoBinary<'a> {
+    /// Parses a Go executable from its file bytes.
+    pub fn parse(data: &'a [u8]) -> Result<Self, BinaryError> {
+        let elf = Elf::parse(data)?;
+        let build_info = match BuildInfo::from_elf(&elf) {
+            Ok(b) => b,
+            Err(BuildInfoError::NotFound) => {
+                // A Go binary without build info would be older than go1.13; name the
+                // layout if its pclntab says which.
+                return Err(match find_pclntab(&elf) {
+                    Err(e @ PclntabError::OldLayout { .. }) => e.into(),
+                    _ => BinaryError::NotGo,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let version = GoVersion::parse(&build_info.go_version)
+            .map_err(|_| BinaryError::BadVersion { version: build_info.go_version.clone() })?;
+        if version < MIN_READABLE {
+            return Err(BinaryError::GoTooOld { version: build_info.go_version.clone() });
+        }
+        let (pclntab, pclntab_vaddr, pclntab_location) = find_pclntab(&elf)?;
+        Ok(GoBinary { elf, build_info, version, pclntab, pclntab_vaddr, pclntab_location })
+    }
+
+    /// Every function of the pclntab, in entry order.
+    pub fn functions(&self) -> Result<Vec<Func<'a>>, PclntabError> {
+        self.pclntab.funcs().collect()
+    }
+
+    /// `.symtab` text symbols, when the binary has them.
+    pub fn symbols(&self) -> Option<Vec<TextSymbol>> {
+        go_text_symbols(&self.elf)
+    }
+
+    /// The `[runtime.text, runtime.etext)` range the pclntab covers.
+    pub fn text_range(&self) -> Range<u64> {
+        let n = self.pclntab.len();
+        if n == 0 {
+            return 0..0;
+        }
+        self.pclntab.entry_of(0)..self.pclntab.entry_of(n)
+    }
+
+    /// The code bytes of a function, from the file.
+    pub fn code(&self, f: &Func<'_>) -> Option<&'a [u8]> {
+        self.elf.read(f.entry, usize::try_from(f.size()).ok()?)
+    }
+
+    /// `runtime.g` offsets from the version table (DWARF-based layout: see `dwarf`).
+    pub fn runtime_layout_from_table(&self) -> Option<RuntimeLayout> {
+        RuntimeLayout::for_version(&self.version)
+    }
+
+    /// A build setting such as `-race`, `CGO_ENABLED`, `-buildmode`.
+    pub fn setting(&self, key: &str) -> Option<&str> {
+        self.build_info.setting(key)
+    }
+
+    pub fn is_race(&self) -> bool {
+        self.setting("-race") == Some("true")
+    }
+}
+
+/// Finds the pclntab: by section name, then by the linker's symbol, then by scanning the
+/// non-executable segments for a valid header (externally linked PIE builds can merge the
+/// section into `.data.rel.ro`, and stripped builds lose the symbol).
+fn find_pclntab<'a>(elf: &Elf<'a>) -> Result<(Pclntab<'a>, u64, PclntabLocation), PclntabError> {
+    for name in [".gopclntab", ".data.rel.ro.gopclntab"] {
+        if let Some((addr, data)) = elf.section(name) {
+            let t = parse_at(elf, data, addr)?;
+            return Ok((t, addr, PclntabLocation::Section(name)));
+        }
+    }
+    if let Some(sym) = elf.file.symbols().find(|s| s.name() == Ok("runtime.pcheader")) {
+        if let Some(data) = elf.bytes_at(sym.address()) {
+            if let Ok(t) = parse_at(elf, data, sym.address()) {
+                return Ok((t, sym.address(), PclntabLocation::Symbol));
+            }
+        }
+    }
+    let mut old_layout = None;
+    for seg in elf.segments.iter().filter(|s| !s.executable) {
+        let magic = MAGIC_GO120.to_le_bytes();
+        let mut off = 0;
+        while let Some(pos) = find_aligned(&seg.data[off..], &magic[..]) {
+            let at = off + pos;
+            let data = &seg.data[at..];
+            let addr = seg.vaddr + at as u64;
+            if let Ok(t) = parse_at(elf, data, addr) {
+                if t.len() > 0
+                    && elf
+                        .segments
+                        .iter()
+                        .any(|s| s.executable && s.vaddr <= t.entry_of(0) && t.entry_of(0) < s.vaddr + s.memsz)
+                {
+                    return Ok((t, addr, PclntabLocation::MagicScan));
+                }
+            }
+            off = at + 8;
+        }
+        // Name an old layout rather than saying "not found".
+        let mut o = 0;
+        while o + 8 <= seg.data.len() && old_layout.is_none() {
+            if let Err(e @ PclntabError::OldLayout { .. }) = Pclntab::check_header(&seg.data[o..]) {
+                old_layout = Some(e);
+            }
+            o += 8;
+        }
+    }
+    Err(old_layout.unwrap_or(PclntabError::NotFound))
+}
+
+fn find_aligned(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.chunks_exact(8).position(|c| c.starts_with(needle)).map(|i| i * 8)
+}
+
+fn parse_at<'a>(elf: &Elf<'a>, data: &'a [u8], vaddr: u64) -> Result<Pclntab<'a>, PclntabError> {
+    Pclntab::check_header(data)?;
+    let text_start = match Pclntab::header_text_start(data) {
+        Some(v) if v != 0 => Some(v),
+        // go1.26 stopped storing textStart (it needed a relocation); PIE files of older
+        // releases leave it to the dynamic loader.
+        _ => moduledata_text(elf, data, vaddr).or_else(|| elf.relocation_addend(vaddr + 24)),
+    };
+    Pclntab::parse(data, text_start)
+}
+
+/// `runtime.firstmoduledata.text`, found through the moduledata's first field, a pointer
+/// to the pcHeader, and confirmed by its second, the funcnametab slice. The field
+/// offsets have been stable since go1.16.
+fn moduledata_text(elf: &Elf<'_>, header: &[u8], header_vaddr: u64) -> Option<u64> {
+    const FUNCNAMETAB: u64 = 8;
+    const TEXT: u64 = 8 + 5 * 24 + 24 + 8 + 8 + 8;
+    let funcname_off = u64::from_le_bytes(header.get(32..40)?.try_into().ok()?);
+    let confirm = |md: u64| -> Option<u64> {
+        (elf.read_pointer(md + FUNCNAMETAB)? == header_vaddr + funcname_off).then_some(())?;
+        elf.read_pointer(md + TEXT).filter(|t| *t != 0)
+    };
+    let target = header_vaddr.to_le_bytes();
+    for seg in elf.segments.iter().filter(|s| s.writable) {
+        for (i, w) in seg.data.chunks_exact(8).enumerate() {
+            if w == target {
+                if let Some(t) = confirm(seg.vaddr + 8 * i as u64) {
+                    return Some(t);
+                }
+            }
+        }
+    }
+    if elf.pie {
+        use object::Object;
+        for (off, r) in elf.file.dynamic_relocations()? {
+            if r.addend() as u64 == header_vaddr {
+                if let Some(t) = confirm(off) {
+                    return Some(t);
+                }
+            }
+        }
+    }
+    None
+}

@@ -1,0 +1,261 @@
+//! `inject functions` and `inject info`: what inject knows about a binary before it
+//! touches anything.
+
+use std::io::Write;
+
+use anyhow::{Context, Result};
+use go_abi::{Func, GoBinary};
+use serde::Serialize;
+
+use crate::target::{Executable, TargetArgs};
+
+#[derive(Debug, clap::Args)]
+pub struct FunctionsArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Include runtime, internal and assembly functions (hidden by default when a pattern
+    /// is not given).
+    #[arg(long)]
+    all: bool,
+    /// Shell-style globs (`main.*`, `*.(*Store).Get`) or, without `*?[`, substrings.
+    #[arg(value_name = "PATTERN")]
+    patterns: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn load(exe: &Executable) -> Result<GoBinary<'_>> {
+    GoBinary::parse(&exe.map).with_context(|| exe.path.display().to_string())
+}
+
+#[derive(Serialize)]
+struct FunctionRow {
+    name: String,
+    /// Run-time addresses when read from a process, else link-time.
+    entry: u64,
+    end: u64,
+    size: u64,
+    file: Option<String>,
+    line: Option<i32>,
+    frame_size: i32,
+    asm: bool,
+}
+
+/// Matches a glob (`*`, `?`, `[...]` literal) against the whole name, or a substring.
+pub fn matches(pattern: &str, name: &str) -> bool {
+    if !pattern.contains(['*', '?']) {
+        return name.contains(pattern);
+    }
+    fn glob(p: &[u8], s: &[u8]) -> bool {
+        let (mut pi, mut si, mut star, mut mark) = (0, 0, None, 0);
+        while si < s.len() {
+            if pi < p.len() && (p[pi] == b'?' || p[pi] == s[si]) {
+                pi += 1;
+                si += 1;
+            } else if pi < p.len() && p[pi] == b'*' {
+                star = Some(pi);
+                mark = si;
+                pi += 1;
+            } else if let Some(st) = star {
+                pi = st + 1;
+                mark += 1;
+                si = mark;
+            } else {
+                return false;
+            }
+        }
+        p[pi..].iter().all(|&c| c == b'*')
+    }
+    glob(pattern.as_bytes(), name.as_bytes())
+}
+
+/// Runtime internals a user rarely means; listed only with --all or a pattern.
+fn is_internal(f: &Func<'_>) -> bool {
+    let n = &f.name;
+    f.is_asm()
+        || n.starts_with("runtime.")
+        || n.starts_with("internal/")
+        || n.starts_with("runtime/internal/")
+        || n.starts_with("type:")
+        || n.starts_with("go:")
+}
+
+pub fn functions(args: &FunctionsArgs) -> Result<()> {
+    let exe = args.target.open()?;
+    let bin = load(&exe)?;
+    let funcs = bin.functions().with_context(|| exe.path.display().to_string())?;
+    let selected: Vec<&Func<'_>> = funcs
+        .iter()
+        .filter(|f| {
+            if args.patterns.is_empty() {
+                args.all || !is_internal(f)
+            } else {
+                args.patterns.iter().any(|p| matches(p, &f.name))
+            }
+        })
+        .collect();
+    if !args.patterns.is_empty() && selected.is_empty() {
+        anyhow::bail!("no function matches {}", args.patterns.join(" "));
+    }
+    let rows = selected.iter().map(|f| {
+        let (file, line) = match bin.pclntab.line(f, f.entry) {
+            Some((file, line)) => (Some(file.into_owned()), Some(line)),
+            None => (None, None),
+        };
+        FunctionRow {
+            name: f.name.to_string(),
+            entry: f.entry + exe.bias,
+            end: f.end + exe.bias,
+            size: f.size(),
+            file,
+            line,
+            frame_size: bin.pclntab.frame_size(f),
+            asm: f.is_asm(),
+        }
+    });
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    if args.json {
+        let rows: Vec<FunctionRow> = rows.collect();
+        serde_json::to_writer_pretty(&mut out, &rows)?;
+        writeln!(out)?;
+    } else {
+        writeln!(out, "{:<18} {:>7} {:>6}  {:<50} LOCATION", "ENTRY", "SIZE", "FRAME", "FUNCTION")?;
+        for r in rows {
+            let loc = match (&r.file, r.line) {
+                (Some(f), Some(l)) => format!("{f}:{l}"),
+                _ => "?".into(),
+            };
+            let asm = if r.asm { " [asm]" } else { "" };
+            writeln!(out, "{:#018x} {:>7} {:>6}  {:<50} {loc}{asm}", r.entry, r.size, r.frame_size, r.name)?;
+        }
+    }
+    out.flush().or_else(ignore_broken_pipe)?;
+    Ok(())
+}
+
+fn ignore_broken_pipe(e: std::io::Error) -> std::io::Result<()> {
+    if e.kind() == std::io::ErrorKind::BrokenPipe { Ok(()) } else { Err(e) }
+}
+
+#[derive(Serialize)]
+struct ModuleJson {
+    path: String,
+    version: String,
+    sum: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replace: Option<Box<ModuleJson>>,
+}
+
+impl From<&go_abi::Module> for ModuleJson {
+    fn from(m: &go_abi::Module) -> Self {
+        ModuleJson {
+            path: m.path.clone(),
+            version: m.version.clone(),
+            sum: m.sum.clone(),
+            replace: m.replace.as_deref().map(|r| Box::new(ModuleJson::from(r))),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct InfoJson {
+    executable: String,
+    pid: Option<i32>,
+    go_version: String,
+    path: String,
+    main: Option<ModuleJson>,
+    deps: Vec<ModuleJson>,
+    settings: serde_json::Map<String, serde_json::Value>,
+    pie: bool,
+    dynamic: bool,
+    load_bias: u64,
+    functions: usize,
+    symbols: bool,
+    pclntab: String,
+    goid_offset: Option<u32>,
+}
+
+pub fn info(args: &InfoArgs) -> Result<()> {
+    let exe = args.target.open()?;
+    let bin = load(&exe)?;
+    let bi = &bin.build_info;
+    let info = InfoJson {
+        executable: exe.path.display().to_string(),
+        pid: exe.pid,
+        go_version: bi.go_version.clone(),
+        path: bi.path.clone(),
+        main: bi.main.as_ref().map(ModuleJson::from),
+        deps: bi.deps.iter().map(ModuleJson::from).collect(),
+        settings: bi.settings.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect(),
+        pie: bin.elf.pie,
+        dynamic: bin.elf.dynamic,
+        load_bias: exe.bias,
+        functions: bin.pclntab.len(),
+        symbols: bin.symbols().is_some(),
+        pclntab: format!("{:?} at {:#x}", bin.pclntab_location, bin.pclntab_vaddr),
+        goid_offset: bin.runtime_layout_from_table().map(|l| l.goid),
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &info)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    writeln!(out, "executable  {}", info.executable)?;
+    if let Some(pid) = info.pid {
+        writeln!(out, "pid         {pid} (load bias {:#x})", info.load_bias)?;
+    }
+    writeln!(out, "go          {}", info.go_version)?;
+    writeln!(out, "path        {}", info.path)?;
+    if let Some(m) = &bi.main {
+        writeln!(out, "main        {} {}", m.path, m.version)?;
+    }
+    writeln!(
+        out,
+        "layout      {}, {}, {} functions, symbols {}, pclntab {}",
+        if info.pie { "PIE" } else { "fixed address" },
+        if info.dynamic { "dynamically linked" } else { "static" },
+        info.functions,
+        if info.symbols { "present" } else { "stripped" },
+        info.pclntab
+    )?;
+    for d in &bi.deps {
+        write!(out, "dep         {} {}", d.path, d.version)?;
+        if let Some(r) = &d.replace {
+            write!(out, " => {} {}", r.path, r.version)?;
+        }
+        writeln!(out)?;
+    }
+    for (k, v) in &bi.settings {
+        writeln!(out, "build       {k}={v}")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::matches;
+
+    #[test]
+    fn globs_and_substrings() {
+        assert!(matches("main.*", "main.priceOf"));
+        assert!(!matches("main.*", "xmain.priceOf"));
+        assert!(matches("*.(*Store).Get", "inject.test/fixtures/funcs/store.(*Store).Get"));
+        assert!(matches("price", "main.priceOf"));
+        assert!(matches("main.?riceOf", "main.priceOf"));
+        assert!(matches("priceO", "main.priceOf"));
+        assert!(!matches("main.priceOf?", "main.priceOf"));
+    }
+}

