@@ -130,12 +130,11 @@ fn find_pclntab<'a>(elf: &Elf<'a>) -> Result<(Pclntab<'a>, u64, PclntabLocation)
             return Ok((t, addr, PclntabLocation::Section(name)));
         }
     }
-    if let Some(sym) = elf.file.symbols().find(|s| s.name() == Ok("runtime.pcheader")) {
-        if let Some(data) = elf.bytes_at(sym.address()) {
-            if let Ok(t) = parse_at(elf, data, sym.address()) {
-                return Ok((t, sym.address(), PclntabLocation::Symbol));
-            }
-        }
+    if let Some(sym) = elf.file.symbols().find(|s| s.name() == Ok("runtime.pcheader"))
+        && let Some(data) = elf.bytes_at(sym.address())
+        && let Ok(t) = parse_at(elf, data, sym.address())
+    {
+        return Ok((t, sym.address(), PclntabLocation::Symbol));
     }
     let mut old_layout = None;
     for seg in elf.segments.iter().filter(|s| !s.executable) {
@@ -145,15 +144,12 @@ fn find_pclntab<'a>(elf: &Elf<'a>) -> Result<(Pclntab<'a>, u64, PclntabLocation)
             let at = off + pos;
             let data = &seg.data[at..];
             let addr = seg.vaddr + at as u64;
-            if let Ok(t) = parse_at(elf, data, addr) {
-                if t.len() > 0
-                    && elf
-                        .segments
-                        .iter()
-                        .any(|s| s.executable && s.vaddr <= t.entry_of(0) && t.entry_of(0) < s.vaddr + s.memsz)
-                {
-                    return Ok((t, addr, PclntabLocation::MagicScan));
-                }
+            // A real table's first function lies in an executable segment.
+            if let Ok(t) = parse_at(elf, data, addr)
+                && !t.is_empty()
+                && elf.segments.iter().any(|s| s.executable && (s.vaddr..s.vaddr + s.memsz).contains(&t.entry_of(0)))
+            {
+                return Ok((t, addr, PclntabLocation::MagicScan));
             }
             off = at + 8;
         }
@@ -198,20 +194,20 @@ fn moduledata_text(elf: &Elf<'_>, header: &[u8], header_vaddr: u64) -> Option<u6
     let target = header_vaddr.to_le_bytes();
     for seg in elf.segments.iter().filter(|s| s.writable) {
         for (i, w) in seg.data.chunks_exact(8).enumerate() {
-            if w == target {
-                if let Some(t) = confirm(seg.vaddr + 8 * i as u64) {
-                    return Some(t);
-                }
+            if w == target
+                && let Some(t) = confirm(seg.vaddr + 8 * i as u64)
+            {
+                return Some(t);
             }
         }
     }
     if elf.pie {
         use object::Object;
         for (off, r) in elf.file.dynamic_relocations()? {
-            if r.addend() as u64 == header_vaddr {
-                if let Some(t) = confirm(off) {
-                    return Some(t);
-                }
+            if r.addend() as u64 == header_vaddr
+                && let Some(t) = confirm(off)
+            {
+                return Some(t);
             }
         }
     }

@@ -50,10 +50,10 @@ impl BuildInfo {
     /// Reads the build info of an ELF executable: the section when named, else a scan of
     /// the writable segments for the 16-byte-aligned magic (sections can be stripped).
     pub fn from_elf(elf: &Elf<'_>) -> Result<Self, BuildInfoError> {
-        if let Some((_, data)) = elf.section(".go.buildinfo") {
-            if data.starts_with(MAGIC) {
-                return Self::decode(data, elf);
-            }
+        if let Some((_, data)) = elf.section(".go.buildinfo")
+            && data.starts_with(MAGIC)
+        {
+            return Self::decode(data, elf);
         }
         for seg in elf.segments.iter().filter(|s| s.writable) {
             let mut off = 0;

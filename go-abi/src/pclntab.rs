@@ -107,10 +107,10 @@ impl<'a> Pclntab<'a> {
     /// its magic when no section names it.
     pub fn check_header(data: &[u8]) -> Result<(), PclntabError> {
         let magic = u32_at(data, 0).ok_or_else(|| malformed("truncated header"))?;
-        if let Some((_, era)) = OLD_MAGICS.iter().find(|(m, _)| *m == magic) {
-            if data.get(4..8) == Some(&[0, 0, 1, 8]) {
-                return Err(PclntabError::OldLayout { era });
-            }
+        if let Some((_, era)) = OLD_MAGICS.iter().find(|(m, _)| *m == magic)
+            && data.get(4..8) == Some(&[0, 0, 1, 8])
+        {
+            return Err(PclntabError::OldLayout { era });
         }
         if magic != MAGIC_GO120 {
             return Err(PclntabError::NotFound);

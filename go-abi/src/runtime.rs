@@ -26,7 +26,8 @@ pub struct RuntimeLayout {
 /// `(first release, last release, goid offset)`: 1.23 added `g.syscallbp` (+8), 1.25
 /// removed `gobuf.ret` (-8). The other fields have not moved since 1.17. Checked against
 /// DWARF of real builds by the test suite for every version in go-versions.toml.
-const GOID_BY_RELEASE: &[((u32, u32), (u32, u32), u32)] =
+type Release = (u32, u32);
+const GOID_BY_RELEASE: &[(Release, Release, u32)] =
     &[((1, 20), (1, 22), 152), ((1, 23), (1, 24), 160), ((1, 25), (1, 27), 152)];
 
 impl RuntimeLayout {

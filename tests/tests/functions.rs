@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
-use xtask::{Flavor, GoToolchain, build_fixture, fixture_names, inject_binary, oldest_and_newest, output};
+use xtask::{Flavor, GoToolchain, build_fixture, fixture_names, inject_binary, output, test_toolchains};
 
 /// Names as the ELF symbol table spells them: external linking mangles ABI0 symbols with
 /// `.abi0` and the middle dot to a period.
@@ -60,7 +60,7 @@ fn inject_functions(exe: &std::path::Path) -> Result<BTreeSet<(String, u64)>> {
 }
 
 fn check_flavor(flavor: Flavor) -> Result<()> {
-    for tc in oldest_and_newest()? {
+    for tc in test_toolchains()? {
         for fixture in fixture_names()? {
             let exe = build_fixture(&fixture, &tc, flavor)?;
             // Stripped builds are compared with their unstripped twin: same code, same addresses.

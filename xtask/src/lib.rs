@@ -317,3 +317,9 @@ pub fn inject_binary() -> Result<PathBuf> {
         .clone()
         .map_err(|e| anyhow::anyhow!(e))
 }
+
+/// The toolchains the test suite runs against: the oldest and newest of go-versions.toml,
+/// or all of them (plus the system Go) with `INJECT_GO_MATRIX=all` (`cargo xtask matrix`).
+pub fn test_toolchains() -> Result<Vec<GoToolchain>> {
+    if std::env::var("INJECT_GO_MATRIX").is_ok_and(|v| v == "all") { all_toolchains() } else { oldest_and_newest() }
+}

@@ -1,3 +1,109 @@
-fn main() {
-    eprintln!("xtask: see `cargo xtask help`");
+//! `cargo xtask <command>`: the project's orchestration, in Rust rather than shell.
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+use xtask::{Flavor, all_toolchains, build_fixture, fixture_names, oldest_and_newest, run, workspace_root};
+
+mod bench;
+mod demo;
+mod deps;
+mod fuzz;
+
+const HELP: &str = "\
+cargo xtask <command>
+
+  test              install what the tests need, then fmt + clippy + the whole test suite
+                    (oldest and newest Go of go-versions.toml)
+  matrix            the test suite against every Go of go-versions.toml (slow)
+  demo              build the HTTP fixture, start it, and show what inject sees
+  go [--all]        install the oldest and newest (or all) Go toolchains
+  fixtures [--all]  build every fixture in every flavor (oldest/newest or all Go)
+  fuzz [SECONDS]    run every cargo-fuzz target for SECONDS each (default 60)
+  bench [NAME]      run benchmarks (functions-100mb)
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test(false),
+        Some("matrix") => test(true),
+        Some("demo") => demo::run(),
+        Some("go") => go(args.iter().any(|a| a == "--all")),
+        Some("fixtures") => fixtures(args.iter().any(|a| a == "--all")),
+        Some("fuzz") => match args.get(1).map(|s| s.parse::<u64>()).transpose() {
+            Ok(secs) => fuzz::run(secs.unwrap_or(60)),
+            Err(e) => Err(anyhow::Error::from(e).context("fuzz SECONDS must be a whole number")),
+        },
+        Some("bench") => bench::run(args.get(1).map(String::as_str)),
+        Some("help" | "--help" | "-h") | None => {
+            print!("{HELP}");
+            Ok(())
+        }
+        Some(other) => {
+            eprint!("xtask: unknown command {other:?}\n\n{HELP}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+fn go(all: bool) -> Result<()> {
+    let tcs = if all { all_toolchains()? } else { oldest_and_newest()? };
+    for tc in tcs {
+        println!("Go {:<16} {}", tc.version, tc.go.display());
+    }
+    Ok(())
+}
+
+fn fixtures(all: bool) -> Result<()> {
+    let tcs = if all { all_toolchains()? } else { oldest_and_newest()? };
+    for tc in &tcs {
+        for flavor in Flavor::ALL {
+            for name in fixture_names()? {
+                let p = build_fixture(&name, tc, flavor)?;
+                println!("{}", p.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The README's test command: everything a fresh machine needs, then the checks.
+fn test(matrix: bool) -> Result<()> {
+    deps::ensure()?;
+    let tcs = if matrix { all_toolchains()? } else { oldest_and_newest()? };
+    for tc in &tcs {
+        eprintln!("xtask: Go {} at {}", tc.version, tc.go.display());
+    }
+    eprintln!("xtask: cargo fmt --check");
+    run(cargo().args(["fmt", "--all", "--", "--check"])).context("cargo fmt found unformatted code")?;
+    eprintln!("xtask: cargo clippy");
+    let status =
+        cargo().args(["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"]).status()?;
+    if !status.success() {
+        bail!("cargo clippy reported problems");
+    }
+    eprintln!("xtask: cargo test");
+    let mut t = cargo();
+    t.args(["test", "--workspace", "--no-fail-fast"]);
+    if matrix {
+        t.env("INJECT_GO_MATRIX", "all");
+    }
+    if !t.status()?.success() {
+        bail!("tests failed");
+    }
+    Ok(())
 }

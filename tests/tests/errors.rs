@@ -1,0 +1,145 @@
+//! Bad input gets one clear line on stderr and a non-zero exit, never a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, ensure};
+use xtask::{Flavor, build_fixture, in_ci, inject_binary, run, test_toolchains};
+
+/// Runs `inject ARGS` and checks it failed with exit code `code` and a single
+/// `inject: error:` line mentioning `needle`.
+fn expect_error(args: &[&str], path: Option<&Path>, code: i32, needle: &str) -> Result<String> {
+    let mut c = Command::new(inject_binary()?);
+    c.args(args);
+    if let Some(p) = path {
+        c.arg(p);
+    }
+    let out = c.output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(!stderr.contains("panicked"), "inject panicked on {args:?} {path:?}:\n{stderr}");
+    ensure!(out.status.code() == Some(code), "{args:?} {path:?}: exit {:?}, want {code}\n{stderr}", out.status.code());
+    if code == 1 {
+        let lines: Vec<&str> = stderr.lines().collect();
+        ensure!(lines.len() == 1, "{args:?} {path:?}: want one line, got:\n{stderr}");
+        ensure!(lines[0].starts_with("inject: error: "), "{args:?}: {stderr}");
+    }
+    ensure!(stderr.contains(needle), "{args:?} {path:?}: error does not mention {needle:?}:\n{stderr}");
+    Ok(stderr)
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = xtask::workspace_root().join("target/test-scratch");
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(format!("{name}.{}", std::process::id()))
+}
+
+#[test]
+fn not_a_go_binary() -> Result<()> {
+    let ls = Path::new("/bin/ls");
+    for cmd in ["functions", "info"] {
+        expect_error(&[cmd, "--exe"], Some(ls), 1, "not a Go executable")?;
+    }
+    Ok(())
+}
+
+#[test]
+fn random_bytes_and_empty_files() -> Result<()> {
+    let p = scratch("random");
+    // Deterministic pseudo-random bytes (xorshift), no ELF magic.
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    let bytes: Vec<u8> = (0..65536)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(&p, &bytes)?;
+    expect_error(&["functions", "--exe"], Some(&p), 1, "not an ELF file")?;
+    std::fs::write(&p, b"")?;
+    expect_error(&["info", "--exe"], Some(&p), 1, "not an ELF file")?;
+    // ELF magic followed by garbage.
+    let mut elfish = b"\x7fELF\x02\x01\x01".to_vec();
+    elfish.extend_from_slice(&bytes[..4096]);
+    std::fs::write(&p, &elfish)?;
+    expect_error(&["functions", "--exe"], Some(&p), 1, "ELF")?;
+    expect_error(&["functions", "--exe"], Some(Path::new("/nonexistent/x")), 1, "cannot open")?;
+    expect_error(&["functions", "--exe"], Some(Path::new("/tmp")), 1, "directory")?;
+    std::fs::remove_file(&p)?;
+    Ok(())
+}
+
+#[test]
+fn truncated_go_binary() -> Result<()> {
+    let tc = &test_toolchains()?[0];
+    let exe = build_fixture("funcs", tc, Flavor::Default)?;
+    let full = std::fs::read(&exe)?;
+    let p = scratch("truncated");
+    for len in [16, 64, 1000, full.len() / 4, full.len() / 2, full.len() * 9 / 10] {
+        std::fs::write(&p, &full[..len])?;
+        expect_error(&["functions", "--exe"], Some(&p), 1, "")
+            .with_context(|| format!("truncated to {len} of {} bytes", full.len()))?;
+    }
+    // Every other cut either fails cleanly or still reads: never a panic.
+    for len in (0..full.len()).step_by(full.len() / 97 + 1) {
+        std::fs::write(&p, &full[..len])?;
+        let out = Command::new(inject_binary()?).args(["functions", "--all", "--exe"]).arg(&p).output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!stderr.contains("panicked") && out.status.code().is_some(), "cut at {len}: {stderr}");
+    }
+    std::fs::remove_file(&p)?;
+    Ok(())
+}
+
+#[test]
+fn no_such_pid() -> Result<()> {
+    let max: i64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")?.trim().parse()?;
+    let pid = (max + 1).to_string();
+    expect_error(&["functions", "--pid", &pid], None, 1, &format!("no process with pid {pid}"))?;
+    expect_error(&["info", "--pid", &pid], None, 1, "no process")?;
+    expect_error(&["info", "--pid", "-5"], None, 2, "")?;
+    Ok(())
+}
+
+#[test]
+fn usage_errors_exit_2() -> Result<()> {
+    expect_error(&["functions"], None, 2, "--exe")?;
+    expect_error(&["info", "--exe", "/bin/ls", "--pid", "1"], None, 2, "cannot be used")?;
+    expect_error(&["frobnicate"], None, 2, "frobnicate")?;
+    Ok(())
+}
+
+#[test]
+fn unknown_function_pattern() -> Result<()> {
+    let tc = &test_toolchains()?[0];
+    let exe = build_fixture("funcs", tc, Flavor::Default)?;
+    expect_error(&["functions", "--exe", exe.to_str().unwrap(), "main.noSuchThing"], None, 1, "no function matches")?;
+    Ok(())
+}
+
+/// Go 1.19 comes from Debian's golang-1.19-go, which `cargo xtask test` installs.
+#[test]
+fn go_1_19_binary_is_refused_by_name() -> Result<()> {
+    let go = Path::new("/usr/lib/go-1.19/bin/go");
+    if !go.exists() {
+        ensure!(!in_ci(), "Go 1.19 is missing (/usr/lib/go-1.19/bin/go): run cargo xtask test, which installs it");
+        eprintln!("SKIP: Go 1.19 not installed (cargo xtask test installs golang-1.19-go)");
+        return Ok(());
+    }
+    let dir = scratch("go119");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("main.go"), "package main\n\nfunc main() { println(\"hi\") }\n")?;
+    std::fs::write(dir.join("go.mod"), "module old\n\ngo 1.19\n")?;
+    let exe = dir.join("old");
+    run(Command::new(go)
+        .current_dir(&dir)
+        .env("GOTOOLCHAIN", "local")
+        .env("GOFLAGS", "")
+        .args(["build", "-o"])
+        .arg(&exe))?;
+    let err = expect_error(&["functions", "--exe"], Some(&exe), 1, "go1.19")?;
+    ensure!(err.contains("too old") && err.contains("go1.20"), "{err}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -1,0 +1,45 @@
+//! Machine-level dependencies of the test suite, installed by the project itself so a
+//! fresh machine (and CI) needs nothing done by hand.
+
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+/// Debian packages the tests use: a Go 1.19 toolchain, to prove old binaries are refused.
+const DEBIAN_PACKAGES: &[&str] = &["golang-1.19-go"];
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+pub fn ensure() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let root = nix_is_root();
+    if !root {
+        bail!(
+            "the tests need the Debian packages {missing:?}; install them with: sudo apt-get install {}",
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: apt-get install {}", missing.join(" "));
+    let env = [("DEBIAN_FRONTEND", "noninteractive")];
+    let update = Command::new("apt-get").args(["update", "-qq"]).envs(env).status()?;
+    if !update.success() {
+        bail!("apt-get update failed");
+    }
+    let install = Command::new("apt-get").args(["install", "-y", "-qq"]).args(&missing).envs(env).status()?;
+    if !install.success() {
+        bail!("apt-get install {} failed", missing.join(" "));
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}

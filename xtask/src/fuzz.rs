@@ -1,0 +1,4 @@
+use anyhow::Result;
+pub fn run(_seconds: u64) -> Result<()> {
+    anyhow::bail!("fuzz: not yet")
+}
