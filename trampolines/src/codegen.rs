@@ -1,0 +1,228 @@
+//! Trampoline code. Rules (DESIGN.md): no stack at all, every register preserved but R12,
+//! R13 and the flags, DF untouched, X15 untouched, never block (a full or contended ring
+//! drops the record and counts it), never fault (only ring memory and `[R14+goid]` are
+//! dereferenced; R14 is the current g at every ABIInternal entry and return).
+
+use iced_x86::code_asm::*;
+use iced_x86::{BlockEncoderOptions, Code, IcedError, Instruction, MemoryOperand, Register};
+use ring_abi::{Kind, header, slot};
+
+use crate::site::{EntryPatch, ReturnPatch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodegenError {
+    #[error("cannot encode trampoline at {at:#x}: {reason}")]
+    Encode { at: u64, reason: String },
+    #[error("ring at {ring:#x} is out of RIP-relative reach of trampoline at {at:#x}")]
+    Reach { ring: u64, at: u64 },
+}
+
+impl CodegenError {
+    fn encode(at: u64, e: IcedError) -> Self {
+        CodegenError::Encode { at, reason: e.to_string() }
+    }
+}
+
+/// Where the ring lives in the target, and its shape.
+#[derive(Debug, Clone, Copy)]
+pub struct RingAddrs {
+    /// Address of the ring mapping (header page first).
+    pub base: u64,
+    pub capacity: u64,
+    pub slot_size: usize,
+    /// Offset of `goid` in `runtime.g`.
+    pub goid_offset: u32,
+}
+
+impl RingAddrs {
+    fn head(&self) -> u64 {
+        self.base + header::HEAD as u64
+    }
+    fn dropped(&self) -> u64 {
+        self.base + header::DROPPED as u64
+    }
+    fn enabled(&self) -> u64 {
+        self.base + header::ENABLED as u64
+    }
+    fn slots(&self) -> u64 {
+        self.base + header::LEN as u64
+    }
+}
+
+/// Which registers a probe records. Unrecorded registers cost nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapturePlan {
+    /// Bit i: integer register i of the ABI order (RAX, RBX, RCX, RDI, RSI, R8..R11).
+    pub ints: u16,
+    /// Bit i: X<i> (low 64 bits), i < 8.
+    pub floats: u8,
+}
+
+impl CapturePlan {
+    pub const ALL: CapturePlan = CapturePlan { ints: 0x1ff, floats: 0xff };
+}
+
+/// A generated trampoline: code to place at `at`.
+#[derive(Debug, Clone)]
+pub struct Trampoline {
+    pub at: u64,
+    pub code: Vec<u8>,
+}
+
+/// Attempts to win a slot before giving up and counting a drop.
+const ATTEMPTS: usize = 3;
+
+fn rip_mem(addr: u64) -> MemoryOperand {
+    MemoryOperand::with_base_displ(Register::RIP, addr as i64)
+}
+
+/// The record-writing block, shared by entry and return trampolines.
+fn emit_capture(
+    a: &mut CodeAssembler,
+    ring: &RingAddrs,
+    site: u32,
+    kind: Kind,
+    plan: CapturePlan,
+) -> Result<(), IcedError> {
+    let mask = (ring.capacity - 1) as i32;
+    let shift = ring.slot_size.trailing_zeros();
+    let mut slots_const = a.create_label();
+    let mut done = a.create_label();
+    let mut won = a.create_label();
+    let mut drop = a.create_label();
+    a.add_instruction(Instruction::with2(Code::Cmp_rm64_imm8, rip_mem(ring.enabled()), 0)?)?;
+    a.je(done)?;
+    a.mov(r13, rax)?;
+    for attempt in 0..ATTEMPTS {
+        let mut next = a.create_label();
+        a.add_instruction(Instruction::with2(Code::Mov_r64_rm64, Register::RAX, rip_mem(ring.head()))?)?;
+        a.mov(r12, rax)?;
+        a.and(r12, mask)?;
+        a.shl(r12, shift)?;
+        a.add(r12, qword_ptr(slots_const))?;
+        a.cmp(qword_ptr(r12 + slot::SEQ as i32), rax)?;
+        a.jne(if attempt + 1 == ATTEMPTS { drop } else { next })?;
+        a.lea(r12, qword_ptr(rax + 1))?;
+        let mut cas = Instruction::with2(Code::Cmpxchg_rm64_r64, rip_mem(ring.head()), Register::R12)?;
+        cas.set_has_lock_prefix(true);
+        a.add_instruction(cas)?;
+        a.je(won)?;
+        if attempt + 1 < ATTEMPTS {
+            a.set_label(&mut next)?;
+        }
+    }
+    a.set_label(&mut drop)?;
+    let mut inc = Instruction::with1(Code::Inc_rm64, rip_mem(ring.dropped()))?;
+    inc.set_has_lock_prefix(true);
+    a.add_instruction(inc)?;
+    a.mov(rax, r13)?;
+    a.jmp(done)?;
+
+    // Won ticket RAX: address its slot, write the record, publish it.
+    a.set_label(&mut won)?;
+    a.mov(r12, rax)?;
+    a.and(r12, mask)?;
+    a.shl(r12, shift)?;
+    a.add(r12, qword_ptr(slots_const))?;
+    a.mov(qword_ptr(r12 + slot::TICKET as i32), rax)?;
+    let ints = [r13, rbx, rcx, rdi, rsi, r8, r9, r10, r11];
+    for (i, reg) in ints.into_iter().enumerate() {
+        if plan.ints & (1 << i) != 0 {
+            a.mov(qword_ptr(r12 + (slot::INTS + 8 * i) as i32), reg)?;
+        }
+    }
+    if plan.ints & 1 == 0 {
+        // RAX is restored from its slot field below, so it is always stored.
+        a.mov(qword_ptr(r12 + slot::INTS as i32), r13)?;
+    }
+    let xmms = [xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7];
+    for (i, reg) in xmms.into_iter().enumerate() {
+        if plan.floats & (1 << i) != 0 {
+            a.movq(qword_ptr(r12 + (slot::FLOATS + 8 * i) as i32), reg)?;
+        }
+    }
+    a.mov(dword_ptr(r12 + slot::SITE as i32), site)?;
+    a.mov(byte_ptr(r12 + slot::KIND as i32), kind as u32)?;
+    a.mov(r13, qword_ptr(r14 + ring.goid_offset as i32))?;
+    a.mov(qword_ptr(r12 + slot::GOID as i32), r13)?;
+    a.mov(qword_ptr(r12 + slot::SP as i32), rsp)?;
+    a.mov(r13, rdx)?;
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.mov(qword_ptr(r12 + slot::TSC as i32), rax)?;
+    a.mov(rdx, r13)?;
+    a.mov(rax, qword_ptr(r12 + slot::TICKET as i32))?;
+    a.inc(rax)?;
+    // x86 keeps stores in order: the record is complete before its sequence word says so.
+    a.mov(qword_ptr(r12 + slot::SEQ as i32), rax)?;
+    a.mov(rax, qword_ptr(r12 + slot::INTS as i32))?;
+    a.jmp(done)?;
+    a.set_label(&mut slots_const)?;
+    a.dq(&[ring.slots()])?;
+    a.set_label(&mut done)?;
+    Ok(())
+}
+
+fn check_reach(at: u64, ring: &RingAddrs) -> Result<(), CodegenError> {
+    let far = |x: u64| (x as i64).wrapping_sub(at as i64).unsigned_abs() > (1 << 31) - (1 << 24);
+    if far(ring.base) || far(ring.base + ring_abi::PAGE as u64) {
+        return Err(CodegenError::Reach { ring: ring.base, at });
+    }
+    Ok(())
+}
+
+/// The entry trampoline for `patch`, to be placed at `at`.
+pub fn entry_trampoline(
+    patch: &EntryPatch,
+    site: u32,
+    plan: CapturePlan,
+    ring: &RingAddrs,
+    at: u64,
+) -> Result<Trampoline, CodegenError> {
+    check_reach(at, ring)?;
+    let build = || -> Result<Vec<u8>, IcedError> {
+        let mut a = CodeAssembler::new(64)?;
+        if patch.stack_check {
+            // The original check first: when it fails it branches to the function's own
+            // morestack block, which grows the stack and jumps back to the entry.
+            for i in &patch.stolen {
+                a.add_instruction(*i)?;
+            }
+            emit_capture(&mut a, ring, site, Kind::Entry, plan)?;
+        } else {
+            emit_capture(&mut a, ring, site, Kind::Entry, plan)?;
+            for i in &patch.stolen {
+                a.add_instruction(*i)?;
+            }
+        }
+        let back = patch.stolen.last().map_or(patch.redirect.at(), |i| i.next_ip());
+        a.jmp(back)?;
+        Ok(a.assemble_options(at, BlockEncoderOptions::NONE)?.inner.code_buffer)
+    };
+    let code = build().map_err(|e| CodegenError::encode(at, e))?;
+    Ok(Trampoline { at, code })
+}
+
+/// The return trampoline for `patch`: re-executes the epilogue instructions it replaced,
+/// records the results, and jumps to the RET.
+pub fn return_trampoline(
+    patch: &ReturnPatch,
+    site: u32,
+    plan: CapturePlan,
+    ring: &RingAddrs,
+    at: u64,
+) -> Result<Trampoline, CodegenError> {
+    check_reach(at, ring)?;
+    let build = || -> Result<Vec<u8>, IcedError> {
+        let mut a = CodeAssembler::new(64)?;
+        for i in &patch.insns {
+            a.add_instruction(*i)?;
+        }
+        emit_capture(&mut a, ring, site, Kind::Return, plan)?;
+        a.jmp(patch.ret)?;
+        Ok(a.assemble_options(at, BlockEncoderOptions::NONE)?.inner.code_buffer)
+    };
+    let code = build().map_err(|e| CodegenError::encode(at, e))?;
+    Ok(Trampoline { at, code })
+}

@@ -1,0 +1,239 @@
+//! Executes generated trampolines in this process, around a Go-shaped function built for
+//! the test: every register except R12, R13 and the flags must come back unchanged, and
+//! the ring must hold exactly the expected records.
+
+use iced_x86::code_asm::*;
+use ring_abi::{Kind, Layout, header, slot};
+use trampolines::codegen::{entry_trampoline, return_trampoline};
+use trampolines::site::{Padding, entry_patch, return_patches};
+use trampolines::{CapturePlan, Function, Redirect, RingAddrs, jmp_rel8, jmp_rel32};
+
+const GOID_OFF: u32 = 152;
+
+struct Mem {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mem {
+    fn map(len: usize, exec: bool) -> Mem {
+        let prot = libc::PROT_READ | libc::PROT_WRITE | if exec { libc::PROT_EXEC } else { 0 };
+        // SAFETY: anonymous private mapping, checked below.
+        let ptr =
+            unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        Mem { ptr: ptr.cast(), len }
+    }
+    fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+    fn write(&self, at: u64, bytes: &[u8]) {
+        let off = (at - self.addr()) as usize;
+        assert!(off + bytes.len() <= self.len);
+        // SAFETY: in bounds of our mapping.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(off), bytes.len()) };
+    }
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: our mapping, len bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: our mapping, len bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Mem {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// Registers in and out of a call: RAX RBX RCX RDI RSI R8 R9 R10 R11 RDX R14 RBP R15, then
+/// X0..X7 (low 64 bits), then the function address at index 21.
+const NREGS: usize = 22;
+
+/// Calls `regs[21]` with every listed register loaded from `regs`, and stores them back
+/// after the call.
+unsafe fn call_with(regs: &mut [u64; NREGS]) {
+    let p = regs.as_mut_ptr();
+    // SAFETY: the callee is test code that follows the Go register ABI; every register it
+    // may change is declared clobbered, and rbx/rbp/r15 are saved by hand.
+    unsafe {
+        std::arch::asm!(
+            "push rbx", "push rbp", "push r15", "push rdi",
+            "mov r15, rdi",
+            "movq xmm0, [r15+104]", "movq xmm1, [r15+112]", "movq xmm2, [r15+120]", "movq xmm3, [r15+128]",
+            "movq xmm4, [r15+136]", "movq xmm5, [r15+144]", "movq xmm6, [r15+152]", "movq xmm7, [r15+160]",
+            "mov rax, [r15]", "mov rbx, [r15+8]", "mov rcx, [r15+16]", "mov rdi, [r15+24]", "mov rsi, [r15+32]",
+            "mov r8, [r15+40]", "mov r9, [r15+48]", "mov r10, [r15+56]", "mov r11, [r15+64]", "mov rdx, [r15+72]",
+            "mov r14, [r15+80]", "mov rbp, [r15+88]",
+            "call qword ptr [r15+168]",
+            "mov [r15], rax", "mov [r15+8], rbx", "mov [r15+16], rcx", "mov [r15+24], rdi", "mov [r15+32], rsi",
+            "mov [r15+40], r8", "mov [r15+48], r9", "mov [r15+56], r10", "mov [r15+64], r11", "mov [r15+72], rdx",
+            "mov [r15+80], r14", "mov [r15+88], rbp", "mov [r15+96], r15",
+            "movq [r15+104], xmm0", "movq [r15+112], xmm1", "movq [r15+120], xmm2", "movq [r15+128], xmm3",
+            "movq [r15+136], xmm4", "movq [r15+144], xmm5", "movq [r15+152], xmm6", "movq [r15+160], xmm7",
+            "pop rdi", "pop r15", "pop rbp", "pop rbx",
+            in("rdi") p,
+            out("rax") _, out("rcx") _, out("rsi") _, out("rdx") _, out("r8") _, out("r9") _, out("r10") _,
+            out("r11") _, out("r12") _, out("r13") _, out("r14") _,
+            out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _, out("xmm4") _, out("xmm5") _,
+            out("xmm6") _, out("xmm7") _,
+        );
+    }
+}
+
+/// A Go-shaped function: stack check, frame, body `RAX += RBX`, epilogue, morestack block.
+fn go_function(at: u64, frame: i32) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut morestack = a.create_label();
+    a.cmp(rsp, qword_ptr(r14 + 16)).unwrap();
+    a.jbe(morestack).unwrap();
+    a.push(rbp).unwrap();
+    a.mov(rbp, rsp).unwrap();
+    a.sub(rsp, frame).unwrap();
+    a.add(rax, rbx).unwrap();
+    a.add(rsp, frame).unwrap();
+    a.pop(rbp).unwrap();
+    a.ret().unwrap();
+    a.set_label(&mut morestack).unwrap();
+    a.int3().unwrap();
+    let mut code = a.assemble(at).unwrap();
+    code.resize(64, 0xcc);
+    code
+}
+
+struct Rig {
+    _code: Mem,
+    ring: Mem,
+    g: Box<[u64; 64]>,
+    layout: Layout,
+    func: u64,
+}
+
+fn rig(frame: i32, capacity: u64) -> Rig {
+    let code = Mem::map(1 << 16, true);
+    let layout = Layout::new(capacity, 256).unwrap();
+    let mut ring = Mem::map(layout.total_len(), false);
+    layout.initialise(ring.bytes_mut());
+    ring.bytes_mut()[header::ENABLED] = 1;
+    let func = code.addr();
+    let bytes = go_function(func, frame);
+    code.write(func, &bytes);
+    let f = Function::decode(&bytes, func, None).unwrap();
+    let mut pad = Padding::new(&f);
+    let entry = entry_patch(&f, &mut pad, |pc| if pc == func { -1 } else { -2 }).unwrap();
+    assert!(entry.stack_check);
+    let rets = return_patches(&f, &mut pad).unwrap();
+    let addrs = RingAddrs { base: ring.addr(), capacity, slot_size: 256, goid_offset: GOID_OFF };
+    let next = std::cell::Cell::new(func + 0x1000);
+    let install = |tramp: trampolines::Trampoline, redirect: Redirect| {
+        code.write(tramp.at, &tramp.code);
+        next.set(next.get() + (tramp.code.len() as u64).next_multiple_of(16));
+        match redirect {
+            Redirect::Rel32 { at, .. } => code.write(at, &jmp_rel32(at, tramp.at).unwrap()),
+            Redirect::Rel8Stub { at, stub, .. } => {
+                code.write(stub, &jmp_rel32(stub, tramp.at).unwrap());
+                code.write(at, &jmp_rel8(at, stub).unwrap());
+            }
+        }
+    };
+    let t = entry_trampoline(&entry, 7, CapturePlan::ALL, &addrs, next.get()).unwrap();
+    install(t, entry.redirect);
+    for r in &rets {
+        let t = return_trampoline(r, 8, CapturePlan::ALL, &addrs, next.get()).unwrap();
+        install(t, r.redirect);
+    }
+    let mut g = Box::new([0u64; 64]);
+    g[2] = 0; // stackguard0: the check always passes
+    g[GOID_OFF as usize / 8] = 4242;
+    Rig { _code: code, ring, g, layout, func }
+}
+
+fn regs_for(r: &Rig) -> [u64; NREGS] {
+    let mut regs = [0u64; NREGS];
+    for (i, v) in regs.iter_mut().enumerate() {
+        *v = 0x1111_0000_0000_0000 | (i as u64 * 0x0101_0101);
+    }
+    regs[10] = r.g.as_ptr() as u64;
+    regs[11] = 0x5a5a; // rbp
+    regs[21] = r.func;
+    regs
+}
+
+fn u64_at(m: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(m[off..off + 8].try_into().unwrap())
+}
+
+#[test]
+fn registers_preserved_and_records_exact() {
+    for frame in [0x18, 0x200] {
+        let r = rig(frame, 64);
+        for call in 0..5u64 {
+            let mut regs = regs_for(&r);
+            regs[0] = call;
+            let before = regs;
+            // SAFETY: the rig's function follows the register ABI.
+            unsafe { call_with(&mut regs) };
+            assert_eq!(regs[0], call.wrapping_add(before[1]), "RAX = RAX + RBX");
+            for i in 1..=11 {
+                assert_eq!(regs[i], before[i], "register #{i} changed (frame {frame:#x})");
+            }
+            for i in 13..21 {
+                assert_eq!(regs[i], before[i], "X{} changed", i - 13);
+            }
+        }
+        let m = r.ring.bytes();
+        assert_eq!(u64_at(m, header::HEAD), 10, "5 entries + 5 returns");
+        assert_eq!(u64_at(m, header::DROPPED), 0);
+        for t in 0..10u64 {
+            let s = r.layout.slot_offset(t);
+            assert_eq!(u64_at(m, s + slot::SEQ), t + 1, "published");
+            assert_eq!(u64_at(m, s + slot::TICKET), t);
+            let kind = Kind::from_u8(m[s + slot::KIND]).unwrap();
+            assert_eq!(kind, if t % 2 == 0 { Kind::Entry } else { Kind::Return });
+            let site = u32::from_le_bytes(m[s + slot::SITE..s + slot::SITE + 4].try_into().unwrap());
+            assert_eq!(site, if kind == Kind::Entry { 7 } else { 8 });
+            assert_eq!(u64_at(m, s + slot::GOID), 4242);
+            let call = t / 2;
+            let got_rax = u64_at(m, s + slot::INTS);
+            let got_rbx = u64_at(m, s + slot::INTS + 8);
+            let want_rax = if kind == Kind::Entry { call } else { call.wrapping_add(got_rbx) };
+            assert_eq!(got_rax, want_rax, "captured RAX of {kind:?} {call}");
+            assert_eq!(u64_at(m, s + slot::INTS + 8 * 8), regs_for(&r)[8], "R11");
+            assert_eq!(u64_at(m, s + slot::FLOATS + 8 * 7), regs_for(&r)[20], "X7");
+            assert_ne!(u64_at(m, s + slot::TSC), 0);
+            if kind == Kind::Return {
+                let entry_sp = u64_at(m, r.layout.slot_offset(t - 1) + slot::SP);
+                assert_eq!(u64_at(m, s + slot::SP), entry_sp, "return SP equals entry SP");
+            }
+        }
+    }
+}
+
+#[test]
+fn full_ring_drops_and_counts() {
+    let r = rig(0x18, 4);
+    for _ in 0..10 {
+        let mut regs = regs_for(&r);
+        let before = regs;
+        // SAFETY: as above.
+        unsafe { call_with(&mut regs) };
+        assert_eq!(regs[1..12], before[1..12]);
+    }
+    let m = r.ring.bytes();
+    assert_eq!(u64_at(m, header::HEAD), 4, "only four slots");
+    assert_eq!(u64_at(m, header::DROPPED), 16, "the other records dropped and counted");
+}
+
+#[test]
+fn disabled_ring_records_nothing() {
+    let mut r = rig(0x18, 8);
+    r.ring.bytes_mut()[header::ENABLED] = 0;
+    let mut regs = regs_for(&r);
+    // SAFETY: as above.
+    unsafe { call_with(&mut regs) };
+    assert_eq!(u64_at(r.ring.bytes(), header::HEAD), 0);
+}
