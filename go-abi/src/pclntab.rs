@@ -313,6 +313,23 @@ impl<'a> Pclntab<'a> {
         self.pcvalue(f, f.raw.pcsp, pc)
     }
 
+    /// End of the function's code proper, before the INT3 alignment padding: the end of
+    /// its pcsp table, which covers every instruction.
+    pub fn code_end(&self, f: &Func<'_>) -> u64 {
+        self.pcvalue_ranges(f, f.raw.pcsp).map(|r| r.end).max().unwrap_or(f.end).min(f.end)
+    }
+
+    /// Whether funcdata slot `index` is present (`FUNCDATA_LocalsPointerMaps` = 1: without
+    /// it the runtime never preempts the function asynchronously).
+    pub fn has_funcdata(&self, f: &Func<'_>, index: u8) -> bool {
+        let nfuncdata = self.data.get(f.raw.pcdata_at - 1).copied().unwrap_or(0);
+        if index >= nfuncdata {
+            return false;
+        }
+        let off = f.raw.pcdata_at + 4 * (f.raw.npcdata as usize + index as usize);
+        u32_at(self.data, off).is_some_and(|v| v != u32::MAX)
+    }
+
     /// The function's frame size: the largest SP delta it reaches.
     pub fn frame_size(&self, f: &Func<'_>) -> i32 {
         self.pcvalue_ranges(f, f.raw.pcsp).map(|r| r.value).max().unwrap_or(0).max(0)

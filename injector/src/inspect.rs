@@ -79,6 +79,12 @@ pub fn matches(pattern: &str, name: &str) -> bool {
     glob(pattern.as_bytes(), name.as_bytes())
 }
 
+/// `--func` semantics: a glob over the whole name, or else the exact name (probing every
+/// function that merely contains a word would surprise users).
+pub fn matches_exact_or_glob(pattern: &str, name: &str) -> bool {
+    if pattern.contains(['*', '?']) { matches(pattern, name) } else { pattern == name }
+}
+
 /// Runtime internals a user rarely means; listed only with --all or a pattern.
 fn is_internal(f: &Func<'_>) -> bool {
     let n = &f.name;

@@ -5,13 +5,17 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod inspect;
+mod plan;
+mod run;
 mod target;
 
 #[derive(Debug, Parser)]
-#[command(name = "inject", version, about, long_about = None)]
+#[command(name = "inject", version, about, long_about = None, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    run: run::RunArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -32,8 +36,9 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Functions(a) => inspect::functions(&a),
-        Command::Info(a) => inspect::info(&a),
+        Some(Command::Functions(a)) => inspect::functions(&a),
+        Some(Command::Info(a)) => inspect::info(&a),
+        None => run::run(&cli.run),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

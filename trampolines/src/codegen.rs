@@ -195,7 +195,11 @@ pub fn entry_trampoline(
             for i in &patch.stolen {
                 a.add_instruction(*i)?;
             }
+            if patch.whole_body {
+                emit_capture(&mut a, ring, site, Kind::Return, plan)?;
+            }
         }
+        // Back to the instruction after the last relocated one (the RET of a whole body).
         let back = patch.stolen.last().map_or(patch.redirect.at(), |i| i.next_ip());
         a.jmp(back)?;
         Ok(a.assemble_options(at, BlockEncoderOptions::NONE)?.inner.code_buffer)

@@ -84,6 +84,9 @@ pub struct EntryPatch {
     /// The stolen bytes are the function's stack check: capture after it passes, so a
     /// call that grows the stack (and re-enters through morestack) is recorded once.
     pub stack_check: bool,
+    /// `stolen` is the whole body of a straight-line leaf up to its RET: the trampoline
+    /// records the return too, and the function needs no return patches.
+    pub whole_body: bool,
 }
 
 /// A return patch: one epilogue instruction is overwritten; the trampoline re-executes it
@@ -191,15 +194,19 @@ fn branch_into(f: &Function, range: Range<u64>) -> Option<(u64, u64)> {
 }
 
 /// Decides the entry patch. `unsafe_point(pc)` is the pclntab UnsafePoint value at `pc`.
+///
+/// Only the bytes the redirect overwrites must be free of resumable interior boundaries;
+/// the trampoline may relocate more (the rest of the stack check) while the originals stay
+/// intact for anyone resuming there.
 pub fn entry_patch(
     f: &Function,
     padding: &mut Padding,
     unsafe_point: impl Fn(u64) -> i32,
 ) -> Result<EntryPatch, Refusal> {
     let first = f.insns.first().ok_or(Refusal::TooShort { len: f.code_end - f.entry })?;
+    let check = stack_check_len(&f.insns);
     // A loop back to the entry would fire the probe on every iteration; morestack's
     // jump back to the entry is the exception, handled by capturing after the check.
-    let check = stack_check_len(&f.insns);
     if check.is_none()
         && let Some(from) = f
             .insns
@@ -208,64 +215,60 @@ pub fn entry_patch(
     {
         return Err(Refusal::LoopToEntry { from: from.ip() });
     }
-    let take = |n: usize| -> Result<Vec<Instruction>, Refusal> {
-        let stolen = f.insns[..n].to_vec();
-        if let Some((i, what)) = stolen.iter().find_map(|i| unmovable(i).map(|w| (i, w))) {
-            return Err(Refusal::Unmovable { what, pc: i.ip() });
+    let movable = |insns: &[Instruction]| -> Result<(), Refusal> {
+        match insns.iter().find_map(|i| unmovable(i).map(|w| (i, w))) {
+            Some((i, what)) => Err(Refusal::Unmovable { what, pc: i.ip() }),
+            None => Ok(()),
         }
-        let end = stolen.last().map_or(f.entry, |i| i.next_ip());
-        if let Some((from, to)) = branch_into(f, f.entry..end) {
-            return Err(Refusal::BranchIntoPatch { from, to });
-        }
-        Ok(stolen)
     };
-    if let Some(n) = check {
-        let stolen = take(n)?;
-        let len = (stolen.last().map_or(f.entry, |i| i.next_ip()) - f.entry) as usize;
-        // The assembler marks every instruction after the first of the check unsafe; verify.
-        if let Some(i) = stolen[1..].iter().find(|i| !matches!(unsafe_point(i.ip()), UNSAFE | RESTART_AT_ENTRY)) {
-            return Err(Refusal::ResumableInterior { pc: i.ip() });
-        }
-        if len >= 5 {
-            return Ok(EntryPatch { stolen, redirect: Redirect::Rel32 { at: f.entry, len }, stack_check: true });
-        }
-    }
-    // One instruction of 5+ bytes: no interior boundary at all.
-    if first.len() >= 5 {
-        let stolen = take(1)?;
-        return Ok(EntryPatch {
-            stolen,
-            redirect: Redirect::Rel32 { at: f.entry, len: first.len() },
-            stack_check: false,
-        });
-    }
-    // Several instructions whose interior boundaries no goroutine can resume at.
+
+    // What to overwrite: whole instructions covering 5 bytes, or one instruction of 2+
+    // bytes with a stub in the padding.
     let mut n = 0;
     let mut len = 0;
     while len < 5 && n < f.insns.len() {
         len += f.insns[n].len();
         n += 1;
     }
-    if len < 5 {
-        return Err(Refusal::TooShort { len: len as u64 });
-    }
-    let interior_ok = f.insns[1..n].iter().all(|i| matches!(unsafe_point(i.ip()), UNSAFE | RESTART_AT_ENTRY));
-    if interior_ok {
-        let stolen = take(n)?;
-        return Ok(EntryPatch { stolen, redirect: Redirect::Rel32 { at: f.entry, len }, stack_check: false });
-    }
-    // One short instruction and a 5-byte stub in the padding.
-    if first.len() >= 2
+    let interior_ok =
+        |k: usize| f.insns[1..k].iter().all(|i| matches!(unsafe_point(i.ip()), UNSAFE | RESTART_AT_ENTRY));
+    let redirect = if len >= 5 && interior_ok(n) {
+        if let Some((from, to)) = branch_into(f, f.entry..f.entry + len as u64) {
+            return Err(Refusal::BranchIntoPatch { from, to });
+        }
+        Redirect::Rel32 { at: f.entry, len }
+    } else if first.len() >= 2
         && let Some(stub) = padding.take_within_rel8(f.entry)
     {
-        let stolen = take(1)?;
-        return Ok(EntryPatch {
-            stolen,
-            redirect: Redirect::Rel8Stub { at: f.entry, len: first.len(), stub },
-            stack_check: false,
+        n = 1;
+        Redirect::Rel8Stub { at: f.entry, len: first.len(), stub }
+    } else if len < 5 {
+        return Err(Refusal::TooShort { len: len as u64 });
+    } else {
+        return Err(Refusal::ResumableInterior {
+            pc: f.insns[1..n].iter().find(|i| unsafe_point(i.ip()) != UNSAFE).map_or(f.entry, |i| i.ip()),
         });
+    };
+
+    // A straight-line leaf (no branches, one RET): the trampoline runs the whole body and
+    // records both entry and return.
+    if check.is_none()
+        && f.branch_targets.is_empty()
+        && f.insns.len() <= 32
+        && let Some(last) = f.insns.last()
+        && last.mnemonic() == Mnemonic::Ret
+        && f.insns[..f.insns.len() - 1].iter().all(|i| unmovable(i).is_none() && i.flow_control() == FlowControl::Next)
+    {
+        let body = f.insns[..f.insns.len() - 1].to_vec();
+        if body.len() >= n {
+            return Ok(EntryPatch { stolen: body, redirect, stack_check: false, whole_body: true });
+        }
     }
-    Err(Refusal::ResumableInterior { pc: f.insns[1].ip() })
+
+    let relocate = check.map_or(n, |c| c.max(n));
+    let stolen = f.insns[..relocate].to_vec();
+    movable(&stolen)?;
+    Ok(EntryPatch { stolen, redirect, stack_check: check.is_some(), whole_body: false })
 }
 
 /// Decides a patch for every exit, or the reason the function must be entry-only.

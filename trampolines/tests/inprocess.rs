@@ -114,19 +114,34 @@ struct Rig {
 }
 
 fn rig(frame: i32, capacity: u64) -> Rig {
+    rig_with(capacity, |at| go_function(at, frame), true)
+}
+
+/// A straight-line leaf like `func Add(a, b int) int`: `ADDQ BX, AX; RET`, then padding.
+fn leaf_function(at: u64) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.add(rax, rbx).unwrap();
+    a.ret().unwrap();
+    let mut code = a.assemble(at).unwrap();
+    code.resize(32, 0xcc);
+    code
+}
+
+fn rig_with(capacity: u64, build: impl Fn(u64) -> Vec<u8>, stack_check: bool) -> Rig {
     let code = Mem::map(1 << 16, true);
     let layout = Layout::new(capacity, 256).unwrap();
     let mut ring = Mem::map(layout.total_len(), false);
     layout.initialise(ring.bytes_mut());
     ring.bytes_mut()[header::ENABLED] = 1;
     let func = code.addr();
-    let bytes = go_function(func, frame);
+    let bytes = build(func);
     code.write(func, &bytes);
     let f = Function::decode(&bytes, func, None).unwrap();
     let mut pad = Padding::new(&f);
     let entry = entry_patch(&f, &mut pad, |pc| if pc == func { -1 } else { -2 }).unwrap();
-    assert!(entry.stack_check);
-    let rets = return_patches(&f, &mut pad).unwrap();
+    assert_eq!(entry.stack_check, stack_check);
+    assert_eq!(entry.whole_body, !stack_check);
+    let rets = if entry.whole_body { Vec::new() } else { return_patches(&f, &mut pad).unwrap() };
     let addrs = RingAddrs { base: ring.addr(), capacity, slot_size: 256, goid_offset: GOID_OFF };
     let next = std::cell::Cell::new(func + 0x1000);
     let install = |tramp: trampolines::Trampoline, redirect: Redirect| {
@@ -210,6 +225,31 @@ fn registers_preserved_and_records_exact() {
                 assert_eq!(u64_at(m, s + slot::SP), entry_sp, "return SP equals entry SP");
             }
         }
+    }
+}
+
+#[test]
+fn straight_line_leaf_records_entry_and_return() {
+    let r = rig_with(16, leaf_function, false);
+    for call in 0..3u64 {
+        let mut regs = regs_for(&r);
+        regs[0] = call;
+        let before = regs;
+        // SAFETY: as above.
+        unsafe { call_with(&mut regs) };
+        assert_eq!(regs[0], call.wrapping_add(before[1]));
+        assert_eq!(regs[1..12], before[1..12]);
+        assert_eq!(regs[13..21], before[13..21]);
+    }
+    let m = r.ring.bytes();
+    assert_eq!(u64_at(m, header::HEAD), 6);
+    for t in 0..6u64 {
+        let s = r.layout.slot_offset(t);
+        let kind = Kind::from_u8(m[s + slot::KIND]).unwrap();
+        assert_eq!(kind, if t % 2 == 0 { Kind::Entry } else { Kind::Return });
+        let got = u64_at(m, s + slot::INTS);
+        let want = if kind == Kind::Entry { t / 2 } else { (t / 2).wrapping_add(regs_for(&r)[1]) };
+        assert_eq!(got, want);
     }
 }
 

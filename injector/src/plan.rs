@@ -1,0 +1,141 @@
+//! The plan: which probe sites the requested functions give, and for each a verdict
+//! (installable, entry-only, or refused with its reason) before anything is touched.
+
+use std::fmt;
+
+use go_abi::{Func, GoBinary};
+use trampolines::site::{EntryPatch, Padding, Refusal, ReturnPatch, entry_patch, return_patches};
+use trampolines::{CapturePlan, Function};
+
+/// Why a whole function is refused before its code is even looked at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FuncRefusal {
+    Assembly,
+    Runtime,
+    Code(Refusal),
+    Undecodable(String),
+}
+
+impl fmt::Display for FuncRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FuncRefusal::Assembly => f.write_str("assembly function: the register ABI and R14 = g are not guaranteed"),
+            FuncRefusal::Runtime => f.write_str(
+                "runtime or internal function: a probe there could run while the runtime holds locks or has no g",
+            ),
+            FuncRefusal::Code(r) => r.fmt(f),
+            FuncRefusal::Undecodable(e) => write!(f, "cannot decode its code: {e}"),
+        }
+    }
+}
+
+/// One probed function and its verdicts.
+#[derive(Debug, Clone)]
+pub struct ProbeSite {
+    pub id: u32,
+    pub name: String,
+    /// Link-time entry address.
+    pub entry: u64,
+    pub end: u64,
+    pub entry_patch: Result<EntryPatch, FuncRefusal>,
+    /// Every exit's patch, or why the function is entry-only.
+    pub returns: Result<Vec<ReturnPatch>, Refusal>,
+    pub capture: CapturePlan,
+}
+
+impl ProbeSite {
+    pub fn installable(&self) -> bool {
+        self.entry_patch.is_ok()
+    }
+
+    /// The verdict as users read it in `--dry-run` and warnings.
+    pub fn verdict(&self) -> String {
+        match (&self.entry_patch, &self.returns) {
+            (Err(e), _) => format!("refused: {e}"),
+            (Ok(e), Ok(_)) if e.whole_body => "installed: entry and exit (whole straight-line body relocated)".into(),
+            (Ok(_), Ok(r)) => format!("installed: entry and {} exit{}", r.len(), if r.len() == 1 { "" } else { "s" }),
+            (Ok(_), Err(e)) => format!("installed entry-only: {e}"),
+        }
+    }
+}
+
+fn is_runtime(name: &str) -> bool {
+    ["runtime.", "runtime/internal/", "internal/", "sync/atomic.", "reflect.", "type:", "go:", "_cgo_", "x_cgo_"]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
+/// Analyses one function. `code` is its bytes from the entry to the next function.
+pub fn analyse(bin: &GoBinary<'_>, f: &Func<'_>, id: u32) -> ProbeSite {
+    let mut site = ProbeSite {
+        id,
+        name: f.name.to_string(),
+        entry: f.entry,
+        end: f.end,
+        entry_patch: Err(FuncRefusal::Assembly),
+        returns: Err(Refusal::ExitUnpatchable { pc: f.entry }),
+        capture: CapturePlan::ALL,
+    };
+    if f.is_asm() {
+        return site;
+    }
+    if is_runtime(&f.name) {
+        site.entry_patch = Err(FuncRefusal::Runtime);
+        return site;
+    }
+    let Some(code) = bin.code(f) else {
+        site.entry_patch = Err(FuncRefusal::Undecodable("its bytes are not in the file".into()));
+        return site;
+    };
+    let decoded = match Function::decode(code, f.entry, Some(bin.pclntab.code_end(f))) {
+        Ok(d) => d,
+        Err(e) => {
+            site.entry_patch = Err(FuncRefusal::Undecodable(e.to_string()));
+            return site;
+        }
+    };
+    let mut padding = Padding::new(&decoded);
+    // Without a locals pointer map the runtime never preempts the function asynchronously,
+    // so no goroutine can be parked inside its prologue.
+    let preemptible = bin.pclntab.has_funcdata(f, 1);
+    let entry = entry_patch(&decoded, &mut padding, |pc| {
+        if preemptible { bin.pclntab.unsafe_point(f, pc) } else { go_abi::pclntab::UNSAFE_POINT_UNSAFE }
+    });
+    site.entry_patch = entry.map_err(FuncRefusal::Code);
+    if site.entry_patch.as_ref().is_ok_and(|e| e.whole_body) {
+        // The entry trampoline runs the whole body and records the return itself.
+        site.returns = Ok(Vec::new());
+        return site;
+    }
+    site.returns = return_patches(&decoded, &mut padding).and_then(|rets| {
+        // An exit inside the entry's stolen bytes would be patched twice.
+        let entry_end = site.entry_patch.as_ref().map_or(f.entry, |e| e.stolen.last().map_or(f.entry, |i| i.next_ip()));
+        match rets.iter().find(|r| r.redirect.at() < entry_end) {
+            Some(r) => Err(Refusal::ExitUnpatchable { pc: r.ret }),
+            None => Ok(rets),
+        }
+    });
+    site
+}
+
+/// Matches `--func` patterns against the pclntab and analyses every match.
+pub fn plan(bin: &GoBinary<'_>, patterns: &[String]) -> anyhow::Result<Vec<ProbeSite>> {
+    let funcs = bin.functions()?;
+    let mut sites = Vec::new();
+    for pattern in patterns {
+        let before = sites.len();
+        for f in funcs.iter().filter(|f| crate::inspect::matches_exact_or_glob(pattern, &f.name)) {
+            if sites.iter().any(|s: &ProbeSite| s.entry == f.entry) {
+                continue;
+            }
+            sites.push(analyse(bin, f, sites.len() as u32));
+        }
+        if sites.len() == before {
+            anyhow::bail!(
+                "no function matches {pattern:?} (list them with `inject functions`; a function inlined into all its \
+                 callers has no code of its own: build with -gcflags=-l to keep it)"
+            );
+        }
+    }
+    Ok(sites)
+}
