@@ -5,8 +5,10 @@
 //! Everything here is pure: bytes in, facts out. Nothing panics on bytes that come from
 //! a target; every malformed input is an error.
 
+pub mod abi;
 pub mod binary;
 pub mod buildinfo;
+pub mod dwarf;
 pub mod elf;
 pub mod pclntab;
 pub mod runtime;
