@@ -5,6 +5,7 @@ use std::ops::Range;
 use object::{Object, ObjectSymbol};
 
 use crate::buildinfo::{BuildInfo, BuildInfoError};
+use crate::dwarf::{DwarfError, DwarfInfo};
 use crate::elf::{Elf, ElfError};
 use crate::pclntab::{Func, MAGIC_GO120, Pclntab, PclntabError};
 use crate::runtime::RuntimeLayout;
@@ -105,9 +106,19 @@ impl<'a> GoBinary<'a> {
         self.elf.read(f.entry, usize::try_from(f.size()).ok()?)
     }
 
-    /// `runtime.g` offsets from the version table (DWARF-based layout: see `dwarf`).
+    /// `runtime.g` offsets from the version table.
     pub fn runtime_layout_from_table(&self) -> Option<RuntimeLayout> {
         RuntimeLayout::for_version(&self.version)
+    }
+
+    /// The binary's DWARF, when it has any (not `-ldflags=-w`).
+    pub fn dwarf(&self) -> Result<Option<DwarfInfo>, DwarfError> {
+        DwarfInfo::load(&self.elf.file)
+    }
+
+    /// `runtime.g` offsets: from the binary's own DWARF when it has it, else the table.
+    pub fn runtime_layout(&self, dwarf: Option<&DwarfInfo>) -> Option<RuntimeLayout> {
+        dwarf.and_then(|d| runtime_layout_from_dwarf(d).ok().flatten()).or_else(|| self.runtime_layout_from_table())
     }
 
     /// A build setting such as `-race`, `CGO_ENABLED`, `-buildmode`.
@@ -118,6 +129,17 @@ impl<'a> GoBinary<'a> {
     pub fn is_race(&self) -> bool {
         self.setting("-race") == Some("true")
     }
+}
+
+/// Reads `runtime.g` (and its embedded `runtime.stack`) from DWARF.
+pub fn runtime_layout_from_dwarf(d: &DwarfInfo) -> Result<Option<RuntimeLayout>, DwarfError> {
+    let Some(g) = d.struct_layout("runtime.g")? else { return Ok(None) };
+    let Some(stack) = d.struct_layout("runtime.stack")? else { return Ok(None) };
+    let field = |s: &crate::dwarf::StructLayout, name: &str| s.fields.iter().find(|f| f.name == name).map(|f| f.offset);
+    Ok(RuntimeLayout::from_fields(|name| match name.split_once('.') {
+        Some((outer, inner)) => Some(field(&g, outer)? + field(&stack, inner)?),
+        None => field(&g, name),
+    }))
 }
 
 /// Finds the pclntab: by section name, then by the linker's symbol, then by scanning the

@@ -12,6 +12,7 @@ pub mod dwarf;
 pub mod elf;
 pub mod pclntab;
 pub mod runtime;
+pub mod signature;
 pub mod symtab;
 pub mod version;
 

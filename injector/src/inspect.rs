@@ -39,6 +39,25 @@ fn load(exe: &Executable) -> Result<GoBinary<'_>> {
 }
 
 #[derive(Serialize)]
+struct ValueJson {
+    name: String,
+    #[serde(rename = "type")]
+    type_name: String,
+    /// `RAX`, `RAX,RBX`, `X0`, or `stack+N` (offset from SP at entry).
+    location: String,
+}
+
+impl From<&go_abi::signature::Value> for ValueJson {
+    fn from(v: &go_abi::signature::Value) -> Self {
+        ValueJson {
+            name: v.name.clone(),
+            type_name: v.type_name.clone(),
+            location: go_abi::signature::ShowLocation(&v.location).to_string(),
+        }
+    }
+}
+
+#[derive(Serialize)]
 struct FunctionRow {
     name: String,
     /// Run-time addresses when read from a process, else link-time.
@@ -49,6 +68,12 @@ struct FunctionRow {
     line: Option<i32>,
     frame_size: i32,
     asm: bool,
+    /// From DWARF with register assignment; absent for stripped binaries or when DWARF
+    /// does not describe the function completely.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    params: Option<Vec<ValueJson>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    results: Option<Vec<ValueJson>>,
 }
 
 /// Matches a glob (`*`, `?`, `[...]` literal) against the whole name, or a substring.
@@ -113,12 +138,20 @@ pub fn functions(args: &FunctionsArgs) -> Result<()> {
     if !args.patterns.is_empty() && selected.is_empty() {
         anyhow::bail!("no function matches {}", args.patterns.join(" "));
     }
+    // DWARF is optional: a stripped binary lists the same functions without signatures.
+    let dwarf = bin.dwarf().ok().flatten();
     let rows = selected.iter().map(|f| {
         let (file, line) = match bin.pclntab.line(f, f.entry) {
             Some((file, line)) => (Some(file.into_owned()), Some(line)),
             None => (None, None),
         };
+        let sig = dwarf
+            .as_ref()
+            .and_then(|d| d.function_by_entry(f.entry))
+            .and_then(|d| go_abi::signature::signature(d, f.args));
         FunctionRow {
+            params: sig.as_ref().map(|s| s.params.iter().map(ValueJson::from).collect()),
+            results: sig.as_ref().map(|s| s.results.iter().map(ValueJson::from).collect()),
             name: f.name.to_string(),
             entry: f.entry + exe.bias,
             end: f.end + exe.bias,
@@ -144,6 +177,16 @@ pub fn functions(args: &FunctionsArgs) -> Result<()> {
             };
             let asm = if r.asm { " [asm]" } else { "" };
             writeln!(out, "{:#018x} {:>7} {:>6}  {:<50} {loc}{asm}", r.entry, r.size, r.frame_size, r.name)?;
+            if let (Some(params), Some(results)) = (&r.params, &r.results) {
+                let show = |v: &[ValueJson]| {
+                    v.iter()
+                        .map(|v| format!("{} {}: {}", v.name, v.type_name, v.location))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                let arrow = if results.is_empty() { String::new() } else { format!(" -> ({})", show(results)) };
+                writeln!(out, "{:>36}({}){arrow}", "", show(params))?;
+            }
         }
     }
     out.flush().or_else(ignore_broken_pipe)?;
@@ -210,7 +253,7 @@ pub fn info(args: &InfoArgs) -> Result<()> {
         functions: bin.pclntab.len(),
         symbols: bin.symbols().is_some(),
         pclntab: format!("{:?} at {:#x}", bin.pclntab_location, bin.pclntab_vaddr),
-        goid_offset: bin.runtime_layout_from_table().map(|l| l.goid),
+        goid_offset: bin.runtime_layout(bin.dwarf().ok().flatten().as_ref()).map(|l| l.goid),
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

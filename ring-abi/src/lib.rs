@@ -14,6 +14,10 @@
 //! Writers never wait for the reader, and the reader never misreads: a record is only read
 //! after its publication, and validated (ticket, kind, site) before it is believed.
 
+/// The memfd's name, visible in `/proc/PID/maps` as `/memfd:inject-ring (deleted)`: how a
+/// second injector recognises an instrumented process.
+pub const MEMFD_NAME: &str = "inject-ring";
+
 /// `b"INJRING1"` little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"INJRING1");
 pub const VERSION: u32 = 1;
@@ -27,6 +31,10 @@ pub mod header {
     pub const VERSION: usize = 8;
     pub const SLOT_SIZE: usize = 12;
     pub const CAPACITY: usize = 16;
+    /// Pid of the injector that owns the ring, so a second one can name it.
+    pub const OWNER: usize = 24;
+    /// Ticks of the time stamp counter per second, as the owner calibrated it.
+    pub const TSC_HZ: usize = 32;
     /// Reservation counter (next ticket), written by writers with `lock cmpxchg`.
     pub const HEAD: usize = 64;
     /// Records dropped because the ring was full or contended, `lock inc` by writers.
