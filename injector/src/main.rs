@@ -4,8 +4,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod collect;
 mod inspect;
+mod install;
 mod plan;
+mod ptrace;
+mod ring;
 mod run;
 mod target;
 

@@ -65,13 +65,14 @@ fn is_runtime(name: &str) -> bool {
         .any(|p| name.starts_with(p))
 }
 
-/// Analyses one function. `code` is its bytes from the entry to the next function.
-pub fn analyse(bin: &GoBinary<'_>, f: &Func<'_>, id: u32) -> ProbeSite {
+/// Analyses one function at its run-time address (`bias` is a PIE's load bias), so every
+/// address in the verdict is where it will be patched.
+pub fn analyse(bin: &GoBinary<'_>, f: &Func<'_>, id: u32, bias: u64) -> ProbeSite {
     let mut site = ProbeSite {
         id,
         name: f.name.to_string(),
-        entry: f.entry,
-        end: f.end,
+        entry: f.entry + bias,
+        end: f.end + bias,
         entry_patch: Err(FuncRefusal::Assembly),
         returns: Err(Refusal::ExitUnpatchable { pc: f.entry }),
         capture: CapturePlan::ALL,
@@ -87,7 +88,7 @@ pub fn analyse(bin: &GoBinary<'_>, f: &Func<'_>, id: u32) -> ProbeSite {
         site.entry_patch = Err(FuncRefusal::Undecodable("its bytes are not in the file".into()));
         return site;
     };
-    let decoded = match Function::decode(code, f.entry, Some(bin.pclntab.code_end(f))) {
+    let decoded = match Function::decode(code, f.entry + bias, Some(bin.pclntab.code_end(f) + bias)) {
         Ok(d) => d,
         Err(e) => {
             site.entry_patch = Err(FuncRefusal::Undecodable(e.to_string()));
@@ -99,7 +100,7 @@ pub fn analyse(bin: &GoBinary<'_>, f: &Func<'_>, id: u32) -> ProbeSite {
     // so no goroutine can be parked inside its prologue.
     let preemptible = bin.pclntab.has_funcdata(f, 1);
     let entry = entry_patch(&decoded, &mut padding, |pc| {
-        if preemptible { bin.pclntab.unsafe_point(f, pc) } else { go_abi::pclntab::UNSAFE_POINT_UNSAFE }
+        if preemptible { bin.pclntab.unsafe_point(f, pc - bias) } else { go_abi::pclntab::UNSAFE_POINT_UNSAFE }
     });
     site.entry_patch = entry.map_err(FuncRefusal::Code);
     if site.entry_patch.as_ref().is_ok_and(|e| e.whole_body) {
@@ -109,7 +110,8 @@ pub fn analyse(bin: &GoBinary<'_>, f: &Func<'_>, id: u32) -> ProbeSite {
     }
     site.returns = return_patches(&decoded, &mut padding).and_then(|rets| {
         // An exit inside the entry's stolen bytes would be patched twice.
-        let entry_end = site.entry_patch.as_ref().map_or(f.entry, |e| e.stolen.last().map_or(f.entry, |i| i.next_ip()));
+        let entry_end =
+            site.entry_patch.as_ref().map_or(site.entry, |e| e.stolen.last().map_or(site.entry, |i| i.next_ip()));
         match rets.iter().find(|r| r.redirect.at() < entry_end) {
             Some(r) => Err(Refusal::ExitUnpatchable { pc: r.ret }),
             None => Ok(rets),
@@ -119,16 +121,16 @@ pub fn analyse(bin: &GoBinary<'_>, f: &Func<'_>, id: u32) -> ProbeSite {
 }
 
 /// Matches `--func` patterns against the pclntab and analyses every match.
-pub fn plan(bin: &GoBinary<'_>, patterns: &[String]) -> anyhow::Result<Vec<ProbeSite>> {
+pub fn plan(bin: &GoBinary<'_>, patterns: &[String], bias: u64) -> anyhow::Result<Vec<ProbeSite>> {
     let funcs = bin.functions()?;
     let mut sites = Vec::new();
     for pattern in patterns {
         let before = sites.len();
         for f in funcs.iter().filter(|f| crate::inspect::matches_exact_or_glob(pattern, &f.name)) {
-            if sites.iter().any(|s: &ProbeSite| s.entry == f.entry) {
+            if sites.iter().any(|s: &ProbeSite| s.entry == f.entry + bias) {
                 continue;
             }
-            sites.push(analyse(bin, f, sites.len() as u32));
+            sites.push(analyse(bin, f, sites.len() as u32, bias));
         }
         if sites.len() == before {
             anyhow::bail!(

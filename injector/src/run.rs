@@ -2,11 +2,21 @@
 
 use std::path::PathBuf;
 
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
 use anyhow::{Context, Result, bail};
-use go_abi::GoBinary;
+use go_abi::{GoBinary, RuntimeLayout};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::SignalFd;
+use ring_abi::Layout;
 
 use crate::plan::{self, ProbeSite};
 use crate::target::TargetArgs;
+use crate::{collect, install};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
@@ -26,6 +36,12 @@ pub struct RunArgs {
     /// Remove the probes and detach after this many seconds.
     #[arg(long, value_name = "SECS")]
     pub duration: Option<f64>,
+    /// Slots in the shared ring (a power of two; 256 bytes each).
+    #[arg(long, value_name = "N", default_value_t = 1 << 16)]
+    pub ring_slots: u64,
+    /// Write a JSON summary (per-function counts, drops, pauses) to this file on exit.
+    #[arg(long, value_name = "PATH")]
+    pub summary_json: Option<PathBuf>,
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
@@ -38,18 +54,214 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let target = TargetArgs { exe: args.exe.clone(), pid: if args.exe.is_some() { None } else { args.pid } };
     let exe = target.open()?;
     let bin = GoBinary::parse(&exe.map).with_context(|| exe.path.display().to_string())?;
-    let sites = plan::plan(&bin, &args.funcs)?;
+    let sites = plan::plan(&bin, &args.funcs, exe.bias)?;
     if args.dry_run {
-        print_verdicts(&sites, exe.bias);
+        print_verdicts(&sites);
         return Ok(());
     }
     check_installable(&sites)?;
-    bail!("attaching is not built yet")
+    let pid = args.pid.context("--pid")?;
+    attach_and_trace(pid, &bin, exe.bias, &sites, args)
 }
 
-fn print_verdicts(sites: &[ProbeSite], bias: u64) {
+/// Supported Go releases: what go-versions.toml tests, which the runtime layout table covers.
+fn check_go_version(bin: &GoBinary<'_>) -> Result<()> {
+    if RuntimeLayout::for_version(&bin.version).is_none() {
+        let (lo, hi) = RuntimeLayout::table_range();
+        bail!(
+            "the target was built with {}, outside the supported range {}.{} to {}.{}",
+            bin.build_info.go_version,
+            lo.major,
+            lo.minor,
+            hi.major,
+            hi.minor
+        );
+    }
+    Ok(())
+}
+
+fn attach_and_trace(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite], args: &RunArgs) -> Result<()> {
+    check_go_version(bin)?;
+    if let Some(line) = install::existing_ring(pid)? {
+        bail!(
+            "pid {pid} is already instrumented by another inject (its ring is mapped: {}); stop that one first",
+            line.split_whitespace().next().unwrap_or("?")
+        );
+    }
+    let dwarf = bin.dwarf().ok().flatten();
+    let layout = bin.runtime_layout(dwarf.as_ref()).context("no runtime.g layout for this Go version")?;
+    let ring_layout = Layout::new(args.ring_slots, 256).context("--ring-slots")?;
+    // Signals that stop us are read from a signalfd, so they are blocked in every thread.
+    let mut mask = SigSet::empty();
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        mask.add(sig);
+    }
+    mask.thread_block().context("blocking SIGINT/SIGTERM")?;
+    let sigfd = SignalFd::new(&mask).context("signalfd")?;
+    let pidfd = pidfd_open(pid)?;
+
+    let mut inst = install::install(pid, bin, bias, sites, ring_layout, layout.goid)?;
+    let exits: usize = inst.installed.iter().map(|(_, e)| e).sum();
+    eprintln!(
+        "inject: probing {} function{} ({} exits) in pid {pid}; {} threads stopped for {:.2} ms",
+        inst.installed.len(),
+        if inst.installed.len() == 1 { "" } else { "s" },
+        exits,
+        inst.threads,
+        inst.pause.as_secs_f64() * 1e3
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = inst.reader(sites.len() as u32);
+    let collector = {
+        let stop = stop.clone();
+        let nsites = sites.len();
+        std::thread::Builder::new()
+            .name("collector".into())
+            .spawn(move || collect::run(reader, nsites, stop, Duration::from_millis(200)))?
+    };
+
+    let deadline = args.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
+    let reason = wait_for_stop(&sigfd, &pidfd, deadline)?;
+    let removal = match reason {
+        StopReason::TargetExited => None,
+        _ => Some(install::remove(&inst)),
+    };
+    stop.store(true, Ordering::Release);
+    let totals = collector.join().map_err(|_| anyhow::anyhow!("collector thread panicked"))?;
+    drop(inst.ring_map.flush());
+    report(sites, &inst, &totals, reason, removal.as_ref(), args)?;
+    if let Some(Err(e)) = removal {
+        return Err(e.context("removing probes"));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    Signal(i32),
+    Duration,
+    TargetExited,
+}
+
+fn pidfd_open(pid: i32) -> Result<OwnedFd> {
+    // SAFETY: a raw syscall with integer arguments; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("pidfd_open({pid})"));
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn wait_for_stop(sigfd: &SignalFd, pidfd: &OwnedFd, deadline: Option<Instant>) -> Result<StopReason> {
+    loop {
+        let timeout = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(StopReason::Duration);
+                }
+                PollTimeout::try_from(left.as_millis().min(60_000) as i32 + 1).unwrap_or(PollTimeout::MAX)
+            }
+            None => PollTimeout::try_from(60_000).unwrap_or(PollTimeout::MAX),
+        };
+        let mut fds = [PollFd::new(sigfd.as_fd(), PollFlags::POLLIN), PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e).context("poll"),
+        }
+        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+            return Ok(StopReason::TargetExited);
+        }
+        if fds[0].revents().is_some_and(|r| !r.is_empty())
+            && let Ok(Some(info)) = sigfd.read_signal()
+        {
+            return Ok(StopReason::Signal(info.ssi_signo as i32));
+        }
+    }
+}
+
+#[derive(serde::Serialize)]
+struct SiteSummary<'a> {
+    name: &'a str,
+    verdict: String,
+    entries: u64,
+    returns: u64,
+}
+
+#[derive(serde::Serialize)]
+struct Summary<'a> {
+    stop: String,
+    sites: Vec<SiteSummary<'a>>,
+    records: u64,
+    dropped: u64,
+    corrupt: u64,
+    install_pause_ms: f64,
+    remove_pause_ms: Option<f64>,
+    restored: Option<usize>,
+    unmapped: Option<bool>,
+    threads: usize,
+}
+
+fn report(
+    sites: &[ProbeSite],
+    inst: &install::Installation,
+    totals: &collect::Totals,
+    reason: StopReason,
+    removal: Option<&Result<install::Removal>>,
+    args: &RunArgs,
+) -> Result<()> {
+    let removal = removal.and_then(|r| r.as_ref().ok());
+    let summary = Summary {
+        stop: match reason {
+            StopReason::Signal(s) => format!("signal {s}"),
+            StopReason::Duration => "duration".into(),
+            StopReason::TargetExited => "target exited".into(),
+        },
+        sites: sites
+            .iter()
+            .zip(&totals.sites)
+            .map(|(s, c)| SiteSummary { name: &s.name, verdict: s.verdict(), entries: c.entries, returns: c.returns })
+            .collect(),
+        records: totals.records,
+        dropped: totals.dropped,
+        corrupt: totals.corrupt,
+        install_pause_ms: inst.pause.as_secs_f64() * 1e3,
+        remove_pause_ms: removal.map(|r| r.pause.as_secs_f64() * 1e3),
+        restored: removal.map(|r| r.restored),
+        unmapped: removal.map(|r| r.unmapped),
+        threads: inst.threads,
+    };
+    for s in summary.sites.iter().filter(|s| s.entries + s.returns > 0 || !s.verdict.starts_with("refused")) {
+        eprintln!("inject: {:<50} {:>10} calls {:>10} returns", s.name, s.entries, s.returns);
+    }
+    eprintln!(
+        "inject: {} records, {} dropped, {} corrupt; stopped: {}{}",
+        summary.records,
+        summary.dropped,
+        summary.corrupt,
+        summary.stop,
+        match removal {
+            Some(r) => format!(
+                "; restored {} patches in {:.2} ms{}",
+                r.restored,
+                r.pause.as_secs_f64() * 1e3,
+                if r.unmapped { ", unmapped trampolines and ring" } else { "" }
+            ),
+            None => String::new(),
+        }
+    );
+    if let Some(path) = &args.summary_json {
+        let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        serde_json::to_writer_pretty(f, &summary)?;
+    }
+    Ok(())
+}
+
+fn print_verdicts(sites: &[ProbeSite]) {
     for s in sites {
-        println!("{:#018x}  {:<50} {}", s.entry + bias, s.name, s.verdict());
+        println!("{:#018x}  {:<50} {}", s.entry, s.name, s.verdict());
     }
 }
 

@@ -5,6 +5,8 @@
 //! Pure: bytes and addresses in, bytes out. Nothing here knows ptrace or Go versions;
 //! the caller supplies the pclntab's UnsafePoint answers and the `runtime.g` offsets.
 
+pub use iced_x86;
+
 pub mod codegen;
 pub mod decode;
 pub mod site;
