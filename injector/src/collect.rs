@@ -19,8 +19,10 @@ pub struct SiteCounts {
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Totals {
     pub sites: Vec<SiteCounts>,
-    /// Records the target dropped because the ring was full or contended.
+    /// Records the target dropped: ring full, or lost slot races.
     pub dropped: u64,
+    /// Of those, because the ring was full (the collector fell behind).
+    pub dropped_full: u64,
     /// Records that failed validation.
     pub corrupt: u64,
     pub records: u64,
@@ -58,6 +60,7 @@ pub fn run(mut reader: RingReader, nsites: usize, stop: Arc<AtomicBool>, grace: 
         idle = (idle * 2).min(Duration::from_millis(2));
     }
     totals.dropped = reader.dropped();
+    totals.dropped_full = reader.dropped_full();
     totals.corrupt = reader.corrupt;
     totals
 }

@@ -206,7 +206,8 @@ pub fn install(
                     ring_addr,
                     ring_len,
                     (libc::PROT_READ | libc::PROT_WRITE) as u64,
-                    (libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE) as u64,
+                    // Populated now: a page fault inside a trampoline would stall the caller.
+                    (libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE | libc::MAP_POPULATE) as u64,
                     fd,
                     0,
                 ],

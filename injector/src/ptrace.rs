@@ -717,7 +717,12 @@ impl Session {
 
     /// Polls every thread for events and handles them until `done` holds or `deadline`
     /// passes (then [`SessionError::StopTimeout`] naming the threads not stopped).
-    fn poll_until(&mut self, deadline: Instant, phase: Phase, done: impl Fn(&Session) -> bool) -> Result<(), SessionError> {
+    fn poll_until(
+        &mut self,
+        deadline: Instant,
+        phase: Phase,
+        done: impl Fn(&Session) -> bool,
+    ) -> Result<(), SessionError> {
         let mut idle_rounds = 0u32;
         loop {
             if done(self) {

@@ -65,7 +65,12 @@ impl RingReader {
         self.header_word(header::HEAD)
     }
 
+    /// Records the target dropped: ring full plus lost slot races.
     pub fn dropped(&self) -> u64 {
+        self.header_word(header::DROPPED) + self.header_word(header::CONTENDED)
+    }
+
+    pub fn dropped_full(&self) -> u64 {
         self.header_word(header::DROPPED)
     }
 

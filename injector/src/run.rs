@@ -129,6 +129,7 @@ fn attach_and_trace(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite]
     stop.store(true, Ordering::Release);
     let totals = collector.join().map_err(|_| anyhow::anyhow!("collector thread panicked"))?;
     drop(inst.ring_map.flush());
+
     report(sites, &inst, &totals, reason, removal.as_ref(), args)?;
     if let Some(Err(e)) = removal {
         return Err(e.context("removing probes"));
@@ -196,6 +197,7 @@ struct Summary<'a> {
     sites: Vec<SiteSummary<'a>>,
     records: u64,
     dropped: u64,
+    dropped_full: u64,
     corrupt: u64,
     install_pause_ms: f64,
     remove_pause_ms: Option<f64>,
@@ -226,6 +228,7 @@ fn report(
             .collect(),
         records: totals.records,
         dropped: totals.dropped,
+        dropped_full: totals.dropped_full,
         corrupt: totals.corrupt,
         install_pause_ms: inst.pause.as_secs_f64() * 1e3,
         remove_pause_ms: removal.map(|r| r.pause.as_secs_f64() * 1e3),

@@ -37,8 +37,10 @@ pub mod header {
     pub const TSC_HZ: usize = 32;
     /// Reservation counter (next ticket), written by writers with `lock cmpxchg`.
     pub const HEAD: usize = 64;
-    /// Records dropped because the ring was full or contended, `lock inc` by writers.
+    /// Records dropped because the ring was full, `lock inc` by writers.
     pub const DROPPED: usize = 128;
+    /// Records dropped because other writers kept winning the slot race (`lock inc`).
+    pub const CONTENDED: usize = 320;
     /// Non-zero while capture is on; writers skip capture when zero.
     pub const ENABLED: usize = 192;
     /// Reader's next ticket (informational: writers use the slot sequence words).

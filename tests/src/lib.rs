@@ -1,1 +1,202 @@
-//! Shared helpers for the integration tests live in `xtask` (fixture builds, toolchains).
+//! Harness for the integration tests: real Go programs from `fixtures/` and the real
+//! `inject` binary, synchronised on the lines they print (never on sleeps).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// A child process whose output lines arrive on a channel, so a test can wait for a
+/// specific line with a deadline.
+pub struct Proc {
+    pub child: Child,
+    pub stdin: Option<ChildStdin>,
+    lines: Receiver<(bool, String)>,
+    /// Every line seen so far: (from stderr, text).
+    pub seen: Vec<(bool, String)>,
+    name: String,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command, name: &str) -> Result<Proc> {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        let (tx, rx) = channel();
+        for (is_err, stream) in [
+            (false, Box::new(child.stdout.take().context("stdout")?) as Box<dyn std::io::Read + Send>),
+            (true, Box::new(child.stderr.take().context("stderr")?)),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send((is_err, line)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let stdin = child.stdin.take();
+        Ok(Proc { child, stdin, lines: rx, seen: Vec::new(), name: name.to_string() })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Waits for a line starting with `prefix`; returns it.
+    pub fn wait_for(&mut self, prefix: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        if let Some((_, l)) = self.seen.iter().find(|(_, l)| l.starts_with(prefix)) {
+            return Ok(l.clone());
+        }
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = line.1.starts_with(prefix);
+                    self.seen.push(line.clone());
+                    if hit {
+                        return Ok(line.1);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    bail!("{}: no line {prefix:?} within {timeout:?}; saw:\n{}", self.name, self.transcript())
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    bail!("{}: exited before printing {prefix:?}; saw:\n{}", self.name, self.transcript())
+                }
+            }
+        }
+    }
+
+    pub fn send_line(&mut self, line: &str) -> Result<()> {
+        let stdin = self.stdin.as_mut().context("stdin closed")?;
+        writeln!(stdin, "{line}")?;
+        stdin.flush()?;
+        Ok(())
+    }
+
+    /// Waits for exit (with a deadline, killing on timeout) and collects remaining output.
+    pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                // Drain the readers (they end at EOF).
+                while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
+                    self.seen.push(l);
+                }
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!("{} did not exit within {timeout:?}; saw:\n{}", self.name, self.transcript());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The value after `prefix ` in the first such stdout line.
+    pub fn value(&self, prefix: &str) -> Option<String> {
+        self.seen.iter().find(|(e, l)| !e && l.starts_with(prefix)).map(|(_, l)| l[prefix.len()..].trim().to_string())
+    }
+
+    pub fn transcript(&self) -> String {
+        self.seen.iter().map(|(e, l)| format!("{}{l}\n", if *e { "! " } else { "  " })).collect()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on a child we started.
+        unsafe { libc_kill(self.pid(), sig) };
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// Starts a Go fixture binary and waits for its READY line.
+pub fn start_fixture(exe: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Proc> {
+    let mut cmd = Command::new(exe);
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut p = Proc::spawn(cmd, &exe.display().to_string())?;
+    p.wait_for("READY", Duration::from_secs(30))?;
+    Ok(p)
+}
+
+/// Starts `inject ARGS`; with `wait_installed`, waits until it reports its probes are in.
+pub fn start_inject(args: &[String], wait_installed: bool) -> Result<Proc> {
+    let mut cmd = Command::new(xtask::inject_binary()?);
+    cmd.args(args);
+    let mut p = Proc::spawn(cmd, "inject")?;
+    if wait_installed {
+        p.wait_for("inject: probing", Duration::from_secs(30))?;
+    }
+    Ok(p)
+}
+
+/// The text (code) bytes of a live process compared with its executable file: returns
+/// the first differing address, if any.
+pub fn text_differs_from_file(pid: i32, exe: &Path) -> Result<Option<u64>> {
+    let data = std::fs::read(exe)?;
+    let bin = go_abi::GoBinary::parse(&data)?;
+    let text = bin.text_range();
+    let bias = live_bias(pid, &bin)?;
+    let file = bin.elf.read(text.start, (text.end - text.start) as usize).context("text in file")?;
+    let mut mem = vec![0u8; file.len()];
+    let f = std::fs::File::open(format!("/proc/{pid}/mem"))?;
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut mem, text.start + bias)?;
+    Ok(mem.iter().zip(file).position(|(a, b)| a != b).map(|i| text.start + bias + i as u64))
+}
+
+fn live_bias(pid: i32, bin: &go_abi::GoBinary<'_>) -> Result<u64> {
+    if !bin.elf.pie {
+        return Ok(0);
+    }
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let first = bin.elf.segments.iter().map(|s| s.vaddr).min().unwrap_or(0) & !0xfff;
+    for l in maps.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() >= 6 && f[2] == "00000000" && Path::new(f[5]) == exe {
+            let start = u64::from_str_radix(f[0].split('-').next().unwrap_or("0"), 16)?;
+            return Ok(start - first);
+        }
+    }
+    bail!("no mapping of {} in pid {pid}", exe.display())
+}
+
+/// Fails under CI, else prints why the test is skipped: for environments without ptrace.
+pub fn require_ptrace() -> Result<bool> {
+    let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").unwrap_or_default();
+    let ok = scope.trim().is_empty() || scope.trim() == "0" || is_root();
+    if !ok {
+        if xtask::in_ci() {
+            bail!("ptrace is restricted (ptrace_scope {}), and CI=true: this test must run", scope.trim());
+        }
+        eprintln!("SKIP: ptrace restricted (ptrace_scope {})", scope.trim());
+    }
+    Ok(ok)
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+}

@@ -41,6 +41,9 @@ impl RingAddrs {
     fn dropped(&self) -> u64 {
         self.base + header::DROPPED as u64
     }
+    fn contended(&self) -> u64 {
+        self.base + header::CONTENDED as u64
+    }
     fn enabled(&self) -> u64 {
         self.base + header::ENABLED as u64
     }
@@ -69,8 +72,10 @@ pub struct Trampoline {
     pub code: Vec<u8>,
 }
 
-/// Attempts to win a slot before giving up and counting a drop.
-const ATTEMPTS: usize = 3;
+/// Attempts to win a slot before giving up and counting a drop. A failed attempt means
+/// another writer won (lock-free progress), so a burst of many writers needs a few; 16
+/// keeps contention drops negligible while bounding the time a call can spend here.
+const ATTEMPTS: usize = 16;
 
 fn rip_mem(addr: u64) -> MemoryOperand {
     MemoryOperand::with_base_displ(Register::RIP, addr as i64)
@@ -90,6 +95,7 @@ fn emit_capture(
     let mut done = a.create_label();
     let mut won = a.create_label();
     let mut drop = a.create_label();
+    let mut last_seq_fail = a.create_label();
     a.add_instruction(Instruction::with2(Code::Cmp_rm64_imm8, rip_mem(ring.enabled()), 0)?)?;
     a.je(done)?;
     a.mov(r13, rax)?;
@@ -101,7 +107,7 @@ fn emit_capture(
         a.shl(r12, shift)?;
         a.add(r12, qword_ptr(slots_const))?;
         a.cmp(qword_ptr(r12 + slot::SEQ as i32), rax)?;
-        a.jne(if attempt + 1 == ATTEMPTS { drop } else { next })?;
+        a.jne(if attempt + 1 == ATTEMPTS { last_seq_fail } else { next })?;
         a.lea(r12, qword_ptr(rax + 1))?;
         let mut cas = Instruction::with2(Code::Cmpxchg_rm64_r64, rip_mem(ring.head()), Register::R12)?;
         cas.set_has_lock_prefix(true);
@@ -111,12 +117,22 @@ fn emit_capture(
             a.set_label(&mut next)?;
         }
     }
+    // Out of attempts. The last CAS lost: contention.
+    let count = |a: &mut CodeAssembler, counter: u64| -> Result<(), IcedError> {
+        let mut inc = Instruction::with1(Code::Inc_rm64, rip_mem(counter))?;
+        inc.set_has_lock_prefix(true);
+        a.add_instruction(inc)?;
+        a.mov(rax, r13)?;
+        a.jmp(done)
+    };
     a.set_label(&mut drop)?;
-    let mut inc = Instruction::with1(Code::Inc_rm64, rip_mem(ring.dropped()))?;
-    inc.set_has_lock_prefix(true);
-    a.add_instruction(inc)?;
-    a.mov(rax, r13)?;
-    a.jmp(done)?;
+    count(a, ring.contended())?;
+    // The slot was not free for our ticket: its sequence word is behind (an unread record
+    // from the previous lap: the ring is full) or ahead (our head was stale: contention).
+    a.set_label(&mut last_seq_fail)?;
+    a.cmp(qword_ptr(r12 + slot::SEQ as i32), rax)?;
+    a.ja(drop)?;
+    count(a, ring.dropped())?;
 
     // Won ticket RAX: address its slot, write the record, publish it.
     a.set_label(&mut won)?;

@@ -63,19 +63,15 @@ pub fn listen(tid: i32) -> SysResult<()> {
 pub fn getregs(tid: i32) -> SysResult<libc::user_regs_struct> {
     let mut regs = MaybeUninit::<libc::user_regs_struct>::uninit();
     // SAFETY: PTRACE_GETREGS writes exactly one user_regs_struct to `data`.
-    check(unsafe {
-        libc::ptrace(libc::PTRACE_GETREGS, tid, std::ptr::null_mut::<libc::c_void>(), regs.as_mut_ptr())
-    })?;
+    check(unsafe { libc::ptrace(libc::PTRACE_GETREGS, tid, std::ptr::null_mut::<libc::c_void>(), regs.as_mut_ptr()) })?;
     // SAFETY: initialised by the successful request above.
     Ok(unsafe { regs.assume_init() })
 }
 
 pub fn setregs(tid: i32, regs: &libc::user_regs_struct) -> SysResult<()> {
     // SAFETY: PTRACE_SETREGS reads one user_regs_struct from `data`.
-    check(unsafe {
-        libc::ptrace(libc::PTRACE_SETREGS, tid, std::ptr::null_mut::<libc::c_void>(), regs as *const _)
-    })
-    .map(drop)
+    check(unsafe { libc::ptrace(libc::PTRACE_SETREGS, tid, std::ptr::null_mut::<libc::c_void>(), regs as *const _) })
+        .map(drop)
 }
 
 pub fn getsiginfo(tid: i32) -> SysResult<libc::siginfo_t> {
@@ -90,10 +86,8 @@ pub fn getsiginfo(tid: i32) -> SysResult<libc::siginfo_t> {
 
 pub fn setsiginfo(tid: i32, info: &libc::siginfo_t) -> SysResult<()> {
     // SAFETY: PTRACE_SETSIGINFO reads one siginfo_t from `data`.
-    check(unsafe {
-        libc::ptrace(libc::PTRACE_SETSIGINFO, tid, std::ptr::null_mut::<libc::c_void>(), info as *const _)
-    })
-    .map(drop)
+    check(unsafe { libc::ptrace(libc::PTRACE_SETSIGINFO, tid, std::ptr::null_mut::<libc::c_void>(), info as *const _) })
+        .map(drop)
 }
 
 /// PTRACE_GETEVENTMSG: the new thread's id after a clone event.
@@ -175,9 +169,8 @@ pub fn status_field(path: &str, field: &str) -> io::Result<Option<String>> {
 
 /// The thread ids in `/proc/PID/task`, sorted.
 pub fn list_tasks(pid: i32) -> io::Result<Vec<i32>> {
-    let mut tids: Vec<i32> = fs::read_dir(format!("/proc/{pid}/task"))?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
+    let mut tids: Vec<i32> =
+        fs::read_dir(format!("/proc/{pid}/task"))?.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
     tids.sort_unstable();
     Ok(tids)
 }

@@ -499,7 +499,10 @@ fn second_attach_reports_already_traced() {
     let pid = t.pid;
     let e = std::thread::spawn(move || Session::attach(pid).map(|_| ()).unwrap_err()).join().unwrap();
     let msg = e.to_string();
-    assert!(msg.contains(&format!("already traced by pid {me}")) && msg.contains("a second inject or a debugger"), "{msg}");
+    assert!(
+        msg.contains(&format!("already traced by pid {me}")) && msg.contains("a second inject or a debugger"),
+        "{msg}"
+    );
     s.detach().unwrap();
     Session::attach(t.pid).unwrap().detach().unwrap();
 }
