@@ -227,7 +227,7 @@ pub fn install(
         layout.initialise(&mut ring_map);
         ring_map[header::OWNER..header::OWNER + 8].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
 
-        let addrs = RingAddrs { base: ring_addr, capacity: layout.capacity, slot_size: layout.slot_size, goid_offset };
+        let addrs = RingAddrs { base: ring_addr, layout, goid_offset };
         let mut code = Vec::new();
         let mut patches = Vec::new();
         let mut installed = Vec::new();
@@ -447,7 +447,7 @@ mod tests {
     fn gap_is_near_text_and_free() {
         let maps = vec![(0x400000, 0x800000), (0x800000, 0x900000), (0xc000000000, 0xc004000000)];
         let g = find_gap(&maps, 0x401000..0x7ff000, 0x10000).unwrap();
-        assert!(g >= 0x901000 && g % PAGE == 0, "{g:#x}");
+        assert!(g >= 0x901000 && g.is_multiple_of(PAGE), "{g:#x}");
         assert!(find_gap(&[(0x10000, 0x7fff_0000_0000)], 0x401000..0x7ff000, 0x1000).is_none());
     }
 }

@@ -36,7 +36,6 @@ pub struct ProbeSite {
     pub name: String,
     /// Link-time entry address.
     pub entry: u64,
-    pub end: u64,
     pub entry_patch: Result<EntryPatch, FuncRefusal>,
     /// Every exit's patch, or why the function is entry-only.
     pub returns: Result<Vec<ReturnPatch>, Refusal>,
@@ -72,7 +71,6 @@ pub fn analyse(bin: &GoBinary<'_>, f: &Func<'_>, id: u32, bias: u64) -> ProbeSit
         id,
         name: f.name.to_string(),
         entry: f.entry + bias,
-        end: f.end + bias,
         entry_patch: Err(FuncRefusal::Assembly),
         returns: Err(Refusal::ExitUnpatchable { pc: f.entry }),
         capture: CapturePlan::ALL,

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ring_abi::{Kind, Layout, header, slot};
+use ring_abi::{Kind, Layout, ring, slot};
 
 /// One decoded record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,19 +17,21 @@ pub struct Record {
     pub floats: [u64; slot::NFLOATS],
 }
 
-/// Reads records in ticket order from a mapping that the target writes concurrently.
+/// Reads records from every sub-ring (each in ticket order) of a mapping that the target
+/// writes concurrently.
 pub struct RingReader {
     base: *mut u8,
     len: usize,
     layout: Layout,
-    next: u64,
+    /// Next ticket per sub-ring.
+    next: Vec<u64>,
     nsites: u32,
     /// Records that failed validation (never believed, counted).
     pub corrupt: u64,
 }
 
 // SAFETY: the mapping is process-wide shared memory; the reader is used by one thread at
-// a time and every access goes through atomics or volatile reads.
+// a time and every access goes through atomics.
 unsafe impl Send for RingReader {}
 
 impl RingReader {
@@ -38,68 +40,63 @@ impl RingReader {
     /// bytes) that outlives the reader.
     pub unsafe fn new(base: *mut u8, len: usize, layout: Layout, nsites: u32) -> Self {
         assert!(len >= layout.total_len());
-        RingReader { base, len, layout, next: 0, nsites, corrupt: 0 }
+        RingReader { base, len, layout, next: vec![0; layout.rings as usize], nsites, corrupt: 0 }
     }
 
     fn word(&self, off: usize) -> &AtomicU64 {
-        debug_assert!(off + 8 <= self.len && off % 8 == 0);
+        assert!(off + 8 <= self.len && off.is_multiple_of(8));
         // SAFETY: in bounds and 8-aligned (every offset used is a multiple of 8 from a
         // page-aligned base); shared with writers only through atomic operations.
         unsafe { AtomicU64::from_ptr(self.base.add(off).cast()) }
     }
 
-    pub fn header_word(&self, off: usize) -> u64 {
-        self.word(off).load(Ordering::Acquire)
-    }
-
-    pub fn set_header_word(&self, off: usize, v: u64) {
-        self.word(off).store(v, Ordering::Release)
-    }
-
-    pub fn set_enabled(&self, on: bool) {
-        self.set_header_word(header::ENABLED, on as u64);
+    fn sum(&self, field: usize) -> u64 {
+        (0..self.layout.rings).map(|r| self.word(self.layout.ring_offset(r) + field).load(Ordering::Acquire)).sum()
     }
 
     /// Tickets handed out so far (records written plus records being written).
     pub fn head(&self) -> u64 {
-        self.header_word(header::HEAD)
+        self.sum(ring::HEAD)
     }
 
-    /// Records the target dropped: ring full plus lost slot races.
+    /// Records the target dropped: sub-ring full plus lost slot races.
     pub fn dropped(&self) -> u64 {
-        self.header_word(header::DROPPED) + self.header_word(header::CONTENDED)
+        self.sum(ring::DROPPED) + self.sum(ring::CONTENDED)
     }
 
     pub fn dropped_full(&self) -> u64 {
-        self.header_word(header::DROPPED)
+        self.sum(ring::DROPPED)
     }
 
     /// Records consumed so far.
     pub fn consumed(&self) -> u64 {
-        self.next
+        self.next.iter().sum()
     }
 
-    /// Appends every published record, in order, up to `max`; returns how many.
+    /// Appends published records, each sub-ring in ticket order, up to `max`; returns how
+    /// many.
     pub fn poll(&mut self, out: &mut Vec<Record>, max: usize) -> usize {
         let mut n = 0;
-        while n < max {
-            let t = self.next;
-            let s = self.layout.slot_offset(t);
-            if self.word(s + slot::SEQ).load(Ordering::Acquire) != t + 1 {
-                break;
-            }
-            let rec = self.decode(s, t);
-            // Free the slot for the writer one lap ahead.
-            self.word(s + slot::SEQ).store(t + self.layout.capacity, Ordering::Release);
-            self.next = t + 1;
-            self.word(header::TAIL).store(self.next, Ordering::Relaxed);
-            match rec {
-                Some(r) => {
-                    out.push(r);
-                    n += 1;
+        for r in 0..self.layout.rings {
+            while n < max {
+                let t = self.next[r as usize];
+                let s = self.layout.slot_offset(r, t);
+                if self.word(s + slot::SEQ).load(Ordering::Acquire) != t + 1 {
+                    break;
                 }
-                None => self.corrupt += 1,
+                let rec = self.decode(s, t);
+                // Free the slot for the writer one lap ahead.
+                self.word(s + slot::SEQ).store(t + self.layout.capacity, Ordering::Release);
+                self.next[r as usize] = t + 1;
+                match rec {
+                    Some(rec) => {
+                        out.push(rec);
+                        n += 1;
+                    }
+                    None => self.corrupt += 1,
+                }
             }
+            self.word(self.layout.ring_offset(r) + ring::TAIL).store(self.next[r as usize], Ordering::Relaxed);
         }
         n
     }

@@ -36,7 +36,7 @@ pub struct RunArgs {
     /// Remove the probes and detach after this many seconds.
     #[arg(long, value_name = "SECS")]
     pub duration: Option<f64>,
-    /// Slots in the shared ring (a power of two; 256 bytes each).
+    /// Slots in the shared ring, split into one sub-ring per CPU (256 bytes each).
     #[arg(long, value_name = "N", default_value_t = 1 << 16)]
     pub ring_slots: u64,
     /// Write a JSON summary (per-function counts, drops, pauses) to this file on exit.
@@ -90,7 +90,9 @@ fn attach_and_trace(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite]
     }
     let dwarf = bin.dwarf().ok().flatten();
     let layout = bin.runtime_layout(dwarf.as_ref()).context("no runtime.g layout for this Go version")?;
-    let ring_layout = Layout::new(args.ring_slots, 256).context("--ring-slots")?;
+    let rings = possible_cpus().next_power_of_two().min(256);
+    let per_ring = (args.ring_slots / u64::from(rings)).max(64).next_power_of_two();
+    let ring_layout = Layout::new(rings, per_ring, 256).context("--ring-slots")?;
     // Signals that stop us are read from a signalfd, so they are blocked in every thread.
     let mut mask = SigSet::empty();
     for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
@@ -135,6 +137,20 @@ fn attach_and_trace(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite]
         return Err(e.context("removing probes"));
     }
     Ok(())
+}
+
+/// CPUs the kernel may ever run the target on: one sub-ring each.
+fn possible_cpus() -> u32 {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap_or_default();
+    let n: u32 = text
+        .trim()
+        .split(',')
+        .filter_map(|r| match r.split_once('-') {
+            Some((a, b)) => Some(b.parse::<u32>().ok()? - a.parse::<u32>().ok()? + 1),
+            None => r.parse::<u32>().ok().map(|_| 1),
+        })
+        .sum();
+    n.max(1)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

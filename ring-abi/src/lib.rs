@@ -2,14 +2,20 @@
 //! (the collector reads). Many writers, one reader, fixed-size slots, never blocking a
 //! writer.
 //!
-//! Protocol (a bounded MPMC queue in the style of Vyukov's, specialised to one reader):
+//! The memfd holds one sub-ring per CPU (a power of two of them; a writer picks its CPU's
+//! with `LSL` on Linux's per-CPU segment). One shared head would be unfair: a writer that
+//! loses the head's cache line to another core keeps losing it, and drops records even
+//! when the ring is empty.
+//!
+//! Protocol of each sub-ring (a bounded queue in the style of Vyukov's, one reader):
 //! every slot carries a sequence word. Slot `i` starts with `seq = i`. A writer loads
 //! `head = t`, and owns ticket `t` only if `slot[t % cap].seq == t` and its
 //! compare-and-swap of `head` from `t` to `t + 1` succeeds; otherwise the slot still holds
 //! an unread record (ring full: count a drop and go on) or another writer won the ticket
-//! (retry, a bounded number of times). It writes the record, then stores `seq = t + 1`
-//! (x86 stores are ordered, so this publishes the record). The reader consumes ticket `t`
-//! once `seq == t + 1`, and frees the slot with `seq = t + cap`.
+//! (retry, a bounded number of times, then count a contention drop). It writes the record,
+//! then stores `seq = t + 1` (x86 stores are ordered, so this publishes the record). The
+//! reader consumes ticket `t` once `seq == t + 1`, and frees the slot with
+//! `seq = t + cap`.
 //!
 //! Writers never wait for the reader, and the reader never misreads: a record is only read
 //! after its publication, and validated (ticket, kind, site) before it is believed.
@@ -23,28 +29,36 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"INJRING1");
 pub const VERSION: u32 = 1;
 pub const PAGE: usize = 4096;
 
-/// Header offsets. Each written-at-run-time word has its own cache line, and the header
-/// has its own page, away from trampoline code (self-modifying-code detection otherwise
-/// flushes the pipeline on every store).
+/// Offsets in the global header (the first page). Each word written at run time has its
+/// own cache line, and the header its own page, away from trampoline code
+/// (self-modifying-code detection otherwise flushes the pipeline on every store).
 pub mod header {
     pub const MAGIC: usize = 0;
     pub const VERSION: usize = 8;
     pub const SLOT_SIZE: usize = 12;
+    /// Slots per sub-ring.
     pub const CAPACITY: usize = 16;
     /// Pid of the injector that owns the ring, so a second one can name it.
     pub const OWNER: usize = 24;
     /// Ticks of the time stamp counter per second, as the owner calibrated it.
     pub const TSC_HZ: usize = 32;
-    /// Reservation counter (next ticket), written by writers with `lock cmpxchg`.
-    pub const HEAD: usize = 64;
-    /// Records dropped because the ring was full, `lock inc` by writers.
-    pub const DROPPED: usize = 128;
-    /// Records dropped because other writers kept winning the slot race (`lock inc`).
-    pub const CONTENDED: usize = 320;
+    /// Number of sub-rings (u32).
+    pub const RINGS: usize = 40;
     /// Non-zero while capture is on; writers skip capture when zero.
     pub const ENABLED: usize = 192;
-    /// Reader's next ticket (informational: writers use the slot sequence words).
-    pub const TAIL: usize = 256;
+    pub const LEN: usize = super::PAGE;
+}
+
+/// Offsets in each sub-ring's own header page.
+pub mod ring {
+    /// Reservation counter (next ticket), written by writers with `lock cmpxchg`.
+    pub const HEAD: usize = 0;
+    /// Records dropped because the sub-ring was full (`lock inc`).
+    pub const DROPPED: usize = 64;
+    /// Records dropped because other writers kept winning the slot race (`lock inc`).
+    pub const CONTENDED: usize = 128;
+    /// Reader's next ticket (informational).
+    pub const TAIL: usize = 192;
     pub const LEN: usize = super::PAGE;
 }
 
@@ -99,17 +113,26 @@ pub enum LayoutError {
     Capacity { capacity: u64 },
     #[error("slot size {size} must be a power of two and at least {min}")]
     SlotSize { size: usize, min: usize },
+    #[error("{rings} sub-rings: must be a power of two from 1 to 256")]
+    Rings { rings: u32 },
+    #[error("a sub-ring of {bytes} bytes is too large (at most 1 GiB)")]
+    TooLarge { bytes: u64 },
 }
 
 /// Sizes of a ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
+    pub rings: u32,
+    /// Slots per sub-ring.
     pub capacity: u64,
     pub slot_size: usize,
 }
 
 impl Layout {
-    pub fn new(capacity: u64, slot_size: usize) -> Result<Self, LayoutError> {
+    pub fn new(rings: u32, capacity: u64, slot_size: usize) -> Result<Self, LayoutError> {
+        if !(1..=256).contains(&rings) || !rings.is_power_of_two() {
+            return Err(LayoutError::Rings { rings });
+        }
         if capacity < 2 || !capacity.is_power_of_two() {
             return Err(LayoutError::Capacity { capacity });
         }
@@ -117,17 +140,32 @@ impl Layout {
         if slot_size < MIN_SLOT_SIZE || !slot_size.is_power_of_two() {
             return Err(LayoutError::SlotSize { size: slot_size, min: MIN_SLOT_SIZE });
         }
-        Ok(Layout { capacity, slot_size })
+        let l = Layout { rings, capacity, slot_size };
+        // Trampolines multiply the ring index by the stride with a 32-bit immediate.
+        if l.stride() > 1 << 30 {
+            return Err(LayoutError::TooLarge { bytes: l.stride() as u64 });
+        }
+        Ok(l)
     }
 
-    /// Bytes of the whole mapping: header page plus slots, rounded to pages.
+    /// Bytes from one sub-ring to the next: its header page and its slots.
+    pub fn stride(&self) -> usize {
+        ring::LEN + (self.capacity as usize) * self.slot_size
+    }
+
+    /// Bytes of the whole mapping.
     pub fn total_len(&self) -> usize {
-        (header::LEN + self.capacity as usize * self.slot_size).next_multiple_of(PAGE)
+        header::LEN + self.rings as usize * self.stride()
     }
 
-    /// Offset of the slot for `ticket` from the start of the mapping.
-    pub fn slot_offset(&self, ticket: u64) -> usize {
-        header::LEN + (ticket & (self.capacity - 1)) as usize * self.slot_size
+    /// Offset of sub-ring `r` (its header page) from the start of the mapping.
+    pub fn ring_offset(&self, r: u32) -> usize {
+        header::LEN + r as usize * self.stride()
+    }
+
+    /// Offset of the slot for `ticket` of sub-ring `r`.
+    pub fn slot_offset(&self, r: u32, ticket: u64) -> usize {
+        self.ring_offset(r) + ring::LEN + (ticket & (self.capacity - 1)) as usize * self.slot_size
     }
 
     /// Bytes available for copied data in each slot.
@@ -138,13 +176,16 @@ impl Layout {
     /// Writes a fresh header and slot sequence words into `mem` (at least `total_len`).
     pub fn initialise(&self, mem: &mut [u8]) {
         mem[..self.total_len()].fill(0);
-        mem[header::MAGIC..header::MAGIC + 8].copy_from_slice(&MAGIC.to_le_bytes());
-        mem[header::VERSION..header::VERSION + 4].copy_from_slice(&VERSION.to_le_bytes());
-        mem[header::SLOT_SIZE..header::SLOT_SIZE + 4].copy_from_slice(&(self.slot_size as u32).to_le_bytes());
-        mem[header::CAPACITY..header::CAPACITY + 8].copy_from_slice(&self.capacity.to_le_bytes());
-        for i in 0..self.capacity {
-            let o = self.slot_offset(i) + slot::SEQ;
-            mem[o..o + 8].copy_from_slice(&i.to_le_bytes());
+        let put = |mem: &mut [u8], off: usize, v: &[u8]| mem[off..off + v.len()].copy_from_slice(v);
+        put(mem, header::MAGIC, &MAGIC.to_le_bytes());
+        put(mem, header::VERSION, &VERSION.to_le_bytes());
+        put(mem, header::SLOT_SIZE, &(self.slot_size as u32).to_le_bytes());
+        put(mem, header::CAPACITY, &self.capacity.to_le_bytes());
+        put(mem, header::RINGS, &self.rings.to_le_bytes());
+        for r in 0..self.rings {
+            for i in 0..self.capacity {
+                put(mem, self.slot_offset(r, i) + slot::SEQ, &i.to_le_bytes());
+            }
         }
     }
 }
@@ -155,17 +196,21 @@ mod tests {
 
     #[test]
     fn layout_checks_and_sizes() {
-        assert!(Layout::new(3, 256).is_err());
-        assert!(Layout::new(4, 100).is_err());
-        assert!(Layout::new(4, 64).is_err());
-        assert!(Layout::new(4, 320).is_err());
-        let l = Layout::new(4, 256).unwrap();
-        assert_eq!(l.total_len(), 8192);
-        assert_eq!(l.slot_offset(5), 4096 + 256);
+        assert!(Layout::new(1, 3, 256).is_err());
+        assert!(Layout::new(1, 4, 100).is_err());
+        assert!(Layout::new(1, 4, 64).is_err());
+        assert!(Layout::new(1, 4, 320).is_err());
+        assert!(Layout::new(3, 4, 256).is_err());
+        assert!(Layout::new(1, 1 << 23, 256).is_err());
+        let l = Layout::new(2, 16, 256).unwrap();
+        assert_eq!(l.stride(), 4096 + 4096);
+        assert_eq!(l.total_len(), 4096 + 2 * 8192);
+        assert_eq!(l.slot_offset(1, 17), 4096 + 8192 + 4096 + 256);
         assert_eq!(slot::DATA, 184);
         let mut mem = vec![0xffu8; l.total_len()];
         l.initialise(&mut mem);
         assert_eq!(&mem[..8], b"INJRING1");
-        assert_eq!(u64::from_le_bytes(mem[l.slot_offset(3)..][..8].try_into().unwrap()), 3);
+        assert_eq!(u64::from_le_bytes(mem[l.slot_offset(1, 3)..][..8].try_into().unwrap()), 3);
+        assert_eq!(u64::from_le_bytes(mem[l.ring_offset(1)..][..8].try_into().unwrap()), 0, "head");
     }
 }

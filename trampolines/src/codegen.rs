@@ -26,31 +26,26 @@ impl CodegenError {
 /// Where the ring lives in the target, and its shape.
 #[derive(Debug, Clone, Copy)]
 pub struct RingAddrs {
-    /// Address of the ring mapping (header page first).
+    /// Address of the ring mapping (global header page first).
     pub base: u64,
-    pub capacity: u64,
-    pub slot_size: usize,
+    pub layout: ring_abi::Layout,
     /// Offset of `goid` in `runtime.g`.
     pub goid_offset: u32,
 }
 
 impl RingAddrs {
-    fn head(&self) -> u64 {
-        self.base + header::HEAD as u64
-    }
-    fn dropped(&self) -> u64 {
-        self.base + header::DROPPED as u64
-    }
-    fn contended(&self) -> u64 {
-        self.base + header::CONTENDED as u64
-    }
     fn enabled(&self) -> u64 {
         self.base + header::ENABLED as u64
     }
-    fn slots(&self) -> u64 {
-        self.base + header::LEN as u64
+    fn first_ring(&self) -> u64 {
+        self.base + self.layout.ring_offset(0) as u64
     }
 }
+
+/// Linux's per-CPU GDT segment: `LSL` on this selector yields `node << 12 | cpu` in any
+/// register (what the vDSO's getcpu uses). Where it is missing, `LSL` leaves the register
+/// unchanged and every writer uses one sub-ring: still correct, only less scalable.
+const CPUNODE_SELECTOR: u32 = 15 * 8 + 3;
 
 /// Which registers a probe records. Unrecorded registers cost nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +77,9 @@ fn rip_mem(addr: u64) -> MemoryOperand {
 }
 
 /// The record-writing block, shared by entry and return trampolines.
+///
+/// Registers: R12 and R13 are free; RAX is parked in X15, which the ABI guarantees is
+/// zero at every entry and RET, and is zeroed again before leaving.
 fn emit_capture(
     a: &mut CodeAssembler,
     ring: &RingAddrs,
@@ -89,100 +87,106 @@ fn emit_capture(
     kind: Kind,
     plan: CapturePlan,
 ) -> Result<(), IcedError> {
-    let mask = (ring.capacity - 1) as i32;
-    let shift = ring.slot_size.trailing_zeros();
-    let mut slots_const = a.create_label();
+    let l = &ring.layout;
+    let mask = (l.capacity - 1) as i32;
+    let shift = l.slot_size.trailing_zeros();
+    let data = ring_abi::ring::LEN as i32;
+    let slot_field = |off: usize| data + off as i32;
+    let mut rings_const = a.create_label();
     let mut done = a.create_label();
     let mut won = a.create_label();
-    let mut drop = a.create_label();
+    let mut contended = a.create_label();
     let mut last_seq_fail = a.create_label();
     a.add_instruction(Instruction::with2(Code::Cmp_rm64_imm8, rip_mem(ring.enabled()), 0)?)?;
     a.je(done)?;
-    a.mov(r13, rax)?;
+    a.movq(xmm15, rax)?;
+    // R13 = this CPU's sub-ring.
+    a.mov(r13d, CPUNODE_SELECTOR)?;
+    a.lsl(r13d, r13d)?;
+    a.and(r13d, (l.rings - 1) as i32)?;
+    a.imul_3(r13, r13, l.stride() as i32)?;
+    a.add(r13, qword_ptr(rings_const))?;
     for attempt in 0..ATTEMPTS {
         let mut next = a.create_label();
-        a.add_instruction(Instruction::with2(Code::Mov_r64_rm64, Register::RAX, rip_mem(ring.head()))?)?;
+        a.mov(rax, qword_ptr(r13 + ring_abi::ring::HEAD as i32))?;
         a.mov(r12, rax)?;
         a.and(r12, mask)?;
         a.shl(r12, shift)?;
-        a.add(r12, qword_ptr(slots_const))?;
-        a.cmp(qword_ptr(r12 + slot::SEQ as i32), rax)?;
+        a.cmp(qword_ptr(r13 + r12 + slot_field(slot::SEQ)), rax)?;
         a.jne(if attempt + 1 == ATTEMPTS { last_seq_fail } else { next })?;
         a.lea(r12, qword_ptr(rax + 1))?;
-        let mut cas = Instruction::with2(Code::Cmpxchg_rm64_r64, rip_mem(ring.head()), Register::R12)?;
-        cas.set_has_lock_prefix(true);
-        a.add_instruction(cas)?;
+        a.lock().cmpxchg(qword_ptr(r13 + ring_abi::ring::HEAD as i32), r12)?;
         a.je(won)?;
         if attempt + 1 < ATTEMPTS {
             a.set_label(&mut next)?;
         }
     }
-    // Out of attempts. The last CAS lost: contention.
-    let count = |a: &mut CodeAssembler, counter: u64| -> Result<(), IcedError> {
-        let mut inc = Instruction::with1(Code::Inc_rm64, rip_mem(counter))?;
-        inc.set_has_lock_prefix(true);
-        a.add_instruction(inc)?;
-        a.mov(rax, r13)?;
-        a.jmp(done)
-    };
-    a.set_label(&mut drop)?;
-    count(a, ring.contended())?;
-    // The slot was not free for our ticket: its sequence word is behind (an unread record
-    // from the previous lap: the ring is full) or ahead (our head was stale: contention).
+    // Out of attempts: the last CAS lost (contention), or the slot was not free for our
+    // ticket: its sequence word is behind (an unread record from the previous lap: full)
+    // or ahead (our head was stale: contention).
+    a.set_label(&mut contended)?;
+    a.lock().inc(qword_ptr(r13 + ring_abi::ring::CONTENDED as i32))?;
+    a.movq(rax, xmm15)?;
+    a.pxor(xmm15, xmm15)?;
+    a.jmp(done)?;
     a.set_label(&mut last_seq_fail)?;
-    a.cmp(qword_ptr(r12 + slot::SEQ as i32), rax)?;
-    a.ja(drop)?;
-    count(a, ring.dropped())?;
+    a.cmp(qword_ptr(r13 + r12 + slot_field(slot::SEQ)), rax)?;
+    a.ja(contended)?;
+    a.lock().inc(qword_ptr(r13 + ring_abi::ring::DROPPED as i32))?;
+    a.movq(rax, xmm15)?;
+    a.pxor(xmm15, xmm15)?;
+    a.jmp(done)?;
 
-    // Won ticket RAX: address its slot, write the record, publish it.
+    // Won ticket RAX of sub-ring R13: R12 = its slot (fields at R12 + `data`).
     a.set_label(&mut won)?;
     a.mov(r12, rax)?;
     a.and(r12, mask)?;
     a.shl(r12, shift)?;
-    a.add(r12, qword_ptr(slots_const))?;
-    a.mov(qword_ptr(r12 + slot::TICKET as i32), rax)?;
-    let ints = [r13, rbx, rcx, rdi, rsi, r8, r9, r10, r11];
-    for (i, reg) in ints.into_iter().enumerate() {
-        if plan.ints & (1 << i) != 0 {
-            a.mov(qword_ptr(r12 + (slot::INTS + 8 * i) as i32), reg)?;
-        }
+    a.add(r12, r13)?;
+    let field = |off: usize| r12 + slot_field(off);
+    a.mov(qword_ptr(field(slot::TICKET)), rax)?;
+    if plan.ints & 1 != 0 {
+        a.movq(qword_ptr(field(slot::INTS)), xmm15)?;
     }
-    if plan.ints & 1 == 0 {
-        // RAX is restored from its slot field below, so it is always stored.
-        a.mov(qword_ptr(r12 + slot::INTS as i32), r13)?;
+    let ints = [rax, rbx, rcx, rdi, rsi, r8, r9, r10, r11];
+    for (i, reg) in ints.into_iter().enumerate().skip(1) {
+        if plan.ints & (1 << i) != 0 {
+            a.mov(qword_ptr(field(slot::INTS + 8 * i)), reg)?;
+        }
     }
     let xmms = [xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7];
     for (i, reg) in xmms.into_iter().enumerate() {
         if plan.floats & (1 << i) != 0 {
-            a.movq(qword_ptr(r12 + (slot::FLOATS + 8 * i) as i32), reg)?;
+            a.movq(qword_ptr(field(slot::FLOATS + 8 * i)), reg)?;
         }
     }
-    a.mov(dword_ptr(r12 + slot::SITE as i32), site)?;
-    a.mov(byte_ptr(r12 + slot::KIND as i32), kind as u32)?;
+    a.mov(dword_ptr(field(slot::SITE)), site)?;
+    a.mov(byte_ptr(field(slot::KIND)), kind as u32)?;
     a.mov(r13, qword_ptr(r14 + ring.goid_offset as i32))?;
-    a.mov(qword_ptr(r12 + slot::GOID as i32), r13)?;
-    a.mov(qword_ptr(r12 + slot::SP as i32), rsp)?;
+    a.mov(qword_ptr(field(slot::GOID)), r13)?;
+    a.mov(qword_ptr(field(slot::SP)), rsp)?;
     a.mov(r13, rdx)?;
     a.rdtsc()?;
     a.shl(rdx, 32)?;
     a.or(rax, rdx)?;
-    a.mov(qword_ptr(r12 + slot::TSC as i32), rax)?;
+    a.mov(qword_ptr(field(slot::TSC)), rax)?;
     a.mov(rdx, r13)?;
-    a.mov(rax, qword_ptr(r12 + slot::TICKET as i32))?;
+    a.mov(rax, qword_ptr(field(slot::TICKET)))?;
     a.inc(rax)?;
     // x86 keeps stores in order: the record is complete before its sequence word says so.
-    a.mov(qword_ptr(r12 + slot::SEQ as i32), rax)?;
-    a.mov(rax, qword_ptr(r12 + slot::INTS as i32))?;
+    a.mov(qword_ptr(field(slot::SEQ)), rax)?;
+    a.movq(rax, xmm15)?;
+    a.pxor(xmm15, xmm15)?;
     a.jmp(done)?;
-    a.set_label(&mut slots_const)?;
-    a.dq(&[ring.slots()])?;
+    a.set_label(&mut rings_const)?;
+    a.dq(&[ring.first_ring()])?;
     a.set_label(&mut done)?;
     Ok(())
 }
 
 fn check_reach(at: u64, ring: &RingAddrs) -> Result<(), CodegenError> {
     let far = |x: u64| (x as i64).wrapping_sub(at as i64).unsigned_abs() > (1 << 31) - (1 << 24);
-    if far(ring.base) || far(ring.base + ring_abi::PAGE as u64) {
+    if far(ring.base) || far(ring.base + ring.layout.total_len() as u64) {
         return Err(CodegenError::Reach { ring: ring.base, at });
     }
     Ok(())

@@ -1,0 +1,248 @@
+//! Attaching to live Go programs, probing, detaching: counts are exact, the programs'
+//! own results are unchanged, and detach leaves the text exactly as the file has it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use serde_json::Value;
+use tests::{Proc, require_ptrace, start_fixture, start_inject, text_differs_from_file};
+use xtask::{Flavor, GoToolchain, build_fixture, test_toolchains};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn summary_path(tag: &str) -> std::path::PathBuf {
+    let d = xtask::workspace_root().join("target/test-scratch");
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(format!("summary-{tag}-{}.json", std::process::id()))
+}
+
+fn read_summary(path: &Path) -> Result<Value> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)?)
+}
+
+fn site<'a>(summary: &'a Value, name: &str) -> Result<&'a Value> {
+    summary["sites"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == name))
+        .with_context(|| format!("{name} in {summary}"))
+}
+
+/// Runs a fixture to completion without any tracer and returns its stdout lines.
+fn plain_run(exe: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Proc> {
+    let mut p = start_fixture(exe, args, env)?;
+    p.stdin.take();
+    ensure!(p.wait(MINUTE)?.success(), "uninstrumented run failed:\n{}", p.transcript());
+    Ok(p)
+}
+
+fn pid_arg(p: &Proc) -> String {
+    p.pid().to_string()
+}
+
+/// Every call of a recursive function whose stack grows and is copied, under forced GCs,
+/// from 16 goroutines: exactly one entry and one return record per call.
+fn exact_counts(tc: &GoToolchain, flavor: Flavor) -> Result<()> {
+    let exe = build_fixture("recurse", tc, flavor)?;
+    let args = ["-wait", "-n", "300", "-goroutines", "16"];
+    let env = [("GOMAXPROCS", "4")];
+    let want = plain_run(&exe, &args, &env)?;
+    let mut target = start_fixture(&exe, &args, &env)?;
+    let summary = summary_path(&format!("exact-{}-{}", tc.version, flavor.name()));
+    let mut inject = start_inject(
+        &[
+            "--pid".into(),
+            pid_arg(&target),
+            "--func".into(),
+            "main.depth".into(),
+            "--func".into(),
+            "main.worker".into(),
+            "--ring-slots".into(),
+            (1 << 18).to_string(),
+            "--summary-json".into(),
+            summary.display().to_string(),
+        ],
+        true,
+    )?;
+    target.send_line("go")?;
+    ensure!(target.wait(MINUTE)?.success(), "target failed:\n{}", target.transcript());
+    ensure!(inject.wait(MINUTE)?.success(), "inject failed:\n{}", inject.transcript());
+    ensure!(target.value("CHECKSUM") == want.value("CHECKSUM"), "checksum changed under probes");
+    let calls: u64 = target.value("CALLS").context("CALLS")?.parse()?;
+    let s = read_summary(&summary)?;
+    ensure!(s["dropped"] == 0 && s["corrupt"] == 0, "{s}");
+    let depth = site(&s, "main.depth")?;
+    ensure!(
+        depth["entries"] == calls && depth["returns"] == calls,
+        "Go {} {}: main.depth called {calls} times, recorded {depth}",
+        tc.version,
+        flavor.name()
+    );
+    let worker = site(&s, "main.worker")?;
+    let entry_only = worker["verdict"].as_str().is_some_and(|v| v.contains("entry-only"));
+    ensure!(worker["entries"] == 16 && worker["returns"] == if entry_only { 0 } else { 16 }, "main.worker: {worker}");
+    eprintln!("Go {} {}: {calls} calls of main.depth recorded exactly", tc.version, flavor.name());
+    Ok(())
+}
+
+#[test]
+fn exact_counts_default_pie_stripped_cgo() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    for tc in test_toolchains()? {
+        for flavor in [Flavor::Default, Flavor::Pie, Flavor::Stripped, Flavor::Cgo] {
+            exact_counts(&tc, flavor)?;
+        }
+    }
+    Ok(())
+}
+
+/// Probes go in and come out 50 times while 16 goroutines call them; the program's own
+/// result equals an uninstrumented run of exactly the same work.
+#[test]
+fn probes_in_and_out_fifty_times() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    for tc in test_toolchains()? {
+        for procs in ["2", "8"] {
+            let exe = build_fixture("recurse", &tc, Flavor::Default)?;
+            let env = [("GOMAXPROCS", procs)];
+            let mut target = start_fixture(&exe, &["-until-stdin", "-n", "20"], &env)?;
+            let mut recorded = 0;
+            for i in 0..50 {
+                let summary = summary_path(&format!("cycle-{}-{procs}-{i}", tc.version));
+                let mut inject = start_inject(
+                    &[
+                        "--pid".into(),
+                        pid_arg(&target),
+                        "--func".into(),
+                        "main.depth".into(),
+                        "--func".into(),
+                        "main.worker".into(),
+                        "--duration".into(),
+                        "0.02".into(),
+                        "--summary-json".into(),
+                        summary.display().to_string(),
+                    ],
+                    false,
+                )?;
+                ensure!(inject.wait(MINUTE)?.success(), "cycle {i}: inject failed:\n{}", inject.transcript());
+                let s = read_summary(&summary)?;
+                ensure!(s["restored"].as_u64() > Some(0), "cycle {i}: nothing restored: {s}");
+                recorded += site(&s, "main.depth")?["entries"].as_u64().unwrap_or(0);
+                let _ = std::fs::remove_file(&summary);
+            }
+            ensure!(text_differs_from_file(target.pid(), &exe)?.is_none(), "text differs from the file after detach");
+            target.send_line("stop")?;
+            ensure!(target.wait(MINUTE)?.success(), "target failed:\n{}", target.transcript());
+            let rounds = target.value("ROUNDS").context("ROUNDS")?;
+            let replay = plain_run(&exe, &["-rounds", &rounds, "-n", "20"], &env)?;
+            ensure!(target.value("CHECKSUM") == replay.value("CHECKSUM"), "checksum differs from the replay");
+            ensure!(recorded > 0, "no calls recorded in 50 cycles");
+            eprintln!(
+                "Go {} GOMAXPROCS={procs}: 50 attach/detach cycles, {recorded} calls recorded, checksum unchanged",
+                tc.version
+            );
+        }
+    }
+    Ok(())
+}
+
+/// After a clean detach the code is byte-identical to the file and nothing of ours is
+/// mapped; a second inject is refused while one is attached; attaching again works.
+#[test]
+fn detach_leaves_no_trace_and_second_inject_is_refused() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    for tc in test_toolchains()? {
+        let exe = build_fixture("funcs", &tc, Flavor::Default)?;
+        let target = start_fixture(&exe, &["-loop", "-n", "0", "-sleep", "1ms"], &[])?;
+        let maps_before = std::fs::read_to_string(format!("/proc/{}/maps", target.pid()))?;
+        let probe = |extra: &[&str]| -> Vec<String> {
+            let mut v: Vec<String> = vec!["--pid".into(), pid_arg(&target), "--func".into(), "main.priceOf".into()];
+            v.extend(extra.iter().map(|s| s.to_string()));
+            v
+        };
+        let mut first = start_inject(&probe(&[]), true)?;
+        let mut second = start_inject(&probe(&["--duration", "1"]), false)?;
+        ensure!(second.wait(MINUTE)?.code() == Some(1), "second inject was not refused:\n{}", second.transcript());
+        ensure!(second.transcript().contains("already instrumented"), "{}", second.transcript());
+        first.signal(2);
+        ensure!(first.wait(MINUTE)?.success(), "first inject:\n{}", first.transcript());
+        ensure!(first.transcript().contains("unmapped trampolines and ring"), "{}", first.transcript());
+        ensure!(text_differs_from_file(target.pid(), &exe)?.is_none(), "text differs after detach");
+        let maps_after = std::fs::read_to_string(format!("/proc/{}/maps", target.pid()))?;
+        ensure!(!maps_after.contains("inject-ring"), "ring still mapped:\n{maps_after}");
+        let exec_anon = |m: &str| m.lines().filter(|l| l.contains("r-xp") && l.split_whitespace().count() == 5).count();
+        ensure!(exec_anon(&maps_after) == exec_anon(&maps_before), "an executable mapping was left behind");
+        let mut third = start_inject(&probe(&["--duration", "0.2"]), false)?;
+        ensure!(third.wait(MINUTE)?.success(), "re-attach failed:\n{}", third.transcript());
+    }
+    Ok(())
+}
+
+/// An injector killed with SIGKILL leaves its probes in: the program keeps running
+/// correctly (records are dropped once the ring fills).
+#[test]
+fn target_survives_a_killed_injector() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    let tc = &test_toolchains()?[0];
+    let exe = build_fixture("recurse", tc, Flavor::Default)?;
+    let env = [("GOMAXPROCS", "4")];
+    let mut target = start_fixture(&exe, &["-until-stdin", "-n", "20"], &env)?;
+    let mut inject = start_inject(
+        &["--pid".into(), pid_arg(&target), "--func".into(), "main.depth".into(), "--ring-slots".into(), "1024".into()],
+        true,
+    )?;
+    inject.signal(9);
+    inject.wait(MINUTE)?;
+    // Let the program run with orphaned probes and a full ring.
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(text_differs_from_file(target.pid(), &exe)?.is_some(), "probes should still be in place");
+    target.send_line("stop")?;
+    ensure!(target.wait(MINUTE)?.success(), "target failed:\n{}", target.transcript());
+    let rounds = target.value("ROUNDS").context("ROUNDS")?;
+    let replay = plain_run(&exe, &["-rounds", &rounds, "-n", "20"], &env)?;
+    ensure!(target.value("CHECKSUM") == replay.value("CHECKSUM"), "checksum differs from the replay");
+    Ok(())
+}
+
+/// Verdicts before anything is touched, and clear errors when nothing can be probed.
+#[test]
+fn dry_run_and_refusals() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    let tc = &test_toolchains()?[0];
+    let exe = build_fixture("funcs", tc, Flavor::Default)?;
+    let target = start_fixture(&exe, &["-loop", "-n", "0", "-sleep", "1ms"], &[])?;
+    let pid = pid_arg(&target);
+    let run = |args: &[&str]| -> Result<Proc> {
+        let mut v: Vec<String> = vec!["--pid".into(), pid.clone()];
+        v.extend(args.iter().map(|s| s.to_string()));
+        let mut p = start_inject(&v, false)?;
+        p.wait(MINUTE)?;
+        Ok(p)
+    };
+    let mut p = run(&["--dry-run", "--func", "main.priceOf", "--func", "runtime.mallocgc", "--func", "main.First"])?;
+    ensure!(p.child.wait()?.success());
+    let t = p.transcript();
+    ensure!(t.contains("main.priceOf") && t.contains("installed: entry and"), "{t}");
+    ensure!(t.contains("runtime.mallocgc") && t.contains("refused: runtime"), "{t}");
+    ensure!(t.contains("main.First") && t.contains("refused"), "{t}");
+    let mut p = run(&["--func", "runtime.mallocgc"])?;
+    ensure!(
+        p.child.wait()?.code() == Some(1) && p.transcript().contains("none of the requested functions"),
+        "{}",
+        p.transcript()
+    );
+    let mut p = run(&["--func", "main.noSuchFunction"])?;
+    ensure!(p.child.wait()?.code() == Some(1) && p.transcript().contains("no function matches"), "{}", p.transcript());
+    ensure!(text_differs_from_file(target.pid(), &exe)?.is_none(), "a refused run changed the text");
+    Ok(())
+}
