@@ -51,7 +51,10 @@ pub struct Installation {
     /// Sites actually installed (by id), with how many exits are probed.
     pub installed: Vec<(u32, usize)>,
     pub threads: usize,
+    /// How long the world stood still to write the trampolines and redirects.
     pub pause: Duration,
+    /// How long the world stood still earlier, to create the memory.
+    pub prepare_pause: Duration,
     pub gadget: u64,
 }
 
@@ -154,112 +157,45 @@ pub fn install(
     let gadget = find_syscall_gadget(bin)? + bias;
     let text = bin.text_range();
     let text = text.start + bias..text.end + bias;
-    // Generous room for trampolines: each is a few hundred bytes.
-    let ntramps: usize =
-        sites.iter().filter(|s| s.installable()).map(|s| 1 + s.returns.as_ref().map_or(0, Vec::len)).sum();
-    let tramp_len = ((ntramps as u64 + 1) * 1024).next_multiple_of(PAGE);
+    // Size the trampoline area by generating everything once at a provisional address
+    // (sizes do not depend on where the code lands, as long as it is within reach).
+    let provisional = RingAddrs { base: text.end.next_multiple_of(PAGE), layout, goid_offset };
+    let (probe_code, _, _) = generate(sites, &provisional, provisional.base + layout.total_len() as u64)?;
+    let tramp_len = (probe_code.len() as u64 + 4096).next_multiple_of(PAGE);
     let ring_len = layout.total_len() as u64;
 
-    let mut s = Session::attach(pid)?;
+    // Window 1: create the memory (nothing points at it yet), then let the target run
+    // while the ring is initialised and the code generated.
+    // Pauses are measured from before the first thread stops to after the last resumes.
     let started = Instant::now();
+    let mut s = Session::attach(pid)?;
     let maps = mappings(pid)?;
     let base = find_gap(&maps, text.clone(), tramp_len + PAGE + ring_len)
         .context("no free address range within ±2 GiB of the target's code for trampolines")?;
     let (tramp_addr, ring_addr) = (base, base + tramp_len + PAGE);
     let tid = *s.threads().first().context("the process has no threads")?;
-
     let mut cleanup = Cleanup { tramp: None, ring: None };
-    let result = (|| -> Result<Installation> {
-        let r = syscall(
-            &mut s,
-            tid,
-            gadget,
-            libc::SYS_mmap,
-            [
-                tramp_addr,
-                tramp_len,
-                (libc::PROT_READ | libc::PROT_EXEC) as u64,
-                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64,
-                u64::MAX,
-                0,
-            ],
-        )
-        .context("creating the trampoline area in the target")?;
-        ensure!(r == tramp_addr, "mmap for trampolines returned {r:#x}, wanted {tramp_addr:#x}");
-        cleanup.tramp = Some((tramp_addr, tramp_len));
-        // The memfd's name goes at the end of the trampoline area (it is only read once).
-        let name_addr = tramp_addr + tramp_len - 64;
-        let mut name = ring_abi::MEMFD_NAME.as_bytes().to_vec();
-        name.push(0);
-        s.write(name_addr, &name)?;
-        let fd =
-            syscall(&mut s, tid, gadget, libc::SYS_memfd_create, [name_addr, libc::MFD_CLOEXEC as u64, 0, 0, 0, 0])
-                .context("creating the ring's memfd in the target")?;
-        let ok = (|| -> Result<OwnedFd> {
-            syscall(&mut s, tid, gadget, libc::SYS_ftruncate, [fd, ring_len, 0, 0, 0, 0]).context("sizing the ring")?;
-            let r = syscall(
-                &mut s,
-                tid,
-                gadget,
-                libc::SYS_mmap,
-                [
-                    ring_addr,
-                    ring_len,
-                    (libc::PROT_READ | libc::PROT_WRITE) as u64,
-                    // Populated now: a page fault inside a trampoline would stall the caller.
-                    (libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE | libc::MAP_POPULATE) as u64,
-                    fd,
-                    0,
-                ],
-            )
-            .context("mapping the ring in the target")?;
-            ensure!(r == ring_addr, "mmap for the ring returned {r:#x}, wanted {ring_addr:#x}");
-            cleanup.ring = Some((ring_addr, ring_len));
-            take_fd(pid, fd as i32)
-        })();
-        // The target needs no descriptor: its mapping keeps the memfd alive.
-        let _ = syscall(&mut s, tid, gadget, libc::SYS_close, [fd, 0, 0, 0, 0, 0]);
-        let local_fd = ok?;
-        let file = File::from(local_fd);
-        // SAFETY: a shared mapping of the memfd; the target writes it concurrently, and
-        // RingReader only accesses it atomically.
-        let mut ring_map = unsafe { MmapMut::map_mut(&file) }.context("mapping the ring locally")?;
-        layout.initialise(&mut ring_map);
-        ring_map[header::OWNER..header::OWNER + 8].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
+    let memory = create_memory(&mut s, tid, gadget, tramp_addr, tramp_len, ring_addr, ring_len, &mut cleanup);
+    if memory.is_err() {
+        cleanup.undo(&mut s, tid, gadget);
+    }
+    s.detach()?;
+    let prepare_pause = started.elapsed();
+    let file = File::from(memory?);
+    // SAFETY: a shared mapping of the memfd; the target writes it concurrently, and
+    // RingReader only accesses it atomically.
+    let mut ring_map = unsafe { MmapMut::map_mut(&file) }.context("mapping the ring locally")?;
+    layout.initialise_zeroed(&mut ring_map);
+    ring_map[header::OWNER..header::OWNER + 8].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
+    let addrs = RingAddrs { base: ring_addr, layout, goid_offset };
+    let (code, mut patches, installed) = generate(sites, &addrs, tramp_addr)?;
+    ensure!(code.len() as u64 <= tramp_len - 64, "trampolines outgrew their area");
 
-        let addrs = RingAddrs { base: ring_addr, layout, goid_offset };
-        let mut code = Vec::new();
-        let mut patches = Vec::new();
-        let mut installed = Vec::new();
-        let place = |tramp: trampolines::Trampoline,
-                     redirect: Redirect,
-                     code: &mut Vec<u8>,
-                     patches: &mut Vec<Patch>|
-         -> Result<()> {
-            code.resize((tramp.at - tramp_addr) as usize, 0xcc);
-            code.extend_from_slice(&tramp.code);
-            redirect_patches(redirect, tramp.at, patches)
-        };
-        for site in sites {
-            let Ok(entry) = &site.entry_patch else { continue };
-            let at = tramp_addr + (code.len() as u64).next_multiple_of(16);
-            let t = entry_trampoline(entry, site.id, site.capture, &addrs, at).with_context(|| site.name.clone())?;
-            place(t, entry.redirect, &mut code, &mut patches)?;
-            let mut exits = 0;
-            if let Ok(rets) = &site.returns {
-                for r in rets {
-                    let at = tramp_addr + (code.len() as u64).next_multiple_of(16);
-                    let t =
-                        return_trampoline(r, site.id, site.capture, &addrs, at).with_context(|| site.name.clone())?;
-                    place(t, r.redirect, &mut code, &mut patches)?;
-                    exits += 1;
-                }
-            }
-            installed.push((site.id, exits));
-        }
-        ensure!(code.len() as u64 <= tramp_len - 64, "trampolines outgrew their area");
+    // Window 2: code and redirects. If the target is gone, nothing of ours is in use.
+    let started = Instant::now();
+    let mut s = Session::attach(pid)?;
+    let result = (|| -> Result<()> {
         s.write(tramp_addr, &code).context("writing trampolines")?;
-
         // Original bytes must be the file's: anything else is someone else's patch.
         for p in &mut patches {
             let mut cur = vec![0; p.new.len()];
@@ -287,29 +223,129 @@ pub fn install(
             }
             written.push(p);
         }
-        let pause = started.elapsed();
-        let threads = s.threads().len();
-        Ok(Installation {
-            pid,
-            tramp_addr,
-            tramp_len,
-            ring_addr,
-            ring_len,
-            patches,
-            ring_map,
-            layout,
-            installed,
-            threads,
-            pause,
-            gadget,
-        })
+        Ok(())
     })();
+    let threads = s.threads().len();
     if result.is_err() {
-        // Nothing was redirected unless the last loop ran; restore whatever it wrote.
+        let tid = s.threads().first().copied().unwrap_or(pid);
         cleanup.undo(&mut s, tid, gadget);
     }
     s.detach()?;
-    result
+    let pause = started.elapsed();
+    result?;
+    Ok(Installation {
+        pid,
+        tramp_addr,
+        tramp_len,
+        ring_addr,
+        ring_len,
+        patches,
+        ring_map,
+        layout,
+        installed,
+        threads,
+        pause,
+        prepare_pause,
+        gadget,
+    })
+}
+
+/// Maps the trampoline area and the ring (a memfd) into the target, and returns our own
+/// descriptor of the memfd.
+#[allow(clippy::too_many_arguments)]
+fn create_memory(
+    s: &mut Session,
+    tid: i32,
+    gadget: u64,
+    tramp_addr: u64,
+    tramp_len: u64,
+    ring_addr: u64,
+    ring_len: u64,
+    cleanup: &mut Cleanup,
+) -> Result<OwnedFd> {
+    let pid = s.pid();
+    let r = syscall(
+        s,
+        tid,
+        gadget,
+        libc::SYS_mmap,
+        [
+            tramp_addr,
+            tramp_len,
+            (libc::PROT_READ | libc::PROT_EXEC) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64,
+            u64::MAX,
+            0,
+        ],
+    )
+    .context("creating the trampoline area in the target")?;
+    ensure!(r == tramp_addr, "mmap for trampolines returned {r:#x}, wanted {tramp_addr:#x}");
+    cleanup.tramp = Some((tramp_addr, tramp_len));
+    // The memfd's name goes at the end of the trampoline area (it is only read once).
+    let name_addr = tramp_addr + tramp_len - 64;
+    let mut name = ring_abi::MEMFD_NAME.as_bytes().to_vec();
+    name.push(0);
+    s.write(name_addr, &name)?;
+    let fd = syscall(s, tid, gadget, libc::SYS_memfd_create, [name_addr, libc::MFD_CLOEXEC as u64, 0, 0, 0, 0])
+        .context("creating the ring's memfd in the target")?;
+    let ok = (|| -> Result<OwnedFd> {
+        syscall(s, tid, gadget, libc::SYS_ftruncate, [fd, ring_len, 0, 0, 0, 0]).context("sizing the ring")?;
+        let r = syscall(
+            s,
+            tid,
+            gadget,
+            libc::SYS_mmap,
+            [
+                ring_addr,
+                ring_len,
+                (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                (libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE) as u64,
+                fd,
+                0,
+            ],
+        )
+        .context("mapping the ring in the target")?;
+        ensure!(r == ring_addr, "mmap for the ring returned {r:#x}, wanted {ring_addr:#x}");
+        cleanup.ring = Some((ring_addr, ring_len));
+        take_fd(pid, fd as i32)
+    })();
+    // The target needs no descriptor: its mapping keeps the memfd alive.
+    let _ = syscall(s, tid, gadget, libc::SYS_close, [fd, 0, 0, 0, 0, 0]);
+    ok
+}
+
+/// Every trampoline for `sites`, laid out from `tramp_addr`, with the patches that
+/// redirect to them and, per installed site, its number of probed exits.
+fn generate(
+    sites: &[ProbeSite],
+    addrs: &RingAddrs,
+    tramp_addr: u64,
+) -> Result<(Vec<u8>, Vec<Patch>, Vec<(u32, usize)>)> {
+    let mut code = Vec::new();
+    let mut patches = Vec::new();
+    let mut installed = Vec::new();
+    let mut place = |tramp: trampolines::Trampoline, redirect: Redirect, code: &mut Vec<u8>| -> Result<()> {
+        code.resize((tramp.at - tramp_addr) as usize, 0xcc);
+        code.extend_from_slice(&tramp.code);
+        redirect_patches(redirect, tramp.at, &mut patches)
+    };
+    for site in sites {
+        let Ok(entry) = &site.entry_patch else { continue };
+        let at = tramp_addr + (code.len() as u64).next_multiple_of(16);
+        let t = entry_trampoline(entry, site.id, site.capture, addrs, at).with_context(|| site.name.clone())?;
+        place(t, entry.redirect, &mut code)?;
+        let mut exits = 0;
+        if let Ok(rets) = &site.returns {
+            for r in rets {
+                let at = tramp_addr + (code.len() as u64).next_multiple_of(16);
+                let t = return_trampoline(r, site.id, site.capture, addrs, at).with_context(|| site.name.clone())?;
+                place(t, r.redirect, &mut code)?;
+                exits += 1;
+            }
+        }
+        installed.push((site.id, exits));
+    }
+    Ok((code, patches, installed))
 }
 
 struct Cleanup {
@@ -398,8 +434,8 @@ pub struct Removal {
 /// Restores every original byte; unmaps trampolines and ring when no thread can be using
 /// them (else leaves them mapped: a few KiB that nothing will execute again).
 pub fn remove(inst: &Installation) -> Result<Removal> {
-    let mut s = Session::attach(inst.pid)?;
     let started = Instant::now();
+    let mut s = Session::attach(inst.pid)?;
     // Stop capturing first; a thread already past the check finishes its record.
     inst.ring_map_enabled(false);
     for p in inst.patches.iter().rev() {
@@ -425,8 +461,8 @@ pub fn remove(inst: &Installation) -> Result<Removal> {
         }
         s.resume_briefly(Duration::from_millis(1))?;
     }
-    let pause = started.elapsed();
     s.detach()?;
+    let pause = started.elapsed();
     Ok(Removal { restored: inst.patches.len(), unmapped, pause })
 }
 

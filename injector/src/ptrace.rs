@@ -914,8 +914,11 @@ impl Session {
             let info = signals.remove(i);
             match sys::setsiginfo(tid, &info) {
                 Ok(()) => inject = info.si_signo,
-                // Killed meanwhile: nothing to hand back to.
-                Err(Errno::ESRCH) => return Ok(()),
+                // Killed meanwhile: nothing to hand back to; its exit is still to be reaped.
+                Err(Errno::ESRCH) => {
+                    t.state = State::Running;
+                    return Ok(());
+                }
                 Err(source) => return Err(SessionError::Os { tid, op: "PTRACE_SETSIGINFO", source }),
             }
         }
@@ -944,11 +947,19 @@ impl Session {
                 ("PTRACE_CONT", sys::cont(tid, inject))
             }
         };
-        if detach {
-            self.threads.remove(&tid);
-        }
         match r {
-            Ok(()) | Err(Errno::ESRCH) => Ok(()),
+            Ok(()) => {
+                if detach {
+                    self.threads.remove(&tid);
+                }
+                Ok(())
+            }
+            Err(Errno::ESRCH) => {
+                // Killed: a traced thread stays a zombie until its tracer reaps it, and the
+                // process cannot be reaped before its threads. Keep it to be polled.
+                self.set_state(tid, State::Running);
+                Ok(())
+            }
             Err(source) => Err(SessionError::Os { tid, op, source }),
         }
     }
@@ -976,6 +987,11 @@ impl Session {
             if let Err(e) = self.release(tid, true) {
                 first_err.get_or_insert(e);
             }
+        }
+        if !self.threads.is_empty() {
+            // Threads killed under us: reap their exits.
+            let deadline = Instant::now() + self.timeout;
+            let _ = self.poll_until(deadline, Phase::Stop, |s| s.threads.is_empty());
         }
         // Threads that never stopped stay traced until this thread exits; say which.
         let left: Vec<i32> = self.threads();

@@ -105,12 +105,13 @@ fn attach_and_trace(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite]
     let mut inst = install::install(pid, bin, bias, sites, ring_layout, layout.goid)?;
     let exits: usize = inst.installed.iter().map(|(_, e)| e).sum();
     eprintln!(
-        "inject: probing {} function{} ({} exits) in pid {pid}; {} threads stopped for {:.2} ms",
+        "inject: probing {} function{} ({} exits) in pid {pid}; {} threads stopped for {:.2} ms (and {:.2} ms to map memory)",
         inst.installed.len(),
         if inst.installed.len() == 1 { "" } else { "s" },
         exits,
         inst.threads,
-        inst.pause.as_secs_f64() * 1e3
+        inst.pause.as_secs_f64() * 1e3,
+        inst.prepare_pause.as_secs_f64() * 1e3
     );
     let stop = Arc::new(AtomicBool::new(false));
     let reader = inst.reader(sites.len() as u32);
@@ -216,6 +217,7 @@ struct Summary<'a> {
     dropped_full: u64,
     corrupt: u64,
     install_pause_ms: f64,
+    prepare_pause_ms: f64,
     remove_pause_ms: Option<f64>,
     restored: Option<usize>,
     unmapped: Option<bool>,
@@ -247,6 +249,7 @@ fn report(
         dropped_full: totals.dropped_full,
         corrupt: totals.corrupt,
         install_pause_ms: inst.pause.as_secs_f64() * 1e3,
+        prepare_pause_ms: inst.prepare_pause.as_secs_f64() * 1e3,
         remove_pause_ms: removal.map(|r| r.pause.as_secs_f64() * 1e3),
         restored: removal.map(|r| r.restored),
         unmapped: removal.map(|r| r.unmapped),

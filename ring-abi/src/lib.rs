@@ -176,6 +176,12 @@ impl Layout {
     /// Writes a fresh header and slot sequence words into `mem` (at least `total_len`).
     pub fn initialise(&self, mem: &mut [u8]) {
         mem[..self.total_len()].fill(0);
+        self.initialise_zeroed(mem);
+    }
+
+    /// As [`Layout::initialise`] for memory known to be zero (a new memfd): touches only
+    /// the words that must be set.
+    pub fn initialise_zeroed(&self, mem: &mut [u8]) {
         let put = |mem: &mut [u8], off: usize, v: &[u8]| mem[off..off + v.len()].copy_from_slice(v);
         put(mem, header::MAGIC, &MAGIC.to_le_bytes());
         put(mem, header::VERSION, &VERSION.to_le_bytes());

@@ -67,10 +67,10 @@ pub struct Trampoline {
     pub code: Vec<u8>,
 }
 
-/// Attempts to win a slot before giving up and counting a drop. A failed attempt means
-/// another writer won (lock-free progress), so a burst of many writers needs a few; 16
-/// keeps contention drops negligible while bounding the time a call can spend here.
-const ATTEMPTS: usize = 16;
+/// Attempts to win a slot before giving up and counting a drop. With one sub-ring per
+/// CPU, a lost race needs a thread preempted or migrated mid-attempt, so a few suffice;
+/// each unrolled attempt costs ~50 bytes of trampoline.
+const ATTEMPTS: usize = 4;
 
 fn rip_mem(addr: u64) -> MemoryOperand {
     MemoryOperand::with_base_displ(Register::RIP, addr as i64)

@@ -286,7 +286,7 @@ fn report(what: &str, att: &mut [Duration], det: &mut [Duration], n: &[usize]) {
 #[test]
 fn attach_detach_50_times_keeps_recurse_correct() {
     let bin = fixture("recurse");
-    let args = ["-n", "6000", "-goroutines", "8"];
+    let args = ["-n", "60000", "-goroutines", "8"];
     let reference = run_to_end(Target::spawn({
         let mut c = Command::new(&bin);
         c.args(args);
