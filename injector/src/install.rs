@@ -160,8 +160,8 @@ pub fn install(
     // Size the trampoline area by generating everything once at a provisional address
     // (sizes do not depend on where the code lands, as long as it is within reach).
     let provisional = RingAddrs { base: text.end.next_multiple_of(PAGE), layout, goid_offset };
-    let (probe_code, _, _) = generate(sites, &provisional, provisional.base + layout.total_len() as u64)?;
-    let tramp_len = (probe_code.len() as u64 + 4096).next_multiple_of(PAGE);
+    let probe = generate(sites, &provisional, provisional.base + layout.total_len() as u64)?;
+    let tramp_len = (probe.code.len() as u64 + 4096).next_multiple_of(PAGE);
     let ring_len = layout.total_len() as u64;
 
     // Window 1: create the memory (nothing points at it yet), then let the target run
@@ -188,7 +188,7 @@ pub fn install(
     layout.initialise_zeroed(&mut ring_map);
     ring_map[header::OWNER..header::OWNER + 8].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
     let addrs = RingAddrs { base: ring_addr, layout, goid_offset };
-    let (code, mut patches, installed) = generate(sites, &addrs, tramp_addr)?;
+    let Generated { code, mut patches, installed } = generate(sites, &addrs, tramp_addr)?;
     ensure!(code.len() as u64 <= tramp_len - 64, "trampolines outgrew their area");
 
     // Window 2: code and redirects. If the target is gone, nothing of ours is in use.
@@ -314,13 +314,16 @@ fn create_memory(
     ok
 }
 
-/// Every trampoline for `sites`, laid out from `tramp_addr`, with the patches that
-/// redirect to them and, per installed site, its number of probed exits.
-fn generate(
-    sites: &[ProbeSite],
-    addrs: &RingAddrs,
-    tramp_addr: u64,
-) -> Result<(Vec<u8>, Vec<Patch>, Vec<(u32, usize)>)> {
+/// Trampoline code for an area, the patches that redirect to it, and per installed site
+/// its number of probed exits.
+struct Generated {
+    code: Vec<u8>,
+    patches: Vec<Patch>,
+    installed: Vec<(u32, usize)>,
+}
+
+/// Every trampoline for `sites`, laid out from `tramp_addr`.
+fn generate(sites: &[ProbeSite], addrs: &RingAddrs, tramp_addr: u64) -> Result<Generated> {
     let mut code = Vec::new();
     let mut patches = Vec::new();
     let mut installed = Vec::new();
@@ -345,7 +348,7 @@ fn generate(
         }
         installed.push((site.id, exits));
     }
-    Ok((code, patches, installed))
+    Ok(Generated { code, patches, installed })
 }
 
 struct Cleanup {
