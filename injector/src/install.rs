@@ -485,8 +485,12 @@ mod tests {
     #[test]
     fn gap_is_near_text_and_free() {
         let maps = vec![(0x400000, 0x800000), (0x800000, 0x900000), (0xc000000000, 0xc004000000)];
-        let g = find_gap(&maps, 0x401000..0x7ff000, 0x10000).unwrap();
-        assert!(g >= 0x901000 && g.is_multiple_of(PAGE), "{g:#x}");
+        for len in [0x10000, 0x1000000] {
+            let g = find_gap(&maps, 0x401000..0x7ff000, len).unwrap();
+            assert!(g.is_multiple_of(PAGE), "{g:#x}");
+            assert!(maps.iter().all(|&(s, e)| g + len <= s || g >= e), "{g:#x} overlaps a mapping");
+            assert!(g.abs_diff(0x401000) < REACH && (g + len).abs_diff(0x7ff000) < REACH);
+        }
         assert!(find_gap(&[(0x10000, 0x7fff_0000_0000)], 0x401000..0x7ff000, 0x1000).is_none());
     }
 }

@@ -58,7 +58,9 @@ fn exact_counts(tc: &GoToolchain, flavor: Flavor) -> Result<()> {
             "--func".into(),
             "main.worker".into(),
             "--ring-slots".into(),
-            (1 << 18).to_string(),
+            // Room for every record of the run: the test asserts exact counts even when the
+            // machine is busy with other tests and the collector gets little CPU.
+            (1 << 20).to_string(),
             "--summary-json".into(),
             summary.display().to_string(),
         ],

@@ -88,9 +88,18 @@ fn stack_check_prologue_is_marked_unsafe() -> Result<()> {
 fn stripped_and_unstripped_list_identically() -> Result<()> {
     for tc in test_toolchains()? {
         for fixture in ["funcs", "httpserver"] {
-            let list = |flavor| -> Result<String> {
+            // Everything but the DWARF-only signatures must be identical.
+            let list = |flavor| -> Result<Vec<serde_json::Value>> {
                 let exe = build_fixture(fixture, &tc, flavor)?;
-                output(Command::new(inject_binary()?).args(["functions", "--all", "--json", "--exe"]).arg(exe))
+                let out = output(Command::new(inject_binary()?).args(["functions", "--all", "--json", "--exe"]).arg(exe))?;
+                let mut rows: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+                for r in &mut rows {
+                    if let Some(o) = r.as_object_mut() {
+                        o.remove("params");
+                        o.remove("results");
+                    }
+                }
+                Ok(rows)
             };
             let (full, stripped) = (list(Flavor::Default)?, list(Flavor::Stripped)?);
             ensure!(full == stripped, "{fixture} Go {}: stripped listing differs", tc.version);
