@@ -30,6 +30,16 @@
 //! Signals sent while every thread is stopped simply stay pending in the kernel, and the
 //! kernel delivers them after detach.
 //!
+//! # Injected syscalls and the signal mask
+//! The single-step of an injected syscall ends in a SIGTRAP that the kernel *forces* on the
+//! thread. When the thread blocks SIGTRAP, as every Go thread inside a signal handler does,
+//! forcing it unblocks SIGTRAP and resets its handler to `SIG_DFL` for the whole process
+//! (`force_sig_info_to_task`); a faulting gadget would do the same to SIGSEGV. So
+//! [`Session::syscall`] unblocks the synchronous signals (TRAP, SEGV, BUS, ILL, FPE) with
+//! `PTRACE_SETSIGMASK` for the step and restores the mask afterwards. It refuses a thread that
+//! blocks one of them while inside a syscall with a temporary mask (sigsuspend, ppoll,
+//! pselect6, epoll_pwait...), whose saved mask `PTRACE_SETSIGMASK` would discard.
+//!
 //! # Group-stop (SIGSTOP, SIGTSTP, ... from someone else)
 //! A stop signal we take is remembered and injected like any other, so the group-stop happens
 //! when we let the thread go. A thread that reports a group-stop is never resumed by us:
@@ -84,6 +94,8 @@ pub enum AttachError {
     NoSuchProcess { pid: i32 },
     #[error("process {pid} exited")]
     Exited { pid: i32 },
+    #[error("{pid} is a thread of process {tgid}, not a process: attach to {tgid}")]
+    NotAProcess { pid: i32, tgid: i32 },
     #[error(
         "process {pid} is already traced by pid {tracer} (a second inject or a debugger is attached to it; \
          detach that first)"
@@ -155,7 +167,11 @@ pub enum SessionError {
     WriteMismatch { pid: i32, addr: u64, len: usize },
     #[error("injected {name} (syscall {nr}) failed in thread {tid}: {errno}")]
     SyscallFailed { tid: i32, nr: i64, name: &'static str, errno: Errno },
-    #[error("no syscall instruction at {gadget:#x} (found bytes {bytes:02x?})")]
+    #[error(
+        "thread {tid} is in syscall {nr} with a temporary signal mask and blocks SIGTRAP; inject into another thread"
+    )]
+    TemporaryMask { tid: i32, nr: i64 },
+    #[error("no executable syscall instruction at {gadget:#x} (found bytes {bytes:02x?})")]
     NotAGadget { gadget: u64, bytes: [u8; 2] },
     #[error("injected {name} (syscall {nr}) at {gadget:#x} in thread {tid} raised signal {sig} instead of returning")]
     GadgetFault { tid: i32, nr: i64, name: &'static str, gadget: u64, sig: i32 },
@@ -229,6 +245,10 @@ pub struct Session {
     execed: bool,
     timeout: Duration,
     released: bool,
+    /// Clone events handled (threads the kernel attached for us), for diagnostics.
+    clones: usize,
+    /// Threads seized from a second or later listing of /proc/PID/task, for diagnostics.
+    relisted: usize,
     _not_send: PhantomData<*mut ()>,
 }
 
@@ -255,7 +275,13 @@ impl Session {
         let tracer: i32 =
             sys::status_field(&status_path, "TracerPid").map_err(proc_err)?.and_then(|v| v.parse().ok()).unwrap_or(0);
         if tracer != 0 {
-            return Err(AttachError::AlreadyTraced { pid, tracer });
+            return Err(AttachError::AlreadyTraced { pid, tracer: sys::tgid_of(tracer).unwrap_or(tracer) });
+        }
+        let tgid = sys::status_field(&status_path, "Tgid").map_err(proc_err)?.and_then(|v| v.parse().ok());
+        if let Some(tgid) = tgid
+            && tgid != pid
+        {
+            return Err(AttachError::NotAProcess { pid, tgid });
         }
         let state = sys::status_field(&status_path, "State").map_err(proc_err)?.unwrap_or_default();
         if state.starts_with('Z') || state.starts_with('X') {
@@ -274,11 +300,16 @@ impl Session {
             execed: false,
             timeout,
             released: false,
+            clones: 0,
+            relisted: 0,
             _not_send: PhantomData,
         };
         let deadline = Instant::now() + timeout;
-        loop {
+        for listing in 0.. {
             let added = s.seize_new_tasks()?;
+            if listing > 0 {
+                s.relisted += added;
+            }
             if s.threads.is_empty() {
                 // Every thread was gone before we could seize it.
                 s.released = true;
@@ -337,19 +368,19 @@ impl Session {
                     self.dead.insert(tid);
                     continue;
                 }
-                Err(Errno::EPERM) => {
-                    let me = std::process::id() as i32;
-                    match sys::tracer_of(pid, tid) {
-                        // Cloned by a thread we had seized: the kernel attached it to us.
-                        Some(t) if t == me => {}
-                        Some(t) if t != 0 => return Err(AttachError::AlreadyTraced { pid, tracer: t }),
-                        None => {
-                            self.dead.insert(tid);
-                            continue;
-                        }
-                        _ => return Err(AttachError::PermissionDenied { pid, hint: permission_hint(pid) }),
+                Err(Errno::EPERM) => match sys::tracer_of(pid, tid) {
+                    // Cloned by a thread we had seized: the kernel attached it to us.
+                    Some(t) if t == sys::gettid() => {}
+                    Some(t) if t != 0 => {
+                        return Err(AttachError::AlreadyTraced { pid, tracer: sys::tgid_of(t).unwrap_or(t) });
                     }
-                }
+                    // The kernel also answers EPERM for a thread that is exiting.
+                    _ if sys::exiting(pid, tid) => {
+                        self.dead.insert(tid);
+                        continue;
+                    }
+                    _ => return Err(AttachError::PermissionDenied { pid, hint: permission_hint(pid) }),
+                },
                 Err(source) => return Err(AttachError::Os { pid, tid, op: "PTRACE_SEIZE", source }),
             }
             self.threads.insert(tid, Thread::running());
@@ -550,10 +581,23 @@ impl Session {
         }
         let mut insn = [0u8; 2];
         self.read(gadget, &mut insn)?;
-        if insn != [0x0f, 0x05] {
+        let executable = sys::executable(self.pid, gadget, 2).unwrap_or(false);
+        if insn != [0x0f, 0x05] || !executable {
             return Err(SessionError::NotAGadget { gadget, bytes: insn });
         }
         let saved = self.regs(tid)?;
+        // A signal the kernel forces on the thread (the step's SIGTRAP, or a fault) while the
+        // thread blocks it resets that signal's handler to SIG_DFL for the whole process
+        // (force_sig_info_to_task). Go threads inside a signal handler block everything, so
+        // unblock the synchronous signals for the step and restore the mask exactly.
+        let mask = sys::getsigmask(tid).map_err(|e| self.gone(tid, "PTRACE_GETSIGMASK", e))?;
+        let unblock = mask & SYNC_SIGNALS != 0;
+        if unblock {
+            if SAVED_MASK_SYSCALLS.contains(&(saved.orig_rax as i64)) {
+                return Err(SessionError::TemporaryMask { tid, nr: saved.orig_rax as i64 });
+            }
+            sys::setsigmask(tid, mask & !SYNC_SIGNALS).map_err(|e| self.gone(tid, "PTRACE_SETSIGMASK", e))?;
+        }
         let mut regs = saved;
         regs.rip = gadget;
         regs.rax = nr as u64;
@@ -564,13 +608,15 @@ impl Session {
         regs.r10 = args[3];
         regs.r8 = args[4];
         regs.r9 = args[5];
-        self.set_regs(tid, &regs)?;
-        let outcome = self.step_syscall(tid, gadget, nr);
+        let outcome = self.set_regs(tid, &regs).and_then(|()| self.step_syscall(tid, gadget, nr));
         // Restore whatever happened, unless the thread is gone.
-        if self.threads.get(&tid).is_some_and(|t| matches!(t.state, State::Stopped(_)))
-            && let Err(e) = sys::setregs(tid, &saved)
-        {
-            return Err(self.gone(tid, "PTRACE_SETREGS", e));
+        if self.threads.get(&tid).is_some_and(|t| matches!(t.state, State::Stopped(_))) {
+            if let Err(e) = sys::setregs(tid, &saved) {
+                return Err(self.gone(tid, "PTRACE_SETREGS", e));
+            }
+            if unblock && let Err(e) = sys::setsigmask(tid, mask) {
+                return Err(self.gone(tid, "PTRACE_SETSIGMASK", e));
+            }
         }
         let rax = outcome?;
         if (-4095..0).contains(&rax) {
@@ -613,7 +659,7 @@ impl Session {
                     if sig == libc::SIGTRAP && regs.rip == gadget + 2 {
                         return Ok(regs.rax as i64);
                     }
-                    if regs.rip != gadget || (is_fault(&info) && info.si_code != libc::SI_KERNEL) {
+                    if regs.rip != gadget || is_fault(&info) {
                         // Our own doing (the instruction at the gadget faulted, or ran and went
                         // elsewhere): drop the signal, do not hand it back.
                         return Err(SessionError::GadgetFault { tid, nr, name: syscall_name(nr), gadget, sig });
@@ -867,6 +913,7 @@ impl Session {
             },
             libc::PTRACE_EVENT_CLONE | libc::PTRACE_EVENT_FORK | libc::PTRACE_EVENT_VFORK => {
                 if let Ok(child) = sys::geteventmsg(tid) {
+                    self.clones += 1;
                     self.threads.entry(child as i32).or_insert_with(Thread::running);
                 }
                 // The thread is inside clone(2); an injected syscall must not start from there.
@@ -1012,6 +1059,26 @@ impl Drop for Session {
     }
 }
 
+/// Signals the kernel may force on a thread during an injected syscall: the single-step trap
+/// and faults of the gadget.
+const SYNC_SIGNALS: u64 =
+    sigbit(libc::SIGTRAP) | sigbit(libc::SIGSEGV) | sigbit(libc::SIGBUS) | sigbit(libc::SIGILL) | sigbit(libc::SIGFPE);
+
+/// Syscalls that run with a temporary signal mask (TIF_RESTORE_SIGMASK), which
+/// PTRACE_SETSIGMASK would make permanent.
+const SAVED_MASK_SYSCALLS: [i64; 6] = [
+    libc::SYS_rt_sigsuspend,
+    libc::SYS_ppoll,
+    libc::SYS_pselect6,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_pwait2,
+    333, // io_pgetevents (no libc constant)
+];
+
+const fn sigbit(sig: i32) -> u64 {
+    1 << (sig - 1)
+}
+
 /// Bits of signals 1..=31 that can be blocked (all but SIGKILL and SIGSTOP).
 const HANDLER_MASK: u64 = 0x7fff_ffff & !(1 << (libc::SIGKILL - 1)) & !(1 << (libc::SIGSTOP - 1));
 
@@ -1026,13 +1093,12 @@ fn requeues_exactly(info: &libc::siginfo_t) -> bool {
     info.si_code < 0 && info.si_code != libc::SI_TKILL
 }
 
-/// Polls back off: yield first (stops usually arrive within microseconds), then sleep up to
-/// 1 ms.
+/// Polls back off: poll again at once a few times (stops usually arrive within
+/// microseconds), then sleep from 10 µs doubling up to 1 ms. Never `sched_yield`: with busy
+/// target threads on our CPU it hands them a whole time slice.
 fn backoff(idle_rounds: u32, left: Duration) {
-    if idle_rounds <= 8 {
-        std::thread::yield_now();
-    } else {
-        let us = 10u64 << (idle_rounds - 9).min(7);
+    if idle_rounds > 4 {
+        let us = 10u64 << (idle_rounds - 5).min(7);
         std::thread::sleep(Duration::from_micros(us.min(1000)).min(left));
     }
 }

@@ -90,6 +90,22 @@ pub fn setsiginfo(tid: i32, info: &libc::siginfo_t) -> SysResult<()> {
         .map(drop)
 }
 
+/// PTRACE_GETSIGMASK: the thread's blocked-signal mask (bit n-1 for signal n).
+pub fn getsigmask(tid: i32) -> SysResult<u64> {
+    let mut mask: u64 = 0;
+    // SAFETY: PTRACE_GETSIGMASK writes `addr` (= 8) bytes to `data`.
+    check(unsafe { libc::ptrace(libc::PTRACE_GETSIGMASK, tid, 8usize as *mut libc::c_void, &mut mask as *mut u64) })?;
+    Ok(mask)
+}
+
+/// PTRACE_SETSIGMASK. Side effect: clears the thread's TIF_RESTORE_SIGMASK, so a temporary
+/// mask of sigsuspend/ppoll/pselect6/epoll_pwait would stay in force.
+pub fn setsigmask(tid: i32, mask: u64) -> SysResult<()> {
+    // SAFETY: PTRACE_SETSIGMASK reads `addr` (= 8) bytes from `data`.
+    check(unsafe { libc::ptrace(libc::PTRACE_SETSIGMASK, tid, 8usize as *mut libc::c_void, &mask as *const u64) })
+        .map(drop)
+}
+
 /// PTRACE_GETEVENTMSG: the new thread's id after a clone event.
 pub fn geteventmsg(tid: i32) -> SysResult<u64> {
     let mut msg: libc::c_ulong = 0;
@@ -167,6 +183,18 @@ pub fn status_field(path: &str, field: &str) -> io::Result<Option<String>> {
     }))
 }
 
+/// Whether `[addr, addr+len)` lies in one executable mapping of `pid` (from `/proc/PID/maps`).
+pub fn executable(pid: i32, addr: u64, len: u64) -> io::Result<bool> {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    Ok(maps.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else { return false };
+        let Some((a, b)) = range.split_once('-') else { return false };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else { return false };
+        a <= addr && addr + len <= b && perms.as_bytes().get(2) == Some(&b'x')
+    }))
+}
+
 /// The thread ids in `/proc/PID/task`, sorted.
 pub fn list_tasks(pid: i32) -> io::Result<Vec<i32>> {
     let mut tids: Vec<i32> =
@@ -175,9 +203,34 @@ pub fn list_tasks(pid: i32) -> io::Result<Vec<i32>> {
     Ok(tids)
 }
 
-/// The tgid of the process tracing thread `tid` (0 for none), from its status file.
+/// The thread id of the tracer of thread `tid` (0 for none): `TracerPid` in its status file
+/// names the tracing *thread*.
 pub fn tracer_of(pid: i32, tid: i32) -> Option<i32> {
     status_field(&format!("/proc/{pid}/task/{tid}/status"), "TracerPid").ok()??.parse().ok()
+}
+
+/// The process (thread group) a thread id belongs to.
+pub fn tgid_of(tid: i32) -> Option<i32> {
+    status_field(&format!("/proc/{tid}/status"), "Tgid").ok()??.parse().ok()
+}
+
+/// Whether thread `tid` is on its way out (PF_EXITING in the flags field of its stat file, or
+/// a zombie, or gone): the kernel refuses to seize such a thread with EPERM.
+pub fn exiting(pid: i32, tid: i32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) else { return true };
+    let Some((_, rest)) = stat.rsplit_once(')') else { return true };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); flags is field 9.
+    let state = fields.first().copied().unwrap_or("X");
+    let flags = fields.get(6).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    matches!(state, "Z" | "X" | "x") || flags & PF_EXITING != 0
+}
+
+/// The calling thread's id.
+pub fn gettid() -> i32 {
+    // SAFETY: gettid(2) has no arguments and cannot fail.
+    unsafe { libc::gettid() }
 }
 
 /// Whether the calling process has CAP_SYS_PTRACE in its effective set.

@@ -4,8 +4,11 @@
 // Every mode prints READY when warmed up, then:
 //
 //	-mode busy     -workers W goroutines spin computing; every -tick it prints TICK <n>.
-//	-mode threads  keeps creating and destroying OS threads (goroutines that exit while locked
-//	               to their thread); prints TICK <rounds> every -tick.
+//
+// In every mode -parked P adds P goroutines locked to their own threads and blocked in read(2)
+// on a pipe, so the process has about P more threads.
+//	-mode threads  keeps creating and destroying OS threads (goroutines that live 2 ms and exit
+//	               while locked to their thread); prints TICK <rounds> every -tick.
 //	-mode signals  signal.Notify for SIGUSR1 and SIGUSR2, prints "USR1 <count>" / "USR2 <count>"
 //	               for each one received, with -workers spinning goroutines alongside.
 //	-mode flood    a CPU profile (SIGPROF) plus a goroutine that sends SIGURG to the process in a
@@ -49,7 +52,27 @@ func main() {
 	mode := flag.String("mode", "busy", "busy | threads | signals | flood")
 	workers := flag.Int("workers", 4, "spinning goroutines")
 	tick := flag.Duration("tick", 20*time.Millisecond, "interval between TICK lines (0 = none)")
+	parked := flag.Int("parked", 0, "goroutines blocked in read(2), each on its own thread")
 	flag.Parse()
+
+	if *parked > 0 {
+		var p [2]int
+		if err := syscall.Pipe(p[:]); err != nil {
+			fmt.Fprintln(os.Stderr, "ptracetest:", err)
+			os.Exit(1)
+		}
+		var started sync.WaitGroup
+		for i := 0; i < *parked; i++ {
+			started.Add(1)
+			go func() {
+				runtime.LockOSThread()
+				started.Done()
+				var b [1]byte
+				syscall.Read(p[0], b[:])
+			}()
+		}
+		started.Wait()
+	}
 
 	switch *mode {
 	case "busy":
@@ -68,21 +91,21 @@ func main() {
 						// Exiting while locked makes the runtime terminate this thread, so the
 						// next round has to clone new ones.
 						runtime.LockOSThread()
-						syscall.Getpid()
+						time.Sleep(2 * time.Millisecond)
 					}()
 				}
 				wg.Wait()
 				rounds.Add(1)
 			}
 		}()
-		sink.Store(0)
+		interval := *tick
 		go func() {
 			for {
-				time.Sleep(*tick)
+				time.Sleep(interval)
 				fmt.Printf("TICK %d\n", rounds.Load())
 			}
 		}()
-		*tick = 0
+		*tick = 0 // the main loop below prints nothing
 	case "signals":
 		c := make(chan os.Signal, 16)
 		signal.Notify(c, syscall.SIGUSR1, syscall.SIGUSR2)
