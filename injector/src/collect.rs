@@ -1,5 +1,6 @@
 //! The collector thread: drains the ring through the injector's own mapping, never
-//! touching the target, and keeps per-site counts.
+//! touching the target, orders records by time across the per-CPU sub-rings, pairs them
+//! into calls and hands those to the output.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,7 +8,11 @@ use std::time::{Duration, Instant};
 
 use ring_abi::Kind;
 
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use crate::output::Sink;
 use crate::ring::{Record, RingReader};
+use crate::spans::{Call, Clock, Pairer, SiteMeta};
 
 /// Per-site totals.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -26,18 +31,78 @@ pub struct Totals {
     /// Records that failed validation.
     pub corrupt: u64,
     pub records: u64,
+    pub calls: u64,
+    pub unmatched_returns: u64,
+    pub abandoned: u64,
+    /// Calls that had not returned when collection stopped.
+    pub open_calls: u64,
+    pub output_errors: u64,
+    /// Calls the output side could not take (it fell far behind).
+    pub output_dropped: u64,
+}
+
+/// Records from different sub-rings arrive out of order; a record is released once the
+/// newest time stamp seen is this far past it (a writer takes well under this between
+/// reading the clock and publishing).
+const SETTLE: Duration = Duration::from_millis(5);
+
+/// Batches of finished calls in flight to the output thread before the collector drops
+/// (and counts) calls rather than fall behind the ring.
+const QUEUE: usize = 4096;
+
+/// The output thread: formats and writes calls; returns how many failed to write.
+pub fn output(
+    rx: Receiver<Vec<Call>>,
+    mut sink: Sink,
+    sites: Vec<SiteMeta>,
+    clock: Arc<std::sync::Mutex<Clock>>,
+) -> u64 {
+    let mut errors = 0;
+    let mut last_flush = Instant::now();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(batch) => {
+                let c = *clock.lock().unwrap_or_else(|e| e.into_inner());
+                for call in &batch {
+                    if sink.write(call, &sites, &c).is_err() {
+                        errors += 1;
+                    }
+                }
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        }
+        if last_flush.elapsed() > Duration::from_millis(200) {
+            let _ = sink.flush();
+            last_flush = Instant::now();
+        }
+    }
+    let _ = sink.flush();
+    errors
 }
 
 /// Drains `reader` until `stop` is set and the ring is empty (or writers that took a
-/// ticket have had `grace` to publish).
-pub fn run(mut reader: RingReader, nsites: usize, stop: Arc<AtomicBool>, grace: Duration) -> Totals {
+/// ticket have had `grace` to publish), handing finished calls to `tx`.
+pub fn run(
+    mut reader: RingReader,
+    mut pairer: Pairer,
+    tx: Sender<Vec<Call>>,
+    clock: Arc<std::sync::Mutex<Clock>>,
+    stop: Arc<AtomicBool>,
+    grace: Duration,
+) -> Totals {
+    let nsites = pairer_sites(&pairer);
     let mut totals = Totals { sites: vec![SiteCounts::default(); nsites], ..Default::default() };
-    let mut batch: Vec<Record> = Vec::with_capacity(4096);
+    let mut batch: Vec<Record> = Vec::with_capacity(8192);
+    let mut pending: Vec<Record> = Vec::new();
+    let mut calls: Vec<Call> = Vec::new();
+    let settle_ticks = (clock.lock().map_or(3e9, |c| c.hz()) * SETTLE.as_secs_f64()) as u64;
     let mut idle = Duration::from_micros(50);
     let mut stopping_since: Option<Instant> = None;
+    let mut last_refine = Instant::now();
     loop {
         batch.clear();
-        let n = reader.poll(&mut batch, 4096);
+        let n = reader.poll(&mut batch, 8192);
         for r in &batch {
             let c = &mut totals.sites[r.site as usize];
             match r.kind {
@@ -46,15 +111,39 @@ pub fn run(mut reader: RingReader, nsites: usize, stop: Arc<AtomicBool>, grace: 
             }
         }
         totals.records += n as u64;
+        pending.append(&mut batch);
+        let stopping = stop.load(Ordering::Acquire);
+        let drained = stopping
+            && (reader.consumed() >= reader.head()
+                || stopping_since.get_or_insert_with(Instant::now).elapsed() > grace);
+        // Release records old enough that nothing earlier can still arrive.
+        if !pending.is_empty() {
+            pending.sort_unstable_by_key(|r| r.tsc);
+            let newest = pending.last().map_or(0, |r| r.tsc);
+            let cut = if drained { pending.len() } else { pending.partition_point(|r| r.tsc + settle_ticks <= newest) };
+            for r in pending.drain(..cut) {
+                pairer.push(r, &mut calls);
+            }
+            if !calls.is_empty() {
+                let n = calls.len() as u64;
+                match tx.try_send(std::mem::take(&mut calls)) {
+                    Ok(()) => totals.calls += n,
+                    Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => totals.output_dropped += n,
+                }
+            }
+        }
+        if drained && pending.is_empty() {
+            break;
+        }
+        if last_refine.elapsed() > Duration::from_secs(1) {
+            if let Ok(mut c) = clock.lock() {
+                c.refine();
+            }
+            last_refine = Instant::now();
+        }
         if n > 0 {
             idle = Duration::from_micros(50);
             continue;
-        }
-        if stop.load(Ordering::Acquire) {
-            let since = *stopping_since.get_or_insert_with(Instant::now);
-            if reader.consumed() >= reader.head() || since.elapsed() > grace {
-                break;
-            }
         }
         std::thread::sleep(idle);
         idle = (idle * 2).min(Duration::from_millis(2));
@@ -62,5 +151,17 @@ pub fn run(mut reader: RingReader, nsites: usize, stop: Arc<AtomicBool>, grace: 
     totals.dropped = reader.dropped();
     totals.dropped_full = reader.dropped_full();
     totals.corrupt = reader.corrupt;
+    totals.unmatched_returns = pairer.unmatched_returns;
+    totals.abandoned = pairer.abandoned;
+    totals.open_calls = pairer.open_calls() as u64;
     totals
+}
+
+fn pairer_sites(p: &Pairer) -> usize {
+    p.site_count()
+}
+
+/// The collector's channel to the output thread.
+pub fn channel() -> (Sender<Vec<Call>>, Receiver<Vec<Call>>) {
+    crossbeam_channel::bounded(QUEUE)
 }

@@ -59,10 +59,11 @@ pub struct Installation {
 }
 
 impl Installation {
-    pub fn reader(&mut self, nsites: u32) -> RingReader {
+    /// A reader of the ring; `data_len[site]` is how many copied bytes its records carry.
+    pub fn reader(&mut self, data_len: Vec<usize>) -> RingReader {
         // SAFETY: ring_map lives as long as the Installation, which the caller keeps
         // until the reader is done.
-        unsafe { RingReader::new(self.ring_map.as_mut_ptr(), self.ring_map.len(), self.layout, nsites) }
+        unsafe { RingReader::new(self.ring_map.as_mut_ptr(), self.ring_map.len(), self.layout, data_len) }
     }
 }
 
@@ -335,13 +336,15 @@ fn generate(sites: &[ProbeSite], addrs: &RingAddrs, tramp_addr: u64) -> Result<G
     for site in sites {
         let Ok(entry) = &site.entry_patch else { continue };
         let at = tramp_addr + (code.len() as u64).next_multiple_of(16);
-        let t = entry_trampoline(entry, site.id, site.capture, addrs, at).with_context(|| site.name.clone())?;
+        let t = entry_trampoline(entry, site.id, &site.on_entry.plan, &site.on_return.plan, addrs, at)
+            .with_context(|| site.name.clone())?;
         place(t, entry.redirect, &mut code)?;
         let mut exits = 0;
         if let Ok(rets) = &site.returns {
             for r in rets {
                 let at = tramp_addr + (code.len() as u64).next_multiple_of(16);
-                let t = return_trampoline(r, site.id, site.capture, addrs, at).with_context(|| site.name.clone())?;
+                let t = return_trampoline(r, site.id, &site.on_return.plan, addrs, at)
+                    .with_context(|| site.name.clone())?;
                 place(t, r.redirect, &mut code)?;
                 exits += 1;
             }

@@ -7,11 +7,14 @@ use clap::{Parser, Subcommand};
 mod collect;
 mod inspect;
 mod install;
+mod output;
 mod plan;
 mod ptrace;
 mod ring;
 mod run;
+mod spans;
 mod target;
+mod values;
 
 #[derive(Debug, Parser)]
 #[command(name = "inject", version, about, long_about = None, args_conflicts_with_subcommands = true)]

@@ -3,9 +3,12 @@
 
 use std::fmt;
 
+use go_abi::signature::signature;
 use go_abi::{Func, GoBinary};
+use trampolines::Function;
 use trampolines::site::{EntryPatch, Padding, Refusal, ReturnPatch, entry_patch, return_patches};
-use trampolines::{CapturePlan, Function};
+
+use crate::values::{self, Side};
 
 /// Why a whole function is refused before its code is even looked at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,7 +42,11 @@ pub struct ProbeSite {
     pub entry_patch: Result<EntryPatch, FuncRefusal>,
     /// Every exit's patch, or why the function is entry-only.
     pub returns: Result<Vec<ReturnPatch>, Refusal>,
-    pub capture: CapturePlan,
+    /// What the entry and return probes record, and how to show it.
+    pub on_entry: Side,
+    pub on_return: Side,
+    /// A signature from DWARF names the values; without it registers are shown raw.
+    pub typed: bool,
 }
 
 impl ProbeSite {
@@ -66,14 +73,16 @@ fn is_runtime(name: &str) -> bool {
 
 /// Analyses one function at its run-time address (`bias` is a PIE's load bias), so every
 /// address in the verdict is where it will be patched.
-pub fn analyse(bin: &GoBinary<'_>, f: &Func<'_>, id: u32, bias: u64) -> ProbeSite {
+pub fn analyse(bin: &GoBinary<'_>, f: &Func<'_>, id: u32, bias: u64, ctx: &PlanContext) -> ProbeSite {
     let mut site = ProbeSite {
         id,
         name: f.name.to_string(),
         entry: f.entry + bias,
         entry_patch: Err(FuncRefusal::Assembly),
         returns: Err(Refusal::ExitUnpatchable { pc: f.entry }),
-        capture: CapturePlan::ALL,
+        on_entry: Side::default(),
+        on_return: Side::default(),
+        typed: false,
     };
     if f.is_asm() {
         return site;
@@ -93,6 +102,9 @@ pub fn analyse(bin: &GoBinary<'_>, f: &Func<'_>, id: u32, bias: u64) -> ProbeSit
             return site;
         }
     };
+    let sig = ctx.dwarf.as_ref().and_then(|d| d.function_by_entry(f.entry)).and_then(|d| signature(d, f.args));
+    (site.on_entry, site.on_return) = values::sides(sig.as_ref(), ctx.max_string);
+    site.typed = sig.is_some();
     let mut padding = Padding::new(&decoded);
     // Without a locals pointer map the runtime never preempts the function asynchronously,
     // so no goroutine can be parked inside its prologue.
@@ -119,7 +131,13 @@ pub fn analyse(bin: &GoBinary<'_>, f: &Func<'_>, id: u32, bias: u64) -> ProbeSit
 }
 
 /// Matches `--func` patterns against the pclntab and analyses every match.
-pub fn plan(bin: &GoBinary<'_>, patterns: &[String], bias: u64) -> anyhow::Result<Vec<ProbeSite>> {
+/// What planning needs besides the binary.
+pub struct PlanContext {
+    pub dwarf: Option<go_abi::dwarf::DwarfInfo>,
+    pub max_string: u16,
+}
+
+pub fn plan(bin: &GoBinary<'_>, patterns: &[String], bias: u64, ctx: &PlanContext) -> anyhow::Result<Vec<ProbeSite>> {
     let funcs = bin.functions()?;
     let mut sites = Vec::new();
     for pattern in patterns {
@@ -128,7 +146,7 @@ pub fn plan(bin: &GoBinary<'_>, patterns: &[String], bias: u64) -> anyhow::Resul
             if sites.iter().any(|s: &ProbeSite| s.entry == f.entry + bias) {
                 continue;
             }
-            sites.push(analyse(bin, f, sites.len() as u32, bias));
+            sites.push(analyse(bin, f, sites.len() as u32, bias, ctx));
         }
         if sites.len() == before {
             anyhow::bail!(

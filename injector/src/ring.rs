@@ -15,6 +15,8 @@ pub struct Record {
     pub sp: u64,
     pub ints: [u64; slot::NINTS],
     pub floats: [u64; slot::NFLOATS],
+    /// The slot's copied bytes (strings, byte slices), as many as the site's plan uses.
+    pub data: Vec<u8>,
 }
 
 /// Reads records from every sub-ring (each in ticket order) of a mapping that the target
@@ -25,7 +27,8 @@ pub struct RingReader {
     layout: Layout,
     /// Next ticket per sub-ring.
     next: Vec<u64>,
-    nsites: u32,
+    /// Bytes of data area each site's records use.
+    data_len: Vec<usize>,
     /// Records that failed validation (never believed, counted).
     pub corrupt: u64,
 }
@@ -38,9 +41,10 @@ impl RingReader {
     /// # Safety
     /// `base..base+len` must be a live mapping of the ring (at least `layout.total_len()`
     /// bytes) that outlives the reader.
-    pub unsafe fn new(base: *mut u8, len: usize, layout: Layout, nsites: u32) -> Self {
+    pub unsafe fn new(base: *mut u8, len: usize, layout: Layout, data_len: Vec<usize>) -> Self {
         assert!(len >= layout.total_len());
-        RingReader { base, len, layout, next: vec![0; layout.rings as usize], nsites, corrupt: 0 }
+        let data_len = data_len.into_iter().map(|d| d.min(layout.data_len())).collect();
+        RingReader { base, len, layout, next: vec![0; layout.rings as usize], data_len, corrupt: 0 }
     }
 
     fn word(&self, off: usize) -> &AtomicU64 {
@@ -109,9 +113,7 @@ impl RingReader {
         let site_kind = w(slot::SITE);
         let site = site_kind as u32;
         let kind = Kind::from_u8((site_kind >> 32) as u8)?;
-        if site >= self.nsites {
-            return None;
-        }
+        let data_len = *self.data_len.get(site as usize)?;
         let mut ints = [0; slot::NINTS];
         for (i, v) in ints.iter_mut().enumerate() {
             *v = w(slot::INTS + 8 * i);
@@ -120,6 +122,12 @@ impl RingReader {
         for (i, v) in floats.iter_mut().enumerate() {
             *v = w(slot::FLOATS + 8 * i);
         }
-        Some(Record { site, kind, goid: w(slot::GOID), tsc: w(slot::TSC), sp: w(slot::SP), ints, floats })
+        let mut data = vec![0u8; data_len];
+        if data_len > 0 {
+            // SAFETY: the slot's data area lies inside the mapping (layout checked it); the
+            // record is published and no writer touches it until we free the slot.
+            unsafe { std::ptr::copy_nonoverlapping(self.base.add(s + slot::DATA), data.as_mut_ptr(), data_len) };
+        }
+        Some(Record { site, kind, goid: w(slot::GOID), tsc: w(slot::TSC), sp: w(slot::SP), ints, floats, data })
     }
 }

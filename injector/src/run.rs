@@ -14,7 +14,9 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::SignalFd;
 use ring_abi::Layout;
 
+use crate::output::{Format, Sink};
 use crate::plan::{self, ProbeSite};
+use crate::spans::{Clock, Pairer, SiteMeta};
 use crate::target::TargetArgs;
 use crate::{collect, install};
 
@@ -37,8 +39,17 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS")]
     pub duration: Option<f64>,
     /// Slots in the shared ring, split into one sub-ring per CPU (256 bytes each).
-    #[arg(long, value_name = "N", default_value_t = 1 << 16)]
+    #[arg(long, value_name = "N", default_value_t = 1 << 17)]
     pub ring_slots: u64,
+    /// Where finished calls go.
+    #[arg(long, value_enum, default_value_t = Format::Console)]
+    pub output: Format,
+    /// Write the output to this file instead of standard output.
+    #[arg(long, value_name = "PATH")]
+    pub output_file: Option<PathBuf>,
+    /// Bytes of each string or []byte argument to copy.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub max_string: u16,
     /// Write a JSON summary (per-function counts, drops, pauses) to this file on exit.
     #[arg(long, value_name = "PATH")]
     pub summary_json: Option<PathBuf>,
@@ -54,14 +65,15 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let target = TargetArgs { exe: args.exe.clone(), pid: if args.exe.is_some() { None } else { args.pid } };
     let exe = target.open()?;
     let bin = GoBinary::parse(&exe.map).with_context(|| exe.path.display().to_string())?;
-    let sites = plan::plan(&bin, &args.funcs, exe.bias)?;
+    let ctx = plan::PlanContext { dwarf: bin.dwarf().ok().flatten(), max_string: args.max_string };
+    let sites = plan::plan(&bin, &args.funcs, exe.bias, &ctx)?;
     if args.dry_run {
         print_verdicts(&sites);
         return Ok(());
     }
     check_installable(&sites)?;
     let pid = args.pid.context("--pid")?;
-    attach_and_trace(pid, &bin, exe.bias, &sites, args)
+    attach_and_trace(pid, &bin, exe.bias, &sites, ctx.dwarf.as_ref(), args)
 }
 
 /// Supported Go releases: what go-versions.toml tests, which the runtime layout table covers.
@@ -80,7 +92,14 @@ fn check_go_version(bin: &GoBinary<'_>) -> Result<()> {
     Ok(())
 }
 
-fn attach_and_trace(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite], args: &RunArgs) -> Result<()> {
+fn attach_and_trace(
+    pid: i32,
+    bin: &GoBinary<'_>,
+    bias: u64,
+    sites: &[ProbeSite],
+    dwarf: Option<&go_abi::dwarf::DwarfInfo>,
+    args: &RunArgs,
+) -> Result<()> {
     check_go_version(bin)?;
     if let Some(line) = install::existing_ring(pid)? {
         bail!(
@@ -88,11 +107,14 @@ fn attach_and_trace(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite]
             line.split_whitespace().next().unwrap_or("?")
         );
     }
-    let dwarf = bin.dwarf().ok().flatten();
-    let layout = bin.runtime_layout(dwarf.as_ref()).context("no runtime.g layout for this Go version")?;
+    let layout = bin.runtime_layout(dwarf).context("no runtime.g layout for this Go version")?;
+    let sink = open_sink(args)?;
     let rings = possible_cpus().next_power_of_two().min(256);
     let per_ring = (args.ring_slots / u64::from(rings)).max(64).next_power_of_two();
-    let ring_layout = Layout::new(rings, per_ring, 256).context("--ring-slots")?;
+    // Slots hold the fixed fields plus the largest plan's copied bytes.
+    let data = sites.iter().map(|s| s.on_entry.plan.data_len().max(s.on_return.plan.data_len())).max().unwrap_or(0);
+    let slot_size = (ring_abi::slot::DATA + data).next_power_of_two().max(256);
+    let ring_layout = Layout::new(rings, per_ring, slot_size).context("--ring-slots")?;
     // Signals that stop us are read from a signalfd, so they are blocked in every thread.
     let mut mask = SigSet::empty();
     for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
@@ -114,13 +136,30 @@ fn attach_and_trace(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite]
         inst.prepare_pause.as_secs_f64() * 1e3
     );
     let stop = Arc::new(AtomicBool::new(false));
-    let reader = inst.reader(sites.len() as u32);
+    let reader =
+        inst.reader(sites.iter().map(|s| s.on_entry.plan.data_len().max(s.on_return.plan.data_len())).collect());
+    let metas = sites
+        .iter()
+        .map(|s| SiteMeta {
+            name: s.name.clone(),
+            entry: s.on_entry.clone(),
+            ret: s.on_return.clone(),
+            typed: s.typed,
+            entry_only: s.returns.is_err() && !s.entry_patch.as_ref().is_ok_and(|e| e.whole_body),
+        })
+        .collect();
+    let clock = Arc::new(std::sync::Mutex::new(Clock::calibrate(Duration::from_millis(20))));
+    let (tx, rx) = collect::channel();
+    let pairer = Pairer::new(metas);
+    let output = {
+        let (sites, clock) = (pairer.sites().to_vec(), clock.clone());
+        std::thread::Builder::new().name("output".into()).spawn(move || collect::output(rx, sink, sites, clock))?
+    };
     let collector = {
         let stop = stop.clone();
-        let nsites = sites.len();
         std::thread::Builder::new()
             .name("collector".into())
-            .spawn(move || collect::run(reader, nsites, stop, Duration::from_millis(200)))?
+            .spawn(move || collect::run(reader, pairer, tx, clock, stop, Duration::from_millis(200)))?
     };
 
     let deadline = args.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
@@ -130,7 +169,8 @@ fn attach_and_trace(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite]
         _ => Some(install::remove(&inst)),
     };
     stop.store(true, Ordering::Release);
-    let totals = collector.join().map_err(|_| anyhow::anyhow!("collector thread panicked"))?;
+    let mut totals = collector.join().map_err(|_| anyhow::anyhow!("collector thread panicked"))?;
+    totals.output_errors = output.join().map_err(|_| anyhow::anyhow!("output thread panicked"))?;
     drop(inst.ring_map.flush());
 
     report(sites, &inst, &totals, reason, removal.as_ref(), args)?;
@@ -138,6 +178,17 @@ fn attach_and_trace(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite]
         return Err(e.context("removing probes"));
     }
     Ok(())
+}
+
+fn open_sink(args: &RunArgs) -> Result<Sink> {
+    let out: Box<dyn std::io::Write + Send> = match &args.output_file {
+        Some(p) => Box::new(std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => Box::new(std::io::LineWriter::new(std::io::stdout())),
+    };
+    Ok(Sink::new(args.output, out))
 }
 
 /// CPUs the kernel may ever run the target on: one sub-ring each.
@@ -216,6 +267,12 @@ struct Summary<'a> {
     dropped: u64,
     dropped_full: u64,
     corrupt: u64,
+    calls: u64,
+    unmatched_returns: u64,
+    abandoned: u64,
+    open_calls: u64,
+    output_dropped: u64,
+    output_errors: u64,
     install_pause_ms: f64,
     prepare_pause_ms: f64,
     remove_pause_ms: Option<f64>,
@@ -247,6 +304,12 @@ fn report(
         records: totals.records,
         dropped: totals.dropped,
         dropped_full: totals.dropped_full,
+        calls: totals.calls,
+        unmatched_returns: totals.unmatched_returns,
+        abandoned: totals.abandoned,
+        open_calls: totals.open_calls,
+        output_dropped: totals.output_dropped,
+        output_errors: totals.output_errors,
         corrupt: totals.corrupt,
         install_pause_ms: inst.pause.as_secs_f64() * 1e3,
         prepare_pause_ms: inst.prepare_pause.as_secs_f64() * 1e3,

@@ -47,17 +47,40 @@ impl RingAddrs {
 /// unchanged and every writer uses one sub-ring: still correct, only less scalable.
 const CPUNODE_SELECTOR: u32 = 15 * 8 + 3;
 
-/// Which registers a probe records. Unrecorded registers cost nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which registers a probe records, and which bytes arguments point to. Unrecorded
+/// registers cost nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CapturePlan {
     /// Bit i: integer register i of the ABI order (RAX, RBX, RCX, RDI, RSI, R8..R11).
     pub ints: u16,
     /// Bit i: X<i> (low 64 bits), i < 8.
     pub floats: u8,
+    /// Bounded copies of the bytes (pointer, length) register pairs point to: strings,
+    /// byte slices.
+    pub copies: Vec<ByteCopy>,
+}
+
+/// Copy `min(len, max)` bytes from the pointer in integer register `ptr` (ABI index) to
+/// `dest` bytes into the slot's data area, when the length in register `len` is positive
+/// and the pointer non-nil. A Go string or slice of positive length always points to that
+/// many readable bytes, and the copy reads exactly those: it cannot fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteCopy {
+    pub ptr: u8,
+    pub len: u8,
+    pub max: u16,
+    pub dest: u16,
 }
 
 impl CapturePlan {
-    pub const ALL: CapturePlan = CapturePlan { ints: 0x1ff, floats: 0xff };
+    pub fn all() -> CapturePlan {
+        CapturePlan { ints: 0x1ff, floats: 0xff, copies: Vec::new() }
+    }
+
+    /// Bytes of slot data area the copies need.
+    pub fn data_len(&self) -> usize {
+        self.copies.iter().map(|c| c.dest as usize + c.max as usize).max().unwrap_or(0)
+    }
 }
 
 /// A generated trampoline: code to place at `at`.
@@ -85,7 +108,7 @@ fn emit_capture(
     ring: &RingAddrs,
     site: u32,
     kind: Kind,
-    plan: CapturePlan,
+    plan: &CapturePlan,
 ) -> Result<(), IcedError> {
     let l = &ring.layout;
     let mask = (l.capacity - 1) as i32;
@@ -148,11 +171,38 @@ fn emit_capture(
     if plan.ints & 1 != 0 {
         a.movq(qword_ptr(field(slot::INTS)), xmm15)?;
     }
+    // Copies use RCX, RSI and RDI, restored from the slot afterwards: store all nine.
+    let int_mask = if plan.copies.is_empty() { plan.ints } else { 0x1ff };
+    if int_mask & 1 != 0 && plan.ints & 1 == 0 {
+        a.movq(qword_ptr(field(slot::INTS)), xmm15)?;
+    }
     let ints = [rax, rbx, rcx, rdi, rsi, r8, r9, r10, r11];
     for (i, reg) in ints.into_iter().enumerate().skip(1) {
-        if plan.ints & (1 << i) != 0 {
+        if int_mask & (1 << i) != 0 {
             a.mov(qword_ptr(field(slot::INTS + 8 * i)), reg)?;
         }
+    }
+    for c in &plan.copies {
+        let mut skip = a.create_label();
+        let mut short = a.create_label();
+        a.mov(rcx, qword_ptr(field(slot::INTS + 8 * c.len as usize)))?;
+        a.test(rcx, rcx)?;
+        a.jle(skip)?;
+        a.mov(rsi, qword_ptr(field(slot::INTS + 8 * c.ptr as usize)))?;
+        a.test(rsi, rsi)?;
+        a.je(skip)?;
+        a.cmp(rcx, c.max as i32)?;
+        a.jbe(short)?;
+        a.mov(ecx, c.max as u32)?;
+        a.set_label(&mut short)?;
+        a.lea(rdi, qword_ptr(field(slot::DATA + c.dest as usize)))?;
+        a.rep().movsb()?;
+        a.set_label(&mut skip)?;
+    }
+    if !plan.copies.is_empty() {
+        a.mov(rcx, qword_ptr(field(slot::INTS + 16)))?;
+        a.mov(rdi, qword_ptr(field(slot::INTS + 24)))?;
+        a.mov(rsi, qword_ptr(field(slot::INTS + 32)))?;
     }
     let xmms = [xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7];
     for (i, reg) in xmms.into_iter().enumerate() {
@@ -196,7 +246,8 @@ fn check_reach(at: u64, ring: &RingAddrs) -> Result<(), CodegenError> {
 pub fn entry_trampoline(
     patch: &EntryPatch,
     site: u32,
-    plan: CapturePlan,
+    entry_plan: &CapturePlan,
+    return_plan: &CapturePlan,
     ring: &RingAddrs,
     at: u64,
 ) -> Result<Trampoline, CodegenError> {
@@ -209,14 +260,14 @@ pub fn entry_trampoline(
             for i in &patch.stolen {
                 a.add_instruction(*i)?;
             }
-            emit_capture(&mut a, ring, site, Kind::Entry, plan)?;
+            emit_capture(&mut a, ring, site, Kind::Entry, entry_plan)?;
         } else {
-            emit_capture(&mut a, ring, site, Kind::Entry, plan)?;
+            emit_capture(&mut a, ring, site, Kind::Entry, entry_plan)?;
             for i in &patch.stolen {
                 a.add_instruction(*i)?;
             }
             if patch.whole_body {
-                emit_capture(&mut a, ring, site, Kind::Return, plan)?;
+                emit_capture(&mut a, ring, site, Kind::Return, return_plan)?;
             }
         }
         // Back to the instruction after the last relocated one (the RET of a whole body).
@@ -233,7 +284,7 @@ pub fn entry_trampoline(
 pub fn return_trampoline(
     patch: &ReturnPatch,
     site: u32,
-    plan: CapturePlan,
+    plan: &CapturePlan,
     ring: &RingAddrs,
     at: u64,
 ) -> Result<Trampoline, CodegenError> {

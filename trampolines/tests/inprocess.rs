@@ -4,6 +4,7 @@
 
 use iced_x86::code_asm::*;
 use ring_abi::{Kind, Layout, header, ring as sub, slot};
+use trampolines::codegen::ByteCopy;
 use trampolines::codegen::{entry_trampoline, return_trampoline};
 use trampolines::site::{Padding, entry_patch, return_patches};
 use trampolines::{CapturePlan, Function, Redirect, RingAddrs, jmp_rel8, jmp_rel32};
@@ -119,7 +120,7 @@ struct Rig {
 }
 
 fn rig(frame: i32, capacity: u64) -> Rig {
-    rig_with(capacity, |at| go_function(at, frame), true)
+    rig_with(capacity, |at| go_function(at, frame), true, &CapturePlan::all())
 }
 
 /// Sub-rings in the rigs: two, so records of one thread may land in either.
@@ -135,7 +136,7 @@ fn leaf_function(at: u64) -> Vec<u8> {
     code
 }
 
-fn rig_with(capacity: u64, build: impl Fn(u64) -> Vec<u8>, stack_check: bool) -> Rig {
+fn rig_with(capacity: u64, build: impl Fn(u64) -> Vec<u8>, stack_check: bool, plan: &CapturePlan) -> Rig {
     let code = Mem::map(1 << 16, true);
     let layout = Layout::new(RINGS, capacity, 256).unwrap();
     let mut ring = Mem::map(layout.total_len(), false);
@@ -163,10 +164,10 @@ fn rig_with(capacity: u64, build: impl Fn(u64) -> Vec<u8>, stack_check: bool) ->
             }
         }
     };
-    let t = entry_trampoline(&entry, 7, CapturePlan::ALL, &addrs, next.get()).unwrap();
+    let t = entry_trampoline(&entry, 7, plan, plan, &addrs, next.get()).unwrap();
     install(t, entry.redirect);
     for r in &rets {
-        let t = return_trampoline(r, 8, CapturePlan::ALL, &addrs, next.get()).unwrap();
+        let t = return_trampoline(r, 8, plan, &addrs, next.get()).unwrap();
         install(t, r.redirect);
     }
     let mut g = Box::new([0u64; 64]);
@@ -258,7 +259,7 @@ fn registers_preserved_and_records_exact() {
 
 #[test]
 fn straight_line_leaf_records_entry_and_return() {
-    let r = rig_with(16, leaf_function, false);
+    let r = rig_with(16, leaf_function, false, &CapturePlan::all());
     for call in 0..3u64 {
         let mut regs = regs_for(&r);
         regs[0] = call;
@@ -332,4 +333,40 @@ fn concurrent_writers_lose_no_records() {
     assert_eq!(head + full + contended, 2 * threads * calls, "every record written or counted");
     assert_eq!(full, 0);
     assert!(contended * 10_000 < head, "contention drops are rare: {contended} of {head}");
+}
+
+/// Strings are copied (bounded), never read past their length, and RCX/RSI/RDI, used
+/// for the copy, come back unchanged.
+#[test]
+fn bounded_string_copies() {
+    // A string argument in (RBX, RCX), as in `func f(x int, s string)`.
+    let plan = CapturePlan { ints: 0x1ff, floats: 0, copies: vec![ByteCopy { ptr: 1, len: 2, max: 8, dest: 0 }] };
+    let r = rig_with(64, leaf_function, false, &plan);
+    let text = b"hello, trampolines";
+    let cases: [(u64, u64); 5] = [
+        (text.as_ptr() as u64, 5),        // short
+        (text.as_ptr() as u64, 18),       // longer than max: 8 copied
+        (text.as_ptr() as u64, 0),        // empty
+        (0, 7),                           // nil pointer (never valid Go, still no fault)
+        (text.as_ptr() as u64, u64::MAX), // negative length
+    ];
+    for (ptr, len) in cases {
+        let mut regs = regs_for(&r);
+        regs[1] = ptr;
+        regs[2] = len;
+        let before = regs;
+        // SAFETY: as above; the copy reads at most 8 bytes of `text`.
+        unsafe { call_with(&mut regs) };
+        assert_eq!(regs[1..12], before[1..12], "registers (RCX/RSI/RDI included) preserved");
+    }
+    let m = r.ring.bytes();
+    let recs = published(&r);
+    let entries: Vec<usize> = recs.iter().copied().filter(|&s| m[s + slot::KIND] == Kind::Entry as u8).collect();
+    assert_eq!(entries.len(), 5);
+    let data = |s: usize, n: usize| m[s + slot::DATA..s + slot::DATA + n].to_vec();
+    assert_eq!(data(entries[0], 8), b"hello\0\0\0");
+    assert_eq!(data(entries[1], 8), b"hello, t");
+    for &s in &entries[2..] {
+        assert_eq!(data(s, 8), [0u8; 8], "nothing copied");
+    }
 }

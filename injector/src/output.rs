@@ -1,0 +1,108 @@
+//! Where finished calls go: a live console view for debugging sessions, or JSON lines.
+
+use std::io::Write;
+
+use anyhow::Result;
+
+use crate::spans::{Call, Clock, SiteMeta, call_values};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// One readable line per finished call, indented by depth.
+    Console,
+    /// One JSON object per finished call (span), for files and tools.
+    Jsonl,
+}
+
+pub struct Sink {
+    format: Format,
+    out: Box<dyn Write + Send>,
+}
+
+fn duration(ns: f64) -> String {
+    if ns < 1e3 {
+        format!("{ns:.0}ns")
+    } else if ns < 1e6 {
+        format!("{:.1}µs", ns / 1e3)
+    } else if ns < 1e9 {
+        format!("{:.2}ms", ns / 1e6)
+    } else {
+        format!("{:.3}s", ns / 1e9)
+    }
+}
+
+fn clock_time(unix_ns: u128) -> String {
+    let secs = (unix_ns / 1_000_000_000) as u64;
+    let micros = (unix_ns / 1000 % 1_000_000) as u64;
+    format!("{:02}:{:02}:{:02}.{micros:06}", secs / 3600 % 24, secs / 60 % 60, secs % 60)
+}
+
+impl Sink {
+    pub fn new(format: Format, out: Box<dyn Write + Send>) -> Sink {
+        Sink { format, out }
+    }
+
+    pub fn write(&mut self, call: &Call, sites: &[SiteMeta], clock: &Clock) -> Result<()> {
+        let meta = &sites[call.site as usize];
+        let start = clock.unix_ns(call.start_tsc());
+        let dur = call.end_tsc().map(|e| clock.ns(e.saturating_sub(call.start_tsc())));
+        let (args, results) = call_values(meta, call);
+        match self.format {
+            Format::Console => {
+                let args: Vec<String> = args.iter().map(|a| format!("{}={}", a.name, a.text)).collect();
+                let mut line = format!(
+                    "{} g{:<5} {:indent$}{}({})",
+                    clock_time(start),
+                    call.goid,
+                    "",
+                    meta.name,
+                    args.join(", "),
+                    indent = 2 * call.depth
+                );
+                match results.len() {
+                    0 => {}
+                    1 => line.push_str(&format!(" = {}", results[0].text)),
+                    _ => {
+                        let r: Vec<&str> = results.iter().map(|r| r.text.as_str()).collect();
+                        line.push_str(&format!(" = ({})", r.join(", ")));
+                    }
+                }
+                match dur {
+                    Some(ns) => line.push_str(&format!("  {}", duration(ns))),
+                    None => line.push_str("  (entry only)"),
+                }
+                writeln!(self.out, "{line}")?;
+            }
+            Format::Jsonl => {
+                let obj = |v: &[crate::values::Shown]| -> serde_json::Map<String, serde_json::Value> {
+                    v.iter().map(|s| (s.name.clone(), s.json.clone())).collect()
+                };
+                let mut o = serde_json::json!({
+                    "name": meta.name,
+                    "trace_id": format!("{:032x}", call.trace_id),
+                    "span_id": format!("{:016x}", call.span_id),
+                    "parent_span_id": call.parent.map(|p| format!("{p:016x}")),
+                    "goroutine": call.goid,
+                    "depth": call.depth,
+                    "start_time_unix_nano": start as u64,
+                    "args": obj(&args),
+                    "results": obj(&results),
+                });
+                if let Some(ns) = dur {
+                    o["end_time_unix_nano"] = serde_json::json!((start + ns as u128) as u64);
+                    o["duration_ns"] = serde_json::json!(ns.round() as u64);
+                } else {
+                    o["entry_only"] = serde_json::json!(true);
+                }
+                serde_json::to_writer(&mut self.out, &o)?;
+                self.out.write_all(b"\n")?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> Result<()> {
+        self.out.flush()?;
+        Ok(())
+    }
+}

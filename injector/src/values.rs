@@ -1,0 +1,241 @@
+//! What a probe captures for a function, and how captured bits become values a person
+//! reads: the capture plan comes from the signature (DWARF names and types, registers
+//! from the ABI assignment), and formatting follows the Go type.
+
+use std::fmt::Write;
+
+use go_abi::abi::{Location, Reg};
+use go_abi::signature::{Signature, Value};
+use trampolines::CapturePlan;
+use trampolines::codegen::ByteCopy;
+
+use crate::ring::Record;
+
+/// How one parameter or result is read from a record.
+#[derive(Debug, Clone)]
+pub struct ValueSpec {
+    pub name: String,
+    pub type_name: String,
+    pub location: Location,
+    /// Where its bytes were copied in the record's data area, and the bound.
+    pub copy: Option<(u16, u16)>,
+}
+
+/// Everything needed to capture and show one side (entry or return) of a function.
+#[derive(Debug, Clone, Default)]
+pub struct Side {
+    pub plan: CapturePlan,
+    pub values: Vec<ValueSpec>,
+}
+
+fn int_index(r: Reg) -> Option<u8> {
+    go_abi::abi::INT_ARG_REGS.iter().position(|x| *x == r).map(|i| i as u8)
+}
+
+fn has_bytes(type_name: &str) -> bool {
+    type_name == "string" || type_name == "[]uint8" || type_name == "[]byte"
+}
+
+/// Plans the capture of `values` (parameters or results), copying up to `max_string`
+/// bytes of each string and byte slice held in registers.
+pub fn side(values: &[Value], max_string: u16) -> Side {
+    let mut plan = CapturePlan::default();
+    let mut specs = Vec::new();
+    let mut dest = 0u16;
+    for v in values {
+        let mut copy = None;
+        if let Location::Registers(pieces) = &v.location {
+            for p in pieces {
+                match p.reg {
+                    Reg::X(n) if n < 8 => plan.floats |= 1 << n,
+                    r => {
+                        if let Some(i) = int_index(r) {
+                            plan.ints |= 1 << i;
+                        }
+                    }
+                }
+            }
+            if has_bytes(&v.type_name)
+                && max_string > 0
+                && let (Some(ptr), Some(len)) =
+                    (pieces.first().and_then(|p| int_index(p.reg)), pieces.get(1).and_then(|p| int_index(p.reg)))
+            {
+                plan.copies.push(ByteCopy { ptr, len, max: max_string, dest });
+                copy = Some((dest, max_string));
+                dest += max_string.next_multiple_of(8);
+            }
+        }
+        specs.push(ValueSpec {
+            name: v.name.clone(),
+            type_name: v.type_name.clone(),
+            location: v.location.clone(),
+            copy,
+        });
+    }
+    Side { plan, values: specs }
+}
+
+/// Entry and return sides from a signature; without one (stripped binaries) every
+/// argument register is recorded and shown raw.
+pub fn sides(sig: Option<&Signature>, max_string: u16) -> (Side, Side) {
+    match sig {
+        Some(s) => (side(&s.params, max_string), side(&s.results, max_string)),
+        None => {
+            let raw = Side { plan: CapturePlan { ints: 0x1ff, floats: 0, copies: Vec::new() }, values: Vec::new() };
+            (raw.clone(), raw)
+        }
+    }
+}
+
+/// One formatted value: text for the console, JSON for files and exporters.
+#[derive(Debug, Clone)]
+pub struct Shown {
+    pub name: String,
+    pub text: String,
+    pub json: serde_json::Value,
+}
+
+fn reg_bits(rec: &Record, r: Reg) -> Option<u64> {
+    match r {
+        Reg::X(n) => rec.floats.get(n as usize).copied(),
+        r => int_index(r).map(|i| rec.ints[i as usize]),
+    }
+}
+
+/// Go's `%q` for bytes: printable ASCII as is, the rest escaped.
+fn quote(bytes: &[u8], truncated: bool) -> String {
+    let mut out = String::with_capacity(bytes.len() + 2);
+    out.push('"');
+    match std::str::from_utf8(bytes) {
+        Ok(s) => {
+            for c in s.chars() {
+                match c {
+                    '"' => out.push_str("\\\""),
+                    '\\' => out.push_str("\\\\"),
+                    '\n' => out.push_str("\\n"),
+                    '\t' => out.push_str("\\t"),
+                    c if c.is_control() => {
+                        let _ = write!(out, "\\x{:02x}", c as u32);
+                    }
+                    c => out.push(c),
+                }
+            }
+        }
+        Err(_) => {
+            for &b in bytes {
+                if (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\' {
+                    out.push(b as char);
+                } else {
+                    let _ = write!(out, "\\x{b:02x}");
+                }
+            }
+        }
+    }
+    out.push('"');
+    if truncated {
+        out.push('…');
+    }
+    out
+}
+
+fn float_text(f: f64) -> (String, serde_json::Value) {
+    if f.is_nan() {
+        ("NaN".into(), "NaN".into())
+    } else if f.is_infinite() {
+        let s = if f > 0.0 { "+Inf" } else { "-Inf" };
+        (s.into(), s.into())
+    } else {
+        (format!("{f}"), serde_json::json!(f))
+    }
+}
+
+/// Formats one value of `rec`.
+pub fn show(spec: &ValueSpec, rec: &Record) -> Shown {
+    let name = spec.name.clone();
+    let pieces = match &spec.location {
+        Location::Registers(p) => p,
+        Location::Stack { offset, .. } => {
+            return Shown { name, text: format!("<stack+{offset}>"), json: serde_json::Value::Null };
+        }
+    };
+    let bits = |i: usize| pieces.get(i).and_then(|p| reg_bits(rec, p.reg)).unwrap_or(0);
+    let t = spec.type_name.as_str();
+    let (text, json) = if let Some((dest, max)) = spec.copy {
+        let len = bits(1) as i64;
+        let n = len.clamp(0, max as i64) as usize;
+        let start = dest as usize;
+        let bytes = rec.data.get(start..start + n).unwrap_or(&[]);
+        let truncated = len > max as i64;
+        let text = quote(bytes, truncated);
+        // A plain JSON string when that is exact; else the text with the true length
+        // and, for bytes that are not UTF-8 (a cut inside a character), their hex.
+        let exact = std::str::from_utf8(bytes).ok();
+        let json = match (exact, truncated || t != "string") {
+            (Some(s), false) => serde_json::json!(s),
+            _ => {
+                let mut o = serde_json::json!({ "value": String::from_utf8_lossy(bytes), "len": len });
+                if exact.is_none() {
+                    o["hex"] = serde_json::json!(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
+                }
+                o
+            }
+        };
+        (text, json)
+    } else {
+        match t {
+            "bool" => {
+                let b = bits(0) & 0xff != 0;
+                (b.to_string(), serde_json::json!(b))
+            }
+            "int" | "int64" => (format!("{}", bits(0) as i64), serde_json::json!(bits(0) as i64)),
+            "int32" | "rune" => (format!("{}", bits(0) as i32), serde_json::json!(bits(0) as i32)),
+            "int16" => (format!("{}", bits(0) as i16), serde_json::json!(bits(0) as i16)),
+            "int8" => (format!("{}", bits(0) as i8), serde_json::json!(bits(0) as i8)),
+            "uint" | "uint64" => (format!("{}", bits(0)), serde_json::json!(bits(0))),
+            "uint32" => (format!("{}", bits(0) as u32), serde_json::json!(bits(0) as u32)),
+            "uint16" => (format!("{}", bits(0) as u16), serde_json::json!(bits(0) as u16)),
+            "uint8" | "byte" => (format!("{}", bits(0) as u8), serde_json::json!(bits(0) as u8)),
+            "uintptr" => (format!("{:#x}", bits(0)), serde_json::json!(bits(0))),
+            "float64" => float_text(f64::from_bits(bits(0))),
+            "float32" => float_text(f32::from_bits(bits(0) as u32) as f64),
+            _ if t.starts_with("[]") && pieces.len() == 3 => {
+                let (ptr, len, cap) = (bits(0), bits(1) as i64, bits(2) as i64);
+                (
+                    format!("{t}(len={len} cap={cap})"),
+                    serde_json::json!({"ptr": format!("{ptr:#x}"), "len": len, "cap": cap}),
+                )
+            }
+            _ if pieces.len() == 1 && !pieces[0].reg.is_float() => {
+                // Pointer-shaped: pointers, maps, channels, funcs, and one-word structs.
+                let v = bits(0);
+                let text = if v == 0 { "nil".into() } else { format!("{v:#x}") };
+                (text.clone(), serde_json::json!(text))
+            }
+            _ => {
+                // Interfaces (type word, data word), structs and arrays in registers:
+                // raw pieces, integers in hex, floats as floats.
+                let parts: Vec<String> = pieces
+                    .iter()
+                    .map(|p| match (p.reg, reg_bits(rec, p.reg)) {
+                        (Reg::X(_), Some(b)) if p.size == 4 => float_text(f32::from_bits(b as u32) as f64).0,
+                        (Reg::X(_), Some(b)) => float_text(f64::from_bits(b)).0,
+                        (_, Some(b)) => format!("{b:#x}"),
+                        (_, None) => "?".into(),
+                    })
+                    .collect();
+                let text = format!("{t}{{{}}}", parts.join(", "));
+                (text.clone(), serde_json::json!(parts))
+            }
+        }
+    };
+    Shown { name, text, json }
+}
+
+/// Raw argument registers, for functions without a signature (stripped binaries).
+pub fn show_raw(rec: &Record) -> Vec<Shown> {
+    go_abi::abi::INT_ARG_REGS
+        .iter()
+        .zip(rec.ints)
+        .map(|(r, v)| Shown { name: r.to_string(), text: format!("{v:#x}"), json: serde_json::json!(v) })
+        .collect()
+}
