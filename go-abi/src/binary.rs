@@ -135,8 +135,12 @@ impl<'a> GoBinary<'a> {
 pub fn runtime_layout_from_dwarf(d: &DwarfInfo) -> Result<Option<RuntimeLayout>, DwarfError> {
     let Some(g) = d.struct_layout("runtime.g")? else { return Ok(None) };
     let Some(stack) = d.struct_layout("runtime.stack")? else { return Ok(None) };
+    let Some(m) = d.struct_layout("runtime.m")? else { return Ok(None) };
+    let Some(p) = d.struct_layout("runtime.p")? else { return Ok(None) };
     let field = |s: &crate::dwarf::StructLayout, name: &str| s.fields.iter().find(|f| f.name == name).map(|f| f.offset);
     Ok(RuntimeLayout::from_fields(|name| match name.split_once('.') {
+        Some(("m", f)) => field(&m, f),
+        Some(("p", f)) => field(&p, f),
         Some((outer, inner)) => Some(field(&g, outer)? + field(&stack, inner)?),
         None => field(&g, name),
     }))
@@ -165,11 +169,14 @@ fn find_pclntab<'a>(elf: &Elf<'a>) -> Result<(Pclntab<'a>, u64, PclntabLocation)
         while let Some(pos) = find_aligned(&seg.data[off..], &magic[..]) {
             let at = off + pos;
             let data = &seg.data[at..];
-            let addr = seg.vaddr + at as u64;
+            let Some(addr) = seg.vaddr.checked_add(at as u64) else { break };
             // A real table's first function lies in an executable segment.
             if let Ok(t) = parse_at(elf, data, addr)
                 && !t.is_empty()
-                && elf.segments.iter().any(|s| s.executable && (s.vaddr..s.vaddr + s.memsz).contains(&t.entry_of(0)))
+                && elf
+                    .segments
+                    .iter()
+                    .any(|s| s.executable && (s.vaddr..s.vaddr.saturating_add(s.memsz)).contains(&t.entry_of(0)))
             {
                 return Ok((t, addr, PclntabLocation::MagicScan));
             }
@@ -197,7 +204,7 @@ fn parse_at<'a>(elf: &Elf<'a>, data: &'a [u8], vaddr: u64) -> Result<Pclntab<'a>
         Some(v) if v != 0 => Some(v),
         // go1.26 stopped storing textStart (it needed a relocation); PIE files of older
         // releases leave it to the dynamic loader.
-        _ => moduledata_text(elf, data, vaddr).or_else(|| elf.relocation_addend(vaddr + 24)),
+        _ => moduledata_text(elf, data, vaddr).or_else(|| elf.relocation_addend(vaddr.checked_add(24)?)),
     };
     Pclntab::parse(data, text_start)
 }
@@ -210,14 +217,14 @@ fn moduledata_text(elf: &Elf<'_>, header: &[u8], header_vaddr: u64) -> Option<u6
     const TEXT: u64 = 8 + 5 * 24 + 24 + 8 + 8 + 8;
     let funcname_off = u64::from_le_bytes(header.get(32..40)?.try_into().ok()?);
     let confirm = |md: u64| -> Option<u64> {
-        (elf.read_pointer(md + FUNCNAMETAB)? == header_vaddr + funcname_off).then_some(())?;
-        elf.read_pointer(md + TEXT).filter(|t| *t != 0)
+        (elf.read_pointer(md.checked_add(FUNCNAMETAB)?)? == header_vaddr.checked_add(funcname_off)?).then_some(())?;
+        elf.read_pointer(md.checked_add(TEXT)?).filter(|t| *t != 0)
     };
     let target = header_vaddr.to_le_bytes();
     for seg in elf.segments.iter().filter(|s| s.writable) {
         for (i, w) in seg.data.chunks_exact(8).enumerate() {
             if w == target
-                && let Some(t) = confirm(seg.vaddr + 8 * i as u64)
+                && let Some(t) = seg.vaddr.checked_add(8 * i as u64).and_then(confirm)
             {
                 return Some(t);
             }

@@ -87,7 +87,7 @@ impl BuildInfo {
             let string_at = |ptr_field: usize| -> Option<Vec<u8>> {
                 let hdr = u64::from_le_bytes(blob.get(ptr_field..ptr_field + 8)?.try_into().ok()?);
                 let data = elf.read_u64(hdr)?;
-                let len = elf.read_u64(hdr + 8)?;
+                let len = elf.read_u64(hdr.checked_add(8)?)?;
                 Some(elf.read(data, usize::try_from(len).ok().filter(|l| *l < 1 << 20)?)?.to_vec())
             };
             let v = string_at(16).ok_or_else(|| malformed("unreadable version pointer"))?;

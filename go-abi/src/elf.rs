@@ -119,7 +119,7 @@ impl<'a> Elf<'a> {
         let p = data.as_ptr() as usize;
         self.segments.iter().find_map(|s| {
             let start = s.data.as_ptr() as usize;
-            (p >= start && p < start + s.data.len()).then(|| s.vaddr + (p - start) as u64)
+            (p >= start && p < start + s.data.len()).then(|| s.vaddr.checked_add((p - start) as u64)).flatten()
         })
     }
 

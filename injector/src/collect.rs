@@ -31,6 +31,10 @@ pub struct Totals {
     /// Records that failed validation.
     pub corrupt: u64,
     pub records: u64,
+    /// Tickets writers took; `tickets - consumed` were taken but never published (a
+    /// writer stopped mid-record: the target died, or a thread was killed).
+    pub tickets: u64,
+    pub consumed: u64,
     pub calls: u64,
     pub unmatched_returns: u64,
     pub abandoned: u64,
@@ -94,9 +98,13 @@ pub fn run(
     let nsites = pairer_sites(&pairer);
     let mut totals = Totals { sites: vec![SiteCounts::default(); nsites], ..Default::default() };
     let mut batch: Vec<Record> = Vec::with_capacity(8192);
-    let mut pending: Vec<Record> = Vec::new();
+    let mut pending: Vec<std::collections::VecDeque<Record>> =
+        (0..reader.rings()).map(|_| std::collections::VecDeque::new()).collect();
+    let mut newest = 0u64;
     let mut calls: Vec<Call> = Vec::new();
     let settle_ticks = (clock.lock().map_or(3e9, |c| c.hz()) * SETTLE.as_secs_f64()) as u64;
+    // One sub-ring is already in order.
+    let single_ring = reader.rings() == 1;
     let mut idle = Duration::from_micros(50);
     let mut stopping_since: Option<Instant> = None;
     let mut last_refine = Instant::now();
@@ -111,28 +119,39 @@ pub fn run(
             }
         }
         totals.records += n as u64;
-        pending.append(&mut batch);
         let stopping = stop.load(Ordering::Acquire);
         let drained = stopping
             && (reader.consumed() >= reader.head()
                 || stopping_since.get_or_insert_with(Instant::now).elapsed() > grace);
-        // Release records old enough that nothing earlier can still arrive.
-        if !pending.is_empty() {
-            pending.sort_unstable_by_key(|r| r.tsc);
-            let newest = pending.last().map_or(0, |r| r.tsc);
-            let cut = if drained { pending.len() } else { pending.partition_point(|r| r.tsc + settle_ticks <= newest) };
-            for r in pending.drain(..cut) {
+        // Each sub-ring's records stay in ticket order (the true order of its writers);
+        // the streams are merged by time stamp, releasing a record only once the newest
+        // time stamp seen is past it by the settle window.
+        for r in batch.drain(..) {
+            newest = newest.max(r.tsc);
+            let ring = r.ring as usize;
+            pending[ring].push_back(r);
+        }
+        loop {
+            let next = pending
+                .iter()
+                .enumerate()
+                .filter_map(|(i, q)| q.front().map(|r| (r.tsc, i)))
+                .min()
+                .filter(|&(tsc, _)| drained || single_ring || tsc + settle_ticks <= newest);
+            let Some((_, i)) = next else { break };
+            if let Some(r) = pending[i].pop_front() {
                 pairer.push(r, &mut calls);
-            }
-            if !calls.is_empty() {
-                let n = calls.len() as u64;
-                match tx.try_send(std::mem::take(&mut calls)) {
-                    Ok(()) => totals.calls += n,
-                    Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => totals.output_dropped += n,
-                }
+                pairer.flush_expired(&mut calls);
             }
         }
-        if drained && pending.is_empty() {
+        if !calls.is_empty() {
+            let n = calls.len() as u64;
+            match tx.try_send(std::mem::take(&mut calls)) {
+                Ok(()) => totals.calls += n,
+                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => totals.output_dropped += n,
+            }
+        }
+        if drained && pending.iter().all(|q| q.is_empty()) {
             break;
         }
         if last_refine.elapsed() > Duration::from_secs(1) {
@@ -148,9 +167,15 @@ pub fn run(
         std::thread::sleep(idle);
         idle = (idle * 2).min(Duration::from_millis(2));
     }
+    totals.tickets = reader.head();
+    totals.consumed = reader.consumed();
     totals.dropped = reader.dropped();
     totals.dropped_full = reader.dropped_full();
     totals.corrupt = reader.corrupt;
+    let mut last = Vec::new();
+    pairer.finish(&mut last);
+    totals.calls += last.len() as u64;
+    let _ = tx.try_send(last);
     totals.unmatched_returns = pairer.unmatched_returns;
     totals.abandoned = pairer.abandoned;
     totals.open_calls = pairer.open_calls() as u64;

@@ -20,6 +20,11 @@ pub struct FunctionsArgs {
     /// is not given).
     #[arg(long)]
     all: bool,
+    /// Show parameters and results (from DWARF) even for a full listing; by default they
+    /// are shown when patterns select the functions (reading DWARF costs about as much as
+    /// everything else for a large binary).
+    #[arg(long)]
+    signatures: bool,
     /// Shell-style globs (`main.*`, `*.(*Store).Get`) or, without `*?[`, substrings.
     #[arg(value_name = "PATTERN")]
     patterns: Vec<String>,
@@ -139,7 +144,8 @@ pub fn functions(args: &FunctionsArgs) -> Result<()> {
         anyhow::bail!("no function matches {}", args.patterns.join(" "));
     }
     // DWARF is optional: a stripped binary lists the same functions without signatures.
-    let dwarf = bin.dwarf().ok().flatten();
+    let want_signatures = args.signatures || !args.patterns.is_empty();
+    let dwarf = if want_signatures { bin.dwarf().ok().flatten() } else { None };
     let rows = selected.iter().map(|f| {
         let (file, line) = match bin.pclntab.line(f, f.entry) {
             Some((file, line)) => (Some(file.into_owned()), Some(line)),
@@ -253,7 +259,9 @@ pub fn info(args: &InfoArgs) -> Result<()> {
         functions: bin.pclntab.len(),
         symbols: bin.symbols().is_some(),
         pclntab: format!("{:?} at {:#x}", bin.pclntab_location, bin.pclntab_vaddr),
-        goid_offset: bin.runtime_layout(bin.dwarf().ok().flatten().as_ref()).map(|l| l.goid),
+        // From the version table: `info` stays fast on huge binaries (the layout table is
+        // checked against DWARF by the test suite).
+        goid_offset: bin.runtime_layout_from_table().map(|l| l.goid),
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

@@ -146,21 +146,16 @@ fn syscall(s: &mut Session, tid: i32, gadget: u64, nr: i64, args: [u64; 6]) -> R
     Ok(r as u64)
 }
 
-/// Installs `sites` into process `pid`. On error nothing stays patched.
-pub fn install(
-    pid: i32,
-    bin: &GoBinary<'_>,
-    bias: u64,
-    sites: &[ProbeSite],
-    layout: Layout,
-    goid_offset: u32,
-) -> Result<Installation> {
+/// Installs `sites` into process `pid`, with a ring shaped like `ring` (its base is
+/// chosen here). On error nothing stays patched.
+pub fn install(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite], ring: RingAddrs) -> Result<Installation> {
     let gadget = find_syscall_gadget(bin)? + bias;
     let text = bin.text_range();
     let text = text.start + bias..text.end + bias;
     // Size the trampoline area by generating everything once at a provisional address
     // (sizes do not depend on where the code lands, as long as it is within reach).
-    let provisional = RingAddrs { base: text.end.next_multiple_of(PAGE), layout, goid_offset };
+    let layout = ring.layout;
+    let provisional = RingAddrs { base: text.end.next_multiple_of(PAGE), ..ring };
     let probe = generate(sites, &provisional, provisional.base + layout.total_len() as u64)?;
     let tramp_len = (probe.code.len() as u64 + 4096).next_multiple_of(PAGE);
     let ring_len = layout.total_len() as u64;
@@ -188,7 +183,7 @@ pub fn install(
     let mut ring_map = unsafe { MmapMut::map_mut(&file) }.context("mapping the ring locally")?;
     layout.initialise_zeroed(&mut ring_map);
     ring_map[header::OWNER..header::OWNER + 8].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
-    let addrs = RingAddrs { base: ring_addr, layout, goid_offset };
+    let addrs = RingAddrs { base: ring_addr, ..ring };
     let Generated { code, mut patches, installed } = generate(sites, &addrs, tramp_addr)?;
     ensure!(code.len() as u64 <= tramp_len - 64, "trampolines outgrew their area");
 

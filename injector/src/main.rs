@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod benchcmd;
 mod collect;
 mod inspect;
 mod install;
@@ -31,6 +32,9 @@ enum Command {
     Functions(inspect::FunctionsArgs),
     /// Show a Go binary's version, modules and build settings.
     Info(inspect::InfoArgs),
+    /// Measure the collector's drain rate (used by `cargo xtask bench collector`).
+    #[command(hide = true)]
+    BenchCollector(benchcmd::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Functions(a)) => inspect::functions(&a),
         Some(Command::Info(a)) => inspect::info(&a),
+        Some(Command::BenchCollector(a)) => benchcmd::bench_collector(&a),
         None => run::run(&cli.run),
     };
     match result {

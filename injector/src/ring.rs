@@ -8,6 +8,8 @@ use ring_abi::{Kind, Layout, ring, slot};
 /// One decoded record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
+    /// The sub-ring it came from (records of one sub-ring are in true order).
+    pub ring: u32,
     pub site: u32,
     pub kind: Kind,
     pub goid: u64,
@@ -58,6 +60,10 @@ impl RingReader {
         (0..self.layout.rings).map(|r| self.word(self.layout.ring_offset(r) + field).load(Ordering::Acquire)).sum()
     }
 
+    pub fn rings(&self) -> u32 {
+        self.layout.rings
+    }
+
     /// Tickets handed out so far (records written plus records being written).
     pub fn head(&self) -> u64 {
         self.sum(ring::HEAD)
@@ -81,14 +87,18 @@ impl RingReader {
     /// many.
     pub fn poll(&mut self, out: &mut Vec<Record>, max: usize) -> usize {
         let mut n = 0;
+        // Every sub-ring gets its share: a busy one must not starve the others past the
+        // collector's settle window (records are merged by time stamp).
+        let share = (max / self.layout.rings as usize).max(64);
         for r in 0..self.layout.rings {
-            while n < max {
+            let limit = n + share;
+            while n < limit {
                 let t = self.next[r as usize];
                 let s = self.layout.slot_offset(r, t);
                 if self.word(s + slot::SEQ).load(Ordering::Acquire) != t + 1 {
                     break;
                 }
-                let rec = self.decode(s, t);
+                let rec = self.decode(s, t, r);
                 // Free the slot for the writer one lap ahead.
                 self.word(s + slot::SEQ).store(t + self.layout.capacity, Ordering::Release);
                 self.next[r as usize] = t + 1;
@@ -105,7 +115,7 @@ impl RingReader {
         n
     }
 
-    fn decode(&self, s: usize, ticket: u64) -> Option<Record> {
+    fn decode(&self, s: usize, ticket: u64, ring: u32) -> Option<Record> {
         let w = |off: usize| self.word(s + off).load(Ordering::Relaxed);
         if w(slot::TICKET) != ticket {
             return None;
@@ -128,6 +138,6 @@ impl RingReader {
             // record is published and no writer touches it until we free the slot.
             unsafe { std::ptr::copy_nonoverlapping(self.base.add(s + slot::DATA), data.as_mut_ptr(), data_len) };
         }
-        Some(Record { site, kind, goid: w(slot::GOID), tsc: w(slot::TSC), sp: w(slot::SP), ints, floats, data })
+        Some(Record { ring, site, kind, goid: w(slot::GOID), tsc: w(slot::TSC), sp: w(slot::SP), ints, floats, data })
     }
 }

@@ -13,6 +13,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::SignalFd;
 use ring_abi::Layout;
+use trampolines::codegen::RingSelect;
 
 use crate::output::{Format, Sink};
 use crate::plan::{self, ProbeSite};
@@ -109,7 +110,8 @@ fn attach_and_trace(
     }
     let layout = bin.runtime_layout(dwarf).context("no runtime.g layout for this Go version")?;
     let sink = open_sink(args)?;
-    let rings = possible_cpus().next_power_of_two().min(256);
+    // One sub-ring per P: as many as the target may run at once.
+    let rings = possible_cpus().max(target_gomaxprocs(pid)).next_power_of_two().min(256);
     let per_ring = (args.ring_slots / u64::from(rings)).max(64).next_power_of_two();
     // Slots hold the fixed fields plus the largest plan's copied bytes.
     let data = sites.iter().map(|s| s.on_entry.plan.data_len().max(s.on_return.plan.data_len())).max().unwrap_or(0);
@@ -124,7 +126,15 @@ fn attach_and_trace(
     let sigfd = SignalFd::new(&mask).context("signalfd")?;
     let pidfd = pidfd_open(pid)?;
 
-    let mut inst = install::install(pid, bin, bias, sites, ring_layout, layout.goid)?;
+    let select = RingSelect::ByP { g_m: layout.m, m_p: layout.m_p, p_id: layout.p_id };
+    let ring = trampolines::RingAddrs {
+        base: 0,
+        layout: ring_layout,
+        goid_offset: layout.goid,
+        stack_hi_offset: layout.stack_hi,
+        select,
+    };
+    let mut inst = install::install(pid, bin, bias, sites, ring)?;
     let exits: usize = inst.installed.iter().map(|(_, e)| e).sum();
     eprintln!(
         "inject: probing {} function{} ({} exits) in pid {pid}; {} threads stopped for {:.2} ms (and {:.2} ms to map memory)",
@@ -191,7 +201,19 @@ fn open_sink(args: &RunArgs) -> Result<Sink> {
     Ok(Sink::new(args.output, out))
 }
 
-/// CPUs the kernel may ever run the target on: one sub-ring each.
+/// GOMAXPROCS from the target's environment, when set.
+fn target_gomaxprocs(pid: i32) -> u32 {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .ok()
+        .and_then(|env| {
+            env.split(|&b| b == 0)
+                .find_map(|kv| kv.strip_prefix(b"GOMAXPROCS="))
+                .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+        })
+        .unwrap_or(1)
+}
+
+/// CPUs the kernel may ever run the target on (the default GOMAXPROCS).
 fn possible_cpus() -> u32 {
     let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap_or_default();
     let n: u32 = text
@@ -264,6 +286,8 @@ struct Summary<'a> {
     stop: String,
     sites: Vec<SiteSummary<'a>>,
     records: u64,
+    tickets: u64,
+    consumed: u64,
     dropped: u64,
     dropped_full: u64,
     corrupt: u64,
@@ -302,6 +326,8 @@ fn report(
             .map(|(s, c)| SiteSummary { name: &s.name, verdict: s.verdict(), entries: c.entries, returns: c.returns })
             .collect(),
         records: totals.records,
+        tickets: totals.tickets,
+        consumed: totals.consumed,
         dropped: totals.dropped,
         dropped_full: totals.dropped_full,
         calls: totals.calls,

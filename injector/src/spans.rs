@@ -96,6 +96,11 @@ impl Default for Ids {
 pub struct Pairer {
     sites: Vec<SiteMeta>,
     stacks: HashMap<u64, Vec<Open>>,
+    /// Returns seen before their entry: time stamps of different CPUs can be skewed by
+    /// a little, and a goroutine that moved between them can appear to return first.
+    early: HashMap<u64, Vec<Record>>,
+    /// Returns whose wait expired, to pair once the frames above them are dropped.
+    expired: Vec<Record>,
     ids: Ids,
     /// Returns whose entry was not seen (the call began before the probe went in).
     pub unmatched_returns: u64,
@@ -109,7 +114,15 @@ impl Pairer {
     }
 
     pub fn new(sites: Vec<SiteMeta>) -> Pairer {
-        Pairer { sites, stacks: HashMap::new(), ids: Ids::new(), unmatched_returns: 0, abandoned: 0 }
+        Pairer {
+            sites,
+            stacks: HashMap::new(),
+            early: HashMap::new(),
+            expired: Vec::new(),
+            ids: Ids::new(),
+            unmatched_returns: 0,
+            abandoned: 0,
+        }
     }
 
     pub fn site_count(&self) -> usize {
@@ -122,6 +135,11 @@ impl Pairer {
         let entry_only = meta.entry_only;
         match rec.kind {
             Kind::Entry => {
+                // A return that arrived first for this very frame (same function and SP).
+                let early = self.early.get_mut(&rec.goid).and_then(|v| {
+                    let i = v.iter().position(|r| r.site == rec.site && r.sp == rec.sp)?;
+                    Some(v.swap_remove(i))
+                });
                 let stack = self.stacks.entry(rec.goid).or_default();
                 let (trace_id, parent) = match stack.last() {
                     Some(top) => (top.trace_id, Some(top.span_id)),
@@ -133,6 +151,20 @@ impl Pairer {
                     trace_id
                 };
                 let span_id = self.ids.next();
+                if let Some(ret) = early {
+                    let depth = stack.len();
+                    out.push(Call {
+                        site: rec.site,
+                        goid: rec.goid,
+                        depth,
+                        entry: rec,
+                        ret: Some(ret),
+                        trace_id,
+                        span_id,
+                        parent,
+                    });
+                    return;
+                }
                 if entry_only {
                     let depth = stack.len();
                     out.push(Call {
@@ -150,35 +182,130 @@ impl Pairer {
                 stack.push(Open { entry: rec, trace_id, span_id, parent });
             }
             Kind::Return => {
-                let Some(stack) = self.stacks.get_mut(&rec.goid) else {
-                    self.unmatched_returns += 1;
+                let goid = rec.goid;
+                if !self.pop_matching(rec, out) {
                     return;
-                };
-                // The matching frame: same function, same stack pointer. Frames above it
-                // were left without a return (a panic unwound them, or an unprobed exit).
-                let Some(pos) = stack.iter().rposition(|o| o.entry.site == rec.site && o.entry.sp == rec.sp) else {
-                    self.unmatched_returns += 1;
-                    return;
-                };
-                self.abandoned += (stack.len() - pos - 1) as u64;
-                stack.truncate(pos + 1);
-                let Some(open) = stack.pop() else { return };
-                let depth = stack.len();
-                if stack.is_empty() {
-                    self.stacks.remove(&rec.goid);
                 }
-                out.push(Call {
-                    site: open.entry.site,
-                    goid: rec.goid,
-                    depth,
-                    entry: open.entry,
-                    ret: Some(rec),
-                    trace_id: open.trace_id,
-                    span_id: open.span_id,
-                    parent: open.parent,
-                });
+                // The new top may be what an earlier, out-of-order return was waiting for.
+                while let Some(r) = self.take_early_for_top(goid) {
+                    self.pop_matching(r, out);
+                }
             }
         }
+    }
+
+    /// Pairs a return with the top frame of its goroutine. A return for a deeper frame,
+    /// or for no open frame, waits (its partner may arrive late from another sub-ring);
+    /// returns whether it paired.
+    fn pop_matching(&mut self, rec: Record, out: &mut Vec<Call>) -> bool {
+        let goid = rec.goid;
+        let top_matches = self
+            .stacks
+            .get(&goid)
+            .and_then(|s| s.last())
+            .is_some_and(|o| o.entry.site == rec.site && o.entry.sp == rec.sp);
+        if !top_matches {
+            self.keep_early(rec);
+            return false;
+        }
+        let Some(stack) = self.stacks.get_mut(&goid) else { return false };
+        let Some(open) = stack.pop() else { return false };
+        let depth = stack.len();
+        if stack.is_empty() {
+            self.stacks.remove(&goid);
+        }
+        out.push(Call {
+            site: open.entry.site,
+            goid,
+            depth,
+            entry: open.entry,
+            ret: Some(rec),
+            trace_id: open.trace_id,
+            span_id: open.span_id,
+            parent: open.parent,
+        });
+        true
+    }
+
+    /// A waiting return that matches the top frame of `goid`, if any.
+    fn take_early_for_top(&mut self, goid: u64) -> Option<Record> {
+        let top = self.stacks.get(&goid)?.last()?;
+        let (site, sp) = (top.entry.site, top.entry.sp);
+        let early = self.early.get_mut(&goid)?;
+        let i = early.iter().position(|r| r.site == site && r.sp == sp)?;
+        Some(early.swap_remove(i))
+    }
+
+    /// Keeps a return without an entry for a while; old ones were calls already running
+    /// when the probe went in.
+    fn keep_early(&mut self, rec: Record) {
+        /// Far more than any clock skew between CPUs, in TSC ticks (~10 ms at 3 GHz).
+        const KEEP: u64 = 30_000_000;
+        let goid = rec.goid;
+        let now = rec.tsc;
+        let v = self.early.entry(goid).or_default();
+        v.push(rec);
+        let expired: Vec<Record> = if v.len() > 64 {
+            v.drain(..v.len() - 64).collect()
+        } else {
+            let (old, keep): (Vec<Record>, Vec<Record>) = v.drain(..).partition(|r| r.tsc + KEEP <= now);
+            *v = keep;
+            old
+        };
+        // Returns that waited long enough: frames above their own were unwound without a
+        // return (a panic, or an unprobed exit), or their entry was never recorded.
+        for r in expired {
+            let pos = self
+                .stacks
+                .get(&goid)
+                .and_then(|s| s.iter().rposition(|o| o.entry.site == r.site && o.entry.sp == r.sp));
+            match (pos, self.stacks.get_mut(&goid)) {
+                (Some(pos), Some(stack)) => {
+                    self.abandoned += (stack.len() - pos - 1) as u64;
+                    stack.truncate(pos + 1);
+                    self.expired.push(r);
+                }
+                _ => self.unmatched_returns += 1,
+            }
+        }
+    }
+
+    /// Returns let go after waiting, now matching their (uncovered) top frame.
+    pub fn flush_expired(&mut self, out: &mut Vec<Call>) {
+        for r in std::mem::take(&mut self.expired) {
+            if !self.pop_matching_now(r, out) {
+                self.unmatched_returns += 1;
+            }
+        }
+    }
+
+    fn pop_matching_now(&mut self, rec: Record, out: &mut Vec<Call>) -> bool {
+        let top_matches = self
+            .stacks
+            .get(&rec.goid)
+            .and_then(|s| s.last())
+            .is_some_and(|o| o.entry.site == rec.site && o.entry.sp == rec.sp);
+        top_matches && self.pop_matching(rec, out)
+    }
+
+    /// At the end: waiting returns pair with their frame if it is open (abandoning what
+    /// is above it), else count as unmatched.
+    pub fn finish(&mut self, out: &mut Vec<Call>) {
+        let early: Vec<Record> = self.early.drain().flat_map(|(_, v)| v).collect();
+        for r in early {
+            let pos = self
+                .stacks
+                .get(&r.goid)
+                .and_then(|s| s.iter().rposition(|o| o.entry.site == r.site && o.entry.sp == r.sp));
+            if let (Some(pos), Some(stack)) = (pos, self.stacks.get_mut(&r.goid)) {
+                self.abandoned += (stack.len() - pos - 1) as u64;
+                stack.truncate(pos + 1);
+                self.pop_matching(r, out);
+            } else {
+                self.unmatched_returns += 1;
+            }
+        }
+        self.flush_expired(out);
     }
 
     /// Calls still open (they began but have not returned yet).

@@ -75,7 +75,8 @@ pub mod slot {
     pub const GOID: usize = 24;
     /// rdtsc at capture.
     pub const TSC: usize = 32;
-    /// RSP at capture: tells frames of the same goroutine apart.
+    /// `g.stack.hi - RSP` at capture: tells frames of one goroutine apart, and (unlike
+    /// RSP) survives the runtime copying the stack to grow or shrink it.
     pub const SP: usize = 40;
     /// Integer registers in ABI order: RAX, RBX, RCX, RDI, RSI, R8, R9, R10, R11.
     pub const INTS: usize = 48;

@@ -63,6 +63,10 @@ fn exact_counts(tc: &GoToolchain, flavor: Flavor) -> Result<()> {
             (1 << 20).to_string(),
             "--summary-json".into(),
             summary.display().to_string(),
+            "--output".into(),
+            "jsonl".into(),
+            "--output-file".into(),
+            "/dev/null".into(),
         ],
         true,
     )?;
@@ -80,6 +84,16 @@ fn exact_counts(tc: &GoToolchain, flavor: Flavor) -> Result<()> {
         tc.version,
         flavor.name()
     );
+    // Pairs, not just counts: frames live while the stack was copied pair up too, and
+    // returns that reach the collector out of order (from another P's sub-ring) wait for
+    // their frame.
+    ensure!(
+        s["calls"] == calls + 16 && s["unmatched_returns"] == 0 && s["open_calls"] == 0 && s["abandoned"] == 0,
+        "Go {} {}: pairing: {s}",
+        tc.version,
+        flavor.name()
+    );
+    ensure!(s["tickets"] == s["consumed"], "tickets taken but never published: {s}");
     let worker = site(&s, "main.worker")?;
     let entry_only = worker["verdict"].as_str().is_some_and(|v| v.contains("entry-only"));
     ensure!(worker["entries"] == 16 && worker["returns"] == if entry_only { 0 } else { 16 }, "main.worker: {worker}");

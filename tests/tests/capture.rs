@@ -108,9 +108,7 @@ fn captured_values_equal_the_programs_own() -> Result<()> {
     if !require_ptrace()? {
         return Ok(());
     }
-    // 1e6 calls pass with Go 1.21 here; on two cores the collector and the JSON writer compete
-    // with eight busy goroutines, and with Go 1.27 a 1e6 burst overflows the default ring.
-    let calls = 200_000;
+    let calls = 1_000_000;
     for tc in test_toolchains()? {
         let exe = build_fixture("args", &tc, Flavor::Default)?;
         let mut target = start_fixture(&exe, &["-wait", "-n", &calls.to_string(), "-goroutines", "8"], &[])?;

@@ -24,7 +24,8 @@ fn goid_table_matches_dwarf() -> Result<()> {
             ensure!(from_dwarf.source == LayoutSource::Dwarf && table.source == LayoutSource::Table);
             ensure!(
                 (from_dwarf.goid, from_dwarf.stack_lo, from_dwarf.stack_hi, from_dwarf.stackguard0, from_dwarf.m)
-                    == (table.goid, table.stack_lo, table.stack_hi, table.stackguard0, table.m),
+                    == (table.goid, table.stack_lo, table.stack_hi, table.stackguard0, table.m)
+                    && (from_dwarf.m_p, from_dwarf.p_id) == (table.m_p, table.p_id),
                 "Go {} {}: DWARF {from_dwarf:?} vs table {table:?}",
                 tc.version,
                 flavor.name()

@@ -91,7 +91,8 @@ fn stripped_and_unstripped_list_identically() -> Result<()> {
             // Everything but the DWARF-only signatures must be identical.
             let list = |flavor| -> Result<Vec<serde_json::Value>> {
                 let exe = build_fixture(fixture, &tc, flavor)?;
-                let out = output(Command::new(inject_binary()?).args(["functions", "--all", "--json", "--exe"]).arg(exe))?;
+                let out =
+                    output(Command::new(inject_binary()?).args(["functions", "--all", "--json", "--exe"]).arg(exe))?;
                 let mut rows: Vec<serde_json::Value> = serde_json::from_str(&out)?;
                 for r in &mut rows {
                     if let Some(o) = r.as_object_mut() {

@@ -31,6 +31,23 @@ pub struct RingAddrs {
     pub layout: ring_abi::Layout,
     /// Offset of `goid` in `runtime.g`.
     pub goid_offset: u32,
+    /// Offset of `stack.hi` in `runtime.g`: records carry `stack.hi - SP`, which stays the
+    /// same when the runtime copies a goroutine's stack to grow it.
+    pub stack_hi_offset: u32,
+    /// How a writer picks its sub-ring.
+    pub select: RingSelect,
+}
+
+/// Which sub-ring a writer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingSelect {
+    /// The id of the P its thread holds (`g.m.p.id`, from R14): only one thread holds a
+    /// P at a time, so writers of one sub-ring never run at once. Offsets into
+    /// `runtime.g`, `runtime.m` and `runtime.p`.
+    ByP { g_m: u32, m_p: u32, p_id: u32 },
+    /// The CPU (`LSL` on Linux's per-CPU segment): for runtimes whose layout is not known.
+    /// Much slower under virtualisation.
+    ByCpu,
 }
 
 impl RingAddrs {
@@ -123,9 +140,30 @@ fn emit_capture(
     a.add_instruction(Instruction::with2(Code::Cmp_rm64_imm8, rip_mem(ring.enabled()), 0)?)?;
     a.je(done)?;
     a.movq(xmm15, rax)?;
-    // R13 = this CPU's sub-ring.
-    a.mov(r13d, CPUNODE_SELECTOR)?;
-    a.lsl(r13d, r13d)?;
+    // R13 = this writer's sub-ring.
+    match ring.select {
+        RingSelect::ByP { g_m, m_p, p_id } => {
+            // g.m is never nil for a running goroutine, m.p is nil for a thread without a
+            // P (sysmon, signal handlers); both are checked, and a missing P uses ring 0.
+            let mut no_p = a.create_label();
+            let mut have = a.create_label();
+            a.mov(r13, qword_ptr(r14 + g_m as i32))?;
+            a.test(r13, r13)?;
+            a.je(no_p)?;
+            a.mov(r13, qword_ptr(r13 + m_p as i32))?;
+            a.test(r13, r13)?;
+            a.je(no_p)?;
+            a.mov(r13d, dword_ptr(r13 + p_id as i32))?;
+            a.jmp(have)?;
+            a.set_label(&mut no_p)?;
+            a.xor(r13d, r13d)?;
+            a.set_label(&mut have)?;
+        }
+        RingSelect::ByCpu => {
+            a.mov(r13d, CPUNODE_SELECTOR)?;
+            a.lsl(r13d, r13d)?;
+        }
+    }
     a.and(r13d, (l.rings - 1) as i32)?;
     a.imul_3(r13, r13, l.stride() as i32)?;
     a.add(r13, qword_ptr(rings_const))?;
@@ -214,7 +252,9 @@ fn emit_capture(
     a.mov(byte_ptr(field(slot::KIND)), kind as u32)?;
     a.mov(r13, qword_ptr(r14 + ring.goid_offset as i32))?;
     a.mov(qword_ptr(field(slot::GOID)), r13)?;
-    a.mov(qword_ptr(field(slot::SP)), rsp)?;
+    a.mov(r13, qword_ptr(r14 + ring.stack_hi_offset as i32))?;
+    a.sub(r13, rsp)?;
+    a.mov(qword_ptr(field(slot::SP)), r13)?;
     a.mov(r13, rdx)?;
     a.rdtsc()?;
     a.shl(rdx, 32)?;

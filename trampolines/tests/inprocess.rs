@@ -5,7 +5,7 @@
 use iced_x86::code_asm::*;
 use ring_abi::{Kind, Layout, header, ring as sub, slot};
 use trampolines::codegen::ByteCopy;
-use trampolines::codegen::{entry_trampoline, return_trampoline};
+use trampolines::codegen::{RingSelect, entry_trampoline, return_trampoline};
 use trampolines::site::{Padding, entry_patch, return_patches};
 use trampolines::{CapturePlan, Function, Redirect, RingAddrs, jmp_rel8, jmp_rel32};
 
@@ -115,6 +115,8 @@ struct Rig {
     _code: Mem,
     ring: Mem,
     g: Box<[u64; 64]>,
+    _m: Box<[u64; 64]>,
+    _p: Box<[u64; 4]>,
     layout: Layout,
     func: u64,
 }
@@ -151,7 +153,14 @@ fn rig_with(capacity: u64, build: impl Fn(u64) -> Vec<u8>, stack_check: bool, pl
     assert_eq!(entry.stack_check, stack_check);
     assert_eq!(entry.whole_body, !stack_check);
     let rets = if entry.whole_body { Vec::new() } else { return_patches(&f, &mut pad).unwrap() };
-    let addrs = RingAddrs { base: ring.addr(), layout, goid_offset: GOID_OFF };
+    // Writers pick their sub-ring by the P their thread holds: g.m.p.id = 1.
+    let addrs = RingAddrs {
+        base: ring.addr(),
+        layout,
+        goid_offset: GOID_OFF,
+        stack_hi_offset: 8,
+        select: RingSelect::ByP { g_m: 48, m_p: 208, p_id: 0 },
+    };
     let next = std::cell::Cell::new(func + 0x1000);
     let install = |tramp: trampolines::Trampoline, redirect: Redirect| {
         code.write(tramp.at, &tramp.code);
@@ -171,9 +180,13 @@ fn rig_with(capacity: u64, build: impl Fn(u64) -> Vec<u8>, stack_check: bool, pl
         install(t, r.redirect);
     }
     let mut g = Box::new([0u64; 64]);
+    let mut m = Box::new([0u64; 64]);
+    let p = Box::new([1u64, 0, 0, 0]);
     g[2] = 0; // stackguard0: the check always passes
     g[GOID_OFF as usize / 8] = 4242;
-    Rig { _code: code, ring, g, layout, func }
+    m[208 / 8] = p.as_ptr() as u64;
+    g[48 / 8] = m.as_ptr() as u64;
+    Rig { _code: code, ring, g, _m: m, _p: p, layout, func }
 }
 
 fn regs_for(r: &Rig) -> [u64; NREGS] {
@@ -232,6 +245,7 @@ fn registers_preserved_and_records_exact() {
         }
         let m = r.ring.bytes();
         assert_eq!(total(&r, sub::HEAD), 10, "5 entries + 5 returns");
+        assert_eq!(u64_at(m, r.layout.ring_offset(1) + sub::HEAD), 10, "all in the sub-ring of P 1");
         assert_eq!(total(&r, sub::DROPPED) + total(&r, sub::CONTENDED), 0);
         let recs = published(&r);
         for (t, &s) in recs.iter().enumerate() {

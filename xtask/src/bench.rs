@@ -4,19 +4,20 @@
 //!
 //! `functions-100mb`: "listing the functions of a 100 MB Go binary takes under a second".
 //! A generated Go program (sources in `target/bench/big/src/`, never in `fixtures/`) of
-//! 24 packages × 5000 distinct `//go:noinline` functions of six shapes (plain, methods,
+//! 24 packages x 5000 distinct `//go:noinline` functions of six shapes (plain, methods,
 //! slices/maps/errors, closures, floats and structs by value, generics), all reachable
-//! through per-file tables, plus a megabyte of distinct string data per package, is built
-//! with the system `go` into `target/bench/big/big`: ~140k functions in a ~140 MB
-//! executable, the function count and pclntab size of the largest Go programs deployed.
-//! Then `inject functions --all --json --exe BIG > /dev/null` and `inject info` (release
-//! build) are timed over several warm-cache runs, beside `go tool nm BIG > /dev/null` as a
-//! reference.
+//! through per-file tables, plus 2 MiB of distinct string data per package, is built with
+//! the system `go` into `target/bench/big/big`: ~182k functions in a ~140 MB executable
+//! (the function count and pclntab size of the largest Go programs deployed), and linked
+//! again with `-ldflags=-s -w` (~115 MB, no DWARF). Then `inject functions --all --json
+//! --exe BIG > /dev/null` and `inject info` (release build) are timed over several
+//! warm-cache runs, beside `go tool nm BIG > /dev/null` as a reference. PASS/FAIL is
+//! judged on the default (unstripped) build.
 //!
-//! Cost on 2 cores: the first run generates the sources (~2 s) and builds them (~3-4 min
-//! of `go build`, ~0.5 GB in the Go build cache and ~0.3 GB under target/bench/big);
-//! later runs reuse the binary (cached by a stamp of the generator and Go version) and
-//! take ~30 s, mostly `go tool nm`.
+//! Cost on 2 cores: the first run generates the sources (~1 s) and builds them (~3-4 min
+//! of `go build`, ~1 GB more in the Go build cache, ~320 MB under target/bench/big);
+//! later runs reuse both binaries (cached by a stamp of the generator and Go version) and
+//! take ~30 s, mostly the timed runs.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -27,22 +28,32 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use xtask::{inject_binary, workspace_root};
 
-const BENCHMARKS: &[&str] = &["functions-100mb"];
+const BENCHMARKS: &[&str] = &["functions-100mb", "attach-100", "call-overhead", "collector"];
 
 pub fn run(name: Option<&str>) -> Result<()> {
+    use crate::bench_probe;
     match name {
-        None | Some("functions-100mb") => functions_100mb(),
+        None => {
+            bench_probe::attach_100()?;
+            bench_probe::call_overhead()?;
+            bench_probe::collector()?;
+            functions_100mb()
+        }
+        Some("functions-100mb") => functions_100mb(),
+        Some("attach-100") => bench_probe::attach_100(),
+        Some("call-overhead") => bench_probe::call_overhead(),
+        Some("collector") => bench_probe::collector(),
         Some(other) => bail!("unknown benchmark {other:?}; known: {}", BENCHMARKS.join(", ")),
     }
 }
 
 /// Shape of the generated program. Changing any of it (or the generator) must change
 /// GENERATOR, so the cached binary is rebuilt.
-const GENERATOR: &str = "big-v1";
+const GENERATOR: &str = "big-v3";
 const PACKAGES: usize = 24;
 const FUNCS_PER_PACKAGE: usize = 5000;
 const FUNCS_PER_FILE: usize = 500;
-const BLOB_BYTES_PER_PACKAGE: usize = 1 << 20;
+const BLOB_BYTES_PER_PACKAGE: usize = 2 << 20;
 const MODULE: &str = "inject.test/big";
 
 /// Timed runs per command, after one untimed warm-up run.
@@ -52,8 +63,9 @@ const MIN_SIZE: u64 = 100 * 1000 * 1000;
 
 fn functions_100mb() -> Result<()> {
     let go = system_go()?;
-    let big = build_big(&go)?;
+    let (big, stripped) = build_big(&go)?;
     let size = fs::metadata(&big)?.len();
+    let stripped_size = fs::metadata(&stripped)?.len();
     ensure!(size >= MIN_SIZE, "the generated binary is only {:.1} MB; raise the generator's sizes", mb(size));
 
     // SAFETY: xtask is single-threaded here; nothing reads the environment concurrently.
@@ -65,7 +77,13 @@ fn functions_100mb() -> Result<()> {
 
     let listing = xtask::output(Command::new(&inject).args(["functions", "--all", "--json", "--exe"]).arg(&big))
         .context("inject functions")?;
-    let functions = listing.matches("\"name\":").count();
+    let rows_listed = listing.matches("\"entry\":").count();
+    let info = xtask::output(Command::new(&inject).args(["info", "--exe"]).arg(&big)).context("inject info")?;
+    // `inject info` says "..., N functions, ..." (the pclntab's count).
+    let functions = info
+        .split([',', '\n'])
+        .find_map(|part| part.trim().strip_suffix(" functions")?.rsplit(' ').next()?.parse::<usize>().ok())
+        .unwrap_or(rows_listed);
     let nm = Command::new(&go.0).args(["tool", "nm"]).arg(&big).env("GOTOOLCHAIN", "local").output()?;
     ensure!(nm.status.success(), "go tool nm failed: {}", String::from_utf8_lossy(&nm.stderr));
     let nm_text = String::from_utf8_lossy(&nm.stdout);
@@ -77,11 +95,17 @@ fn functions_100mb() -> Result<()> {
     info_cmd.args(["info", "--exe"]).arg(&big);
     let mut nm_cmd = Command::new(&go.0);
     nm_cmd.args(["tool", "nm"]).arg(&big).env("GOTOOLCHAIN", "local");
+    let mut stripped_functions_cmd = Command::new(&inject);
+    stripped_functions_cmd.args(["functions", "--all", "--json", "--exe"]).arg(&stripped);
+    let mut stripped_info_cmd = Command::new(&inject);
+    stripped_info_cmd.args(["info", "--exe"]).arg(&stripped);
     eprintln!("xtask: timing ({RUNS} runs each after a warm-up)");
     let rows = [
         ("inject functions --all --json", time(&mut functions_cmd)?),
         ("inject info", time(&mut info_cmd)?),
         ("go tool nm (reference)", time(&mut nm_cmd)?),
+        ("inject functions, -s -w build", time(&mut stripped_functions_cmd)?),
+        ("inject info, -s -w build", time(&mut stripped_info_cmd)?),
     ];
 
     println!("benchmark functions-100mb: listing the functions of a 100 MB Go binary takes under a second");
@@ -91,20 +115,34 @@ fn functions_100mb() -> Result<()> {
         mb(size),
         go.1
     );
-    println!("         inject lists {functions} functions; go tool nm lists {nm_funcs} text symbols");
+    println!(
+        "         {functions} functions in the pclntab, {rows_listed} listed by inject; go tool nm: {nm_funcs} \
+         text symbols"
+    );
+    println!(
+        "stripped {} ({:.1} MB, the same program linked with -ldflags=-s -w: no DWARF)",
+        stripped.display(),
+        mb(stripped_size)
+    );
     println!("stdout   to /dev/null; warm page cache; {RUNS} runs after one warm-up");
     println!();
     println!("{:<32} {:>10} {:>10} {:>10}", "command", "median ms", "min ms", "max ms");
     for (name, t) in &rows {
         println!("{name:<32} {:>10.1} {:>10.1} {:>10.1}", t.median, t.min, t.max);
     }
-    let (functions_t, nm_t) = (&rows[0].1, &rows[2].1);
+    let (functions_t, nm_t, stripped_t) = (&rows[0].1, &rows[2].1, &rows[3].1);
     println!();
     println!(
         "ratio    inject functions / go tool nm = {:.2} (median {:.0} ms vs {:.0} ms)",
         functions_t.median / nm_t.median,
         functions_t.median,
         nm_t.median
+    );
+    println!(
+        "stripped inject functions on the -s -w build: median {:.0} ms ({:.0} ms of the full build's time goes to \
+         DWARF)",
+        stripped_t.median,
+        functions_t.median - stripped_t.median
     );
     let verdict = if functions_t.median < GOAL_MS { "PASS" } else { "FAIL" };
     println!(
@@ -151,40 +189,45 @@ fn system_go() -> Result<(PathBuf, String)> {
     Ok((go, version.trim().to_string()))
 }
 
-/// Generates and builds the big program, or returns the cached binary.
-fn build_big(go: &(PathBuf, String)) -> Result<PathBuf> {
+/// Generates and builds the big program, as built by default and with `-s -w`, or
+/// returns the cached binaries.
+fn build_big(go: &(PathBuf, String)) -> Result<(PathBuf, PathBuf)> {
     let dir = workspace_root().join("target/bench/big");
-    let bin = dir.join("big");
+    let (bin, stripped) = (dir.join("big"), dir.join("big-stripped"));
     let stamp_path = dir.join("stamp");
     let stamp = format!("{GENERATOR} {PACKAGES}x{FUNCS_PER_PACKAGE} blob={BLOB_BYTES_PER_PACKAGE} {}\n", go.1);
-    if bin.exists() && fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str()) {
+    if bin.exists() && stripped.exists() && fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str()) {
         eprintln!("xtask: reusing {} ({})", bin.display(), stamp.trim());
-        return Ok(bin);
+        return Ok((bin, stripped));
     }
+    let _ = fs::remove_file(&stamp_path);
     let src = dir.join("src");
     let _ = fs::remove_dir_all(&src);
     let t = Instant::now();
     generate(&src)?;
     eprintln!("xtask: generated {} in {:.1} s", src.display(), t.elapsed().as_secs_f64());
     eprintln!("xtask: go build ({} with {PACKAGES} packages; a few minutes on 2 cores)", go.1);
-    let t = Instant::now();
-    let tmp = dir.join(format!(".big.{}", std::process::id()));
-    xtask::run(
-        Command::new(&go.0)
-            .current_dir(&src)
-            .env("GOTOOLCHAIN", "local")
-            .env("GOFLAGS", "-mod=mod")
-            .env("CGO_ENABLED", "0")
-            .arg("build")
-            .arg("-o")
-            .arg(&tmp)
-            .arg("."),
-    )
-    .context("building the generated program")?;
-    fs::rename(&tmp, &bin)?;
+    for (out, ldflags) in [(&bin, None), (&stripped, Some("-ldflags=-s -w"))] {
+        let t = Instant::now();
+        let tmp = dir.join(format!(".big.{}", std::process::id()));
+        xtask::run(
+            Command::new(&go.0)
+                .current_dir(&src)
+                .env("GOTOOLCHAIN", "local")
+                .env("GOFLAGS", "-mod=mod")
+                .env("CGO_ENABLED", "0")
+                .args(["build", "-buildvcs=false"])
+                .args(ldflags)
+                .arg("-o")
+                .arg(&tmp)
+                .arg("."),
+        )
+        .context("building the generated program")?;
+        fs::rename(&tmp, out)?;
+        eprintln!("xtask: built {} in {:.0} s", out.display(), t.elapsed().as_secs_f64());
+    }
     fs::write(&stamp_path, stamp)?;
-    eprintln!("xtask: built {} in {:.0} s", bin.display(), t.elapsed().as_secs_f64());
-    Ok(bin)
+    Ok((bin, stripped))
 }
 
 /// Writes the module: main.go importing packages p00.. each of FUNCS_PER_PACKAGE
