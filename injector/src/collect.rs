@@ -45,10 +45,10 @@ pub struct Totals {
     pub output_dropped: u64,
 }
 
-/// Records from different sub-rings arrive out of order; a record is released once the
-/// newest time stamp seen is this far past it (a writer takes well under this between
-/// reading the clock and publishing).
-const SETTLE: Duration = Duration::from_millis(5);
+/// Slack for a writer between reading the clock and publishing its record, and for
+/// clock differences between CPUs: records are released only when this much older than
+/// what every sub-ring has been read up to.
+const SETTLE: Duration = Duration::from_millis(2);
 
 /// Batches of finished calls in flight to the output thread before the collector drops
 /// (and counts) calls rather than fall behind the ring.
@@ -100,7 +100,8 @@ pub fn run(
     let mut batch: Vec<Record> = Vec::with_capacity(8192);
     let mut pending: Vec<std::collections::VecDeque<Record>> =
         (0..reader.rings()).map(|_| std::collections::VecDeque::new()).collect();
-    let mut newest = 0u64;
+    let mut last_seen = vec![0u64; reader.rings() as usize];
+    let mut seen_up_to = vec![0u64; reader.rings() as usize];
     let mut calls: Vec<Call> = Vec::new();
     let settle_ticks = (clock.lock().map_or(3e9, |c| c.hz()) * SETTLE.as_secs_f64()) as u64;
     // One sub-ring is already in order.
@@ -110,6 +111,7 @@ pub fn run(
     let mut last_refine = Instant::now();
     loop {
         batch.clear();
+        let round = crate::spans::rdtsc();
         let n = reader.poll(&mut batch, 8192);
         for r in &batch {
             let c = &mut totals.sites[r.site as usize];
@@ -124,20 +126,31 @@ pub fn run(
             && (reader.consumed() >= reader.head()
                 || stopping_since.get_or_insert_with(Instant::now).elapsed() > grace);
         // Each sub-ring's records stay in ticket order (the true order of its writers);
-        // the streams are merged by time stamp, releasing a record only once the newest
-        // time stamp seen is past it by the settle window.
+        // the streams are merged by time stamp. Everything published before this round
+        // began has been read from the sub-rings that were drained; a sub-ring cut short
+        // is known only up to its last record. Release what is older than all of that.
+        for (ring, &empty) in reader.drained().iter().enumerate() {
+            let known = if empty { round } else { last_seen[ring] };
+            seen_up_to[ring] = known;
+        }
         for r in batch.drain(..) {
-            newest = newest.max(r.tsc);
             let ring = r.ring as usize;
+            last_seen[ring] = last_seen[ring].max(r.tsc);
             pending[ring].push_back(r);
         }
+        for (ring, &empty) in reader.drained().iter().enumerate() {
+            if !empty {
+                seen_up_to[ring] = last_seen[ring];
+            }
+        }
+        let watermark = seen_up_to.iter().copied().min().unwrap_or(0).saturating_sub(settle_ticks);
         loop {
             let next = pending
                 .iter()
                 .enumerate()
                 .filter_map(|(i, q)| q.front().map(|r| (r.tsc, i)))
                 .min()
-                .filter(|&(tsc, _)| drained || single_ring || tsc + settle_ticks <= newest);
+                .filter(|&(tsc, _)| drained || single_ring || tsc <= watermark);
             let Some((_, i)) = next else { break };
             if let Some(r) = pending[i].pop_front() {
                 pairer.push(r, &mut calls);

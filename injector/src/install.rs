@@ -96,11 +96,28 @@ fn mappings(pid: i32) -> Result<Vec<(u64, u64)>> {
     Ok(v)
 }
 
-/// Whether a process already carries a ring of ours.
-pub fn existing_ring(pid: i32) -> Result<Option<String>> {
+/// The live injector (pid) whose ring a process carries, if any. Rings left mapped by an
+/// injector that detached (owner 0) or died are not in use.
+pub fn existing_owner(pid: i32) -> Result<Option<u32>> {
     let maps =
         std::fs::read_to_string(format!("/proc/{pid}/maps")).with_context(|| format!("reading /proc/{pid}/maps"))?;
-    Ok(maps.lines().find(|l| l.contains(&format!("/memfd:{}", ring_abi::MEMFD_NAME))).map(str::to_string))
+    let mem = File::open(format!("/proc/{pid}/mem")).with_context(|| format!("opening /proc/{pid}/mem"))?;
+    for line in maps.lines().filter(|l| l.contains(&format!("/memfd:{}", ring_abi::MEMFD_NAME))) {
+        let Some(start) = line.split('-').next().and_then(|a| u64::from_str_radix(a, 16).ok()) else { continue };
+        let mut header = [0u8; 32];
+        if std::os::unix::fs::FileExt::read_exact_at(&mem, &mut header, start).is_err()
+            || header[..8] != ring_abi::MAGIC.to_le_bytes()
+        {
+            continue;
+        }
+        let owner = u64::from_le_bytes(header[header::OWNER..header::OWNER + 8].try_into().unwrap_or([0; 8])) as u32;
+        let alive =
+            owner != 0 && std::fs::read_to_string(format!("/proc/{owner}/comm")).is_ok_and(|c| c.trim() == "inject");
+        if alive {
+            return Ok(Some(owner));
+        }
+    }
+    Ok(None)
 }
 
 /// A free, page-aligned range of `len` bytes from which every address of `text` is within
@@ -463,16 +480,23 @@ pub fn remove(inst: &Installation) -> Result<Removal> {
         s.resume_briefly(Duration::from_millis(1))?;
     }
     s.detach()?;
+    if !unmapped {
+        // Left mapped for safety: mark it as no longer owned, so a later inject may attach.
+        inst.ring_header_store(header::OWNER, 0);
+    }
     let pause = started.elapsed();
     Ok(Removal { restored: inst.patches.len(), unmapped, pause })
 }
 
 impl Installation {
+    fn ring_header_store(&self, off: usize, v: u64) {
+        // SAFETY: an in-bounds, aligned atomic store into our shared mapping.
+        let w = unsafe { std::sync::atomic::AtomicU64::from_ptr(self.ring_map.as_ptr().add(off) as *mut u64) };
+        w.store(v, std::sync::atomic::Ordering::Release);
+    }
+
     fn ring_map_enabled(&self, on: bool) {
-        // SAFETY: in-bounds atomic store into our shared mapping.
-        let w =
-            unsafe { std::sync::atomic::AtomicU64::from_ptr(self.ring_map.as_ptr().add(header::ENABLED) as *mut u64) };
-        w.store(on as u64, std::sync::atomic::Ordering::Release);
+        self.ring_header_store(header::ENABLED, on as u64);
     }
 }
 

@@ -31,6 +31,7 @@ pub struct RingReader {
     next: Vec<u64>,
     /// Bytes of data area each site's records use.
     data_len: Vec<usize>,
+    drained: Vec<bool>,
     /// Records that failed validation (never believed, counted).
     pub corrupt: u64,
 }
@@ -46,7 +47,15 @@ impl RingReader {
     pub unsafe fn new(base: *mut u8, len: usize, layout: Layout, data_len: Vec<usize>) -> Self {
         assert!(len >= layout.total_len());
         let data_len = data_len.into_iter().map(|d| d.min(layout.data_len())).collect();
-        RingReader { base, len, layout, next: vec![0; layout.rings as usize], data_len, corrupt: 0 }
+        RingReader {
+            base,
+            len,
+            layout,
+            next: vec![0; layout.rings as usize],
+            data_len,
+            drained: Vec::new(),
+            corrupt: 0,
+        }
     }
 
     fn word(&self, off: usize) -> &AtomicU64 {
@@ -84,18 +93,34 @@ impl RingReader {
     }
 
     /// Appends published records, each sub-ring in ticket order, up to `max`; returns how
-    /// many.
+    /// many. `drained[r]` says whether sub-ring `r` was read up to its first unpublished
+    /// slot (rather than stopping at its share of `max`).
     pub fn poll(&mut self, out: &mut Vec<Record>, max: usize) -> usize {
+        let mut drained = std::mem::take(&mut self.drained);
+        drained.clear();
+        let n = self.poll_into(out, max, &mut drained);
+        self.drained = drained;
+        n
+    }
+
+    /// Per sub-ring, whether the last `poll` read it up to its first unpublished slot.
+    pub fn drained(&self) -> &[bool] {
+        &self.drained
+    }
+
+    fn poll_into(&mut self, out: &mut Vec<Record>, max: usize, drained: &mut Vec<bool>) -> usize {
         let mut n = 0;
         // Every sub-ring gets its share: a busy one must not starve the others past the
         // collector's settle window (records are merged by time stamp).
         let share = (max / self.layout.rings as usize).max(64);
         for r in 0..self.layout.rings {
             let limit = n + share;
+            let mut empty = false;
             while n < limit {
                 let t = self.next[r as usize];
                 let s = self.layout.slot_offset(r, t);
                 if self.word(s + slot::SEQ).load(Ordering::Acquire) != t + 1 {
+                    empty = true;
                     break;
                 }
                 let rec = self.decode(s, t, r);
@@ -111,6 +136,7 @@ impl RingReader {
                 }
             }
             self.word(self.layout.ring_offset(r) + ring::TAIL).store(self.next[r as usize], Ordering::Relaxed);
+            drained.push(empty);
         }
         n
     }

@@ -102,11 +102,8 @@ fn attach_and_trace(
     args: &RunArgs,
 ) -> Result<()> {
     check_go_version(bin)?;
-    if let Some(line) = install::existing_ring(pid)? {
-        bail!(
-            "pid {pid} is already instrumented by another inject (its ring is mapped: {}); stop that one first",
-            line.split_whitespace().next().unwrap_or("?")
-        );
+    if let Some(owner) = install::existing_owner(pid)? {
+        bail!("pid {pid} is already instrumented by another inject (pid {owner}); stop that one first");
     }
     let layout = bin.runtime_layout(dwarf).context("no runtime.g layout for this Go version")?;
     let sink = open_sink(args)?;

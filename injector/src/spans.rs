@@ -239,8 +239,8 @@ impl Pairer {
     /// Keeps a return without an entry for a while; old ones were calls already running
     /// when the probe went in.
     fn keep_early(&mut self, rec: Record) {
-        /// Far more than any clock skew between CPUs, in TSC ticks (~10 ms at 3 GHz).
-        const KEEP: u64 = 30_000_000;
+        /// Far more than any reordering between sub-rings, in TSC ticks (~100 ms at 3 GHz).
+        const KEEP: u64 = 300_000_000;
         let goid = rec.goid;
         let now = rec.tsc;
         let v = self.early.entry(goid).or_default();

@@ -106,6 +106,7 @@ fn exact_counts_default_pie_stripped_cgo() -> Result<()> {
     if !require_ptrace()? {
         return Ok(());
     }
+    let _serial = tests::exclusive();
     for tc in test_toolchains()? {
         for flavor in [Flavor::Default, Flavor::Pie, Flavor::Stripped, Flavor::Cgo] {
             exact_counts(&tc, flavor)?;
@@ -121,6 +122,7 @@ fn probes_in_and_out_fifty_times() -> Result<()> {
     if !require_ptrace()? {
         return Ok(());
     }
+    let _serial = tests::exclusive();
     for tc in test_toolchains()? {
         for procs in ["2", "8"] {
             let exe = build_fixture("recurse", &tc, Flavor::Default)?;
@@ -173,6 +175,7 @@ fn detach_leaves_no_trace_and_second_inject_is_refused() -> Result<()> {
     if !require_ptrace()? {
         return Ok(());
     }
+    let _serial = tests::exclusive();
     for tc in test_toolchains()? {
         let exe = build_fixture("funcs", &tc, Flavor::Default)?;
         let target = start_fixture(&exe, &["-loop", "-n", "0", "-sleep", "1ms"], &[])?;
@@ -207,6 +210,7 @@ fn target_survives_a_killed_injector() -> Result<()> {
     if !require_ptrace()? {
         return Ok(());
     }
+    let _serial = tests::exclusive();
     let tc = &test_toolchains()?[0];
     let exe = build_fixture("recurse", tc, Flavor::Default)?;
     let env = [("GOMAXPROCS", "4")];
@@ -234,6 +238,7 @@ fn dry_run_and_refusals() -> Result<()> {
     if !require_ptrace()? {
         return Ok(());
     }
+    let _serial = tests::exclusive();
     let tc = &test_toolchains()?[0];
     let exe = build_fixture("funcs", tc, Flavor::Default)?;
     let target = start_fixture(&exe, &["-loop", "-n", "0", "-sleep", "1ms"], &[])?;

@@ -108,6 +108,7 @@ fn captured_values_equal_the_programs_own() -> Result<()> {
     if !require_ptrace()? {
         return Ok(());
     }
+    let _serial = tests::exclusive();
     let calls = 1_000_000;
     for tc in test_toolchains()? {
         let exe = build_fixture("args", &tc, Flavor::Default)?;
@@ -174,6 +175,7 @@ fn overload_drops_are_counted_and_harmless() -> Result<()> {
     if !require_ptrace()? {
         return Ok(());
     }
+    let _serial = tests::exclusive();
     let tc = &test_toolchains()?[0];
     let exe = build_fixture("args", tc, Flavor::Default)?;
     let (n, rounds) = (2_000_000, 3);
