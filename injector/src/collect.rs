@@ -50,9 +50,11 @@ pub struct Totals {
 /// what every sub-ring has been read up to.
 const SETTLE: Duration = Duration::from_millis(2);
 
-/// Batches of finished calls in flight to the output thread before the collector drops
-/// (and counts) calls rather than fall behind the ring.
+/// Batches of finished calls in flight to the output thread.
 const QUEUE: usize = 4096;
+/// Calls the collector holds back while the output thread is behind, before it drops
+/// (and counts) them rather than stop draining the ring (~1 KiB each).
+const HELD_MAX: usize = 2_000_000;
 
 /// The output thread: formats and writes calls; returns how many failed to write.
 pub fn output(
@@ -103,6 +105,8 @@ pub fn run(
     let mut last_seen = vec![0u64; reader.rings() as usize];
     let mut seen_up_to = vec![0u64; reader.rings() as usize];
     let mut calls: Vec<Call> = Vec::new();
+    let mut held: std::collections::VecDeque<Vec<Call>> = std::collections::VecDeque::new();
+    let mut held_calls = 0usize;
     let settle_ticks = (clock.lock().map_or(3e9, |c| c.hz()) * SETTLE.as_secs_f64()) as u64;
     // One sub-ring is already in order.
     let single_ring = reader.rings() == 1;
@@ -157,14 +161,43 @@ pub fn run(
                 pairer.flush_expired(&mut calls);
             }
         }
+        // Hand calls to the output thread; when it is behind, hold them here (bounded)
+        // rather than stop draining the ring.
         if !calls.is_empty() {
-            let n = calls.len() as u64;
-            match tx.try_send(std::mem::take(&mut calls)) {
-                Ok(()) => totals.calls += n,
-                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => totals.output_dropped += n,
+            held_calls += calls.len();
+            held.push_back(std::mem::take(&mut calls));
+        }
+        while let Some(b) = held.pop_front() {
+            let n = b.len();
+            match tx.try_send(b) {
+                Ok(()) => {
+                    totals.calls += n as u64;
+                    held_calls -= n;
+                }
+                Err(TrySendError::Full(b)) => {
+                    held.push_front(b);
+                    break;
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    totals.output_dropped += n as u64;
+                    held_calls -= n;
+                }
             }
         }
+        while held_calls > HELD_MAX {
+            let Some(b) = held.pop_front() else { break };
+            held_calls -= b.len();
+            totals.output_dropped += b.len() as u64;
+        }
         if drained && pending.iter().all(|q| q.is_empty()) {
+            // Everything still held goes to the output thread, waiting for room.
+            for b in held.drain(..) {
+                let n = b.len() as u64;
+                match tx.send(b) {
+                    Ok(()) => totals.calls += n,
+                    Err(_) => totals.output_dropped += n,
+                }
+            }
             break;
         }
         if last_refine.elapsed() > Duration::from_secs(1) {

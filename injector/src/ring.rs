@@ -158,12 +158,9 @@ impl RingReader {
         for (i, v) in floats.iter_mut().enumerate() {
             *v = w(slot::FLOATS + 8 * i);
         }
-        let mut data = vec![0u8; data_len];
-        if data_len > 0 {
-            // SAFETY: the slot's data area lies inside the mapping (layout checked it); the
-            // record is published and no writer touches it until we free the slot.
-            unsafe { std::ptr::copy_nonoverlapping(self.base.add(s + slot::DATA), data.as_mut_ptr(), data_len) };
-        }
+        // SAFETY: the slot's data area lies inside the mapping (the layout checked it); the
+        // record is published and no writer touches it until we free the slot.
+        let data = unsafe { std::slice::from_raw_parts(self.base.add(s + slot::DATA), data_len) }.to_vec();
         Some(Record { ring, site, kind, goid: w(slot::GOID), tsc: w(slot::TSC), sp: w(slot::SP), ints, floats, data })
     }
 }

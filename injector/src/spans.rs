@@ -2,6 +2,28 @@
 //! stack of open calls), timed, parented on the same goroutine, and their values named.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Goroutine ids are already well spread: a multiply is a good enough hash, and much
+/// cheaper than SipHash on the collector's per-record path.
+#[derive(Default)]
+pub struct GoidHasher(u64);
+
+impl Hasher for GoidHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (v ^ self.0).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type GoidMap<V> = HashMap<u64, V, BuildHasherDefault<GoidHasher>>;
 
 use ring_abi::Kind;
 
@@ -95,10 +117,10 @@ impl Default for Ids {
 /// Pairs records into calls.
 pub struct Pairer {
     sites: Vec<SiteMeta>,
-    stacks: HashMap<u64, Vec<Open>>,
+    stacks: GoidMap<Vec<Open>>,
     /// Returns seen before their entry: time stamps of different CPUs can be skewed by
     /// a little, and a goroutine that moved between them can appear to return first.
-    early: HashMap<u64, Vec<Record>>,
+    early: GoidMap<Vec<Record>>,
     /// Returns whose wait expired, to pair once the frames above them are dropped.
     expired: Vec<Record>,
     ids: Ids,
@@ -116,8 +138,8 @@ impl Pairer {
     pub fn new(sites: Vec<SiteMeta>) -> Pairer {
         Pairer {
             sites,
-            stacks: HashMap::new(),
-            early: HashMap::new(),
+            stacks: GoidMap::default(),
+            early: GoidMap::default(),
             expired: Vec::new(),
             ids: Ids::new(),
             unmatched_returns: 0,
