@@ -4,7 +4,7 @@ use std::ops::Range;
 
 use object::{Object, ObjectSymbol};
 
-use crate::buildinfo::{BuildInfo, BuildInfoError};
+use crate::buildinfo::{BuildInfo, BuildInfoError, read_uvarint};
 use crate::dwarf::{DwarfError, DwarfInfo};
 use crate::elf::{Elf, ElfError};
 use crate::pclntab::{Func, MAGIC_GO120, Pclntab, PclntabError};
@@ -121,6 +121,35 @@ impl<'a> GoBinary<'a> {
         dwarf.and_then(|d| runtime_layout_from_dwarf(d).ok().flatten()).or_else(|| self.runtime_layout_from_table())
     }
 
+    /// `runtime.firstmoduledata.types`: the base that type descriptors' name offsets
+    /// count from.
+    pub fn types_base(&self) -> Option<u64> {
+        let header = self.elf.bytes_at(self.pclntab_vaddr)?;
+        let md = find_moduledata(&self.elf, header, self.pclntab_vaddr)?;
+        self.elf.read_pointer(md.checked_add(MD_TYPES)?).filter(|t| *t != 0)
+    }
+
+    /// The name of the Go type whose descriptor (`*abi.Type`, link-time address) is at
+    /// `addr`, as `%T` prints it; None for descriptors not in the file (made at run time).
+    pub fn type_name(&self, types: u64, addr: u64) -> Option<String> {
+        const TFLAG_EXTRA_STAR: u8 = 2;
+        let t = self.elf.read(addr, 48)?;
+        let tflag = t[20];
+        let str_off = i32::from_le_bytes(t[40..44].try_into().ok()?);
+        let name = self.elf.bytes_at(types.checked_add_signed(i64::from(str_off))?)?;
+        let (len, n) = read_uvarint(name.get(1..)?)?;
+        let bytes = name.get(1 + n..(1 + n).checked_add(usize::try_from(len).ok()?)?)?;
+        let s = std::str::from_utf8(bytes).ok()?;
+        let s = if tflag & TFLAG_EXTRA_STAR != 0 { s.strip_prefix('*')? } else { s };
+        Some(s.to_string())
+    }
+
+    /// The type descriptor an itab (link-time address) pairs with, for itabs the linker
+    /// made (ones the runtime builds on the heap are not in the file).
+    pub fn itab_type(&self, itab: u64) -> Option<u64> {
+        self.elf.read_pointer(itab.checked_add(8)?).filter(|t| *t != 0)
+    }
+
     /// A build setting such as `-race`, `CGO_ENABLED`, `-buildmode`.
     pub fn setting(&self, key: &str) -> Option<&str> {
         self.build_info.setting(key)
@@ -209,16 +238,24 @@ fn parse_at<'a>(elf: &Elf<'a>, data: &'a [u8], vaddr: u64) -> Result<Pclntab<'a>
     Pclntab::parse(data, text_start)
 }
 
-/// `runtime.firstmoduledata.text`, found through the moduledata's first field, a pointer
-/// to the pcHeader, and confirmed by its second, the funcnametab slice. The field
-/// offsets have been stable since go1.16.
+/// `runtime.firstmoduledata.text`.
 fn moduledata_text(elf: &Elf<'_>, header: &[u8], header_vaddr: u64) -> Option<u64> {
-    const FUNCNAMETAB: u64 = 8;
-    const TEXT: u64 = 8 + 5 * 24 + 24 + 8 + 8 + 8;
+    let md = find_moduledata(elf, header, header_vaddr)?;
+    elf.read_pointer(md.checked_add(MD_TEXT)?).filter(|t| *t != 0)
+}
+
+/// Offsets in `runtime.moduledata`, stable since go1.20 (1.27 added a field after
+/// `types`, not before).
+const MD_FUNCNAMETAB: u64 = 8;
+const MD_TEXT: u64 = 8 + 5 * 24 + 24 + 8 + 8 + 8;
+const MD_TYPES: u64 = MD_TEXT + 15 * 8;
+
+/// `runtime.firstmoduledata`, found through its first field, a pointer to the pcHeader,
+/// and confirmed by its second, the funcnametab slice.
+fn find_moduledata(elf: &Elf<'_>, header: &[u8], header_vaddr: u64) -> Option<u64> {
     let funcname_off = u64::from_le_bytes(header.get(32..40)?.try_into().ok()?);
     let confirm = |md: u64| -> Option<u64> {
-        (elf.read_pointer(md.checked_add(FUNCNAMETAB)?)? == header_vaddr.checked_add(funcname_off)?).then_some(())?;
-        elf.read_pointer(md.checked_add(TEXT)?).filter(|t| *t != 0)
+        (elf.read_pointer(md.checked_add(MD_FUNCNAMETAB)?)? == header_vaddr.checked_add(funcname_off)?).then_some(md)
     };
     let target = header_vaddr.to_le_bytes();
     for seg in elf.segments.iter().filter(|s| s.writable) {

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use crate::abi::{self, Location};
+use crate::abi::{self, GoType, Location};
 use crate::dwarf::FuncDebug;
 
 /// One parameter or result.
@@ -13,6 +13,16 @@ pub struct Value {
     pub name: String,
     pub type_name: String,
     pub location: Location,
+    /// For interfaces: `Some(true)` when empty (`any`: the first word is the type),
+    /// `Some(false)` otherwise (the first word is an itab).
+    pub interface: Option<bool>,
+}
+
+fn interface(t: &GoType) -> Option<bool> {
+    match t {
+        GoType::Interface { empty } => Some(*empty),
+        _ => None,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,14 +77,21 @@ pub fn signature(f: &FuncDebug, args: i32) -> Option<Signature> {
     let params = names
         .into_iter()
         .zip(assignment.params)
-        .map(|((name, type_name), location)| Value { name, type_name, location })
+        .zip(&inputs)
+        .map(|(((name, type_name), location), t)| Value { name, type_name, location, interface: interface(t) })
         .collect();
     let results = f
         .params
         .iter()
         .filter(|p| p.is_result)
         .zip(assignment.results)
-        .map(|(p, location)| Value { name: p.name.clone(), type_name: p.type_name.to_string(), location })
+        .zip(&results)
+        .map(|((p, location), t)| Value {
+            name: p.name.clone(),
+            type_name: p.type_name.to_string(),
+            location,
+            interface: interface(t),
+        })
         .collect();
     Some(Signature { params, results })
 }

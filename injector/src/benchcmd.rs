@@ -52,11 +52,9 @@ pub fn bench_collector(args: &BenchArgs) -> Result<()> {
         let clock = clock.clone();
         let format = args.format;
         let sites = vec![meta.clone()];
-        std::thread::spawn(
-            move || {
-                if format { collect::output(rx, sink, sites, clock) } else { rx.iter().count() as u64 }
-            },
-        )
+        std::thread::spawn(move || {
+            if format { collect::output(rx, sink, sites, clock, None) } else { rx.iter().count() as u64 }
+        })
     };
     let collector = {
         let (stop, clock) = (stop.clone(), clock.clone());

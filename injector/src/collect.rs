@@ -62,7 +62,24 @@ pub fn output(
     mut sink: Sink,
     sites: Vec<SiteMeta>,
     clock: Arc<std::sync::Mutex<Clock>>,
+    exe: Option<(Arc<memmap2::Mmap>, u64)>,
 ) -> u64 {
+    // Interface values are named from the type descriptors in the executable file.
+    let bin = exe.as_ref().and_then(|(map, _)| go_abi::GoBinary::parse(&map[..]).ok());
+    let bias = exe.as_ref().map_or(0, |(_, b)| *b);
+    let types_base = bin.as_ref().and_then(|b| b.types_base());
+    let mut cache: std::collections::HashMap<(u64, bool), Option<String>> = std::collections::HashMap::new();
+    let mut namer = |word: u64, empty: bool| -> Option<String> {
+        let (bin, types) = (bin.as_ref()?, types_base?);
+        cache
+            .entry((word, empty))
+            .or_insert_with(|| {
+                let link = word.checked_sub(bias)?;
+                let ty = if empty { link } else { bin.itab_type(link)? };
+                bin.type_name(types, ty)
+            })
+            .clone()
+    };
     let mut errors = 0;
     let mut last_flush = Instant::now();
     loop {
@@ -70,7 +87,7 @@ pub fn output(
             Ok(batch) => {
                 let c = *clock.lock().unwrap_or_else(|e| e.into_inner());
                 for call in &batch {
-                    if sink.write(call, &sites, &c).is_err() {
+                    if sink.write(call, &sites, &c, &mut namer).is_err() {
                         errors += 1;
                     }
                 }

@@ -40,7 +40,7 @@ pub struct InfoArgs {
 }
 
 fn load(exe: &Executable) -> Result<GoBinary<'_>> {
-    GoBinary::parse(&exe.map).with_context(|| exe.path.display().to_string())
+    GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())
 }
 
 #[derive(Serialize)]

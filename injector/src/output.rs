@@ -5,6 +5,7 @@ use std::io::Write;
 use anyhow::Result;
 
 use crate::spans::{Call, Clock, SiteMeta, call_values};
+use crate::values::TypeNamer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -42,11 +43,11 @@ impl Sink {
         Sink { format, out }
     }
 
-    pub fn write(&mut self, call: &Call, sites: &[SiteMeta], clock: &Clock) -> Result<()> {
+    pub fn write(&mut self, call: &Call, sites: &[SiteMeta], clock: &Clock, types: &mut TypeNamer<'_>) -> Result<()> {
         let meta = &sites[call.site as usize];
         let start = clock.unix_ns(call.start_tsc());
         let dur = call.end_tsc().map(|e| clock.ns(e.saturating_sub(call.start_tsc())));
-        let (args, results) = call_values(meta, call);
+        let (args, results) = call_values(meta, call, types);
         match self.format {
             Format::Console => {
                 let args: Vec<String> = args.iter().map(|a| format!("{}={}", a.name, a.text)).collect();

@@ -65,7 +65,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     let target = TargetArgs { exe: args.exe.clone(), pid: if args.exe.is_some() { None } else { args.pid } };
     let exe = target.open()?;
-    let bin = GoBinary::parse(&exe.map).with_context(|| exe.path.display().to_string())?;
+    let bin = GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())?;
     let ctx = plan::PlanContext { dwarf: bin.dwarf().ok().flatten(), max_string: args.max_string };
     let sites = plan::plan(&bin, &args.funcs, exe.bias, &ctx)?;
     if args.dry_run {
@@ -74,7 +74,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     check_installable(&sites)?;
     let pid = args.pid.context("--pid")?;
-    attach_and_trace(pid, &bin, exe.bias, &sites, ctx.dwarf.as_ref(), args)
+    attach_and_trace(pid, &bin, exe.bias, exe.map.clone(), &sites, ctx.dwarf.as_ref(), args)
 }
 
 /// Supported Go releases: what go-versions.toml tests, which the runtime layout table covers.
@@ -97,6 +97,7 @@ fn attach_and_trace(
     pid: i32,
     bin: &GoBinary<'_>,
     bias: u64,
+    exe_map: std::sync::Arc<memmap2::Mmap>,
     sites: &[ProbeSite],
     dwarf: Option<&go_abi::dwarf::DwarfInfo>,
     args: &RunArgs,
@@ -160,7 +161,8 @@ fn attach_and_trace(
     let pairer = Pairer::new(metas);
     let output = {
         let (sites, clock) = (pairer.sites().to_vec(), clock.clone());
-        std::thread::Builder::new().name("output".into()).spawn(move || collect::output(rx, sink, sites, clock))?
+        let exe = Some((exe_map, bias));
+        std::thread::Builder::new().name("output".into()).spawn(move || collect::output(rx, sink, sites, clock, exe))?
     };
     let collector = {
         let stop = stop.clone();

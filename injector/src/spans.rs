@@ -28,7 +28,7 @@ type GoidMap<V> = HashMap<u64, V, BuildHasherDefault<GoidHasher>>;
 use ring_abi::Kind;
 
 use crate::ring::Record;
-use crate::values::{Shown, Side, show, show_raw};
+use crate::values::{Shown, Side, TypeNamer, show, show_raw};
 
 /// What the collector knows about each probed function.
 #[derive(Debug, Clone)]
@@ -73,13 +73,13 @@ struct Open {
 }
 
 /// Formats a call's arguments and results.
-pub fn call_values(meta: &SiteMeta, call: &Call) -> (Vec<Shown>, Vec<Shown>) {
+pub fn call_values(meta: &SiteMeta, call: &Call, types: &mut TypeNamer<'_>) -> (Vec<Shown>, Vec<Shown>) {
     if !meta.typed {
         return (show_raw(&call.entry), Vec::new());
     }
-    let args = meta.entry.values.iter().map(|v| show(v, &call.entry)).collect();
+    let args = meta.entry.values.iter().map(|v| show(v, &call.entry, types)).collect();
     let results = match &call.ret {
-        Some(r) => meta.ret.values.iter().map(|v| show(v, r)).collect(),
+        Some(r) => meta.ret.values.iter().map(|v| show(v, r, types)).collect(),
         None => Vec::new(),
     };
     (args, results)

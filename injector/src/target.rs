@@ -12,7 +12,8 @@ use memmap2::Mmap;
 pub struct Executable {
     pub path: PathBuf,
     pub pid: Option<i32>,
-    pub map: Mmap,
+    /// Shared with the output thread, which names dynamic types from the file.
+    pub map: std::sync::Arc<Mmap>,
     /// Added to link-time addresses to get run-time addresses (0 unless a PIE process).
     pub bias: u64,
 }
@@ -47,7 +48,7 @@ fn open_file(path: &Path) -> Result<Executable> {
     // SAFETY: the map is read-only; a binary truncated underneath us would fault, which
     // is the same exposure as any tool reading a file through mmap.
     let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-    Ok(Executable { path: path.to_path_buf(), pid: None, map, bias: 0 })
+    Ok(Executable { path: path.to_path_buf(), pid: None, map: map.into(), bias: 0 })
 }
 
 fn open_pid(pid: i32) -> Result<Executable> {
@@ -74,7 +75,7 @@ fn open_pid(pid: i32) -> Result<Executable> {
     // SAFETY: as in open_file.
     let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map the executable of pid {pid}"))?;
     let bias = load_bias(pid, &map).unwrap_or(0);
-    Ok(Executable { path: shown, pid: Some(pid), map, bias })
+    Ok(Executable { path: shown, pid: Some(pid), map: map.into(), bias })
 }
 
 /// The load bias of a PIE process: where the kernel mapped file offset 0 minus the

@@ -19,7 +19,13 @@ pub struct ValueSpec {
     pub location: Location,
     /// Where its bytes were copied in the record's data area, and the bound.
     pub copy: Option<(u16, u16)>,
+    /// An interface: `Some(empty)` (see `go_abi::signature::Value::interface`).
+    pub interface: Option<bool>,
 }
+
+/// Names the dynamic type of an interface from its first word (a type descriptor when
+/// `empty`, else an itab), both run-time addresses.
+pub type TypeNamer<'a> = dyn FnMut(u64, bool) -> Option<String> + 'a;
 
 /// Everything needed to capture and show one side (entry or return) of a function.
 #[derive(Debug, Clone, Default)]
@@ -70,6 +76,7 @@ pub fn side(values: &[Value], max_string: u16) -> Side {
             type_name: v.type_name.clone(),
             location: v.location.clone(),
             copy,
+            interface: v.interface,
         });
     }
     Side { plan, values: specs }
@@ -150,7 +157,7 @@ fn float_text(f: f64) -> (String, serde_json::Value) {
 }
 
 /// Formats one value of `rec`.
-pub fn show(spec: &ValueSpec, rec: &Record) -> Shown {
+pub fn show(spec: &ValueSpec, rec: &Record, types: &mut TypeNamer<'_>) -> Shown {
     let name = spec.name.clone();
     let pieces = match &spec.location {
         Location::Registers(p) => p,
@@ -160,7 +167,23 @@ pub fn show(spec: &ValueSpec, rec: &Record) -> Shown {
     };
     let bits = |i: usize| pieces.get(i).and_then(|p| reg_bits(rec, p.reg)).unwrap_or(0);
     let t = spec.type_name.as_str();
-    let (text, json) = if let Some((dest, max)) = spec.copy {
+    let (text, json) = if let (Some(empty), 2) = (spec.interface, pieces.len()) {
+        let (word, data) = (bits(0), bits(1));
+        if word == 0 {
+            ("nil".to_string(), serde_json::Value::Null)
+        } else {
+            match types(word, empty) {
+                Some(name) => {
+                    (format!("{name}({data:#x})"), serde_json::json!({"type": name, "data": format!("{data:#x}")}))
+                }
+                // A type or itab the runtime made on the heap: not in the file.
+                None => (
+                    format!("{t}{{{word:#x}, {data:#x}}}"),
+                    serde_json::json!({"word": format!("{word:#x}"), "data": format!("{data:#x}")}),
+                ),
+            }
+        }
+    } else if let Some((dest, max)) = spec.copy {
         let len = bits(1) as i64;
         let n = len.clamp(0, max as i64) as usize;
         let start = dest as usize;

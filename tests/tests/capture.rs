@@ -224,3 +224,63 @@ fn overload_drops_are_counted_and_harmless() -> Result<()> {
     eprintln!("overload: {written} written, {dropped} dropped, {made} made");
     Ok(())
 }
+
+/// Interface arguments show their dynamic type, named from the executable's type
+/// descriptors: through the type word of `any`, and through the itab of `error` and
+/// `fmt.Stringer`.
+#[test]
+fn interface_values_name_their_dynamic_type() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    for tc in test_toolchains()? {
+        for flavor in [Flavor::Default, Flavor::Pie] {
+            let exe = build_fixture("funcs", &tc, flavor)?;
+            let target = start_fixture(&exe, &["-loop", "-n", "0", "-sleep", "1ms"], &[])?;
+            let jsonl = scratch(&format!("iface-{}-{}.jsonl", tc.version, flavor.name()));
+            let mut inject = start_inject(
+                &[
+                    "--pid".into(),
+                    target.pid().to_string(),
+                    "--func".into(),
+                    "main.Describe".into(),
+                    "--func".into(),
+                    "main.ErrText".into(),
+                    "--func".into(),
+                    "main.Show".into(),
+                    "--duration".into(),
+                    "0.5".into(),
+                    "--output".into(),
+                    "jsonl".into(),
+                    "--output-file".into(),
+                    jsonl.display().to_string(),
+                ],
+                false,
+            )?;
+            ensure!(inject.wait(LIMIT)?.success(), "inject failed:\n{}", inject.transcript());
+            let mut seen = HashMap::new();
+            for line in std::fs::read_to_string(&jsonl)?.lines() {
+                let v: Value = serde_json::from_str(line)?;
+                let name = v["name"].as_str().context("name")?.to_string();
+                let arg = v["args"].as_object().and_then(|a| a.values().next().cloned()).context("arg")?;
+                seen.insert(name, arg["type"].as_str().unwrap_or_default().to_string());
+            }
+            let want = [
+                ("main.Describe", "main.Point"),
+                ("main.ErrText", "*errors.errorString"),
+                ("main.Show", "main.Celsius"),
+            ];
+            for (func, ty) in want {
+                ensure!(
+                    seen.get(func).map(String::as_str) == Some(ty),
+                    "Go {} {}: {func} argument type {:?}, want {ty}",
+                    tc.version,
+                    flavor.name(),
+                    seen.get(func)
+                );
+            }
+        }
+    }
+    Ok(())
+}
