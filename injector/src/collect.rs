@@ -35,6 +35,8 @@ pub struct Totals {
     /// writer stopped mid-record: the target died, or a thread was killed).
     pub tickets: u64,
     pub consumed: u64,
+    /// Tickets taken but never published, stepped over at the end.
+    pub unpublished: u64,
     pub calls: u64,
     pub unmatched_returns: u64,
     pub abandoned: u64,
@@ -143,9 +145,20 @@ pub fn run(
         }
         totals.records += n as u64;
         let stopping = stop.load(Ordering::Acquire);
-        let drained = stopping
-            && (reader.consumed() >= reader.head()
-                || stopping_since.get_or_insert_with(Instant::now).elapsed() > grace);
+        // After the stop, wait for every ticket to be published, giving up only when no
+        // record has come for `grace` (a writer that died mid-record never publishes).
+        if stopping && (n > 0 || stopping_since.is_none()) {
+            stopping_since = Some(Instant::now());
+        }
+        let mut drained =
+            stopping && (reader.consumed() >= reader.head() || stopping_since.is_some_and(|t| t.elapsed() > grace));
+        let skipped = if drained && reader.consumed() < reader.head() { reader.skip_unpublished() } else { 0 };
+        if skipped > 0 {
+            // Tickets never published: stepped over; read what follows them.
+            totals.unpublished += skipped;
+            stopping_since = Some(Instant::now());
+            drained = false;
+        }
         // Each sub-ring's records stay in ticket order (the true order of its writers);
         // the streams are merged by time stamp. Everything published before this round
         // began has been read from the sub-rings that were drained; a sub-ring cut short

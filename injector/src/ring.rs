@@ -103,6 +103,22 @@ impl RingReader {
         n
     }
 
+    /// At the end only (the target is gone or the probes are out, so no writer can be
+    /// mid-record any more): steps over tickets that were taken but never published, so
+    /// the records after them are read. Returns how many were skipped.
+    pub fn skip_unpublished(&mut self) -> u64 {
+        let mut skipped = 0;
+        for r in 0..self.layout.rings {
+            let head = self.word(self.layout.ring_offset(r) + ring::HEAD).load(Ordering::Acquire);
+            let t = self.next[r as usize];
+            if t < head && self.word(self.layout.slot_offset(r, t) + slot::SEQ).load(Ordering::Acquire) != t + 1 {
+                self.next[r as usize] = t + 1;
+                skipped += 1;
+            }
+        }
+        skipped
+    }
+
     /// Per sub-ring, whether the last `poll` read it up to its first unpublished slot.
     pub fn drained(&self) -> &[bool] {
         &self.drained
