@@ -173,32 +173,11 @@ impl Pairer {
                     trace_id
                 };
                 let span_id = self.ids.next();
-                if let Some(ret) = early {
+                // Finished at once: its return came early, or no exit is probed.
+                if early.is_some() || entry_only {
                     let depth = stack.len();
-                    out.push(Call {
-                        site: rec.site,
-                        goid: rec.goid,
-                        depth,
-                        entry: rec,
-                        ret: Some(ret),
-                        trace_id,
-                        span_id,
-                        parent,
-                    });
-                    return;
-                }
-                if entry_only {
-                    let depth = stack.len();
-                    out.push(Call {
-                        site: rec.site,
-                        goid: rec.goid,
-                        depth,
-                        entry: rec,
-                        ret: None,
-                        trace_id,
-                        span_id,
-                        parent,
-                    });
+                    let (site, goid) = (rec.site, rec.goid);
+                    out.push(Call { site, goid, depth, entry: rec, ret: early, trace_id, span_id, parent });
                     return;
                 }
                 stack.push(Open { entry: rec, trace_id, span_id, parent });
