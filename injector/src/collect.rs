@@ -116,7 +116,7 @@ pub fn run(
     stop: Arc<AtomicBool>,
     grace: Duration,
 ) -> Totals {
-    let nsites = pairer_sites(&pairer);
+    let nsites = pairer.site_count();
     let mut totals = Totals { sites: vec![SiteCounts::default(); nsites], ..Default::default() };
     let mut batch: Vec<Record> = Vec::with_capacity(8192);
     let mut pending: Vec<std::collections::VecDeque<Record>> =
@@ -256,10 +256,6 @@ pub fn run(
     totals.abandoned = pairer.abandoned;
     totals.open_calls = pairer.open_calls() as u64;
     totals
-}
-
-fn pairer_sites(p: &Pairer) -> usize {
-    p.site_count()
 }
 
 /// The collector's channel to the output thread.

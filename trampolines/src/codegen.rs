@@ -282,6 +282,22 @@ fn check_reach(at: u64, ring: &RingAddrs) -> Result<(), CodegenError> {
     Ok(())
 }
 
+/// Assembles a trampoline for `at`: `body` emits its instructions.
+fn assemble(
+    at: u64,
+    ring: &RingAddrs,
+    body: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Result<Trampoline, CodegenError> {
+    check_reach(at, ring)?;
+    let build = || -> Result<Vec<u8>, IcedError> {
+        let mut a = CodeAssembler::new(64)?;
+        body(&mut a)?;
+        Ok(a.assemble_options(at, BlockEncoderOptions::NONE)?.inner.code_buffer)
+    };
+    let code = build().map_err(|e| CodegenError::encode(at, e))?;
+    Ok(Trampoline { at, code })
+}
+
 /// The entry trampoline for `patch`, to be placed at `at`.
 pub fn entry_trampoline(
     patch: &EntryPatch,
@@ -291,32 +307,26 @@ pub fn entry_trampoline(
     ring: &RingAddrs,
     at: u64,
 ) -> Result<Trampoline, CodegenError> {
-    check_reach(at, ring)?;
-    let build = || -> Result<Vec<u8>, IcedError> {
-        let mut a = CodeAssembler::new(64)?;
+    assemble(at, ring, |a| {
         if patch.stack_check {
             // The original check first: when it fails it branches to the function's own
             // morestack block, which grows the stack and jumps back to the entry.
             for i in &patch.stolen {
                 a.add_instruction(*i)?;
             }
-            emit_capture(&mut a, ring, site, Kind::Entry, entry_plan)?;
+            emit_capture(a, ring, site, Kind::Entry, entry_plan)?;
         } else {
-            emit_capture(&mut a, ring, site, Kind::Entry, entry_plan)?;
+            emit_capture(a, ring, site, Kind::Entry, entry_plan)?;
             for i in &patch.stolen {
                 a.add_instruction(*i)?;
             }
             if patch.whole_body {
-                emit_capture(&mut a, ring, site, Kind::Return, return_plan)?;
+                emit_capture(a, ring, site, Kind::Return, return_plan)?;
             }
         }
         // Back to the instruction after the last relocated one (the RET of a whole body).
-        let back = patch.stolen.last().map_or(patch.redirect.at(), |i| i.next_ip());
-        a.jmp(back)?;
-        Ok(a.assemble_options(at, BlockEncoderOptions::NONE)?.inner.code_buffer)
-    };
-    let code = build().map_err(|e| CodegenError::encode(at, e))?;
-    Ok(Trampoline { at, code })
+        a.jmp(patch.stolen.last().map_or(patch.redirect.at(), |i| i.next_ip()))
+    })
 }
 
 /// The return trampoline for `patch`: re-executes the epilogue instructions it replaced,
@@ -328,16 +338,11 @@ pub fn return_trampoline(
     ring: &RingAddrs,
     at: u64,
 ) -> Result<Trampoline, CodegenError> {
-    check_reach(at, ring)?;
-    let build = || -> Result<Vec<u8>, IcedError> {
-        let mut a = CodeAssembler::new(64)?;
+    assemble(at, ring, |a| {
         for i in &patch.insns {
             a.add_instruction(*i)?;
         }
-        emit_capture(&mut a, ring, site, Kind::Return, plan)?;
-        a.jmp(patch.ret)?;
-        Ok(a.assemble_options(at, BlockEncoderOptions::NONE)?.inner.code_buffer)
-    };
-    let code = build().map_err(|e| CodegenError::encode(at, e))?;
-    Ok(Trampoline { at, code })
+        emit_capture(a, ring, site, Kind::Return, plan)?;
+        a.jmp(patch.ret)
+    })
 }

@@ -119,19 +119,6 @@ fn loop_ns(
     Ok(out)
 }
 
-/// Offsets (from the function's entry) of `main.add3`'s entry and RET, for uprobes.
-#[allow(dead_code)]
-fn add3_offsets(exe: &Path) -> Result<(u64, u64)> {
-    let data = std::fs::read(exe)?;
-    let bin = go_abi::GoBinary::parse(&data)?;
-    let f = bin.functions()?.into_iter().find(|f| f.name == "main.add3").context("main.add3")?;
-    let end = bin.pclntab.code_end(&f);
-    let code = bin.code(&f).context("code")?;
-    let last = (end - f.entry) as usize;
-    ensure!(last > 0 && code[last - 1] == 0xc3, "main.add3 does not end in RET");
-    Ok((f.entry, (last - 1) as u64))
-}
-
 fn ensure_bpftrace() -> Result<()> {
     if Command::new("bpftrace").arg("--version").output().is_ok_and(|o| o.status.success()) {
         return Ok(());
