@@ -16,6 +16,26 @@ pub struct Value {
     /// For interfaces: `Some(true)` when empty (`any`: the first word is the type),
     /// `Some(false)` otherwise (the first word is an itab).
     pub interface: Option<bool>,
+    /// The underlying basic type, also for named ones (`time.Duration` is an int64).
+    pub scalar: Option<Scalar>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scalar {
+    Bool,
+    Int { size: u8, signed: bool },
+    Float32,
+    Float64,
+}
+
+fn scalar(t: &GoType) -> Option<Scalar> {
+    match *t {
+        GoType::Bool => Some(Scalar::Bool),
+        GoType::Int { size, signed } => Some(Scalar::Int { size, signed }),
+        GoType::Float32 => Some(Scalar::Float32),
+        GoType::Float64 => Some(Scalar::Float64),
+        _ => None,
+    }
 }
 
 fn interface(t: &GoType) -> Option<bool> {
@@ -78,7 +98,13 @@ pub fn signature(f: &FuncDebug, args: i32) -> Option<Signature> {
         .into_iter()
         .zip(assignment.params)
         .zip(&inputs)
-        .map(|(((name, type_name), location), t)| Value { name, type_name, location, interface: interface(t) })
+        .map(|(((name, type_name), location), t)| Value {
+            name,
+            type_name,
+            location,
+            interface: interface(t),
+            scalar: scalar(t),
+        })
         .collect();
     let results = f
         .params
@@ -91,6 +117,7 @@ pub fn signature(f: &FuncDebug, args: i32) -> Option<Signature> {
             type_name: p.type_name.to_string(),
             location,
             interface: interface(t),
+            scalar: scalar(t),
         })
         .collect();
     Some(Signature { params, results })

@@ -40,13 +40,14 @@ pub fn bench_collector(args: &BenchArgs) -> Result<()> {
         ret: Side::default(),
         typed: false,
         entry_only: false,
+        code: None,
     };
     // SAFETY: `mem` outlives the reader (joined below).
     let reader = unsafe { RingReader::new(base, layout.total_len(), layout, vec![0]) };
     let stop = Arc::new(AtomicBool::new(false));
     let clock = Arc::new(Mutex::new(Clock::calibrate(Duration::from_millis(10))));
     let (tx, rx) = collect::channel();
-    let sink = Sink::new(Format::Jsonl, Box::new(std::io::sink()));
+    let sink = Sink::text(Format::Jsonl, Box::new(std::io::sink()));
     let output = {
         let clock = clock.clone();
         let format = args.format;

@@ -8,6 +8,7 @@ mod benchcmd;
 mod collect;
 mod inspect;
 mod install;
+mod otlp;
 mod output;
 mod plan;
 mod ptrace;

@@ -1,9 +1,14 @@
-//! Where finished calls go: a live console view for debugging sessions, or JSON lines.
+//! Where finished calls go: a live console view for debugging sessions, JSON lines, or
+//! spans over OTLP.
 
 use std::io::Write;
 
 use anyhow::Result;
 
+use opentelemetry::InstrumentationScope;
+
+use crate::otlp::SpanSender;
+use crate::otlp::config::Sampler;
 use crate::spans::{Call, Clock, SiteMeta, call_values};
 use crate::values::TypeNamer;
 
@@ -13,11 +18,16 @@ pub enum Format {
     Console,
     /// One JSON object per finished call (span), for files and tools.
     Jsonl,
+    /// Spans to an OpenTelemetry endpoint (the default when one is configured).
+    Otlp,
+    /// Nothing (counts only, in the exit summary).
+    None,
 }
 
-pub struct Sink {
-    format: Format,
-    out: Box<dyn Write + Send>,
+pub enum Sink {
+    Text { format: Format, out: Box<dyn Write + Send> },
+    Otlp { spans: SpanSender, sampler: Sampler, scope: InstrumentationScope },
+    None,
 }
 
 fn duration(ns: f64) -> String {
@@ -39,16 +49,31 @@ fn clock_time(unix_ns: u128) -> String {
 }
 
 impl Sink {
-    pub fn new(format: Format, out: Box<dyn Write + Send>) -> Sink {
-        Sink { format, out }
+    pub fn text(format: Format, out: Box<dyn Write + Send>) -> Sink {
+        Sink::Text { format, out }
     }
 
     pub fn write(&mut self, call: &Call, sites: &[SiteMeta], clock: &Clock, types: &mut TypeNamer<'_>) -> Result<()> {
         let meta = &sites[call.site as usize];
+        let (format, out) = match self {
+            Sink::None => return Ok(()),
+            Sink::Otlp { spans, sampler, scope } => {
+                // Sampling first: an unsampled call costs no formatting.
+                if !sampler.sample(call.trace_id, None) {
+                    spans.sampled_out();
+                    return Ok(());
+                }
+                let (args, results) = call_values(meta, call, types);
+                spans.send(crate::otlp::span::call_span(call, meta, clock, &args, &results, scope));
+                return Ok(());
+            }
+            Sink::Text { format, out } => (*format, out),
+        };
         let start = clock.unix_ns(call.start_tsc());
         let dur = call.end_tsc().map(|e| clock.ns(e.saturating_sub(call.start_tsc())));
         let (args, results) = call_values(meta, call, types);
-        match self.format {
+        match format {
+            Format::Otlp | Format::None => {}
             Format::Console => {
                 let args: Vec<String> = args.iter().map(|a| format!("{}={}", a.name, a.text)).collect();
                 let mut line = format!(
@@ -72,7 +97,7 @@ impl Sink {
                     Some(ns) => line.push_str(&format!("  {}", duration(ns))),
                     None => line.push_str("  (entry only)"),
                 }
-                writeln!(self.out, "{line}")?;
+                writeln!(out, "{line}")?;
             }
             Format::Jsonl => {
                 let obj = |v: &[crate::values::Shown]| -> serde_json::Map<String, serde_json::Value> {
@@ -95,15 +120,17 @@ impl Sink {
                 } else {
                     o["entry_only"] = serde_json::json!(true);
                 }
-                serde_json::to_writer(&mut self.out, &o)?;
-                self.out.write_all(b"\n")?;
+                serde_json::to_writer(&mut *out, &o)?;
+                out.write_all(b"\n")?;
             }
         }
         Ok(())
     }
 
     pub fn flush(&mut self) -> Result<()> {
-        self.out.flush()?;
+        if let Sink::Text { out, .. } = self {
+            out.flush()?;
+        }
         Ok(())
     }
 }

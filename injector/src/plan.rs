@@ -47,6 +47,8 @@ pub struct ProbeSite {
     pub on_return: Side,
     /// A signature from DWARF names the values; without it registers are shown raw.
     pub typed: bool,
+    /// Source file and line of the entry.
+    pub code: Option<(String, u32)>,
 }
 
 impl ProbeSite {
@@ -83,6 +85,7 @@ pub fn analyse(bin: &GoBinary<'_>, f: &Func<'_>, id: u32, bias: u64, ctx: &PlanC
         on_entry: Side::default(),
         on_return: Side::default(),
         typed: false,
+        code: bin.pclntab.line(f, f.entry).map(|(file, line)| (file.into_owned(), line.max(0) as u32)),
     };
     if f.is_asm() {
         return site;

@@ -15,6 +15,7 @@ use nix::sys::signalfd::SignalFd;
 use ring_abi::Layout;
 use trampolines::codegen::RingSelect;
 
+use crate::otlp::{ExportTotals, Exporting, OtelArgs, OtelConfig};
 use crate::output::{Format, Sink};
 use crate::plan::{self, ProbeSite};
 use crate::spans::{Clock, Pairer, SiteMeta};
@@ -42,9 +43,10 @@ pub struct RunArgs {
     /// Slots in the shared ring, split into one sub-ring per CPU (256 bytes each).
     #[arg(long, value_name = "N", default_value_t = 1 << 17)]
     pub ring_slots: u64,
-    /// Where finished calls go.
-    #[arg(long, value_enum, default_value_t = Format::Console)]
-    pub output: Format,
+    /// Where finished calls go [default: otlp when an OTLP endpoint is configured
+    /// (OTEL_EXPORTER_OTLP_ENDPOINT or --otlp-endpoint), else console].
+    #[arg(long, value_enum)]
+    pub output: Option<Format>,
     /// Write the output to this file instead of standard output.
     #[arg(long, value_name = "PATH")]
     pub output_file: Option<PathBuf>,
@@ -54,6 +56,8 @@ pub struct RunArgs {
     /// Write a JSON summary (per-function counts, drops, pauses) to this file on exit.
     #[arg(long, value_name = "PATH")]
     pub summary_json: Option<PathBuf>,
+    #[command(flatten)]
+    pub otel: OtelArgs,
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
@@ -74,7 +78,32 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     check_installable(&sites)?;
     let pid = args.pid.context("--pid")?;
-    attach_and_trace(pid, &bin, exe.bias, exe.map.clone(), &sites, ctx.dwarf.as_ref(), args)
+    let otel = OtelConfig::resolve(&args.otel, &crate::otlp::config::process_env)?;
+    let format = output_format(args, &otel);
+    if format == Format::Otlp && otel.disabled {
+        eprintln!(
+            "inject: OTEL_SDK_DISABLED=true: not instrumenting pid {pid} (give --output console to trace anyway)"
+        );
+        return Ok(());
+    }
+    let out = Output { format, otel, process: crate::otlp::span::Process::of_pid(pid, &exe.path, &bin.build_info) };
+    attach_and_trace(pid, &exe, &bin, &sites, ctx.dwarf.as_ref(), args, out)
+}
+
+/// --output, else OTEL_TRACES_EXPORTER, else OTLP when an endpoint is configured, else console.
+fn output_format(args: &RunArgs, otel: &OtelConfig) -> Format {
+    args.output.unwrap_or(match otel.default_output {
+        crate::otlp::config::DefaultOutput::Otlp => Format::Otlp,
+        crate::otlp::config::DefaultOutput::Console => Format::Console,
+        crate::otlp::config::DefaultOutput::None => Format::None,
+    })
+}
+
+/// Where spans go, resolved before attaching so that bad configuration touches nothing.
+pub struct Output {
+    pub format: Format,
+    pub otel: OtelConfig,
+    pub process: crate::otlp::span::Process,
 }
 
 /// Supported Go releases: what go-versions.toml tests, which the runtime layout table covers.
@@ -95,19 +124,19 @@ fn check_go_version(bin: &GoBinary<'_>) -> Result<()> {
 
 fn attach_and_trace(
     pid: i32,
+    exe: &crate::target::Executable,
     bin: &GoBinary<'_>,
-    bias: u64,
-    exe_map: std::sync::Arc<memmap2::Mmap>,
     sites: &[ProbeSite],
     dwarf: Option<&go_abi::dwarf::DwarfInfo>,
     args: &RunArgs,
+    out: Output,
 ) -> Result<()> {
     check_go_version(bin)?;
     if let Some(owner) = install::existing_owner(pid)? {
         bail!("pid {pid} is already instrumented by another inject (pid {owner}); stop that one first");
     }
     let layout = bin.runtime_layout(dwarf).context("no runtime.g layout for this Go version")?;
-    let sink = open_sink(args)?;
+    let (sink, exporting) = open_sink(args, &out)?;
     // One sub-ring per P: as many as the target may run at once.
     let rings = possible_cpus().max(target_gomaxprocs(pid)).next_power_of_two().min(256);
     let per_ring = (args.ring_slots / u64::from(rings)).max(64).next_power_of_two();
@@ -132,7 +161,7 @@ fn attach_and_trace(
         stack_hi_offset: layout.stack_hi,
         select,
     };
-    let mut inst = install::install(pid, bin, bias, sites, ring)?;
+    let mut inst = install::install(pid, bin, exe.bias, sites, ring)?;
     let exits: usize = inst.installed.iter().map(|(_, e)| e).sum();
     eprintln!(
         "inject: probing {} function{} ({} exits) in pid {pid}; {} threads stopped for {:.2} ms (and {:.2} ms to map memory)",
@@ -154,6 +183,7 @@ fn attach_and_trace(
             ret: s.on_return.clone(),
             typed: s.typed,
             entry_only: s.returns.is_err() && !s.entry_patch.as_ref().is_ok_and(|e| e.whole_body),
+            code: s.code.clone(),
         })
         .collect();
     let clock = Arc::new(std::sync::Mutex::new(Clock::calibrate(Duration::from_millis(20))));
@@ -161,7 +191,7 @@ fn attach_and_trace(
     let pairer = Pairer::new(metas);
     let output = {
         let (sites, clock) = (pairer.sites().to_vec(), clock.clone());
-        let exe = Some((exe_map, bias));
+        let exe = Some((exe.map.clone(), exe.bias));
         std::thread::Builder::new().name("output".into()).spawn(move || collect::output(rx, sink, sites, clock, exe))?
     };
     let collector = {
@@ -181,15 +211,26 @@ fn attach_and_trace(
     let mut totals = collector.join().map_err(|_| anyhow::anyhow!("collector thread panicked"))?;
     totals.output_errors = output.join().map_err(|_| anyhow::anyhow!("output thread panicked"))?;
     drop(inst.ring_map.flush());
+    let export = exporting.map(Exporting::finish);
 
-    report(sites, &inst, &totals, reason, removal.as_ref(), args)?;
+    report(sites, &inst, &totals, export.as_ref(), reason, removal.as_ref(), args)?;
     if let Some(Err(e)) = removal {
         return Err(e.context("removing probes"));
     }
     Ok(())
 }
 
-fn open_sink(args: &RunArgs) -> Result<Sink> {
+fn open_sink(args: &RunArgs, output: &Output) -> Result<(Sink, Option<Exporting>)> {
+    match output.format {
+        Format::None => return Ok((Sink::None, None)),
+        Format::Otlp => {
+            let resource = crate::otlp::span::resource(&output.otel, &output.process);
+            let (spans, exporting) = crate::otlp::start(&output.otel, resource)?;
+            let sink = Sink::Otlp { spans, sampler: output.otel.sampler, scope: crate::otlp::span::func_scope() };
+            return Ok((sink, Some(exporting)));
+        }
+        Format::Console | Format::Jsonl => {}
+    }
     let out: Box<dyn std::io::Write + Send> = match &args.output_file {
         Some(p) => Box::new(std::io::BufWriter::with_capacity(
             1 << 20,
@@ -197,7 +238,7 @@ fn open_sink(args: &RunArgs) -> Result<Sink> {
         )),
         None => Box::new(std::io::LineWriter::new(std::io::stdout())),
     };
-    Ok(Sink::new(args.output, out))
+    Ok((Sink::text(output.format, out), None))
 }
 
 /// GOMAXPROCS from the target's environment, when set.
@@ -303,12 +344,14 @@ struct Summary<'a> {
     restored: Option<usize>,
     unmapped: Option<bool>,
     threads: usize,
+    otlp: Option<&'a ExportTotals>,
 }
 
 fn report(
     sites: &[ProbeSite],
     inst: &install::Installation,
     totals: &collect::Totals,
+    export: Option<&ExportTotals>,
     reason: StopReason,
     removal: Option<&Result<install::Removal>>,
     args: &RunArgs,
@@ -344,6 +387,7 @@ fn report(
         restored: removal.map(|r| r.restored),
         unmapped: removal.map(|r| r.unmapped),
         threads: inst.threads,
+        otlp: export,
     };
     for s in summary.sites.iter().filter(|s| s.entries + s.returns > 0 || !s.verdict.starts_with("refused")) {
         eprintln!("inject: {:<50} {:>10} calls {:>10} returns", s.name, s.entries, s.returns);
@@ -364,6 +408,23 @@ fn report(
             None => String::new(),
         }
     );
+    if let Some(e) = export {
+        eprintln!(
+            "inject: OTLP {} {}: {} spans exported in {} requests, {} dropped ({} queue full, {} export failed), {} sampled out{}",
+            e.protocol,
+            e.endpoint,
+            e.exported,
+            e.requests,
+            e.dropped(),
+            e.dropped_queue_full,
+            e.dropped_export_failed,
+            e.sampled_out,
+            match &e.last_error {
+                Some(err) if e.failed_requests > 0 => format!("; {} requests failed, last: {err}", e.failed_requests),
+                _ => String::new(),
+            }
+        );
+    }
     if let Some(path) = &args.summary_json {
         let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
         serde_json::to_writer_pretty(f, &summary)?;

@@ -40,6 +40,8 @@ pub struct SiteMeta {
     pub typed: bool,
     /// No exit is probed: calls are reported at entry, without a duration.
     pub entry_only: bool,
+    /// Source file and line of the function's entry.
+    pub code: Option<(String, u32)>,
 }
 
 /// A finished (or entry-only) call, with the raw records: values are formatted by the

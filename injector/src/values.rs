@@ -5,7 +5,7 @@
 use std::fmt::Write;
 
 use go_abi::abi::{Location, Reg};
-use go_abi::signature::{Signature, Value};
+use go_abi::signature::{Scalar, Signature, Value};
 use trampolines::CapturePlan;
 use trampolines::codegen::ByteCopy;
 
@@ -21,6 +21,7 @@ pub struct ValueSpec {
     pub copy: Option<(u16, u16)>,
     /// An interface: `Some(empty)` (see `go_abi::signature::Value::interface`).
     pub interface: Option<bool>,
+    pub scalar: Option<Scalar>,
 }
 
 /// Names the dynamic type of an interface from its first word (a type descriptor when
@@ -77,6 +78,7 @@ pub fn side(values: &[Value], max_string: u16) -> Side {
             location: v.location.clone(),
             copy,
             interface: v.interface,
+            scalar: v.scalar,
         });
     }
     Side { plan, values: specs }
@@ -204,6 +206,23 @@ pub fn show(spec: &ValueSpec, rec: &Record, types: &mut TypeNamer<'_>) -> Shown 
             }
         };
         (text, json)
+    } else if let (Some(s), 1) = (spec.scalar, pieces.len()) {
+        // Basic types and the named types over them (time.Duration, http.ConnState...).
+        let b = bits(0);
+        match s {
+            Scalar::Bool => (((b & 0xff) != 0).to_string(), serde_json::json!(b & 0xff != 0)),
+            Scalar::Int { size, signed: true } => {
+                let v =
+                    ((b << (64 - 8 * u32::from(size.clamp(1, 8)))) as i64) >> (64 - 8 * u32::from(size.clamp(1, 8)));
+                (v.to_string(), serde_json::json!(v))
+            }
+            Scalar::Int { size, signed: false } => {
+                let v = if size >= 8 { b } else { b & ((1u64 << (8 * u32::from(size))) - 1) };
+                (v.to_string(), serde_json::json!(v))
+            }
+            Scalar::Float64 => float_text(f64::from_bits(b)),
+            Scalar::Float32 => float_text(f32::from_bits(b as u32) as f64),
+        }
     } else {
         match t {
             "bool" => {

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod otlp;
+
 /// A child process whose output lines arrive on a channel, so a test can wait for a
 /// specific line with a deadline.
 pub struct Proc {
@@ -143,8 +145,16 @@ pub fn start_fixture(exe: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<
 
 /// Starts `inject ARGS`; with `wait_installed`, waits until it reports its probes are in.
 pub fn start_inject(args: &[String], wait_installed: bool) -> Result<Proc> {
+    start_inject_env(args, &[], wait_installed)
+}
+
+/// `start_inject` with extra environment variables (OTEL_* configuration).
+pub fn start_inject_env(args: &[String], env: &[(&str, &str)], wait_installed: bool) -> Result<Proc> {
     let mut cmd = Command::new(xtask::inject_binary()?);
     cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     let mut p = Proc::spawn(cmd, "inject")?;
     if wait_installed {
         p.wait_for("inject: probing", Duration::from_secs(30))?;

@@ -28,7 +28,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use xtask::{inject_binary, workspace_root};
 
-const BENCHMARKS: &[&str] = &["functions-100mb", "attach-100", "call-overhead", "collector"];
+const BENCHMARKS: &[&str] = &["functions-100mb", "attach-100", "call-overhead", "collector", "export"];
 
 pub fn run(name: Option<&str>) -> Result<()> {
     use crate::bench_probe;
@@ -37,12 +37,14 @@ pub fn run(name: Option<&str>) -> Result<()> {
             bench_probe::attach_100()?;
             bench_probe::call_overhead()?;
             bench_probe::collector()?;
+            crate::bench_export::export()?;
             functions_100mb()
         }
         Some("functions-100mb") => functions_100mb(),
         Some("attach-100") => bench_probe::attach_100(),
         Some("call-overhead") => bench_probe::call_overhead(),
         Some("collector") => bench_probe::collector(),
+        Some("export") => crate::bench_export::export(),
         Some(other) => bail!("unknown benchmark {other:?}; known: {}", BENCHMARKS.join(", ")),
     }
 }

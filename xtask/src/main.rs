@@ -6,6 +6,7 @@ use anyhow::{Context, Result, bail};
 use xtask::{Flavor, all_toolchains, build_fixture, fixture_names, oldest_and_newest, run, workspace_root};
 
 mod bench;
+mod bench_export;
 mod bench_probe;
 mod demo;
 mod deps;
@@ -21,7 +22,7 @@ cargo xtask <command>
   go [--all]        install the oldest and newest (or all) Go toolchains
   fixtures [--all]  build every fixture in every flavor (oldest/newest or all Go)
   fuzz [SECONDS]    run every cargo-fuzz target for SECONDS each (default 60)
-  bench [NAME]      run benchmarks (attach-100, call-overhead, collector, functions-100mb; all by default)
+  bench [NAME]      run benchmarks (attach-100, call-overhead, collector, export, functions-100mb; all by default)
 ";
 
 fn main() -> ExitCode {

@@ -1,0 +1,310 @@
+//! OTLP export: finished calls become spans with the ids, parents and times the collector
+//! gave them, and go out in batches through opentelemetry-otlp (HTTP/protobuf, HTTP/JSON
+//! or gRPC). The queue is bounded and the sender never waits: a slow or dead endpoint
+//! costs queued spans, then counted drops, never a stalled collector or target.
+
+pub mod config;
+pub mod span;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::{SpanData, SpanExporter};
+
+pub use config::{OtelArgs, OtelConfig, Protocol};
+
+/// Counters shared by the sending side and the export thread.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub queued: AtomicU64,
+    pub sampled_out: AtomicU64,
+    pub dropped_queue_full: AtomicU64,
+    pub exported: AtomicU64,
+    pub dropped_export_failed: AtomicU64,
+    pub failed_requests: AtomicU64,
+    pub requests: AtomicU64,
+    pub last_error: std::sync::Mutex<Option<String>>,
+}
+
+/// What the exit summary shows about export.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ExportTotals {
+    pub endpoint: String,
+    pub protocol: String,
+    /// Spans the endpoint acknowledged.
+    pub exported: u64,
+    pub sampled_out: u64,
+    /// Dropped because the queue was full (the endpoint was slow or down too long).
+    pub dropped_queue_full: u64,
+    /// Dropped after their batch kept failing, or still queued when time ran out at exit.
+    pub dropped_export_failed: u64,
+    pub requests: u64,
+    pub failed_requests: u64,
+    pub last_error: Option<String>,
+}
+
+impl ExportTotals {
+    pub fn dropped(&self) -> u64 {
+        self.dropped_queue_full + self.dropped_export_failed
+    }
+}
+
+/// The sending half, owned by the output thread.
+pub struct SpanSender {
+    tx: Sender<SpanData>,
+    stats: Arc<Stats>,
+}
+
+impl SpanSender {
+    /// Queues a span, or counts it dropped when the queue is full; never blocks.
+    pub fn send(&self, span: SpanData) {
+        match self.tx.try_send(span) {
+            Ok(()) => self.stats.queued.fetch_add(1, Ordering::Relaxed),
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.stats.dropped_queue_full.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+    }
+
+    pub fn sampled_out(&self) {
+        self.stats.sampled_out.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The export thread, joined at exit.
+pub struct Exporting {
+    thread: std::thread::JoinHandle<()>,
+    stats: Arc<Stats>,
+    endpoint: String,
+    protocol: Protocol,
+}
+
+impl Exporting {
+    /// Waits for the export thread: it sends what is queued until the channel is empty
+    /// or its shutdown time runs out (the rest is counted dropped).
+    pub fn finish(self) -> ExportTotals {
+        let _ = self.thread.join();
+        let s = &self.stats;
+        ExportTotals {
+            endpoint: self.endpoint,
+            protocol: protocol_name(self.protocol).into(),
+            exported: s.exported.load(Ordering::Relaxed),
+            sampled_out: s.sampled_out.load(Ordering::Relaxed),
+            dropped_queue_full: s.dropped_queue_full.load(Ordering::Relaxed),
+            dropped_export_failed: s.dropped_export_failed.load(Ordering::Relaxed),
+            requests: s.requests.load(Ordering::Relaxed),
+            failed_requests: s.failed_requests.load(Ordering::Relaxed),
+            last_error: s.last_error.lock().ok().and_then(|e| e.clone()),
+        }
+    }
+}
+
+pub fn protocol_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Grpc => "grpc",
+        Protocol::HttpProtobuf => "http/protobuf",
+        Protocol::HttpJson => "http/json",
+    }
+}
+
+enum Client {
+    Http(opentelemetry_otlp::SpanExporter),
+    /// tonic needs a tokio runtime to build in and to run on.
+    Grpc(opentelemetry_otlp::SpanExporter, tokio::runtime::Runtime),
+}
+
+impl Client {
+    fn build(config: &OtelConfig, resource: &Resource) -> Result<Client> {
+        use opentelemetry_otlp::{Compression, RetryPolicy};
+        // Retries are ours: the exporter's own would block this thread for seconds.
+        let mut client = match config.protocol {
+            Protocol::HttpProtobuf | Protocol::HttpJson => {
+                let mut b = opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_endpoint(config.endpoint.clone())
+                    .with_protocol(match config.protocol {
+                        Protocol::HttpJson => opentelemetry_otlp::Protocol::HttpJson,
+                        _ => opentelemetry_otlp::Protocol::HttpBinary,
+                    })
+                    .with_timeout(config.timeout)
+                    .with_headers(config.headers.iter().cloned().collect())
+                    .with_retry_policy(RetryPolicy::disabled());
+                if config.gzip {
+                    b = b.with_compression(Compression::Gzip);
+                }
+                Client::Http(b.build().context("building the OTLP/HTTP exporter")?)
+            }
+            Protocol::Grpc => {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("otlp-grpc")
+                    .enable_all()
+                    .build()
+                    .context("starting the gRPC runtime")?;
+                let exporter = {
+                    let _guard = rt.enter();
+                    let mut md = tonic::metadata::MetadataMap::new();
+                    for (k, v) in &config.headers {
+                        let key = tonic::metadata::MetadataKey::from_bytes(k.as_bytes())
+                            .map_err(|_| anyhow!("{k:?} is not a valid gRPC metadata key"))?;
+                        md.insert(key, v.parse().map_err(|_| anyhow!("{v:?} is not a valid gRPC metadata value"))?);
+                    }
+                    let mut b = opentelemetry_otlp::SpanExporter::builder()
+                        .with_tonic()
+                        .with_endpoint(config.endpoint.clone())
+                        .with_timeout(config.timeout)
+                        .with_metadata(md)
+                        .with_retry_policy(RetryPolicy::disabled());
+                    if config.gzip {
+                        b = b.with_compression(Compression::Gzip);
+                    }
+                    b.build().context("building the OTLP/gRPC exporter")?
+                };
+                Client::Grpc(exporter, rt)
+            }
+        };
+        match &mut client {
+            Client::Http(e) | Client::Grpc(e, _) => e.set_resource(resource),
+        }
+        Ok(client)
+    }
+
+    fn export(&self, batch: Vec<SpanData>) -> Result<(), String> {
+        let r = match self {
+            Client::Http(e) => futures_executor::block_on(e.export(batch)),
+            Client::Grpc(e, rt) => rt.block_on(e.export(batch)),
+        };
+        r.map_err(|e| e.to_string())
+    }
+}
+
+/// A batch that has failed this long is given up (its spans counted dropped), so a
+/// batch the endpoint rejects for good cannot stop everything behind it.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(30);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Short, so spans flow again soon after an endpoint comes back.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Starts the export thread. The exporter is built (and its configuration checked) before
+/// this returns.
+pub fn start(config: &OtelConfig, resource: Resource) -> Result<(SpanSender, Exporting)> {
+    let (tx, rx) = crossbeam_channel::bounded::<SpanData>(config.queue);
+    let stats = Arc::new(Stats::default());
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<()>>(1);
+    let thread = {
+        let (config, stats) = (config.clone(), stats.clone());
+        std::thread::Builder::new().name("otlp-export".into()).spawn(move || {
+            let client = match Client::build(&config, &resource) {
+                Ok(c) => {
+                    let _ = ready_tx.send(Ok(()));
+                    c
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            export_loop(&client, &rx, &config, &stats);
+        })?
+    };
+    ready_rx.recv().context("the OTLP export thread stopped")??;
+    let sender = SpanSender { tx, stats: stats.clone() };
+    Ok((sender, Exporting { thread, stats, endpoint: config.endpoint.clone(), protocol: config.protocol }))
+}
+
+fn export_loop(client: &Client, rx: &Receiver<SpanData>, config: &OtelConfig, stats: &Stats) {
+    // At exit, queued spans get this long to go out.
+    let shutdown_window = config.timeout.clamp(Duration::from_secs(1), Duration::from_secs(10));
+    let mut closing: Option<Instant> = None;
+    let mut batch: Vec<SpanData> = Vec::with_capacity(config.batch);
+    let mut failing_since: Option<Instant> = None;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        // Fill a batch: until it is full, or `delay` after its first span.
+        if batch.is_empty() && closing.is_none() {
+            match rx.recv() {
+                Ok(s) => batch.push(s),
+                Err(_) => closing = Some(Instant::now()),
+            }
+        }
+        let fill_until = Instant::now() + if closing.is_some() { Duration::ZERO } else { config.delay };
+        while batch.len() < config.batch {
+            match rx.recv_deadline(fill_until) {
+                Ok(s) => batch.push(s),
+                Err(RecvTimeoutError::Timeout) => {
+                    // Closing: take what is already queued without waiting.
+                    if closing.is_none() {
+                        break;
+                    }
+                    match rx.try_recv() {
+                        Ok(s) => batch.push(s),
+                        Err(_) => break,
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    closing.get_or_insert_with(Instant::now);
+                    break;
+                }
+            }
+        }
+        if batch.is_empty() {
+            if closing.is_some() {
+                return;
+            }
+            continue;
+        }
+        let n = batch.len() as u64;
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        match client.export(batch.clone()) {
+            Ok(()) => {
+                stats.exported.fetch_add(n, Ordering::Relaxed);
+                batch.clear();
+                if let Some(since) = failing_since.take() {
+                    eprintln!(
+                        "inject: OTLP export to {} works again after {:.1} s",
+                        config.endpoint,
+                        since.elapsed().as_secs_f64()
+                    );
+                }
+                backoff = BACKOFF_MIN;
+            }
+            Err(e) => {
+                stats.failed_requests.fetch_add(1, Ordering::Relaxed);
+                if failing_since.is_none() {
+                    eprintln!(
+                        "inject: warning: OTLP export to {} failed: {e}; retrying (up to {} spans are held meanwhile)",
+                        config.endpoint, config.queue
+                    );
+                }
+                if let Ok(mut last) = stats.last_error.lock() {
+                    *last = Some(e);
+                }
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                let out_of_time = closing.is_some_and(|t| t.elapsed() >= shutdown_window);
+                if since.elapsed() >= GIVE_UP_AFTER || out_of_time {
+                    stats.dropped_export_failed.fetch_add(n, Ordering::Relaxed);
+                    batch.clear();
+                }
+                if out_of_time {
+                    // Whatever is still queued will not go out either.
+                    let rest = rx.try_iter().count() as u64;
+                    stats.dropped_export_failed.fetch_add(rest, Ordering::Relaxed);
+                    return;
+                }
+                // Jitter spreads retries of many injectors sharing one collector.
+                let jitter = Duration::from_nanos(crate::spans::rdtsc() % (backoff.as_nanos() as u64 / 4 + 1));
+                let mut pause = backoff + jitter;
+                if let Some(t) = closing {
+                    pause = pause.min(shutdown_window.saturating_sub(t.elapsed()));
+                }
+                std::thread::sleep(pause);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! Calls to OpenTelemetry spans, and the resource that describes the traced process.
+
+use std::borrow::Cow;
+use std::time::{Duration, SystemTime};
+
+use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState};
+use opentelemetry::{Array, InstrumentationScope, KeyValue, StringValue, Value};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
+
+use super::config::OtelConfig;
+use crate::spans::{Call, Clock, SiteMeta};
+use crate::values::Shown;
+
+/// What we know of the traced process, for its resource.
+#[derive(Debug, Clone, Default)]
+pub struct Process {
+    pub pid: i32,
+    pub exe_path: String,
+    pub command_args: Vec<String>,
+    /// e.g. "go1.26.8".
+    pub go_version: String,
+    /// The main module's version from build info, when it has a real one.
+    pub main_version: Option<String>,
+}
+
+impl Process {
+    pub fn of_pid(pid: i32, exe_path: &std::path::Path, build: &go_abi::buildinfo::BuildInfo) -> Process {
+        let command_args = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| {
+                b.split(|&c| c == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let main_version = build.main.as_ref().map(|m| m.version.clone()).filter(|v| !v.is_empty() && v != "(devel)");
+        Process {
+            pid,
+            exe_path: exe_path.display().to_string(),
+            command_args,
+            go_version: build.go_version.clone(),
+            main_version,
+        }
+    }
+}
+
+fn host_name() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()
+}
+
+/// Detected attributes first; what the user configured wins over them.
+pub fn resource(config: &OtelConfig, process: &Process) -> Resource {
+    let exe_name = std::path::Path::new(&process.exe_path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| process.exe_path.clone());
+    let mut attrs = vec![
+        KeyValue::new("process.pid", i64::from(process.pid)),
+        KeyValue::new("process.executable.name", exe_name.clone()),
+        KeyValue::new("process.executable.path", process.exe_path.clone()),
+        KeyValue::new(
+            "process.command_args",
+            Value::Array(Array::String(process.command_args.iter().cloned().map(StringValue::from).collect())),
+        ),
+        KeyValue::new("process.runtime.name", "go"),
+        KeyValue::new("process.runtime.version", process.go_version.clone()),
+        KeyValue::new("process.runtime.description", format!("go version {} linux/amd64", process.go_version)),
+        KeyValue::new("host.name", host_name()),
+        KeyValue::new("host.arch", "amd64"),
+        KeyValue::new("os.type", "linux"),
+        KeyValue::new("telemetry.sdk.name", "opentelemetry"),
+        KeyValue::new("telemetry.sdk.language", "rust"),
+        KeyValue::new("telemetry.sdk.version", "0.33.1"),
+        KeyValue::new("telemetry.distro.name", "inject"),
+        KeyValue::new("telemetry.distro.version", env!("CARGO_PKG_VERSION")),
+    ];
+    if let Some(v) = &process.main_version {
+        attrs.push(KeyValue::new("service.version", v.clone()));
+    }
+    for (k, v) in &config.resource {
+        attrs.retain(|a| a.key.as_str() != k);
+        attrs.push(KeyValue::new(k.clone(), v.clone()));
+    }
+    // OTEL_SERVICE_NAME (or the flag) > service.name in the attributes > the executable.
+    let service =
+        config.service_name.clone().or_else(|| config.resource.get("service.name").cloned()).unwrap_or(exe_name);
+    attrs.retain(|a| a.key.as_str() != "service.name");
+    Resource::builder_empty().with_attributes(attrs).with_service_name(service).build()
+}
+
+/// The scope for spans of functions the user named.
+pub fn func_scope() -> InstrumentationScope {
+    InstrumentationScope::builder("inject/func").with_version(env!("CARGO_PKG_VERSION")).build()
+}
+
+fn attr_value(s: &Shown) -> Value {
+    match &s.json {
+        serde_json::Value::Bool(b) => Value::Bool(*b),
+        serde_json::Value::Number(n) if n.is_i64() => Value::I64(n.as_i64().unwrap_or_default()),
+        serde_json::Value::Number(n) if n.is_f64() => Value::F64(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(v) => Value::String(v.clone().into()),
+        _ => Value::String(s.text.clone().into()),
+    }
+}
+
+/// Builds the span of one call. `args`/`results` are the formatted values.
+pub fn call_span(
+    call: &Call,
+    meta: &SiteMeta,
+    clock: &Clock,
+    args: &[Shown],
+    results: &[Shown],
+    scope: &InstrumentationScope,
+) -> SpanData {
+    let start_ns = clock.unix_ns(call.start_tsc());
+    let dur_ns = call.end_tsc().map(|e| clock.ns(e.saturating_sub(call.start_tsc())));
+    let start = SystemTime::UNIX_EPOCH + Duration::from_nanos(start_ns as u64);
+    let end = start + Duration::from_nanos(dur_ns.unwrap_or(0.0).round() as u64);
+    let mut attributes = Vec::with_capacity(4 + args.len() + results.len());
+    attributes.push(KeyValue::new("code.function.name", meta.name.clone()));
+    if let Some((file, line)) = &meta.code {
+        attributes.push(KeyValue::new("code.file.path", file.clone()));
+        attributes.push(KeyValue::new("code.line.number", i64::from(*line)));
+    }
+    attributes.push(KeyValue::new("go.goroutine.id", call.goid as i64));
+    for a in args {
+        attributes.push(KeyValue::new(format!("go.arg.{}", a.name), attr_value(a)));
+    }
+    let mut status = Status::Unset;
+    for (r, spec) in results.iter().zip(&meta.ret.values) {
+        attributes.push(KeyValue::new(format!("go.result.{}", r.name), attr_value(r)));
+        if spec.type_name == "error" && r.text != "nil" {
+            status = Status::error(format!("returned error {}", r.text));
+        }
+    }
+    if dur_ns.is_none() {
+        attributes.push(KeyValue::new("inject.entry_only", true));
+    }
+    SpanData {
+        span_context: SpanContext::new(
+            TraceId::from(call.trace_id),
+            SpanId::from(call.span_id),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::NONE,
+        ),
+        parent_span_id: call.parent.map_or(SpanId::INVALID, SpanId::from),
+        parent_span_is_remote: false,
+        span_kind: SpanKind::Internal,
+        name: Cow::Owned(meta.name.clone()),
+        start_time: start,
+        end_time: end,
+        attributes,
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: SpanLinks::default(),
+        status,
+        instrumentation_scope: scope.clone(),
+    }
+}

@@ -1,0 +1,377 @@
+//! A real OTLP trace receiver on a loopback port: HTTP (protobuf and JSON) on std
+//! threads, gRPC on tonic. It decodes every request with opentelemetry-proto, keeps them,
+//! and can be stopped and restarted on the same port to play an endpoint that goes down.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Http,
+    Grpc,
+}
+
+#[derive(Default)]
+struct Shared {
+    requests: Mutex<Vec<ExportTraceServiceRequest>>,
+    spans: AtomicU64,
+    /// Requests that could not be decoded.
+    bad: AtomicU64,
+    /// Count spans only (benchmarks), without keeping them.
+    count_only: bool,
+}
+
+impl Shared {
+    fn take(&self, req: ExportTraceServiceRequest) {
+        let n: usize = req.resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
+        self.spans.fetch_add(n as u64, Ordering::Relaxed);
+        if self.count_only {
+            return;
+        }
+        if let Ok(mut r) = self.requests.lock() {
+            r.push(req);
+        }
+    }
+}
+
+enum Running {
+    Http { stop: Arc<AtomicBool>, accept: std::thread::JoinHandle<()>, conns: Arc<Mutex<Vec<TcpStream>>> },
+    Grpc { stop: tokio::sync::oneshot::Sender<()>, task: tokio::task::JoinHandle<()> },
+}
+
+pub struct Receiver {
+    pub transport: Transport,
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    running: Option<Running>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+/// One received span with what it came with.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub resource: HashMap<String, AnyValue>,
+    pub scope: String,
+    pub span: Span,
+}
+
+impl Received {
+    pub fn attr(&self, key: &str) -> Option<&AnyValue> {
+        attr(&self.span.attributes, key)
+    }
+    pub fn attr_str(&self, key: &str) -> Option<String> {
+        self.attr(key).and_then(as_string)
+    }
+    pub fn attr_i64(&self, key: &str) -> Option<i64> {
+        match self.attr(key)?.value.as_ref()? {
+            any_value::Value::IntValue(i) => Some(*i),
+            _ => None,
+        }
+    }
+    pub fn resource_str(&self, key: &str) -> Option<String> {
+        self.resource.get(key).and_then(as_string)
+    }
+    pub fn trace_id(&self) -> String {
+        hex(&self.span.trace_id)
+    }
+    pub fn span_id(&self) -> String {
+        hex(&self.span.span_id)
+    }
+    pub fn parent_id(&self) -> Option<String> {
+        (!self.span.parent_span_id.is_empty()).then(|| hex(&self.span.parent_span_id))
+    }
+    pub fn duration_ns(&self) -> u64 {
+        self.span.end_time_unix_nano.saturating_sub(self.span.start_time_unix_nano)
+    }
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a AnyValue> {
+    attrs.iter().find(|kv| kv.key == key).and_then(|kv| kv.value.as_ref())
+}
+
+pub fn as_string(v: &AnyValue) -> Option<String> {
+    match v.value.as_ref()? {
+        any_value::Value::StringValue(s) => Some(s.clone()),
+        any_value::Value::IntValue(i) => Some(i.to_string()),
+        any_value::Value::BoolValue(b) => Some(b.to_string()),
+        any_value::Value::DoubleValue(d) => Some(d.to_string()),
+        any_value::Value::ArrayValue(a) => Some(a.values.iter().filter_map(as_string).collect::<Vec<_>>().join(" ")),
+        _ => None,
+    }
+}
+
+impl Receiver {
+    /// Starts on a free loopback port.
+    pub fn start(transport: Transport) -> Result<Receiver> {
+        Receiver::start_with(transport, false)
+    }
+
+    /// Starts a receiver that counts spans without keeping them.
+    pub fn start_counting(transport: Transport) -> Result<Receiver> {
+        Receiver::start_with(transport, true)
+    }
+
+    fn start_with(transport: Transport, count_only: bool) -> Result<Receiver> {
+        let rt = match transport {
+            Transport::Grpc => Some(
+                tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("tokio")?,
+            ),
+            Transport::Http => None,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared { count_only, ..Shared::default() });
+        let mut r = Receiver { transport, addr, shared, running: None, rt };
+        r.serve(listener)?;
+        Ok(r)
+    }
+
+    /// The endpoint to give OTEL_EXPORTER_OTLP_ENDPOINT.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn protocol(&self) -> &'static str {
+        match self.transport {
+            Transport::Http => "http/protobuf",
+            Transport::Grpc => "grpc",
+        }
+    }
+
+    fn serve(&mut self, listener: TcpListener) -> Result<()> {
+        self.running = Some(match self.transport {
+            Transport::Http => {
+                let stop = Arc::new(AtomicBool::new(false));
+                let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+                listener.set_nonblocking(true)?;
+                let (s, c, shared) = (stop.clone(), conns.clone(), self.shared.clone());
+                let accept = std::thread::spawn(move || {
+                    while !s.load(Ordering::Acquire) {
+                        match listener.accept() {
+                            Ok((stream, _)) => {
+                                let _ = stream.set_nonblocking(false);
+                                // As real collectors do: without it, a reply split in two
+                                // writes waits for the client's delayed ACK (40 ms).
+                                let _ = stream.set_nodelay(true);
+                                if let Ok(clone) = stream.try_clone()
+                                    && let Ok(mut list) = c.lock()
+                                {
+                                    list.push(clone);
+                                }
+                                let shared = shared.clone();
+                                std::thread::spawn(move || {
+                                    let _ = http_connection(stream, &shared);
+                                });
+                            }
+                            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                        }
+                    }
+                });
+                Running::Http { stop, accept, conns }
+            }
+            Transport::Grpc => {
+                let rt = self.rt.as_ref().context("runtime")?;
+                let _g = rt.enter();
+                listener.set_nonblocking(true)?;
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                let svc = TraceServiceServer::new(Grpc { shared: self.shared.clone() });
+                let task = rt.spawn(async move {
+                    let incoming = tokio_stream::StreamExt::map(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        |s: std::io::Result<tokio::net::TcpStream>| {
+                            s.inspect(|s| {
+                                let _ = s.set_nodelay(true);
+                            })
+                        },
+                    );
+                    let _ = tonic::transport::Server::builder()
+                        .add_service(svc)
+                        .serve_with_incoming_shutdown(incoming, async {
+                            let _ = rx.await;
+                        })
+                        .await;
+                });
+                Running::Grpc { stop: tx, task }
+            }
+        });
+        Ok(())
+    }
+
+    /// Closes the port and every open connection: clients see refused connections.
+    pub fn stop(&mut self) {
+        match self.running.take() {
+            Some(Running::Http { stop, accept, conns }) => {
+                stop.store(true, Ordering::Release);
+                let _ = accept.join();
+                if let Ok(list) = conns.lock() {
+                    for c in list.iter() {
+                        let _ = c.shutdown(std::net::Shutdown::Both);
+                    }
+                }
+            }
+            Some(Running::Grpc { stop, task }) => {
+                let _ = stop.send(());
+                if let Some(rt) = &self.rt {
+                    let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), task).await });
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Listens again on the same port.
+    pub fn restart(&mut self) -> Result<()> {
+        if self.running.is_some() {
+            bail!("the receiver is running");
+        }
+        let listener = TcpListener::bind(self.addr).with_context(|| format!("binding {} again", self.addr))?;
+        self.serve(listener)
+    }
+
+    pub fn span_count(&self) -> u64 {
+        self.shared.spans.load(Ordering::Relaxed)
+    }
+
+    pub fn bad_requests(&self) -> u64 {
+        self.shared.bad.load(Ordering::Relaxed)
+    }
+
+    /// Every span received so far, flattened.
+    pub fn spans(&self) -> Vec<Received> {
+        let reqs = self.shared.requests.lock().map(|r| r.clone()).unwrap_or_default();
+        let mut out = Vec::new();
+        for req in reqs {
+            for rs in req.resource_spans {
+                let resource: HashMap<String, AnyValue> = rs
+                    .resource
+                    .map(|r| r.attributes.into_iter().filter_map(|kv| Some((kv.key, kv.value?))).collect())
+                    .unwrap_or_default();
+                for ss in rs.scope_spans {
+                    let scope = ss.scope.map(|s| s.name).unwrap_or_default();
+                    for span in ss.spans {
+                        out.push(Received { resource: resource.clone(), scope: scope.clone(), span });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Waits until at least `n` spans have arrived.
+    pub fn wait_spans(&self, n: u64, timeout: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.span_count() < n {
+            if std::time::Instant::now() > deadline {
+                bail!("{} spans received, waited for {n}", self.span_count());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+struct Grpc {
+    shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Grpc {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.shared.take(req.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection: POSTs of protobuf or JSON bodies.
+fn http_connection(stream: TcpStream, shared: &Shared) -> Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line)? == 0 {
+            return Ok(());
+        }
+        let mut len = 0usize;
+        let mut json = false;
+        let mut gzip = false;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h)? == 0 {
+                return Ok(());
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+                match k.as_str() {
+                    "content-length" => len = v.parse().unwrap_or(0),
+                    "content-type" => json = v.contains("json"),
+                    "content-encoding" => gzip = v.contains("gzip"),
+                    _ => {}
+                }
+            }
+        }
+        let mut body = vec![0; len];
+        reader.read_exact(&mut body)?;
+        if gzip {
+            let mut d = Vec::new();
+            flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut d)?;
+            body = d;
+        }
+        let decoded = if json {
+            serde_json::from_slice::<ExportTraceServiceRequest>(&body).map_err(anyhow::Error::from)
+        } else {
+            ExportTraceServiceRequest::decode(&body[..]).map_err(anyhow::Error::from)
+        };
+        let (status, reply, ctype) = match decoded {
+            Ok(req) => {
+                shared.take(req);
+                let resp = ExportTraceServiceResponse { partial_success: None };
+                if json {
+                    ("200 OK", b"{}".to_vec(), "application/json")
+                } else {
+                    ("200 OK", resp.encode_to_vec(), "application/x-protobuf")
+                }
+            }
+            Err(_) => {
+                shared.bad.fetch_add(1, Ordering::Relaxed);
+                ("400 Bad Request", Vec::new(), "text/plain")
+            }
+        };
+        let mut msg = format!("HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n\r\n", reply.len())
+            .into_bytes();
+        msg.extend_from_slice(&reply);
+        out.write_all(&msg)?;
+        out.flush()?;
+    }
+}

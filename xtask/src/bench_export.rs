@@ -1,0 +1,153 @@
+//! `cargo xtask bench export`: the CPU inject spends to trace and export spans at a
+//! steady 100k spans per second, over OTLP/HTTP and OTLP/gRPC, end to end: the tree
+//! fixture paced at 25k requests/s (4 probed calls each) under inject, exporting to the
+//! test receiver in a process of its own. inject's CPU (all threads: collector, output,
+//! exporter) is read from /proc in windows; medians are reported. Goal: under one core.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use xtask::{Flavor, build_fixture, toolchain};
+
+const RATE_REQUESTS: u64 = 25_000;
+const WINDOWS: usize = 5;
+const WINDOW: Duration = Duration::from_secs(2);
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+}
+
+/// CPU seconds a process has used, all threads.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(')').context("stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime), counted after the command name.
+    let ticks: f64 = f.get(11).context("utime")?.parse::<f64>()? + f.get(12).context("stime")?.parse::<f64>()?;
+    Ok(ticks / 100.0)
+}
+
+struct Receiver {
+    child: Child,
+    stdin: ChildStdin,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    endpoint: String,
+}
+
+impl Receiver {
+    fn start(bin: &std::path::Path, transport: &str) -> Result<Receiver> {
+        let mut child = Command::new(bin).arg(transport).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+        let first = lines.next().transpose()?.context("receiver exited")?;
+        let endpoint = first.strip_prefix("LISTENING ").context("LISTENING")?.to_string();
+        Ok(Receiver { child, stdin, lines, endpoint })
+    }
+
+    fn spans(&mut self) -> Result<u64> {
+        writeln!(self.stdin, "count")?;
+        let l = self.lines.next().transpose()?.context("receiver exited")?;
+        Ok(l.strip_prefix("SPANS ").context("SPANS")?.parse()?)
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn export() -> Result<()> {
+    // SAFETY: single-threaded at this point.
+    unsafe { std::env::set_var("INJECT_PROFILE", "release") };
+    let inject = xtask::inject_binary()?;
+    let root = xtask::workspace_root();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    xtask::run(Command::new(cargo).current_dir(&root).args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "tests",
+        "--bin",
+        "otlp-receiver",
+    ]))?;
+    let receiver_bin = inject.with_file_name("otlp-receiver");
+    let versions = xtask::go_versions()?;
+    let exe = build_fixture("tree", &toolchain(versions.last().context("no Go")?)?, Flavor::Default)?;
+    println!(
+        "export: tree fixture at {RATE_REQUESTS} requests/s = {} spans/s, {WINDOWS} windows of {:.0} s, medians",
+        4 * RATE_REQUESTS,
+        WINDOW.as_secs_f64()
+    );
+    let mut worst: f64 = 0.0;
+    for (transport, protocol) in [("http", "http/protobuf"), ("grpc", "grpc")] {
+        let mut rx = Receiver::start(&receiver_bin, transport)?;
+        let mut fixture = Command::new(&exe)
+            .args(["-wait", "-until-stdin", "-sleep", "0", "-rate", &RATE_REQUESTS.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut fx_in = fixture.stdin.take().context("stdin")?;
+        let mut fx_out = BufReader::new(fixture.stdout.take().context("stdout")?).lines();
+        if fx_out.next().transpose()?.as_deref() != Some("READY") {
+            bail!("fixture did not start");
+        }
+        let summary = root.join(format!("target/bench/export-{transport}.json"));
+        std::fs::create_dir_all(summary.parent().context("dir")?)?;
+        let mut inj = Command::new(&inject)
+            .args(["--pid", &fixture.id().to_string()])
+            .args(["--func", "main.handle", "--func", "main.query", "--func", "main.render"])
+            .arg("--summary-json")
+            .arg(&summary)
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &rx.endpoint)
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut inj_err = BufReader::new(inj.stderr.take().context("stderr")?).lines();
+        loop {
+            match inj_err.next().transpose()? {
+                Some(l) if l.starts_with("inject: probing") => break,
+                Some(_) => {}
+                None => bail!("inject exited before probing"),
+            }
+        }
+        std::thread::spawn(move || for _ in inj_err.by_ref() {});
+        writeln!(fx_in, "go")?;
+        std::thread::sleep(Duration::from_secs(2));
+        let (mut cores, mut rates, mut fx_cores) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..WINDOWS {
+            let (t0, c0, f0, s0) = (Instant::now(), cpu_seconds(inj.id())?, cpu_seconds(fixture.id())?, rx.spans()?);
+            std::thread::sleep(WINDOW);
+            let (c1, f1, s1) = (cpu_seconds(inj.id())?, cpu_seconds(fixture.id())?, rx.spans()?);
+            let wall = t0.elapsed().as_secs_f64();
+            cores.push((c1 - c0) / wall);
+            fx_cores.push((f1 - f0) / wall);
+            rates.push((s1 - s0) as f64 / wall);
+        }
+        writeln!(fx_in, "stop")?;
+        let _ = fixture.wait();
+        let st = inj.wait()?;
+        let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&summary)?)?;
+        let (c, r) = (median(cores), median(rates));
+        let per_100k = c * 100_000.0 / r.max(1.0);
+        worst = worst.max(per_100k);
+        println!(
+            "  {protocol:<14} {r:>9.0} spans/s received; inject {c:.3} cores = {per_100k:.3} cores per 100k spans/s, {:.2} µs CPU per span (fixture {:.2} cores); exported {} dropped {} ({st})",
+            c * 1e6 / r.max(1.0),
+            median(fx_cores),
+            s["otlp"]["exported"],
+            s["otlp"]["dropped_queue_full"].as_u64().unwrap_or(0)
+                + s["otlp"]["dropped_export_failed"].as_u64().unwrap_or(0),
+        );
+    }
+    println!(
+        "{} worst {worst:.3} cores per 100k spans/s against the 1-core goal",
+        if worst < 1.0 { "PASS" } else { "FAIL" }
+    );
+    Ok(())
+}
