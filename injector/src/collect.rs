@@ -134,6 +134,7 @@ pub fn run(
     let mut last_refine = Instant::now();
     loop {
         batch.clear();
+        reader.initialise_ahead();
         let round = crate::spans::rdtsc();
         let n = reader.poll(&mut batch, 8192);
         for r in &batch {

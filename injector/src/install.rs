@@ -53,6 +53,8 @@ pub struct Installation {
     pub threads: usize,
     /// How long the world stood still to write the trampolines and redirects.
     pub pause: Duration,
+    /// Slots per sub-ring initialised at install; the collector does the rest.
+    pub eager_slots: u64,
     /// How long the world stood still earlier, to create the memory.
     pub prepare_pause: Duration,
     pub gadget: u64,
@@ -63,7 +65,10 @@ impl Installation {
     pub fn reader(&mut self, data_len: Vec<usize>) -> RingReader {
         // SAFETY: ring_map lives as long as the Installation, which the caller keeps
         // until the reader is done.
-        unsafe { RingReader::new(self.ring_map.as_mut_ptr(), self.ring_map.len(), self.layout, data_len) }
+        unsafe {
+            RingReader::new(self.ring_map.as_mut_ptr(), self.ring_map.len(), self.layout, data_len)
+                .with_uninitialised_from(self.eager_slots)
+        }
     }
 }
 
@@ -165,7 +170,16 @@ fn syscall(s: &mut Session, tid: i32, gadget: u64, nr: i64, args: [u64; 6]) -> R
 
 /// Installs `sites` into process `pid`, with a ring shaped like `ring` (its base is
 /// chosen here). On error nothing stays patched.
-pub fn install(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite], ring: RingAddrs) -> Result<Installation> {
+/// `eager_slots`: slots of each sub-ring initialised before the probes go in; the
+/// collector initialises the rest (`Installation::reader`).
+pub fn install(
+    pid: i32,
+    bin: &GoBinary<'_>,
+    bias: u64,
+    sites: &[ProbeSite],
+    ring: RingAddrs,
+    eager_slots: u64,
+) -> Result<Installation> {
     let gadget = find_syscall_gadget(bin)? + bias;
     let text = bin.text_range();
     let text = text.start + bias..text.end + bias;
@@ -198,7 +212,7 @@ pub fn install(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite], rin
     // SAFETY: a shared mapping of the memfd; the target writes it concurrently, and
     // RingReader only accesses it atomically.
     let mut ring_map = unsafe { MmapMut::map_mut(&file) }.context("mapping the ring locally")?;
-    layout.initialise_zeroed(&mut ring_map);
+    layout.initialise_prefix(&mut ring_map, eager_slots);
     ring_map[header::OWNER..header::OWNER + 8].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
     let addrs = RingAddrs { base: ring_addr, ..ring };
     let Generated { code, mut patches, installed } = generate(sites, &addrs, tramp_addr)?;
@@ -258,6 +272,7 @@ pub fn install(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite], rin
         installed,
         threads,
         pause,
+        eager_slots,
         prepare_pause,
         gadget,
     })

@@ -8,6 +8,7 @@ mod benchcmd;
 mod collect;
 mod inspect;
 mod install;
+mod launch;
 mod otlp;
 mod output;
 mod plan;
@@ -51,10 +52,23 @@ fn main() -> ExitCode {
         Some(Command::Functions(a)) => inspect::functions(&a),
         Some(Command::Info(a)) => inspect::info(&a),
         Some(Command::BenchCollector(a)) => benchcmd::bench_collector(&a),
-        None => run::run(&cli.run),
+        None if !cli.run.command.is_empty() && !cli.run.dry_run => {
+            return match launch::launch(&cli.run.with_env_funcs()) {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("inject: error: {e:#}");
+                    ExitCode::from(if e.to_string().starts_with("cannot run") { 127 } else { 1 })
+                }
+            };
+        }
+        None => run::run(&cli.run.with_env_funcs()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // `inject functions | head`: the reader has all it wanted.
+        Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) => {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("inject: error: {e:#}");
             ExitCode::from(1)

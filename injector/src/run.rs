@@ -25,18 +25,26 @@ use crate::{collect, install};
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
     /// The Go process to instrument.
-    #[arg(long, value_name = "PID")]
+    #[arg(long, value_name = "PID", conflicts_with = "command")]
     pub pid: Option<i32>,
     /// Print the verdict for every probe site and exit without touching the process
     /// (with --exe, plan against a file).
     #[arg(long)]
     pub dry_run: bool,
     /// A Go executable to plan against (only with --dry-run).
-    #[arg(long, value_name = "PATH", requires = "dry_run")]
+    #[arg(long, value_name = "PATH", requires = "dry_run", conflicts_with = "command")]
     pub exe: Option<PathBuf>,
-    /// Functions to probe: full names (`main.(*Store).Get`) or globs (`main.*`).
+    /// Functions to probe: full names (`main.(*Store).Get`) or globs (`main.*`)
+    /// [also INJECT_FUNCS: patterns separated by spaces].
     #[arg(long = "func", value_name = "PATTERN")]
     pub funcs: Vec<String>,
+    /// Launch mode: if the probes cannot be installed, fail instead of running the program
+    /// untraced.
+    #[arg(long)]
+    pub strict: bool,
+    /// Launch mode: the program to start instrumented, and its arguments (after `--`).
+    #[arg(last = true, value_name = "PROGRAM")]
+    pub command: Vec<String>,
     /// Remove the probes and detach after this many seconds.
     #[arg(long, value_name = "SECS")]
     pub duration: Option<f64>,
@@ -60,40 +68,68 @@ pub struct RunArgs {
     pub otel: OtelArgs,
 }
 
+impl RunArgs {
+    /// --func, else INJECT_FUNCS (so a container image needs no flags).
+    pub fn with_env_funcs(mut self) -> RunArgs {
+        if self.funcs.is_empty()
+            && let Ok(v) = std::env::var("INJECT_FUNCS")
+        {
+            self.funcs = v.split_whitespace().map(str::to_string).collect();
+        }
+        self
+    }
+}
+
 pub fn run(args: &RunArgs) -> Result<()> {
-    if args.pid.is_none() && args.exe.is_none() {
-        bail!("nothing to do: give --pid PID --func PATTERN (or a subcommand; see --help)");
+    let planning_a_program = args.dry_run && !args.command.is_empty();
+    if args.pid.is_none() && args.exe.is_none() && !planning_a_program {
+        bail!("nothing to do: give --pid PID --func PATTERN, or -- PROGRAM ARGS... (or a subcommand; see --help)");
     }
     if args.funcs.is_empty() {
         bail!("give at least one --func PATTERN to probe (list candidates with `inject functions`)");
     }
-    let target = TargetArgs { exe: args.exe.clone(), pid: if args.exe.is_some() { None } else { args.pid } };
-    let exe = target.open()?;
-    let bin = GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())?;
-    let ctx = plan::PlanContext { dwarf: bin.dwarf().ok().flatten(), max_string: args.max_string };
-    let sites = plan::plan(&bin, &args.funcs, exe.bias, &ctx)?;
     if args.dry_run {
-        print_verdicts(&sites);
-        return Ok(());
+        let exe = args.exe.clone().or_else(|| args.command.first().map(|p| crate::launch::resolve(p)));
+        let target = TargetArgs { pid: if exe.is_some() { None } else { args.pid }, exe };
+        let exe = target.open()?;
+        let bin = GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())?;
+        let ctx = plan::PlanContext { dwarf: bin.dwarf().ok().flatten(), max_string: args.max_string };
+        return print_verdicts(&plan::plan(&bin, &args.funcs, exe.bias, &ctx)?);
     }
-    check_installable(&sites)?;
     let pid = args.pid.context("--pid")?;
-    let otel = OtelConfig::resolve(&args.otel, &crate::otlp::config::process_env)?;
-    let format = output_format(args, &otel);
-    if format == Format::Otlp && otel.disabled {
-        eprintln!(
-            "inject: OTEL_SDK_DISABLED=true: not instrumenting pid {pid} (give --output console to trace anyway)"
-        );
-        return Ok(());
+    // Signals that stop us are read from a signalfd, so they are blocked in every thread
+    // (block before any thread starts).
+    let mut mask = SigSet::empty();
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        mask.add(sig);
     }
-    let out = Output { format, otel, process: crate::otlp::span::Process::of_pid(pid, &exe.path, &bin.build_info) };
-    attach_and_trace(pid, &exe, &bin, &sites, ctx.dwarf.as_ref(), args, out)
+    mask.thread_block().context("blocking SIGINT/SIGTERM")?;
+    let sigfd = SignalFd::new(&mask).context("signalfd")?;
+    let pidfd = pidfd_open(pid)?;
+    let Some(tracing) = start(pid, args, Mode::Attach)? else { return Ok(()) };
+    let deadline = args.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
+    let reason = wait_for_stop(&sigfd, &pidfd, deadline)?;
+    let removal = match reason {
+        StopReason::TargetExited => None,
+        _ => Some(install::remove(&tracing.inst)),
+    };
+    tracing.finish(reason, removal, args)
 }
 
-/// --output, else OTEL_TRACES_EXPORTER, else OTLP when an endpoint is configured, else console.
-fn output_format(args: &RunArgs, otel: &OtelConfig) -> Format {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `--pid`: a running program.
+    Attach,
+    /// `-- PROGRAM`: our own child, stopped before its first instruction.
+    Launch,
+}
+
+/// --output, else OTEL_TRACES_EXPORTER, else OTLP when an endpoint is configured (always
+/// in launch mode, like any OpenTelemetry SDK), else console.
+fn output_format(args: &RunArgs, otel: &OtelConfig, mode: Mode) -> Format {
     args.output.unwrap_or(match otel.default_output {
         crate::otlp::config::DefaultOutput::Otlp => Format::Otlp,
+        crate::otlp::config::DefaultOutput::Console if mode == Mode::Launch => Format::Otlp,
         crate::otlp::config::DefaultOutput::Console => Format::Console,
         crate::otlp::config::DefaultOutput::None => Format::None,
     })
@@ -104,6 +140,7 @@ pub struct Output {
     pub format: Format,
     pub otel: OtelConfig,
     pub process: crate::otlp::span::Process,
+    pub mode: Mode,
 }
 
 /// Supported Go releases: what go-versions.toml tests, which the runtime layout table covers.
@@ -122,16 +159,48 @@ fn check_go_version(bin: &GoBinary<'_>) -> Result<()> {
     Ok(())
 }
 
-fn attach_and_trace(
+/// Probes in, collector and output running.
+pub struct Tracing {
+    sites: Vec<ProbeSite>,
+    inst: install::Installation,
+    stop: Arc<AtomicBool>,
+    collector: std::thread::JoinHandle<collect::Totals>,
+    output: std::thread::JoinHandle<u64>,
+    exporting: Option<Exporting>,
+}
+
+/// Plans the probes for process `pid` and installs them; `None` when OTEL_SDK_DISABLED
+/// says not to. The caller has blocked the signals it reads from a signalfd.
+pub fn start(pid: i32, args: &RunArgs, mode: Mode) -> Result<Option<Tracing>> {
+    let exe = TargetArgs { exe: None, pid: Some(pid) }.open()?;
+    let bin = GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())?;
+    check_go_version(&bin)?;
+    let dwarf = bin.dwarf().ok().flatten();
+    let ctx = plan::PlanContext { dwarf, max_string: args.max_string };
+    let sites = plan::plan(&bin, &args.funcs, exe.bias, &ctx)?;
+    check_installable(&sites)?;
+    let otel = OtelConfig::resolve(&args.otel, &crate::otlp::config::process_env)?;
+    let format = output_format(args, &otel, mode);
+    if format == Format::Otlp && otel.disabled {
+        eprintln!(
+            "inject: OTEL_SDK_DISABLED=true: not instrumenting pid {pid} (give --output console to trace anyway)"
+        );
+        return Ok(None);
+    }
+    let process = crate::otlp::span::Process::of_pid(pid, &exe.path, &bin.build_info);
+    let out = Output { format, otel, process, mode };
+    start_tracing(pid, &exe, &bin, sites, ctx.dwarf.as_ref(), args, out).map(Some)
+}
+
+fn start_tracing(
     pid: i32,
     exe: &crate::target::Executable,
     bin: &GoBinary<'_>,
-    sites: &[ProbeSite],
+    sites: Vec<ProbeSite>,
     dwarf: Option<&go_abi::dwarf::DwarfInfo>,
     args: &RunArgs,
     out: Output,
-) -> Result<()> {
-    check_go_version(bin)?;
+) -> Result<Tracing> {
     if let Some(owner) = install::existing_owner(pid)? {
         bail!("pid {pid} is already instrumented by another inject (pid {owner}); stop that one first");
     }
@@ -144,14 +213,6 @@ fn attach_and_trace(
     let data = sites.iter().map(|s| s.on_entry.plan.data_len().max(s.on_return.plan.data_len())).max().unwrap_or(0);
     let slot_size = (ring_abi::slot::DATA + data).next_power_of_two().max(256);
     let ring_layout = Layout::new(rings, per_ring, slot_size).context("--ring-slots")?;
-    // Signals that stop us are read from a signalfd, so they are blocked in every thread.
-    let mut mask = SigSet::empty();
-    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        mask.add(sig);
-    }
-    mask.thread_block().context("blocking SIGINT/SIGTERM")?;
-    let sigfd = SignalFd::new(&mask).context("signalfd")?;
-    let pidfd = pidfd_open(pid)?;
 
     let select = RingSelect::ByP { g_m: layout.m, m_p: layout.m_p, p_id: layout.p_id };
     let ring = trampolines::RingAddrs {
@@ -161,7 +222,11 @@ fn attach_and_trace(
         stack_hi_offset: layout.stack_hi,
         select,
     };
-    let mut inst = install::install(pid, bin, exe.bias, sites, ring)?;
+    // A launched program waits for us: initialise enough of the ring for its start (256 KiB
+    // per sub-ring) and let the collector do the rest, instead of faulting in every page
+    // first (~45 ms for the default 32 MiB).
+    let eager = if out.mode == Mode::Launch { 1024 } else { u64::MAX };
+    let mut inst = install::install(pid, bin, exe.bias, &sites, ring, eager)?;
     let exits: usize = inst.installed.iter().map(|(_, e)| e).sum();
     eprintln!(
         "inject: probing {} function{} ({} exits) in pid {pid}; {} threads stopped for {:.2} ms (and {:.2} ms to map memory)",
@@ -186,7 +251,9 @@ fn attach_and_trace(
             code: s.code.clone(),
         })
         .collect();
-    let clock = Arc::new(std::sync::Mutex::new(Clock::calibrate(Duration::from_millis(20))));
+    // A launched program waits for us: calibrate briefly, the collector refines it.
+    let calibration = if out.mode == Mode::Launch { Duration::from_millis(3) } else { Duration::from_millis(20) };
+    let clock = Arc::new(std::sync::Mutex::new(Clock::calibrate(calibration)));
     let (tx, rx) = collect::channel();
     let pairer = Pairer::new(metas);
     let output = {
@@ -200,24 +267,23 @@ fn attach_and_trace(
             .name("collector".into())
             .spawn(move || collect::run(reader, pairer, tx, clock, stop, Duration::from_millis(200)))?
     };
+    Ok(Tracing { sites, inst, stop, collector, output, exporting })
+}
 
-    let deadline = args.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
-    let reason = wait_for_stop(&sigfd, &pidfd, deadline)?;
-    let removal = match reason {
-        StopReason::TargetExited => None,
-        _ => Some(install::remove(&inst)),
-    };
-    stop.store(true, Ordering::Release);
-    let mut totals = collector.join().map_err(|_| anyhow::anyhow!("collector thread panicked"))?;
-    totals.output_errors = output.join().map_err(|_| anyhow::anyhow!("output thread panicked"))?;
-    drop(inst.ring_map.flush());
-    let export = exporting.map(Exporting::finish);
-
-    report(sites, &inst, &totals, export.as_ref(), reason, removal.as_ref(), args)?;
-    if let Some(Err(e)) = removal {
-        return Err(e.context("removing probes"));
+impl Tracing {
+    /// Stops collecting (after the ring is drained), flushes the export and reports.
+    pub fn finish(self, reason: StopReason, removal: Option<Result<install::Removal>>, args: &RunArgs) -> Result<()> {
+        self.stop.store(true, Ordering::Release);
+        let mut totals = self.collector.join().map_err(|_| anyhow::anyhow!("collector thread panicked"))?;
+        totals.output_errors = self.output.join().map_err(|_| anyhow::anyhow!("output thread panicked"))?;
+        drop(self.inst.ring_map.flush());
+        let export = self.exporting.map(Exporting::finish);
+        report(&self.sites, &self.inst, &totals, export.as_ref(), reason, removal.as_ref(), args)?;
+        if let Some(Err(e)) = removal {
+            return Err(e.context("removing probes"));
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 fn open_sink(args: &RunArgs, output: &Output) -> Result<(Sink, Option<Exporting>)> {
@@ -225,7 +291,7 @@ fn open_sink(args: &RunArgs, output: &Output) -> Result<(Sink, Option<Exporting>
         Format::None => return Ok((Sink::None, None)),
         Format::Otlp => {
             let resource = crate::otlp::span::resource(&output.otel, &output.process);
-            let (spans, exporting) = crate::otlp::start(&output.otel, resource)?;
+            let (spans, exporting) = crate::otlp::start(&output.otel, resource, output.mode == Mode::Attach)?;
             let sink = Sink::Otlp { spans, sampler: output.otel.sampler, scope: crate::otlp::span::func_scope() };
             return Ok((sink, Some(exporting)));
         }
@@ -236,6 +302,8 @@ fn open_sink(args: &RunArgs, output: &Output) -> Result<(Sink, Option<Exporting>
             1 << 20,
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
         )),
+        // A launched program owns our standard output.
+        None if output.mode == Mode::Launch => Box::new(std::io::LineWriter::new(std::io::stderr())),
         None => Box::new(std::io::LineWriter::new(std::io::stdout())),
     };
     Ok((Sink::text(output.format, out), None))
@@ -268,7 +336,7 @@ fn possible_cpus() -> u32 {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StopReason {
+pub enum StopReason {
     Signal(i32),
     Duration,
     TargetExited,
@@ -432,10 +500,14 @@ fn report(
     Ok(())
 }
 
-fn print_verdicts(sites: &[ProbeSite]) {
+fn print_verdicts(sites: &[ProbeSite]) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for s in sites {
-        println!("{:#018x}  {:<50} {}", s.entry, s.name, s.verdict());
+        writeln!(out, "{:#018x}  {:<50} {}", s.entry, s.name, s.verdict())?;
     }
+    out.flush()?;
+    Ok(())
 }
 
 /// One refused site is a warning; none installable is an error.

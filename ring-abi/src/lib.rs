@@ -183,6 +183,14 @@ impl Layout {
     /// As [`Layout::initialise`] for memory known to be zero (a new memfd): touches only
     /// the words that must be set.
     pub fn initialise_zeroed(&self, mem: &mut [u8]) {
+        self.initialise_prefix(mem, self.capacity);
+    }
+
+    /// `initialise_zeroed` for only the first `slots` slots of each sub-ring: a writer
+    /// that reaches a slot still zero counts a drop, so the rest must be initialised (in
+    /// ascending order, with [`Layout::slot_offset`]) soon after. This spares touching every
+    /// page of a large ring before the target may run.
+    pub fn initialise_prefix(&self, mem: &mut [u8], slots: u64) {
         let put = |mem: &mut [u8], off: usize, v: &[u8]| mem[off..off + v.len()].copy_from_slice(v);
         put(mem, header::MAGIC, &MAGIC.to_le_bytes());
         put(mem, header::VERSION, &VERSION.to_le_bytes());
@@ -190,7 +198,7 @@ impl Layout {
         put(mem, header::CAPACITY, &self.capacity.to_le_bytes());
         put(mem, header::RINGS, &self.rings.to_le_bytes());
         for r in 0..self.rings {
-            for i in 0..self.capacity {
+            for i in 0..slots.min(self.capacity) {
                 put(mem, self.slot_offset(r, i) + slot::SEQ, &i.to_le_bytes());
             }
         }

@@ -218,3 +218,30 @@ static EXCLUSIVE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
     EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Builds a one-file program with Go 1.19 (too old for inject) into `dir`; `None` (a
+/// skip) when Go 1.19 is missing outside CI. It comes from Debian's golang-1.19-go, which
+/// `cargo xtask test` installs.
+pub fn build_with_go_1_19(dir: &Path, main_go: &str) -> Result<Option<std::path::PathBuf>> {
+    let go = Path::new("/usr/lib/go-1.19/bin/go");
+    if !go.exists() {
+        if xtask::in_ci() {
+            bail!("Go 1.19 is missing (/usr/lib/go-1.19/bin/go): run cargo xtask test, which installs it");
+        }
+        eprintln!("SKIP: Go 1.19 not installed (cargo xtask test installs golang-1.19-go)");
+        return Ok(None);
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("main.go"), main_go)?;
+    std::fs::write(dir.join("go.mod"), "module old\n\ngo 1.19\n")?;
+    let exe = dir.join("old");
+    xtask::run(
+        Command::new(go)
+            .current_dir(dir)
+            .env("GOTOOLCHAIN", "local")
+            .env("GOFLAGS", "")
+            .args(["build", "-o"])
+            .arg(&exe),
+    )?;
+    Ok(Some(exe))
+}

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
-use xtask::{Flavor, build_fixture, in_ci, inject_binary, run, test_toolchains};
+use xtask::{Flavor, build_fixture, inject_binary, test_toolchains};
 
 /// Runs `inject ARGS` and checks it failed with exit code `code` and a single
 /// `inject: error:` line mentioning `needle`.
@@ -121,23 +121,10 @@ fn unknown_function_pattern() -> Result<()> {
 /// Go 1.19 comes from Debian's golang-1.19-go, which `cargo xtask test` installs.
 #[test]
 fn go_1_19_binary_is_refused_by_name() -> Result<()> {
-    let go = Path::new("/usr/lib/go-1.19/bin/go");
-    if !go.exists() {
-        ensure!(!in_ci(), "Go 1.19 is missing (/usr/lib/go-1.19/bin/go): run cargo xtask test, which installs it");
-        eprintln!("SKIP: Go 1.19 not installed (cargo xtask test installs golang-1.19-go)");
-        return Ok(());
-    }
     let dir = scratch("go119");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("main.go"), "package main\n\nfunc main() { println(\"hi\") }\n")?;
-    std::fs::write(dir.join("go.mod"), "module old\n\ngo 1.19\n")?;
-    let exe = dir.join("old");
-    run(Command::new(go)
-        .current_dir(&dir)
-        .env("GOTOOLCHAIN", "local")
-        .env("GOFLAGS", "")
-        .args(["build", "-o"])
-        .arg(&exe))?;
+    let Some(exe) = tests::build_with_go_1_19(&dir, "package main\n\nfunc main() { println(\"hi\") }\n")? else {
+        return Ok(());
+    };
     let err = expect_error(&["functions", "--exe"], Some(&exe), 1, "go1.19")?;
     ensure!(err.contains("too old") && err.contains("go1.20"), "{err}");
     std::fs::remove_dir_all(&dir)?;

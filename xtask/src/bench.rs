@@ -28,7 +28,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use xtask::{inject_binary, workspace_root};
 
-const BENCHMARKS: &[&str] = &["functions-100mb", "attach-100", "call-overhead", "collector", "export"];
+const BENCHMARKS: &[&str] = &["functions-100mb", "attach-100", "call-overhead", "collector", "export", "launch"];
 
 pub fn run(name: Option<&str>) -> Result<()> {
     use crate::bench_probe;
@@ -38,6 +38,7 @@ pub fn run(name: Option<&str>) -> Result<()> {
             bench_probe::call_overhead()?;
             bench_probe::collector()?;
             crate::bench_export::export()?;
+            bench_probe::launch()?;
             functions_100mb()
         }
         Some("functions-100mb") => functions_100mb(),
@@ -45,6 +46,7 @@ pub fn run(name: Option<&str>) -> Result<()> {
         Some("call-overhead") => bench_probe::call_overhead(),
         Some("collector") => bench_probe::collector(),
         Some("export") => crate::bench_export::export(),
+        Some("launch") => bench_probe::launch(),
         Some(other) => bail!("unknown benchmark {other:?}; known: {}", BENCHMARKS.join(", ")),
     }
 }

@@ -199,3 +199,68 @@ pub fn collector() -> Result<()> {
     }
     Ok(())
 }
+
+/// Milliseconds from spawning `cmd` until it prints READY, then stops it with SIGTERM.
+fn ms_to_ready(cmd: &mut Command) -> Result<f64> {
+    let t0 = std::time::Instant::now();
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    loop {
+        match lines.next().transpose()? {
+            Some(l) if l == "READY" => break,
+            Some(_) => {}
+            None => bail!("exited before READY"),
+        }
+    }
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    // SIGTERM: the server shuts down gracefully (through inject, which forwards it).
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let st = child.wait()?;
+    ensure!(st.success(), "exit {st}");
+    Ok(ms)
+}
+
+/// `launch`: start-up delay of `inject -- server` with 20 probes, against the server alone
+/// (time until it prints READY, having served its own warm-up request).
+pub fn launch() -> Result<()> {
+    let inject = release_inject()?;
+    let exe = build_fixture("httpserver", &newest_go()?, Flavor::Default)?;
+    let dry = xtask::output(Command::new(&inject).args(["--dry-run", "--func", "net/http.*", "--"]).arg(&exe))?;
+    let names: Vec<String> = dry
+        .lines()
+        .filter(|l| l.contains(" installed: entry and"))
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .take(20)
+        .collect();
+    ensure!(names.len() == 20, "only {} installable net/http functions", names.len());
+    let probed = |output: &str| {
+        let mut c = Command::new(&inject);
+        for n in &names {
+            c.args(["--func", n]);
+        }
+        // A closed port: the exporter starts, nothing waits for it.
+        c.args(["--output", output]).env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9");
+        c.arg("--").arg(&exe);
+        c
+    };
+    let (mut base, mut none, mut otlp) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..11 {
+        base.push(ms_to_ready(&mut Command::new(&exe))?);
+        none.push(ms_to_ready(&mut probed("none"))?);
+        otlp.push(ms_to_ready(&mut probed("otlp"))?);
+    }
+    let b = median(base);
+    println!("launch: ms from exec to READY (the server has served its own first request), 20 probes, median of 11:");
+    println!("  server alone                 {b:>7.2}");
+    let mut worst: f64 = 0.0;
+    for (what, v) in [("inject --output none --", none), ("inject (OTLP) --", otlp)] {
+        let m = median(v);
+        worst = worst.max(m - b);
+        println!("  {what:<28} {m:>7.2}  (+{:.2})", m - b);
+    }
+    println!(
+        "{} worst added start-up delay {worst:.2} ms against the 50 ms goal",
+        if worst < 50.0 { "PASS" } else { "FAIL" }
+    );
+    Ok(())
+}

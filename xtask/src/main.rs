@@ -22,7 +22,7 @@ cargo xtask <command>
   go [--all]        install the oldest and newest (or all) Go toolchains
   fixtures [--all]  build every fixture in every flavor (oldest/newest or all Go)
   fuzz [SECONDS]    run every cargo-fuzz target for SECONDS each (default 60)
-  bench [NAME]      run benchmarks (attach-100, call-overhead, collector, export, functions-100mb; all by default)
+  bench [NAME]      run benchmarks (attach-100, call-overhead, collector, export, launch, functions-100mb; all by default)
 ";
 
 fn main() -> ExitCode {

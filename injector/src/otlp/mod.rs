@@ -29,6 +29,8 @@ pub struct Stats {
     pub failed_requests: AtomicU64,
     pub requests: AtomicU64,
     pub last_error: std::sync::Mutex<Option<String>>,
+    /// The sending side is gone: send what is queued, within the shutdown window.
+    pub closed: std::sync::atomic::AtomicBool,
 }
 
 /// What the exit summary shows about export.
@@ -73,6 +75,12 @@ impl SpanSender {
 
     pub fn sampled_out(&self) {
         self.stats.sampled_out.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for SpanSender {
+    fn drop(&mut self) {
+        self.stats.closed.store(true, Ordering::Release);
     }
 }
 
@@ -190,41 +198,69 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Short, so spans flow again soon after an endpoint comes back.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
-/// Starts the export thread. The exporter is built (and its configuration checked) before
-/// this returns.
-pub fn start(config: &OtelConfig, resource: Resource) -> Result<(SpanSender, Exporting)> {
+/// Starts the export thread. With `wait`, the exporter is built before this returns (a
+/// build error is ours to report); without, a launched program need not wait for the
+/// HTTP client's start-up, and a build error is reported by the thread, which then counts
+/// every span as dropped.
+pub fn start(config: &OtelConfig, resource: Resource, wait: bool) -> Result<(SpanSender, Exporting)> {
     let (tx, rx) = crossbeam_channel::bounded::<SpanData>(config.queue);
     let stats = Arc::new(Stats::default());
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<()>>(1);
     let thread = {
         let (config, stats) = (config.clone(), stats.clone());
         std::thread::Builder::new().name("otlp-export".into()).spawn(move || {
+            // Not waited for: build the client when the first batch is due, so its threads
+            // do not compete with the starting program.
+            let mut first = Vec::new();
+            if !wait && let Ok(s) = rx.recv() {
+                first.push(s);
+                let due = Instant::now() + config.delay;
+                while first.len() < config.batch
+                    && let Ok(s) = rx.recv_deadline(due)
+                {
+                    first.push(s);
+                }
+            }
             let client = match Client::build(&config, &resource) {
                 Ok(c) => {
                     let _ = ready_tx.send(Ok(()));
                     c
                 }
                 Err(e) => {
+                    if !wait {
+                        eprintln!("inject: error: {e:#}; no spans will be exported");
+                    }
                     let _ = ready_tx.send(Err(e));
+                    stats.dropped_export_failed.fetch_add(first.len() as u64, Ordering::Relaxed);
+                    for _ in rx.iter() {
+                        stats.dropped_export_failed.fetch_add(1, Ordering::Relaxed);
+                    }
                     return;
                 }
             };
-            export_loop(&client, &rx, &config, &stats);
+            export_loop(&client, &rx, first, &config, &stats);
         })?
     };
-    ready_rx.recv().context("the OTLP export thread stopped")??;
+    if wait {
+        ready_rx.recv().context("the OTLP export thread stopped")??;
+    }
     let sender = SpanSender { tx, stats: stats.clone() };
     Ok((sender, Exporting { thread, stats, endpoint: config.endpoint.clone(), protocol: config.protocol }))
 }
 
-fn export_loop(client: &Client, rx: &Receiver<SpanData>, config: &OtelConfig, stats: &Stats) {
-    // At exit, queued spans get this long to go out.
-    let shutdown_window = config.timeout.clamp(Duration::from_secs(1), Duration::from_secs(10));
+fn export_loop(client: &Client, rx: &Receiver<SpanData>, first: Vec<SpanData>, config: &OtelConfig, stats: &Stats) {
+    // At exit, queued spans get this long to go out (a container runtime's stop grace is
+    // typically 10 s, and the program's own shutdown came first).
+    let shutdown_window = config.timeout.clamp(Duration::from_secs(1), Duration::from_secs(5));
     let mut closing: Option<Instant> = None;
-    let mut batch: Vec<SpanData> = Vec::with_capacity(config.batch);
+    let mut batch = first;
+    batch.reserve(config.batch);
     let mut failing_since: Option<Instant> = None;
     let mut backoff = BACKOFF_MIN;
     loop {
+        if closing.is_none() && stats.closed.load(Ordering::Acquire) {
+            closing = Some(Instant::now());
+        }
         // Fill a batch: until it is full, or `delay` after its first span.
         if batch.is_empty() && closing.is_none() {
             match rx.recv() {
