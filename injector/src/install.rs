@@ -74,8 +74,9 @@ impl Installation {
 
 /// A `syscall` instruction in the runtime's own assembly, to run injected syscalls.
 pub fn find_syscall_gadget(bin: &GoBinary<'_>) -> Result<u64> {
-    for f in bin.functions()?.iter().filter(|f| f.is_asm() && f.name.starts_with("runtime.")) {
-        let Some(code) = bin.code(f) else { continue };
+    // Lazily: the runtime's assembly comes first in the text, so this stops early.
+    for f in bin.pclntab.funcs().filter_map(Result::ok).filter(|f| f.is_asm() && f.name.starts_with("runtime.")) {
+        let Some(code) = bin.code(&f) else { continue };
         let mut d = Decoder::with_ip(64, code, f.entry, DecoderOptions::NONE);
         for i in &mut d {
             if i.mnemonic() == Mnemonic::Syscall {

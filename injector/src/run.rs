@@ -252,7 +252,7 @@ fn start_tracing(
         })
         .collect();
     // A launched program waits for us: calibrate briefly, the collector refines it.
-    let calibration = if out.mode == Mode::Launch { Duration::from_millis(3) } else { Duration::from_millis(20) };
+    let calibration = if out.mode == Mode::Launch { Duration::from_millis(1) } else { Duration::from_millis(20) };
     let clock = Arc::new(std::sync::Mutex::new(Clock::calibrate(calibration)));
     let (tx, rx) = collect::channel();
     let pairer = Pairer::new(metas);

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SpanData, SpanExporter};
@@ -31,6 +31,8 @@ pub struct Stats {
     pub last_error: std::sync::Mutex<Option<String>>,
     /// The sending side is gone: send what is queued, within the shutdown window.
     pub closed: std::sync::atomic::AtomicBool,
+    /// Spans in the queue.
+    pub held: AtomicU64,
 }
 
 /// What the exit summary shows about export.
@@ -60,16 +62,22 @@ impl ExportTotals {
 pub struct SpanSender {
     tx: Sender<SpanData>,
     stats: Arc<Stats>,
+    capacity: u64,
 }
 
 impl SpanSender {
     /// Queues a span, or counts it dropped when the queue is full; never blocks.
     pub fn send(&self, span: SpanData) {
-        match self.tx.try_send(span) {
+        // The bound is a count, not a preallocated array: 65536 SpanData slots would
+        // cost ~10 ms to set up, which a launched program waits for.
+        if self.stats.held.fetch_add(1, Ordering::AcqRel) >= self.capacity {
+            self.stats.held.fetch_sub(1, Ordering::AcqRel);
+            self.stats.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        match self.tx.send(span) {
             Ok(()) => self.stats.queued.fetch_add(1, Ordering::Relaxed),
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.stats.dropped_queue_full.fetch_add(1, Ordering::Relaxed)
-            }
+            Err(_) => self.stats.dropped_queue_full.fetch_add(1, Ordering::Relaxed),
         };
     }
 
@@ -191,6 +199,36 @@ impl Client {
     }
 }
 
+/// The queue's receiving end: every span taken out makes room for another.
+struct SpanRx {
+    rx: Receiver<SpanData>,
+    stats: Arc<Stats>,
+}
+
+impl SpanRx {
+    fn took<E>(&self, r: Result<SpanData, E>) -> Result<SpanData, E> {
+        if r.is_ok() {
+            self.stats.held.fetch_sub(1, Ordering::AcqRel);
+        }
+        r
+    }
+    fn recv(&self) -> Result<SpanData, crossbeam_channel::RecvError> {
+        self.took(self.rx.recv())
+    }
+    fn recv_deadline(&self, t: Instant) -> Result<SpanData, RecvTimeoutError> {
+        self.took(self.rx.recv_deadline(t))
+    }
+    fn try_recv(&self) -> Result<SpanData, crossbeam_channel::TryRecvError> {
+        self.took(self.rx.try_recv())
+    }
+    /// Empties the queue, returning how many spans it held.
+    fn discard(&self) -> u64 {
+        let n = self.rx.try_iter().count() as u64;
+        self.stats.held.fetch_sub(n, Ordering::AcqRel);
+        n
+    }
+}
+
 /// A batch that has failed this long is given up (its spans counted dropped), so a
 /// batch the endpoint rejects for good cannot stop everything behind it.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(30);
@@ -203,8 +241,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// HTTP client's start-up, and a build error is reported by the thread, which then counts
 /// every span as dropped.
 pub fn start(config: &OtelConfig, resource: Resource, wait: bool) -> Result<(SpanSender, Exporting)> {
-    let (tx, rx) = crossbeam_channel::bounded::<SpanData>(config.queue);
     let stats = Arc::new(Stats::default());
+    let (tx, rx) = crossbeam_channel::unbounded::<SpanData>();
+    let rx = SpanRx { rx, stats: stats.clone() };
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<()>>(1);
     let thread = {
         let (config, stats) = (config.clone(), stats.clone());
@@ -232,7 +271,7 @@ pub fn start(config: &OtelConfig, resource: Resource, wait: bool) -> Result<(Spa
                     }
                     let _ = ready_tx.send(Err(e));
                     stats.dropped_export_failed.fetch_add(first.len() as u64, Ordering::Relaxed);
-                    for _ in rx.iter() {
+                    while rx.recv().is_ok() {
                         stats.dropped_export_failed.fetch_add(1, Ordering::Relaxed);
                     }
                     return;
@@ -244,11 +283,11 @@ pub fn start(config: &OtelConfig, resource: Resource, wait: bool) -> Result<(Spa
     if wait {
         ready_rx.recv().context("the OTLP export thread stopped")??;
     }
-    let sender = SpanSender { tx, stats: stats.clone() };
+    let sender = SpanSender { tx, stats: stats.clone(), capacity: config.queue as u64 };
     Ok((sender, Exporting { thread, stats, endpoint: config.endpoint.clone(), protocol: config.protocol }))
 }
 
-fn export_loop(client: &Client, rx: &Receiver<SpanData>, first: Vec<SpanData>, config: &OtelConfig, stats: &Stats) {
+fn export_loop(client: &Client, rx: &SpanRx, first: Vec<SpanData>, config: &OtelConfig, stats: &Stats) {
     // At exit, queued spans get this long to go out (a container runtime's stop grace is
     // typically 10 s, and the program's own shutdown came first).
     let shutdown_window = config.timeout.clamp(Duration::from_secs(1), Duration::from_secs(5));
@@ -328,7 +367,7 @@ fn export_loop(client: &Client, rx: &Receiver<SpanData>, first: Vec<SpanData>, c
                 }
                 if out_of_time {
                     // Whatever is still queued will not go out either.
-                    let rest = rx.try_iter().count() as u64;
+                    let rest = rx.discard();
                     stats.dropped_export_failed.fetch_add(rest, Ordering::Relaxed);
                     return;
                 }
