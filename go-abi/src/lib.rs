@@ -10,6 +10,7 @@ pub mod binary;
 pub mod buildinfo;
 pub mod dwarf;
 pub mod elf;
+pub mod offsets;
 pub mod pclntab;
 pub mod runtime;
 pub mod signature;

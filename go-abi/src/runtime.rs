@@ -27,40 +27,34 @@ pub struct RuntimeLayout {
     pub source: LayoutSource,
 }
 
-/// `(first release, last release, g.goid, m.p)`: 1.23 added `g.syscallbp` (+8 to goid);
-/// 1.25 removed `gobuf.ret` (-8 to both: a gobuf sits in g and in m); 1.26 added 8 bytes
-/// to `m` before `p`. `g.stack`, `g.stackguard0`, `g.m` and `p.id` have not moved since
-/// 1.17. Read off DWARF of real builds of every release in go-versions.toml, and checked
-/// against DWARF by the test suite.
-type Release = (u32, u32);
-const BY_RELEASE: &[(Release, Release, u32, u32)] = &[
-    ((1, 20), (1, 22), 152, 208),
-    ((1, 23), (1, 24), 160, 208),
-    ((1, 25), (1, 25), 152, 200),
-    ((1, 26), (1, 27), 152, 208),
-];
+/// A field offset (`"runtime.g.goid"`, `"net/http.Request.ctx"`) for a Go release, from
+/// the generated table ([`crate::offsets`]); None outside the table or for a field that
+/// release does not have. Examples of what moves: 1.23 added `g.syscallbp` (+8 to goid)
+/// and `Request.Pattern` (+16 to `Request.ctx`); 1.25 removed `gobuf.ret` (-8 to goid and
+/// `m.p`); 1.26 added 8 bytes to `m` before `p`.
+pub fn table_offset(release: (u32, u32), field: &str) -> Option<u64> {
+    let (_, _, row) = crate::offsets::TABLE.iter().find(|(r, _, _)| *r == release)?;
+    row.iter().find(|(name, _)| *name == field).map(|&(_, offset)| offset)
+}
 
 impl RuntimeLayout {
     /// The layout for a Go release, or None when the release is outside the table.
     pub fn for_version(v: &GoVersion) -> Option<Self> {
         let r = v.release();
-        BY_RELEASE.iter().find(|(lo, hi, _, _)| *lo <= r && r <= *hi).map(|&(_, _, goid, m_p)| RuntimeLayout {
-            stack_lo: 0,
-            stack_hi: 8,
-            stackguard0: 16,
-            m: 48,
-            goid,
-            m_p,
-            p_id: 0,
-            source: LayoutSource::Table,
-        })
+        let mut layout = Self::from_fields(|f| match f {
+            "m.p" => table_offset(r, "runtime.m.p"),
+            "p.id" => table_offset(r, "runtime.p.id"),
+            f => table_offset(r, &format!("runtime.g.{f}")),
+        })?;
+        layout.source = LayoutSource::Table;
+        Some(layout)
     }
 
     /// The releases the table covers, for error messages.
     pub fn table_range() -> (GoVersion, GoVersion) {
-        let lo = BY_RELEASE[0].0;
-        let hi = BY_RELEASE[BY_RELEASE.len() - 1].1;
-        (GoVersion::new(lo.0, lo.1, 0), GoVersion::new(hi.0, hi.1, 0))
+        let first = crate::offsets::TABLE.first().map_or((1, 21), |t| t.0);
+        let last = crate::offsets::TABLE.last().map_or((1, 21), |t| t.0);
+        (GoVersion::new(first.0, first.1, 0), GoVersion::new(last.0, last.1, 0))
     }
 
     /// Builds the layout from a field-offset lookup: `runtime.g` fields by name
@@ -93,6 +87,7 @@ mod tests {
         assert_eq!(goid(24), Some(160));
         assert_eq!(goid(26), Some(152));
         assert_eq!(goid(19), None);
+        assert_eq!(goid(20), None, "go1.20 is outside go-versions.toml, so outside the table");
         assert_eq!(goid(28), None);
         let m_p = |m| RuntimeLayout::for_version(&GoVersion::new(1, m, 0)).map(|l| l.m_p);
         assert_eq!((m_p(24), m_p(25), m_p(26)), (Some(208), Some(200), Some(208)));

@@ -38,6 +38,10 @@ pub struct RunArgs {
     /// [also INJECT_FUNCS: patterns separated by spaces].
     #[arg(long = "func", value_name = "PATTERN")]
     pub funcs: Vec<String>,
+    /// For a Go release outside the supported range: use this release's struct offsets
+    /// (e.g. 1.27) where the binary's DWARF does not give them.
+    #[arg(long, value_name = "X.Y")]
+    pub assume_go_version: Option<String>,
     /// Launch mode: if the probes cannot be installed, fail instead of running the program
     /// untraced.
     #[arg(long)]
@@ -143,20 +147,35 @@ pub struct Output {
     pub mode: Mode,
 }
 
-/// Supported Go releases: what go-versions.toml tests, which the runtime layout table covers.
-fn check_go_version(bin: &GoBinary<'_>) -> Result<()> {
-    if RuntimeLayout::for_version(&bin.version).is_none() {
-        let (lo, hi) = RuntimeLayout::table_range();
+/// Supported Go releases: what go-versions.toml tests, which the generated offset table
+/// covers. Outside it, `--assume-go-version` names the release whose offsets to use (the
+/// target's own DWARF still comes first); returns that release's layout.
+fn check_go_version(bin: &GoBinary<'_>, assume: Option<&str>) -> Result<Option<RuntimeLayout>> {
+    if RuntimeLayout::for_version(&bin.version).is_some() {
+        return Ok(None);
+    }
+    let (lo, hi) = RuntimeLayout::table_range();
+    let range = format!("{}.{} to {}.{}", lo.major, lo.minor, hi.major, hi.minor);
+    let Some(assumed) = assume else {
         bail!(
-            "the target was built with {}, outside the supported range {}.{} to {}.{}",
+            "the target was built with {}, outside the supported range {range}; if its runtime is laid out like a \
+             supported release, say which with --assume-go-version (e.g. --assume-go-version {}.{})",
             bin.build_info.go_version,
-            lo.major,
-            lo.minor,
             hi.major,
             hi.minor
         );
-    }
-    Ok(())
+    };
+    let v = go_abi::version::GoVersion::parse(assumed).map_err(|_| {
+        anyhow::anyhow!("--assume-go-version {assumed:?}: give a release like {}.{}", hi.major, hi.minor)
+    })?;
+    let layout = RuntimeLayout::for_version(&v)
+        .with_context(|| format!("--assume-go-version {assumed}: not a supported release ({range})"))?;
+    eprintln!(
+        "inject: warning: {} is outside the supported range {range}; assuming go{}.{} offsets where the binary's DWARF \
+         does not give them",
+        bin.build_info.go_version, v.major, v.minor
+    );
+    Ok(Some(layout))
 }
 
 /// Probes in, collector and output running.
@@ -174,7 +193,7 @@ pub struct Tracing {
 pub fn start(pid: i32, args: &RunArgs, mode: Mode) -> Result<Option<Tracing>> {
     let exe = TargetArgs { exe: None, pid: Some(pid) }.open()?;
     let bin = GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())?;
-    check_go_version(&bin)?;
+    let assumed = check_go_version(&bin, args.assume_go_version.as_deref())?;
     let dwarf = bin.dwarf().ok().flatten();
     let ctx = plan::PlanContext { dwarf, max_string: args.max_string };
     let sites = plan::plan(&bin, &args.funcs, exe.bias, &ctx)?;
@@ -189,7 +208,9 @@ pub fn start(pid: i32, args: &RunArgs, mode: Mode) -> Result<Option<Tracing>> {
     }
     let process = crate::otlp::span::Process::of_pid(pid, &exe.path, &bin.build_info);
     let out = Output { format, otel, process, mode };
-    start_tracing(pid, &exe, &bin, sites, ctx.dwarf.as_ref(), args, out).map(Some)
+    let layout =
+        bin.runtime_layout(ctx.dwarf.as_ref()).or(assumed).context("no runtime.g layout for this Go version")?;
+    start_tracing(pid, &exe, &bin, sites, layout, args, out).map(Some)
 }
 
 fn start_tracing(
@@ -197,14 +218,13 @@ fn start_tracing(
     exe: &crate::target::Executable,
     bin: &GoBinary<'_>,
     sites: Vec<ProbeSite>,
-    dwarf: Option<&go_abi::dwarf::DwarfInfo>,
+    layout: RuntimeLayout,
     args: &RunArgs,
     out: Output,
 ) -> Result<Tracing> {
     if let Some(owner) = install::existing_owner(pid)? {
         bail!("pid {pid} is already instrumented by another inject (pid {owner}); stop that one first");
     }
-    let layout = bin.runtime_layout(dwarf).context("no runtime.g layout for this Go version")?;
     let (sink, exporting) = open_sink(args, &out)?;
     // One sub-ring per P: as many as the target may run at once.
     let rings = possible_cpus().max(target_gomaxprocs(pid)).next_power_of_two().min(256);

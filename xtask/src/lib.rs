@@ -2,6 +2,9 @@
 //! toolchains we support (go-versions.toml), installing them, and building fixtures with
 //! a toolchain and a build flavor, cached under `target/fixtures/`.
 
+pub mod offsets;
+pub mod support;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;

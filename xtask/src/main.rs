@@ -22,6 +22,10 @@ cargo xtask <command>
   go [--all]        install the oldest and newest (or all) Go toolchains
   fixtures [--all]  build every fixture in every flavor (oldest/newest or all Go)
   fuzz [SECONDS]    run every cargo-fuzz target for SECONDS each (default 60)
+  support           core end-to-end checks (list, launch with arguments, attach/detach) for
+                    every Go of go-versions.toml x default/stripped/PIE; prints the README table
+  offsets [--check] regenerate go-abi/src/offsets.rs (struct offsets by Go release) from
+                    the DWARF of every Go of go-versions.toml; --check fails on a difference
   bench [NAME]      run benchmarks (attach-100, call-overhead, collector, export, launch, functions-100mb; all by default)
 ";
 
@@ -38,6 +42,9 @@ fn main() -> ExitCode {
             Err(e) => Err(anyhow::Error::from(e).context("fuzz SECONDS must be a whole number")),
         },
         Some("bench") => bench::run(args.get(1).map(String::as_str)),
+        Some("support") => xtask::support::run(),
+        Some("offsets") => xtask::offsets::listed_toolchains()
+            .and_then(|tcs| xtask::offsets::run(&tcs, args.iter().any(|a| a == "--check"))),
         Some("help" | "--help" | "-h") | None => {
             print!("{HELP}");
             Ok(())
