@@ -85,8 +85,11 @@ pub fn launch(args: &RunArgs) -> Result<u8> {
         unsafe { libc::kill(pid, libc::SIGCONT) };
     }
     let status = supervise(pid, &sigfd)?;
-    if let Some(t) = tracing {
-        t.finish(StopReason::TargetExited, None, args)?;
+    // The program's status is what we exit with, whatever happens to our own reporting.
+    if let Some(t) = tracing
+        && let Err(e) = t.finish(StopReason::TargetExited, None, args)
+    {
+        eprintln!("inject: error: {e:#}");
     }
     Ok(exit_code(status))
 }
