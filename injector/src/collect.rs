@@ -164,19 +164,13 @@ pub fn run(
         // the streams are merged by time stamp. Everything published before this round
         // began has been read from the sub-rings that were drained; a sub-ring cut short
         // is known only up to its last record. Release what is older than all of that.
-        for (ring, &empty) in reader.drained().iter().enumerate() {
-            let known = if empty { round } else { last_seen[ring] };
-            seen_up_to[ring] = known;
-        }
         for r in batch.drain(..) {
             let ring = r.ring as usize;
             last_seen[ring] = last_seen[ring].max(r.tsc);
             pending[ring].push_back(r);
         }
         for (ring, &empty) in reader.drained().iter().enumerate() {
-            if !empty {
-                seen_up_to[ring] = last_seen[ring];
-            }
+            seen_up_to[ring] = if empty { round } else { last_seen[ring] };
         }
         let watermark = seen_up_to.iter().copied().min().unwrap_or(0).saturating_sub(settle_ticks);
         loop {

@@ -139,12 +139,10 @@ pub fn resolve(program: &str) -> std::path::PathBuf {
 
 /// Whether exec(2) of `program` would be allowed, as far as we can tell without running it.
 fn program_exists_and_runs(program: &str) -> bool {
-    let path = Some(resolve(program));
-    path.is_some_and(|p| {
-        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap_or_default();
-        // SAFETY: access(2) with a NUL-terminated path.
-        unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
-    })
+    let path = resolve(program);
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap_or_default();
+    // SAFETY: access(2) with a NUL-terminated path.
+    unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
 }
 
 /// The child ended before we could instrument it: its wait status.

@@ -117,6 +117,19 @@ impl Proc {
     }
 }
 
+/// Sends `sig` to `pid`, a process the test started (directly or through a wrapper).
+pub fn send_signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) has no memory preconditions.
+    unsafe { libc_kill(pid, sig) };
+}
+
+/// A per-test-process path under target/test-scratch.
+pub fn scratch(name: &str) -> std::path::PathBuf {
+    let d = xtask::workspace_root().join("target/test-scratch");
+    std::fs::create_dir_all(&d).expect("creating target/test-scratch");
+    d.join(format!("{name}.{}", std::process::id()))
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
@@ -206,7 +219,7 @@ pub fn require_ptrace() -> Result<bool> {
     Ok(ok)
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
 }

@@ -7,16 +7,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
-use tests::{require_ptrace, start_fixture, start_inject};
+use tests::{require_ptrace, scratch, start_fixture, start_inject};
 use xtask::{Flavor, build_fixture, test_toolchains};
 
 const LIMIT: Duration = Duration::from_secs(300);
-
-fn scratch(name: &str) -> std::path::PathBuf {
-    let d = xtask::workspace_root().join("target/test-scratch");
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(format!("{name}.{}", std::process::id()))
-}
 
 /// Decodes a Go `%q` string (as the fixture prints it) to bytes.
 fn unquote(s: &str) -> Result<Vec<u8>> {

@@ -1,9 +1,10 @@
 //! Bad input gets one clear line on stderr and a non-zero exit, never a panic.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
+use tests::scratch;
 use xtask::{Flavor, build_fixture, inject_binary, test_toolchains};
 
 /// Runs `inject ARGS` and checks it failed with exit code `code` and a single
@@ -25,12 +26,6 @@ fn expect_error(args: &[&str], path: Option<&Path>, code: i32, needle: &str) -> 
     }
     ensure!(stderr.contains(needle), "{args:?} {path:?}: error does not mention {needle:?}:\n{stderr}");
     Ok(stderr)
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = xtask::workspace_root().join("target/test-scratch");
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(format!("{name}.{}", std::process::id()))
 }
 
 #[test]

@@ -6,34 +6,15 @@
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use tests::otlp::{Receiver, Transport};
-use tests::{Proc, require_ptrace};
+use tests::{Proc, is_root, require_ptrace, scratch, send_signal};
 use xtask::{Flavor, build_fixture, inject_binary, test_toolchains};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn scratch(name: &str) -> PathBuf {
-    let d = xtask::workspace_root().join("target/test-scratch");
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(format!("{name}.{}", std::process::id()))
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc_geteuid() == 0 }
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
-}
 
 /// `inject ARGS -- PROGRAM...` as PID 1 of a fresh PID namespace, as user nobody with no
 /// capabilities (util-linux unshare and setpriv, run as root by the test).
@@ -127,8 +108,7 @@ fn http_server_as_pid_1_unprivileged_traced_from_its_first_request() -> Result<(
         let reply = http_get(&addr, "/hello")?;
         ensure!(reply.starts_with("HTTP/1.1 200"), "{reply}");
         rx.wait_spans(before + 3, LIMIT).context("request span")?;
-        // SAFETY: kill(2) on the inject our test started.
-        unsafe { libc_kill(inject, 15) };
+        send_signal(inject, 15);
         p.wait_for("SHUTDOWN", LIMIT).context("graceful shutdown after SIGTERM")?;
         let st = p.wait(LIMIT)?;
         ensure!(st.code() == Some(0), "{}: exit {st}\n{}", tc.version, p.transcript());
@@ -194,8 +174,7 @@ fn exit_status_signals_and_orphans_pass_through() -> Result<()> {
     // the orphans' 500 ms life and a second more is a leak.
     let left: Vec<_> = children_of(inject).into_iter().filter(|(_, s, _)| *s == 'Z').collect();
     ensure!(left.is_empty(), "zombies left: {left:?} (seen {zombies:?})");
-    // SAFETY: kill(2) on the inject our test started.
-    unsafe { libc_kill(inject, 15) };
+    send_signal(inject, 15);
     let st = p.wait(LIMIT)?;
     ensure!(st.code() == Some(128 + 15), "signal death: exit {st}\n{}", p.transcript());
     Ok(())

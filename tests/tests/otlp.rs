@@ -8,17 +8,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use tests::otlp::{Received, Receiver, Transport};
-use tests::{Proc, require_ptrace, start_fixture, start_inject_env};
+use tests::{Proc, require_ptrace, scratch, start_fixture, start_inject_env};
 use xtask::{Flavor, GoToolchain, build_fixture, test_toolchains};
 
 const LIMIT: Duration = Duration::from_secs(120);
 const FUNCS: [&str; 3] = ["main.handle", "main.query", "main.render"];
-
-fn scratch(name: &str) -> std::path::PathBuf {
-    let d = xtask::workspace_root().join("target/test-scratch");
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(format!("{name}.{}", std::process::id()))
-}
 
 fn inject_args(pid: i32, extra: &[&str], summary: &std::path::Path) -> Vec<String> {
     let mut a = vec!["--pid".to_string(), pid.to_string()];

@@ -21,7 +21,6 @@ pub use config::{OtelArgs, OtelConfig, Protocol};
 /// Counters shared by the sending side and the export thread.
 #[derive(Debug, Default)]
 pub struct Stats {
-    pub queued: AtomicU64,
     pub sampled_out: AtomicU64,
     pub dropped_queue_full: AtomicU64,
     pub exported: AtomicU64,
@@ -75,10 +74,10 @@ impl SpanSender {
             self.stats.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        match self.tx.send(span) {
-            Ok(()) => self.stats.queued.fetch_add(1, Ordering::Relaxed),
-            Err(_) => self.stats.dropped_queue_full.fetch_add(1, Ordering::Relaxed),
-        };
+        if self.tx.send(span).is_err() {
+            self.stats.held.fetch_sub(1, Ordering::AcqRel);
+            self.stats.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub fn sampled_out(&self) {
