@@ -41,6 +41,7 @@ pub fn bench_collector(args: &BenchArgs) -> Result<()> {
         typed: false,
         entry_only: false,
         code: None,
+        role: crate::plan::Role::Func,
     };
     // SAFETY: `mem` outlives the reader (joined below).
     let reader = unsafe { RingReader::new(base, layout.total_len(), layout, vec![0]) };

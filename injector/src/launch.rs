@@ -173,8 +173,8 @@ fn stop_after_exec(pid: i32) -> Result<(), ChildGone> {
 }
 
 fn instrument(pid: i32, args: &RunArgs) -> Result<Option<run::Tracing>> {
-    if args.funcs.is_empty() {
-        bail!("nothing to probe: give --func PATTERN (or INJECT_FUNCS)");
+    if args.funcs.is_empty() && args.no_libs {
+        bail!("nothing to probe: --no-libs and no --func PATTERN (or INJECT_FUNCS)");
     }
     run::start(pid, args, run::Mode::Launch)
 }

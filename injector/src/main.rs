@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod benchcmd;
 mod collect;
+mod http;
 mod inspect;
 mod install;
 mod launch;

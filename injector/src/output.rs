@@ -7,6 +7,7 @@ use anyhow::Result;
 
 use opentelemetry::InstrumentationScope;
 
+use crate::http::Probe;
 use crate::otlp::SpanSender;
 use crate::otlp::config::Sampler;
 use crate::spans::{Call, Clock, SiteMeta, call_values};
@@ -25,8 +26,16 @@ pub enum Format {
 }
 
 pub enum Sink {
-    Text { format: Format, out: Box<dyn Write + Send> },
-    Otlp { spans: SpanSender, sampler: Sampler, scope: InstrumentationScope },
+    Text {
+        format: Format,
+        out: Box<dyn Write + Send>,
+    },
+    Otlp {
+        spans: SpanSender,
+        sampler: Sampler,
+        scope: Box<InstrumentationScope>,
+        http_scope: Box<InstrumentationScope>,
+    },
     None,
 }
 
@@ -55,9 +64,12 @@ impl Sink {
 
     pub fn write(&mut self, call: &Call, sites: &[SiteMeta], clock: &Clock, types: &mut TypeNamer<'_>) -> Result<()> {
         let meta = &sites[call.site as usize];
+        if let crate::plan::Role::Http(probe) = meta.role {
+            return self.write_http(probe, call, clock, types);
+        }
         let (format, out) = match self {
             Sink::None => return Ok(()),
-            Sink::Otlp { spans, sampler, scope } => {
+            Sink::Otlp { spans, sampler, scope, .. } => {
                 // Sampling first: an unsampled call costs no formatting.
                 if !sampler.sample(call.trace_id, None) {
                     spans.sampled_out();
@@ -123,6 +135,99 @@ impl Sink {
                 serde_json::to_writer(&mut *out, &o)?;
                 out.write_all(b"\n")?;
             }
+        }
+        Ok(())
+    }
+
+    fn write_http(&mut self, probe: Probe, call: &Call, clock: &Clock, types: &mut TypeNamer<'_>) -> Result<()> {
+        if let Sink::None = self {
+            return Ok(());
+        }
+        if let Sink::Otlp { sampler, spans, .. } = self
+            && !sampler.sample(call.trace_id, call.remote_parent.then_some(true))
+        {
+            spans.sampled_out();
+            return Ok(());
+        }
+        let ret = call.ret.as_ref().map(|r| (&r.data[..], [r.ints[0], r.ints[1], r.ints[2]]));
+        let mut namer = |itab: u64| types(itab, false);
+        let d = crate::http::describe(probe, &call.entry.data, ret, call.http.as_deref(), &mut namer);
+        let (format, out) = match self {
+            Sink::None => return Ok(()),
+            Sink::Otlp { spans, http_scope, .. } => {
+                spans.send(crate::otlp::span::http_span(call, d, clock, http_scope));
+                return Ok(());
+            }
+            Sink::Text { format, out } => (*format, out),
+        };
+        let start = clock.unix_ns(call.start_tsc());
+        let dur = call.end_tsc().map(|e| clock.ns(e.saturating_sub(call.start_tsc())));
+        let kind = if d.server { "SERVER" } else { "CLIENT" };
+        match format {
+            Format::Console => {
+                let attrs: Vec<String> = d
+                    .attrs
+                    .iter()
+                    .map(|(k, v)| match v {
+                        crate::http::Attr::S(s) => format!("{k}={s:?}"),
+                        crate::http::Attr::I(i) => format!("{k}={i}"),
+                    })
+                    .collect();
+                let mut line = format!(
+                    "{} g{:<5} {:indent$}{kind} {} [trace {:032x} span {:016x}{}] {}",
+                    clock_time(start),
+                    call.goid,
+                    "",
+                    d.name,
+                    call.trace_id,
+                    call.span_id,
+                    call.parent.map_or(String::new(), |p| format!(
+                        " parent {p:016x}{}",
+                        if call.remote_parent { " (remote)" } else { "" }
+                    )),
+                    attrs.join(" "),
+                    indent = 2 * call.depth
+                );
+                if let Some(e) = &d.error {
+                    line.push_str(&format!(" ERROR {e}"));
+                }
+                if let Some(ns) = dur {
+                    line.push_str(&format!("  {}", duration(ns)));
+                }
+                writeln!(out, "{line}")?;
+            }
+            Format::Jsonl => {
+                let attributes: serde_json::Map<String, serde_json::Value> = d
+                    .attrs
+                    .iter()
+                    .map(|(k, v)| {
+                        let v = match v {
+                            crate::http::Attr::S(s) => serde_json::json!(s),
+                            crate::http::Attr::I(i) => serde_json::json!(i),
+                        };
+                        (k.to_string(), v)
+                    })
+                    .collect();
+                let mut o = serde_json::json!({
+                    "name": d.name,
+                    "kind": kind,
+                    "trace_id": format!("{:032x}", call.trace_id),
+                    "span_id": format!("{:016x}", call.span_id),
+                    "parent_span_id": call.parent.map(|p| format!("{p:016x}")),
+                    "parent_remote": call.remote_parent,
+                    "goroutine": call.goid,
+                    "start_time_unix_nano": start as u64,
+                    "attributes": attributes,
+                    "error": d.error,
+                });
+                if let Some(ns) = dur {
+                    o["end_time_unix_nano"] = serde_json::json!((start + ns as u128) as u64);
+                    o["duration_ns"] = serde_json::json!(ns.round() as u64);
+                }
+                serde_json::to_writer(&mut *out, &o)?;
+                out.write_all(b"\n")?;
+            }
+            Format::Otlp | Format::None => {}
         }
         Ok(())
     }

@@ -6,7 +6,7 @@ use std::fmt;
 use go_abi::signature::signature;
 use go_abi::{Func, GoBinary};
 use trampolines::Function;
-use trampolines::site::{EntryPatch, Padding, Refusal, ReturnPatch, entry_patch, return_patches};
+use trampolines::site::{EntryPatch, Padding, Refusal, ReturnPatch, entry_patch, return_patches_with};
 
 use crate::values::{self, Side};
 
@@ -49,6 +49,16 @@ pub struct ProbeSite {
     pub typed: bool,
     /// Source file and line of the entry.
     pub code: Option<(String, u32)>,
+    /// A user's function (a span per call) or a library probe.
+    pub role: Role,
+}
+
+/// What a probe is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A function the user named: one span per call, arguments shown.
+    Func,
+    Http(crate::http::Probe),
 }
 
 impl ProbeSite {
@@ -76,6 +86,12 @@ fn is_runtime(name: &str) -> bool {
 /// Analyses one function at its run-time address (`bias` is a PIE's load bias), so every
 /// address in the verdict is where it will be patched.
 pub fn analyse(bin: &GoBinary<'_>, f: &Func<'_>, id: u32, bias: u64, ctx: &PlanContext) -> ProbeSite {
+    analyse_as(bin, f, id, bias, ctx, Role::Func)
+}
+
+/// [`analyse`] for a probe with a role. Library probes may be in the runtime
+/// (`runtime.newproc1`): their trampolines are vetted for running there.
+pub fn analyse_as(bin: &GoBinary<'_>, f: &Func<'_>, id: u32, bias: u64, ctx: &PlanContext, role: Role) -> ProbeSite {
     let mut site = ProbeSite {
         id,
         name: f.name.to_string(),
@@ -85,12 +101,13 @@ pub fn analyse(bin: &GoBinary<'_>, f: &Func<'_>, id: u32, bias: u64, ctx: &PlanC
         on_entry: Side::default(),
         on_return: Side::default(),
         typed: false,
+        role,
         code: bin.pclntab.line(f, f.entry).map(|(file, line)| (file.into_owned(), line.max(0) as u32)),
     };
     if f.is_asm() {
         return site;
     }
-    if is_runtime(&f.name) {
+    if is_runtime(&f.name) && role == Role::Func {
         site.entry_patch = Err(FuncRefusal::Runtime);
         return site;
     }
@@ -121,7 +138,9 @@ pub fn analyse(bin: &GoBinary<'_>, f: &Func<'_>, id: u32, bias: u64, ctx: &PlanC
         site.returns = Ok(Vec::new());
         return site;
     }
-    site.returns = return_patches(&decoded, &mut padding).and_then(|rets| {
+    // The runtime never preempts its own functions asynchronously.
+    let never_preempted = role != Role::Func && is_runtime(&f.name);
+    site.returns = return_patches_with(&decoded, &mut padding, never_preempted).and_then(|rets| {
         // An exit inside the entry's stolen bytes would be patched twice.
         let entry_end =
             site.entry_patch.as_ref().map_or(site.entry, |e| e.stolen.last().map_or(site.entry, |i| i.next_ip()));

@@ -38,6 +38,12 @@ pub struct RunArgs {
     /// [also INJECT_FUNCS: patterns separated by spaces].
     #[arg(long = "func", value_name = "PATTERN")]
     pub funcs: Vec<String>,
+    /// Library instrumentation to turn on [default: every one the target links].
+    #[arg(long = "lib", value_name = "LIB", value_parser = ["net/http"])]
+    pub libs: Vec<String>,
+    /// No library instrumentation: only the --func probes.
+    #[arg(long, conflicts_with = "libs")]
+    pub no_libs: bool,
     /// For a Go release outside the supported range: use this release's struct offsets
     /// (e.g. 1.27) where the binary's DWARF does not give them.
     #[arg(long, value_name = "X.Y")]
@@ -52,7 +58,8 @@ pub struct RunArgs {
     /// Remove the probes and detach after this many seconds.
     #[arg(long, value_name = "SECS")]
     pub duration: Option<f64>,
-    /// Slots in the shared ring, split into one sub-ring per CPU (256 bytes each).
+    /// Slots in the shared ring, split into one sub-ring per CPU (256 bytes each; probes
+    /// that copy more get as many fewer, larger slots).
     #[arg(long, value_name = "N", default_value_t = 1 << 17)]
     pub ring_slots: u64,
     /// Where finished calls go [default: otlp when an OTLP endpoint is configured
@@ -89,8 +96,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
     if args.pid.is_none() && args.exe.is_none() && !planning_a_program {
         bail!("nothing to do: give --pid PID --func PATTERN, or -- PROGRAM ARGS... (or a subcommand; see --help)");
     }
-    if args.funcs.is_empty() {
-        bail!("give at least one --func PATTERN to probe (list candidates with `inject functions`)");
+    if args.funcs.is_empty() && args.no_libs {
+        bail!("--no-libs and no --func: nothing to probe (list candidates with `inject functions`)");
     }
     if args.dry_run {
         let exe = args.exe.clone().or_else(|| args.command.first().map(|p| crate::launch::resolve(p)));
@@ -98,7 +105,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         let exe = target.open()?;
         let bin = GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())?;
         let ctx = plan::PlanContext { dwarf: bin.dwarf().ok().flatten(), max_string: args.max_string };
-        return print_verdicts(&plan::plan(&bin, &args.funcs, exe.bias, &ctx)?);
+        return print_verdicts(&plan_sites(&bin, args, exe.bias, &ctx)?);
     }
     let pid = args.pid.context("--pid")?;
     // Signals that stop us are read from a signalfd, so they are blocked in every thread
@@ -178,6 +185,55 @@ fn check_go_version(bin: &GoBinary<'_>, assume: Option<&str>) -> Result<Option<R
     Ok(Some(layout))
 }
 
+/// The offset table's release for this binary: its own, or the one assumed for it.
+fn offsets_release(bin: &GoBinary<'_>, args: &RunArgs) -> (u32, u32) {
+    if RuntimeLayout::for_version(&bin.version).is_some() {
+        return bin.version.release();
+    }
+    args.assume_go_version
+        .as_deref()
+        .and_then(|v| go_abi::version::GoVersion::parse(v).ok())
+        .map_or(bin.version.release(), |v| v.release())
+}
+
+/// The user's functions, then the libraries' probes.
+pub fn plan_sites(bin: &GoBinary<'_>, args: &RunArgs, bias: u64, ctx: &plan::PlanContext) -> Result<Vec<ProbeSite>> {
+    let mut sites = if args.funcs.is_empty() { Vec::new() } else { plan::plan(bin, &args.funcs, bias, ctx)? };
+    if !args.no_libs {
+        let funcs = bin.functions()?;
+        let http = crate::http::plan(bin, &funcs, bias, ctx, offsets_release(bin, args), sites.len() as u32);
+        if http.sites.is_empty() && args.libs.iter().any(|l| l == "net/http") {
+            bail!(
+                "--lib net/http: the target does not use net/http's server or client (or its probes were refused: {})",
+                http.skipped.join("; ")
+            );
+        }
+        if !http.sites.is_empty() {
+            for why in &http.skipped {
+                eprintln!("inject: net/http: left out {why}");
+            }
+        }
+        for mut site in http.sites {
+            if let Some(user) = sites.iter().find(|s| s.entry == site.entry) {
+                eprintln!(
+                    "inject: warning: {} is probed as --func {:?}, so its net/http spans are off",
+                    user.name, user.name
+                );
+                continue;
+            }
+            site.id = sites.len() as u32;
+            sites.push(site);
+        }
+    }
+    if sites.is_empty() {
+        bail!(
+            "nothing to probe: the target uses no library inject instruments (net/http); name functions with --func \
+             PATTERN (list them with `inject functions`)"
+        );
+    }
+    Ok(sites)
+}
+
 /// Probes in, collector and output running.
 pub struct Tracing {
     sites: Vec<ProbeSite>,
@@ -196,7 +252,7 @@ pub fn start(pid: i32, args: &RunArgs, mode: Mode) -> Result<Option<Tracing>> {
     let assumed = check_go_version(&bin, args.assume_go_version.as_deref())?;
     let dwarf = bin.dwarf().ok().flatten();
     let ctx = plan::PlanContext { dwarf, max_string: args.max_string };
-    let sites = plan::plan(&bin, &args.funcs, exe.bias, &ctx)?;
+    let sites = plan_sites(&bin, args, exe.bias, &ctx)?;
     check_installable(&sites)?;
     let otel = OtelConfig::resolve(&args.otel, &crate::otlp::config::process_env)?;
     let format = output_format(args, &otel, mode);
@@ -228,10 +284,12 @@ fn start_tracing(
     let (sink, exporting) = open_sink(args, &out)?;
     // One sub-ring per P: as many as the target may run at once.
     let rings = possible_cpus().max(target_gomaxprocs(pid)).next_power_of_two().min(256);
-    let per_ring = (args.ring_slots / u64::from(rings)).max(64).next_power_of_two();
-    // Slots hold the fixed fields plus the largest plan's copied bytes.
+    // Slots hold the fixed fields plus the largest plan's copied bytes; the ring keeps the
+    // memory of --ring-slots slots of 256 bytes, so larger slots mean fewer.
     let data = sites.iter().map(|s| s.on_entry.plan.data_len().max(s.on_return.plan.data_len())).max().unwrap_or(0);
     let slot_size = (ring_abi::slot::DATA + data).next_power_of_two().max(256);
+    let slots = (args.ring_slots.saturating_mul(256) / slot_size as u64).max(64);
+    let per_ring = (slots / u64::from(rings)).max(64).next_power_of_two();
     let ring_layout = Layout::new(rings, per_ring, slot_size).context("--ring-slots")?;
 
     let select = RingSelect::ByP { g_m: layout.m, m_p: layout.m_p, p_id: layout.p_id };
@@ -269,6 +327,7 @@ fn start_tracing(
             typed: s.typed,
             entry_only: s.returns.is_err() && !s.entry_patch.as_ref().is_ok_and(|e| e.whole_body),
             code: s.code.clone(),
+            role: s.role,
         })
         .collect();
     // A launched program waits for us: calibrate briefly, the collector refines it.
@@ -312,7 +371,12 @@ fn open_sink(args: &RunArgs, output: &Output) -> Result<(Sink, Option<Exporting>
         Format::Otlp => {
             let resource = crate::otlp::span::resource(&output.otel, &output.process);
             let (spans, exporting) = crate::otlp::start(&output.otel, resource, output.mode == Mode::Attach)?;
-            let sink = Sink::Otlp { spans, sampler: output.otel.sampler, scope: crate::otlp::span::func_scope() };
+            let sink = Sink::Otlp {
+                spans,
+                sampler: output.otel.sampler,
+                scope: Box::new(crate::otlp::span::func_scope()),
+                http_scope: Box::new(crate::otlp::span::http_scope()),
+            };
             return Ok((sink, Some(exporting)));
         }
         Format::Console | Format::Jsonl => {}

@@ -27,6 +27,8 @@ type GoidMap<V> = HashMap<u64, V, BuildHasherDefault<GoidHasher>>;
 
 use ring_abi::Kind;
 
+use crate::http::{Notes, Probe};
+use crate::plan::Role;
 use crate::ring::Record;
 use crate::values::{Shown, Side, TypeNamer, show, show_raw};
 
@@ -42,6 +44,7 @@ pub struct SiteMeta {
     pub entry_only: bool,
     /// Source file and line of the function's entry.
     pub code: Option<(String, u32)>,
+    pub role: Role,
 }
 
 /// A finished (or entry-only) call, with the raw records: values are formatted by the
@@ -56,6 +59,10 @@ pub struct Call {
     pub trace_id: u128,
     pub span_id: u64,
     pub parent: Option<u64>,
+    /// The parent is in another process (an incoming `traceparent`).
+    pub remote_parent: bool,
+    /// What events added to an HTTP server span.
+    pub http: Option<Box<Notes>>,
 }
 
 impl Call {
@@ -72,7 +79,30 @@ struct Open {
     trace_id: u128,
     span_id: u64,
     parent: Option<u64>,
+    remote_parent: bool,
+    http: Option<Box<Notes>>,
 }
+
+impl Open {
+    fn into_call(self, goid: u64, depth: usize, ret: Option<Record>) -> Call {
+        Call {
+            site: self.entry.site,
+            goid,
+            depth,
+            entry: self.entry,
+            ret,
+            trace_id: self.trace_id,
+            span_id: self.span_id,
+            parent: self.parent,
+            remote_parent: self.remote_parent,
+            http: self.http,
+        }
+    }
+}
+
+/// Entries kept in the per-goroutine side tables (pending headers, lineage) before the
+/// oldest half is forgotten: goroutines end without telling us.
+const SIDE_TABLE_MAX: usize = 1 << 16;
 
 /// Formats a call's arguments and results.
 pub fn call_values(meta: &SiteMeta, call: &Call, types: &mut TypeNamer<'_>) -> (Vec<Shown>, Vec<Shown>) {
@@ -130,6 +160,15 @@ pub struct Pairer {
     pub unmatched_returns: u64,
     /// Open calls abandoned by a return further down the stack (a panic unwound them).
     pub abandoned: u64,
+    /// Header values read on each goroutine, for the server span it starts next.
+    headers: GoidMap<Notes>,
+    /// The span each goroutine was created under (trace, span), for spans that begin
+    /// on it with nothing open.
+    lineage: GoidMap<(u128, u64)>,
+    /// `traceparent` lines written into outgoing requests.
+    pub injected: u64,
+    /// Server spans ended by a handler's panic.
+    pub panics: u64,
 }
 
 impl Pairer {
@@ -146,6 +185,10 @@ impl Pairer {
             ids: Ids::new(),
             unmatched_returns: 0,
             abandoned: 0,
+            headers: GoidMap::default(),
+            lineage: GoidMap::default(),
+            injected: 0,
+            panics: 0,
         }
     }
 
@@ -157,6 +200,13 @@ impl Pairer {
     pub fn push(&mut self, rec: Record, out: &mut Vec<Call>) {
         let Some(meta) = self.sites.get(rec.site as usize) else { return };
         let entry_only = meta.entry_only;
+        let role = meta.role;
+        if let Role::Http(p) = role
+            && !p.is_span()
+        {
+            self.event(p, rec, out);
+            return;
+        }
         match rec.kind {
             Kind::Entry => {
                 // A return that arrived first for this very frame (same function and SP).
@@ -164,25 +214,44 @@ impl Pairer {
                     let i = v.iter().position(|r| r.site == rec.site && r.sp == rec.sp)?;
                     Some(v.swap_remove(i))
                 });
+                let inherited = self.lineage.get(&rec.goid).copied();
                 let stack = self.stacks.entry(rec.goid).or_default();
-                let (trace_id, parent) = match stack.last() {
+                let mut open = match stack.last() {
                     Some(top) => (top.trace_id, Some(top.span_id)),
-                    None => (0, None),
+                    None => inherited.map_or((0, None), |(t, s)| (t, Some(s))),
                 };
+                let mut remote_parent = false;
+                let mut http = None;
+                let mut span_id = 0;
+                if let Role::Http(p) = role {
+                    // The ids the trampoline made (and maybe sent): they are the truth.
+                    if let Some(ids) = crate::http::span_ids(&rec.data) {
+                        open = (ids.trace, ids.parent);
+                        span_id = ids.span;
+                        remote_parent = ids.remote;
+                    }
+                    if p == Probe::Server {
+                        http = Some(Box::new(self.headers.remove(&rec.goid).unwrap_or_default()));
+                    }
+                }
+                let (trace_id, parent) = open;
                 let trace_id = if trace_id == 0 {
                     (u128::from(self.ids.next()) << 64) | u128::from(self.ids.next())
                 } else {
                     trace_id
                 };
-                let span_id = self.ids.next();
+                if span_id == 0 {
+                    span_id = self.ids.next();
+                }
+                let open = Open { entry: rec, trace_id, span_id, parent, remote_parent, http };
                 // Finished at once: its return came early, or no exit is probed.
                 if early.is_some() || entry_only {
                     let depth = stack.len();
-                    let (site, goid) = (rec.site, rec.goid);
-                    out.push(Call { site, goid, depth, entry: rec, ret: early, trace_id, span_id, parent });
+                    let goid = open.entry.goid;
+                    out.push(open.into_call(goid, depth, early));
                     return;
                 }
-                stack.push(Open { entry: rec, trace_id, span_id, parent });
+                stack.push(open);
             }
             Kind::Return => {
                 let goid = rec.goid;
@@ -217,17 +286,101 @@ impl Pairer {
         if stack.is_empty() {
             self.stacks.remove(&goid);
         }
-        out.push(Call {
-            site: open.entry.site,
-            goid,
-            depth,
-            entry: open.entry,
-            ret: Some(rec),
-            trace_id: open.trace_id,
-            span_id: open.span_id,
-            parent: open.parent,
-        });
+        out.push(open.into_call(goid, depth, Some(rec)));
         true
+    }
+
+    /// A library event: it adds to an open span, or to what the next one will know.
+    fn event(&mut self, probe: Probe, rec: Record, out: &mut Vec<Call>) {
+        let goid = rec.goid;
+        match probe {
+            Probe::HeaderLine => {
+                let n = (rec.ints[1] as usize).min(rec.data.len());
+                let Some((key, value)) = crate::http::header_line(&rec.data[..n]) else { return };
+                if key != "user-agent" && key != "tracestate" {
+                    return;
+                }
+                if self.headers.len() >= SIDE_TABLE_MAX {
+                    self.headers.clear();
+                }
+                let notes = self.headers.entry(goid).or_default();
+                if key == "user-agent" {
+                    notes.user_agent = Some(value);
+                } else {
+                    notes.tracestate = Some(value);
+                }
+            }
+            Probe::Status => {
+                let code = rec.ints[1];
+                if let Some(n) = self.server_notes(goid)
+                    && n.status.is_none()
+                    && (200..=999).contains(&code)
+                {
+                    n.status = Some(code as u16);
+                }
+            }
+            Probe::Route => {
+                let n = (rec.ints[3] as usize).min(rec.data.len());
+                let pattern = String::from_utf8_lossy(&rec.data[..n]).into_owned();
+                if let Some(notes) = self.server_notes(goid)
+                    && let Some(r) = crate::http::route(&pattern)
+                {
+                    notes.route = Some(r);
+                }
+            }
+            Probe::Unwind => {
+                // A server span still open at net/http's recover never returned: the
+                // handler panicked, and everything above it was unwound too.
+                let sites = &self.sites;
+                let Some(stack) = self.stacks.get_mut(&goid) else { return };
+                let Some(pos) =
+                    stack.iter().position(|o| sites[o.entry.site as usize].role == Role::Http(Probe::Server))
+                else {
+                    return;
+                };
+                self.abandoned += (stack.len() - pos - 1) as u64;
+                stack.truncate(pos + 1);
+                let Some(mut open) = stack.pop() else { return };
+                if stack.is_empty() {
+                    self.stacks.remove(&goid);
+                }
+                if let Some(n) = open.http.as_mut() {
+                    n.panicked = true;
+                }
+                self.panics += 1;
+                let end = Record { site: open.entry.site, kind: Kind::Return, ..rec };
+                out.push(open.into_call(goid, pos, Some(end)));
+            }
+            Probe::Spawn => {
+                let word =
+                    |i: usize| rec.data.get(i..i + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+                let (Some(child), Some(parent)) = (word(0), word(8)) else { return };
+                let from = match self.stacks.get(&parent).and_then(|s| s.last()) {
+                    Some(top) => Some((top.trace_id, top.span_id)),
+                    None => self.lineage.get(&parent).copied(),
+                };
+                if let Some(ctx) = from {
+                    if self.lineage.len() >= SIDE_TABLE_MAX {
+                        self.lineage.clear();
+                    }
+                    self.lineage.insert(child, ctx);
+                }
+            }
+            Probe::Inject => {
+                if rec.data.first() == Some(&1) {
+                    self.injected += 1;
+                }
+            }
+            Probe::Server | Probe::Client => {}
+        }
+    }
+
+    /// The innermost open server span of a goroutine.
+    fn server_notes(&mut self, goid: u64) -> Option<&mut Notes> {
+        let sites = &self.sites;
+        let stack = self.stacks.get_mut(&goid)?;
+        let open = stack.iter_mut().rev().find(|o| sites[o.entry.site as usize].role == Role::Http(Probe::Server))?;
+        open.http.as_deref_mut()
     }
 
     /// A waiting return that matches the top frame of `goid`, if any.

@@ -90,7 +90,7 @@ pub fn sides(sig: Option<&Signature>, max_string: u16) -> (Side, Side) {
     match sig {
         Some(s) => (side(&s.params, max_string), side(&s.results, max_string)),
         None => {
-            let raw = Side { plan: CapturePlan { ints: 0x1ff, floats: 0, copies: Vec::new() }, values: Vec::new() };
+            let raw = Side { plan: CapturePlan { ints: 0x1ff, ..CapturePlan::default() }, values: Vec::new() };
             (raw.clone(), raw)
         }
     }

@@ -44,6 +44,8 @@ pub mod header {
     pub const TSC_HZ: usize = 32;
     /// Number of sub-rings (u32).
     pub const RINGS: usize = 40;
+    /// Random per-ring seed mixed into the span ids trampolines make (u64).
+    pub const SALT: usize = 48;
     /// Non-zero while capture is on; writers skip capture when zero.
     pub const ENABLED: usize = 192;
     pub const LEN: usize = super::PAGE;
@@ -86,6 +88,61 @@ pub mod slot {
     pub const NFLOATS: usize = 8;
     /// Bounded copies of bytes that arguments point to (strings, []byte).
     pub const DATA: usize = FLOATS + 8 * NFLOATS;
+}
+
+/// The trace-context tables after the sub-rings: where trampolines keep each goroutine's
+/// current span, and the span of each outgoing request, so that context propagates inside
+/// the target without waiting for the collector. Entries are one cache line, indexed by a
+/// hash of their key and validated by it (a collision loses context, never memory).
+pub mod ctx {
+    /// Entries of the goroutine table (indexed by `goid & (GOROUTINES - 1)`).
+    pub const GOROUTINES: usize = 1 << 14;
+    /// Entries of the request table (indexed by a hash of the request's header map).
+    pub const REQUESTS: usize = 1 << 12;
+    pub const ENTRY: usize = 64;
+    /// The key (goid or header map address); 0 = free.
+    pub const KEY: usize = 0;
+    /// [`super::CtxState`] (u64).
+    pub const STATE: usize = 8;
+    /// The trace id, 32 lowercase hex digits, as W3C traceparent writes it.
+    pub const TRACE: usize = 16;
+    /// A span id, 16 hex digits: the goroutine's current server span, the remote parent of
+    /// a pending incoming context, or an outgoing request's client span.
+    pub const SPAN: usize = 48;
+    pub const LEN: usize = (GOROUTINES + REQUESTS) * ENTRY;
+}
+
+/// State of a context table entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub enum CtxState {
+    /// An incoming `traceparent` read from the request headers, for the server span the
+    /// goroutine starts next.
+    Pending = 1,
+    /// The goroutine (or request) is inside a span.
+    Active = 2,
+}
+
+/// What a trampoline that starts an HTTP span writes into its record: the ids it made
+/// or continued, in hex, so that the collector exports exactly what went on the wire.
+pub mod span_ids {
+    pub const TRACE: usize = 0;
+    pub const SPAN: usize = 32;
+    pub const PARENT: usize = 48;
+    /// [`super::ParentKind`] (u64).
+    pub const PARENT_KIND: usize = 64;
+    pub const LEN: usize = 72;
+}
+
+/// Where an HTTP span's parent came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub enum ParentKind {
+    None = 0,
+    /// An incoming `traceparent` header.
+    Remote = 1,
+    /// The goroutine's (or its creator's) current span.
+    Local = 2,
 }
 
 /// The smallest slot: the fixed fields and registers, no copied bytes.
@@ -154,8 +211,13 @@ impl Layout {
         ring::LEN + (self.capacity as usize) * self.slot_size
     }
 
-    /// Bytes of the whole mapping.
+    /// Bytes of the whole mapping: header, sub-rings, context tables.
     pub fn total_len(&self) -> usize {
+        self.ctx_offset() + ctx::LEN
+    }
+
+    /// Offset of the goroutine context table (the request table follows it).
+    pub fn ctx_offset(&self) -> usize {
         header::LEN + self.rings as usize * self.stride()
     }
 
@@ -197,12 +259,22 @@ impl Layout {
         put(mem, header::SLOT_SIZE, &(self.slot_size as u32).to_le_bytes());
         put(mem, header::CAPACITY, &self.capacity.to_le_bytes());
         put(mem, header::RINGS, &self.rings.to_le_bytes());
+        put(mem, header::SALT, &salt().to_le_bytes());
         for r in 0..self.rings {
             for i in 0..slots.min(self.capacity) {
                 put(mem, self.slot_offset(r, i) + slot::SEQ, &i.to_le_bytes());
             }
         }
     }
+}
+
+/// A seed that differs between rings and runs (span ids need uniqueness, not secrecy).
+fn salt() -> u64 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let mut x = t ^ (u64::from(std::process::id()) << 40) ^ 0x9e37_79b9_7f4a_7c15;
+    x ^= x >> 31;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^ (x >> 29)
 }
 
 #[cfg(test)]
@@ -219,7 +291,7 @@ mod tests {
         assert!(Layout::new(1, 1 << 23, 256).is_err());
         let l = Layout::new(2, 16, 256).unwrap();
         assert_eq!(l.stride(), 4096 + 4096);
-        assert_eq!(l.total_len(), 4096 + 2 * 8192);
+        assert_eq!(l.total_len(), 4096 + 2 * 8192 + ctx::LEN);
         assert_eq!(l.slot_offset(1, 17), 4096 + 8192 + 4096 + 256);
         assert_eq!(slot::DATA, 184);
         let mut mem = vec![0xffu8; l.total_len()];

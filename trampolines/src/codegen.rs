@@ -5,7 +5,7 @@
 
 use iced_x86::code_asm::*;
 use iced_x86::{BlockEncoderOptions, Code, IcedError, Instruction, MemoryOperand, Register};
-use ring_abi::{Kind, header, slot};
+use ring_abi::{CtxState, Kind, ParentKind, ctx, header, slot, span_ids};
 
 use crate::site::{EntryPatch, ReturnPatch};
 
@@ -75,6 +75,92 @@ pub struct CapturePlan {
     /// Bounded copies of the bytes (pointer, length) register pairs point to: strings,
     /// byte slices.
     pub copies: Vec<ByteCopy>,
+    /// Reads through typed pointers and trace-context work, after the registers are saved.
+    pub ops: Vec<Op>,
+    /// Record nothing at this point (a probe that only matters at its other end).
+    pub off: bool,
+}
+
+/// Reads a field through a chain of typed pointers: the register's value, then each `path`
+/// offset loaded as a pointer, then the field at `off`. Every pointer is nil-checked, and
+/// the caller guarantees (from DWARF or the offset table) that each is a Go pointer to the
+/// struct the offsets belong to, so every load is of live memory: it cannot fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldCopy {
+    pub reg: u8,
+    pub path: Vec<i32>,
+    pub off: i32,
+    pub fetch: Fetch,
+    pub dest: u16,
+}
+
+/// What a [`FieldCopy`] stores at `dest`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetch {
+    /// The 8-byte word (0 when a pointer on the way is nil).
+    Word,
+    /// A Go string or slice header at the field: its length (u64, 0 when a pointer on the
+    /// way is nil), then up to `max` of its bytes.
+    Str { max: u16 },
+}
+
+/// A trampoline operation beyond saving registers. Trace-context operations use the
+/// context tables of the ring mapping (`ring_abi::ctx`); see DESIGN.md, "Trace context".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Field(FieldCopy),
+    /// The (pointer, length) registers hold a header line: if it is a W3C `traceparent`
+    /// of version 00, it becomes the goroutine's pending incoming context.
+    StashTraceparent {
+        ptr: u8,
+        len: u8,
+    },
+    /// A server span begins: continue the goroutine's pending context or start a trace,
+    /// make a span id, make it the goroutine's active span, and write the ids at `dest`
+    /// (`ring_abi::span_ids`).
+    ServerBegin {
+        dest: u16,
+    },
+    /// The goroutine's server span ends: forget its context.
+    ServerEnd,
+    /// A client span begins: child of the goroutine's active span (or a new trace); its ids
+    /// go to `dest` and to the request table under the header map found at
+    /// `[reg] + header_off`, for [`Op::InjectTraceparent`].
+    ClientBegin {
+        req: u8,
+        header_off: i32,
+        dest: u16,
+    },
+    /// About to write the header map in register `map` to the `io.Writer` (`itab`, `data`):
+    /// when the map has an outgoing span and the writer is a `*bufio.Writer` (its itab's
+    /// first method is `write_fn`) with room, append a `traceparent` line to its buffer.
+    /// `dest` gets 1 and the span id when it did, else 0.
+    InjectTraceparent {
+        map: u8,
+        itab: u8,
+        data: u8,
+        write_fn: u64,
+        buf_off: i32,
+        n_off: i32,
+        dest: u16,
+    },
+    /// The register holds a new `g`: it inherits its creator's active context.
+    Inherit {
+        g: u8,
+        goid_off: i32,
+        parent_goid_off: i32,
+    },
+}
+
+impl Op {
+    fn data_end(&self) -> usize {
+        match self {
+            Op::Field(f) => f.dest as usize + 8 + if let Fetch::Str { max } = f.fetch { max as usize } else { 0 },
+            Op::ServerBegin { dest } | Op::ClientBegin { dest, .. } => *dest as usize + ring_abi::span_ids::LEN,
+            Op::InjectTraceparent { dest, .. } => *dest as usize + 24,
+            Op::StashTraceparent { .. } | Op::ServerEnd | Op::Inherit { .. } => 0,
+        }
+    }
 }
 
 /// Copy `min(len, max)` bytes from the pointer in integer register `ptr` (ABI index) to
@@ -91,12 +177,13 @@ pub struct ByteCopy {
 
 impl CapturePlan {
     pub fn all() -> CapturePlan {
-        CapturePlan { ints: 0x1ff, floats: 0xff, copies: Vec::new() }
+        CapturePlan { ints: 0x1ff, floats: 0xff, ..CapturePlan::default() }
     }
 
-    /// Bytes of slot data area the copies need.
+    /// Bytes of slot data area the copies and operations need.
     pub fn data_len(&self) -> usize {
-        self.copies.iter().map(|c| c.dest as usize + c.max as usize).max().unwrap_or(0)
+        let copies = self.copies.iter().map(|c| c.dest as usize + c.max as usize);
+        copies.chain(self.ops.iter().map(Op::data_end)).max().unwrap_or(0)
     }
 }
 
@@ -127,6 +214,9 @@ fn emit_capture(
     kind: Kind,
     plan: &CapturePlan,
 ) -> Result<(), IcedError> {
+    if plan.off {
+        return Ok(());
+    }
     let l = &ring.layout;
     let mask = (l.capacity - 1) as i32;
     let shift = l.slot_size.trailing_zeros();
@@ -209,8 +299,9 @@ fn emit_capture(
     if plan.ints & 1 != 0 {
         a.movq(qword_ptr(field(slot::INTS)), xmm15)?;
     }
-    // Copies use RCX, RSI and RDI, restored from the slot afterwards: store all nine.
-    let int_mask = if plan.copies.is_empty() { plan.ints } else { 0x1ff };
+    // Copies use RCX, RSI and RDI, operations any of the nine, restored from the slot
+    // afterwards: store all nine.
+    let int_mask = if plan.copies.is_empty() && plan.ops.is_empty() { plan.ints } else { 0x1ff };
     if int_mask & 1 != 0 && plan.ints & 1 == 0 {
         a.movq(qword_ptr(field(slot::INTS)), xmm15)?;
     }
@@ -237,7 +328,15 @@ fn emit_capture(
         a.rep().movsb()?;
         a.set_label(&mut skip)?;
     }
-    if !plan.copies.is_empty() {
+    if !plan.ops.is_empty() {
+        let o = Ops { ring, slot_data: slot_field(slot::DATA), ints: slot_field(slot::INTS) };
+        for op in &plan.ops {
+            o.emit(a, op)?;
+        }
+        for (i, reg) in ints.into_iter().enumerate().skip(1) {
+            a.mov(reg, qword_ptr(field(slot::INTS + 8 * i)))?;
+        }
+    } else if !plan.copies.is_empty() {
         a.mov(rcx, qword_ptr(field(slot::INTS + 16)))?;
         a.mov(rdi, qword_ptr(field(slot::INTS + 24)))?;
         a.mov(rsi, qword_ptr(field(slot::INTS + 32)))?;
@@ -272,6 +371,371 @@ fn emit_capture(
     a.dq(&[ring.first_ring()])?;
     a.set_label(&mut done)?;
     Ok(())
+}
+
+/// Emits [`Op`]s. Runs inside the won-slot block: R12 is the slot, every integer argument
+/// register is saved in it (and restored after), RAX is parked in X15. Free here: RAX,
+/// RBX, RCX, RSI, RDI, R8-R11 and R13. RDX (the closure context) is never touched but
+/// around RDTSC.
+struct Ops<'r> {
+    ring: &'r RingAddrs,
+    /// Displacement from R12 of the slot's data area and of its saved registers.
+    slot_data: i32,
+    ints: i32,
+}
+
+/// Bytes of `traceparent: 00-<32>-<16>-01\r\n`.
+const W3C_LINE: usize = 70;
+
+/// `itab.fun[0]`: after `inter`, `_type`, `hash` and padding, in every Go release since 1.0.
+const ITAB_FUN0: i32 = 24;
+
+impl Ops<'_> {
+    fn data(&self, dest: u16, off: usize) -> AsmMemoryOperand {
+        qword_ptr(r12 + self.dest(dest, off))
+    }
+    fn dest(&self, dest: u16, off: usize) -> i32 {
+        self.slot_data + dest as i32 + off as i32
+    }
+    fn reg(&self, i: u8) -> AsmMemoryOperand {
+        qword_ptr(r12 + self.ints + 8 * i32::from(i))
+    }
+    fn goroutines(&self) -> u64 {
+        self.ring.base + self.ring.layout.ctx_offset() as u64
+    }
+    fn requests(&self) -> u64 {
+        self.goroutines() + (ctx::GOROUTINES * ctx::ENTRY) as u64
+    }
+
+    fn emit(&self, a: &mut CodeAssembler, op: &Op) -> Result<(), IcedError> {
+        let mut done = a.create_label();
+        match op {
+            Op::Field(f) => self.field(a, f, done)?,
+            Op::StashTraceparent { ptr, len } => self.stash(a, *ptr, *len, done)?,
+            Op::ServerBegin { dest } => {
+                self.goroutine_entry(a)?;
+                let mut fresh = a.create_label();
+                let mut span = a.create_label();
+                self.if_entry_not(a, rdi, r11, CtxState::Pending, fresh)?;
+                self.copy(a, (rdi, ctx::TRACE as i32), (r12, self.dest(*dest, span_ids::TRACE)), 32)?;
+                self.copy(a, (rdi, ctx::SPAN as i32), (r12, self.dest(*dest, span_ids::PARENT)), 16)?;
+                a.mov(self.data(*dest, span_ids::PARENT_KIND), ParentKind::Remote as i32)?;
+                a.jmp(span)?;
+                a.set_label(&mut fresh)?;
+                self.new_trace(a, *dest)?;
+                a.set_label(&mut span)?;
+                self.new_span(a, *dest)?;
+                self.publish(a, *dest)?;
+            }
+            Op::ServerEnd => {
+                self.goroutine_entry(a)?;
+                a.cmp(qword_ptr(rdi + ctx::KEY as i32), r11)?;
+                a.jne(done)?;
+                a.mov(qword_ptr(rdi + ctx::KEY as i32), 0)?;
+            }
+            Op::ClientBegin { req, header_off, dest } => {
+                self.goroutine_entry(a)?;
+                let mut fresh = a.create_label();
+                let mut span = a.create_label();
+                self.if_entry_not(a, rdi, r11, CtxState::Active, fresh)?;
+                self.copy(a, (rdi, ctx::TRACE as i32), (r12, self.dest(*dest, span_ids::TRACE)), 32)?;
+                self.copy(a, (rdi, ctx::SPAN as i32), (r12, self.dest(*dest, span_ids::PARENT)), 16)?;
+                a.mov(self.data(*dest, span_ids::PARENT_KIND), ParentKind::Local as i32)?;
+                a.jmp(span)?;
+                a.set_label(&mut fresh)?;
+                self.new_trace(a, *dest)?;
+                a.set_label(&mut span)?;
+                self.new_span(a, *dest)?;
+                // The request table entry, keyed by the request's header map.
+                a.mov(r11, self.reg(*req))?;
+                a.test(r11, r11)?;
+                a.je(done)?;
+                a.mov(r11, qword_ptr(r11 + *header_off))?;
+                a.test(r11, r11)?;
+                a.je(done)?;
+                self.request_entry(a)?;
+                self.publish(a, *dest)?;
+            }
+            Op::InjectTraceparent { map, itab, data, write_fn, buf_off, n_off, dest } => {
+                a.mov(self.data(*dest, 0), 0)?;
+                a.mov(r11, self.reg(*map))?;
+                a.test(r11, r11)?;
+                a.je(done)?;
+                self.request_entry(a)?;
+                self.if_entry_not(a, rdi, r11, CtxState::Active, done)?;
+                // The writer must be a *bufio.Writer: its itab's first method (io.Writer's
+                // Write) is bufio.(*Writer).Write.
+                a.mov(rsi, self.reg(*itab))?;
+                a.test(rsi, rsi)?;
+                a.je(done)?;
+                a.mov(rsi, qword_ptr(rsi + ITAB_FUN0))?;
+                a.mov(r8, *write_fn)?;
+                a.cmp(rsi, r8)?;
+                a.jne(done)?;
+                a.mov(rsi, self.reg(*data))?;
+                a.test(rsi, rsi)?;
+                a.je(done)?;
+                // Room for the whole line in buf[n:len(buf)], or nothing is written.
+                a.mov(rcx, qword_ptr(rsi + *n_off))?;
+                a.test(rcx, rcx)?;
+                a.js(done)?;
+                a.lea(rax, qword_ptr(rcx + W3C_LINE as i32))?;
+                a.cmp(rax, qword_ptr(rsi + *buf_off + 8))?;
+                a.ja(done)?;
+                a.mov(r8, qword_ptr(rsi + *buf_off))?;
+                a.test(r8, r8)?;
+                a.je(done)?;
+                a.add(r8, rcx)?;
+                a.mov(r9, u64::from_le_bytes(*b"tracepar"))?;
+                a.mov(qword_ptr(r8), r9)?;
+                a.mov(r9, u64::from_le_bytes(*b"ent: 00-"))?;
+                a.mov(qword_ptr(r8 + 8), r9)?;
+                self.copy(a, (rdi, ctx::TRACE as i32), (r8, 16), 32)?;
+                a.mov(byte_ptr(r8 + 48), u32::from(b'-'))?;
+                self.copy(a, (rdi, ctx::SPAN as i32), (r8, 49), 16)?;
+                a.mov(dword_ptr(r8 + 65), u32::from_le_bytes(*b"-01\r"))?;
+                a.mov(byte_ptr(r8 + 69), u32::from(b'\n'))?;
+                a.mov(qword_ptr(rsi + *n_off), rax)?;
+                // One request, one line: a later request with the same map gets its own.
+                a.mov(qword_ptr(rdi + ctx::KEY as i32), 0)?;
+                a.mov(self.data(*dest, 0), 1)?;
+                self.copy(a, (rdi, ctx::SPAN as i32), (r12, self.dest(*dest, 8)), 16)?;
+            }
+            Op::Inherit { g, goid_off, parent_goid_off } => {
+                a.mov(rax, self.reg(*g))?;
+                a.test(rax, rax)?;
+                a.je(done)?;
+                a.mov(r11, qword_ptr(rax + *goid_off))?;
+                a.mov(rcx, qword_ptr(rax + *parent_goid_off))?;
+                self.entry_of(a, rsi, r11, self.goroutines(), ctx::GOROUTINES)?;
+                self.entry_of(a, rdi, rcx, self.goroutines(), ctx::GOROUTINES)?;
+                // Same entry: the child would evict its parent's context.
+                a.cmp(rsi, rdi)?;
+                a.je(done)?;
+                self.if_entry_not(a, rdi, rcx, CtxState::Active, done)?;
+                self.copy(a, (rdi, 0), (rsi, 0), ctx::ENTRY)?;
+                a.mov(qword_ptr(rsi + ctx::KEY as i32), r11)?;
+            }
+        }
+        a.set_label(&mut done)?;
+        Ok(())
+    }
+
+    /// R11 = the goid, RDI = its goroutine table entry.
+    fn goroutine_entry(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
+        a.mov(r11, qword_ptr(r14 + self.ring.goid_offset as i32))?;
+        self.entry_of(a, rdi, r11, self.goroutines(), ctx::GOROUTINES)
+    }
+
+    /// RDI = the request table entry for the header map address in R11.
+    fn request_entry(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
+        // Maps are 8-aligned; fold in higher bits so nearby allocations spread.
+        a.mov(rdi, r11)?;
+        a.shr(rdi, 3)?;
+        a.mov(rax, rdi)?;
+        a.shr(rax, 12)?;
+        a.xor(rdi, rax)?;
+        a.and(edi, (ctx::REQUESTS - 1) as u32)?;
+        a.shl(edi, ctx::ENTRY.trailing_zeros())?;
+        a.mov(rax, self.requests())?;
+        a.add(rdi, rax)
+    }
+
+    fn entry_of(
+        &self,
+        a: &mut CodeAssembler,
+        out: AsmRegister64,
+        key: AsmRegister64,
+        table: u64,
+        entries: usize,
+    ) -> Result<(), IcedError> {
+        a.mov(out, key)?;
+        a.and(out, (entries - 1) as i32)?;
+        a.shl(out, ctx::ENTRY.trailing_zeros())?;
+        a.mov(r8, table)?;
+        a.add(out, r8)
+    }
+
+    /// Jumps to `to` unless the entry at `e` has key `key` and state `state`.
+    fn if_entry_not(
+        &self,
+        a: &mut CodeAssembler,
+        e: AsmRegister64,
+        key: AsmRegister64,
+        state: CtxState,
+        to: CodeLabel,
+    ) -> Result<(), IcedError> {
+        a.cmp(qword_ptr(e + ctx::KEY as i32), key)?;
+        a.jne(to)?;
+        a.cmp(qword_ptr(e + ctx::STATE as i32), state as i32)?;
+        a.jne(to)
+    }
+
+    /// Copies `n` (a multiple of 8) bytes through R9.
+    fn copy(
+        &self,
+        a: &mut CodeAssembler,
+        from: (AsmRegister64, i32),
+        to: (AsmRegister64, i32),
+        n: usize,
+    ) -> Result<(), IcedError> {
+        for k in (0..n as i32).step_by(8) {
+            a.mov(r9, qword_ptr(from.0 + from.1 + k))?;
+            a.mov(qword_ptr(to.0 + to.1 + k), r9)?;
+        }
+        Ok(())
+    }
+
+    /// Marks the entry at RDI (key R11) active with the record's ids.
+    fn publish(&self, a: &mut CodeAssembler, dest: u16) -> Result<(), IcedError> {
+        a.mov(qword_ptr(rdi + ctx::KEY as i32), r11)?;
+        a.mov(qword_ptr(rdi + ctx::STATE as i32), CtxState::Active as i32)?;
+        self.copy(a, (r12, self.dest(dest, span_ids::TRACE)), (rdi, ctx::TRACE as i32), 32)?;
+        self.copy(a, (r12, self.dest(dest, span_ids::SPAN)), (rdi, ctx::SPAN as i32), 16)
+    }
+
+    fn new_trace(&self, a: &mut CodeAssembler, dest: u16) -> Result<(), IcedError> {
+        self.random(a)?;
+        self.hex(a, self.dest(dest, span_ids::TRACE))?;
+        self.random(a)?;
+        self.hex(a, self.dest(dest, span_ids::TRACE + 16))?;
+        a.mov(self.data(dest, span_ids::PARENT), 0)?;
+        a.mov(self.data(dest, span_ids::PARENT + 8), 0)?;
+        a.mov(self.data(dest, span_ids::PARENT_KIND), ParentKind::None as i32)
+    }
+
+    fn new_span(&self, a: &mut CodeAssembler, dest: u16) -> Result<(), IcedError> {
+        self.random(a)?;
+        self.hex(a, self.dest(dest, span_ids::SPAN))
+    }
+
+    /// RAX = a fresh, non-zero 64-bit id: the time stamp counter and the slot's address
+    /// (distinct for writers at the same instant), salted per ring and mixed (splitmix64's
+    /// finaliser). Clobbers RCX, RSI, R13.
+    fn random(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
+        a.mov(r13, rdx)?;
+        a.rdtsc()?;
+        a.shl(rdx, 32)?;
+        a.or(rax, rdx)?;
+        a.mov(rdx, r13)?;
+        a.add_instruction(Instruction::with2(
+            Code::Xor_r64_rm64,
+            Register::RAX,
+            rip_mem(self.ring.base + header::SALT as u64),
+        )?)?;
+        a.mov(rcx, r12)?;
+        a.rol(rcx, 32)?;
+        a.xor(rax, rcx)?;
+        for (shift, mul) in [(30, 0xbf58_476d_1ce4_e5b9u64), (27, 0x94d0_49bb_1331_11eb)] {
+            a.mov(rsi, rax)?;
+            a.shr(rsi, shift)?;
+            a.xor(rax, rsi)?;
+            a.mov(rcx, mul)?;
+            a.imul_2(rax, rcx)?;
+        }
+        a.mov(rsi, rax)?;
+        a.shr(rsi, 31)?;
+        a.xor(rax, rsi)?;
+        a.or(rax, 1)
+    }
+
+    /// Writes RAX as 16 lowercase hex digits at `[R12 + disp]`. Clobbers R8, R9.
+    fn hex(&self, a: &mut CodeAssembler, disp: i32) -> Result<(), IcedError> {
+        for i in 0..16 {
+            a.mov(r8, rax)?;
+            a.shr(r8, 60 - 4 * i)?;
+            a.and(r8d, 15)?;
+            // '0' + n, plus 39 more ('a' - '0' - 10) when n > 9.
+            a.lea(r9d, dword_ptr(r8 + 6))?;
+            a.shr(r9d, 4)?;
+            a.imul_3(r9d, r9d, 39)?;
+            a.lea(r8d, dword_ptr(r8 + r9 + 48))?;
+            a.mov(byte_ptr(r12 + disp + i), r8b)?;
+        }
+        Ok(())
+    }
+
+    fn field(&self, a: &mut CodeAssembler, f: &FieldCopy, done: CodeLabel) -> Result<(), IcedError> {
+        let mut null = a.create_label();
+        a.mov(rsi, self.reg(f.reg))?;
+        for &p in &f.path {
+            a.test(rsi, rsi)?;
+            a.je(null)?;
+            a.mov(rsi, qword_ptr(rsi + p))?;
+        }
+        a.test(rsi, rsi)?;
+        a.je(null)?;
+        match f.fetch {
+            Fetch::Word => {
+                a.mov(rax, qword_ptr(rsi + f.off))?;
+                a.mov(self.data(f.dest, 0), rax)?;
+            }
+            Fetch::Str { max } => {
+                let mut short = a.create_label();
+                a.mov(rcx, qword_ptr(rsi + f.off + 8))?;
+                a.mov(rsi, qword_ptr(rsi + f.off))?;
+                a.test(rcx, rcx)?;
+                a.jle(null)?;
+                a.test(rsi, rsi)?;
+                a.je(null)?;
+                a.mov(self.data(f.dest, 0), rcx)?;
+                a.cmp(rcx, i32::from(max))?;
+                a.jbe(short)?;
+                a.mov(ecx, u32::from(max))?;
+                a.set_label(&mut short)?;
+                a.lea(rdi, qword_ptr(r12 + self.dest(f.dest, 8)))?;
+                a.rep().movsb()?;
+            }
+        }
+        a.jmp(done)?;
+        a.set_label(&mut null)?;
+        a.mov(self.data(f.dest, 0), 0)
+    }
+
+    /// `Traceparent: 00-<32 hex>-<16 hex>-<2 hex>` (any case for the name, one optional
+    /// space) becomes the goroutine's pending context. Only bytes inside the line are read.
+    fn stash(&self, a: &mut CodeAssembler, ptr: u8, len: u8, done: CodeLabel) -> Result<(), IcedError> {
+        a.mov(rsi, self.reg(ptr))?;
+        a.mov(rcx, self.reg(len))?;
+        a.test(rsi, rsi)?;
+        a.je(done)?;
+        a.cmp(rcx, 12 + 55)?;
+        a.jl(done)?;
+        a.mov(rax, qword_ptr(rsi))?;
+        a.mov(r8, 0x2020_2020_2020_2020u64)?;
+        a.or(rax, r8)?;
+        a.mov(r8, u64::from_le_bytes(*b"tracepar"))?;
+        a.cmp(rax, r8)?;
+        a.jne(done)?;
+        a.mov(eax, dword_ptr(rsi + 7))?;
+        a.or(eax, 0x2020_2020)?;
+        a.cmp(eax, u32::from_le_bytes(*b"rent") as i32)?;
+        a.jne(done)?;
+        a.cmp(byte_ptr(rsi + 11), i32::from(b':'))?;
+        a.jne(done)?;
+        let mut value = a.create_label();
+        a.lea(rax, qword_ptr(rsi + 12))?;
+        a.sub(rcx, 12)?;
+        a.cmp(byte_ptr(rax), i32::from(b' '))?;
+        a.jne(value)?;
+        a.inc(rax)?;
+        a.dec(rcx)?;
+        a.set_label(&mut value)?;
+        a.cmp(rcx, 55)?;
+        a.jl(done)?;
+        a.cmp(word_ptr(rax), i32::from(u16::from_le_bytes(*b"00")))?;
+        a.jne(done)?;
+        for at in [2, 35, 52] {
+            a.cmp(byte_ptr(rax + at), i32::from(b'-'))?;
+            a.jne(done)?;
+        }
+        a.mov(rsi, rax)?;
+        self.goroutine_entry(a)?;
+        a.mov(qword_ptr(rdi + ctx::KEY as i32), r11)?;
+        a.mov(qword_ptr(rdi + ctx::STATE as i32), CtxState::Pending as i32)?;
+        self.copy(a, (rsi, 3), (rdi, ctx::TRACE as i32), 32)?;
+        self.copy(a, (rsi, 36), (rdi, ctx::SPAN as i32), 16)
+    }
 }
 
 fn check_reach(at: u64, ring: &RingAddrs) -> Result<(), CodegenError> {

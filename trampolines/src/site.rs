@@ -273,6 +273,18 @@ pub fn entry_patch(
 
 /// Decides a patch for every exit, or the reason the function must be entry-only.
 pub fn return_patches(f: &Function, padding: &mut Padding) -> Result<Vec<ReturnPatch>, Refusal> {
+    return_patches_with(f, padding, false)
+}
+
+/// [`return_patches`]; with `never_preempted` (a function the runtime never stops
+/// asynchronously, such as the runtime's own), an epilogue of several short instructions
+/// (`ADDQ $n, SP; POPQ BP`) may be overwritten whole by a `JMP rel32`: no goroutine can
+/// be parked between them.
+pub fn return_patches_with(
+    f: &Function,
+    padding: &mut Padding,
+    never_preempted: bool,
+) -> Result<Vec<ReturnPatch>, Refusal> {
     if let Some(j) = f.tail_jumps().next() {
         return Err(Refusal::TailCall { pc: j.ip() });
     }
@@ -309,6 +321,8 @@ pub fn return_patches(f: &Function, padding: &mut Padding) -> Result<Vec<ReturnP
             Redirect::Rel32 { at: prev.ip(), len: prev.len() }
         } else if let Some(stub) = padding.take_within_rel8(prev.ip()) {
             Redirect::Rel8Stub { at: prev.ip(), len: prev.len(), stub }
+        } else if never_preempted && ret_pc - prev.ip() >= 5 {
+            Redirect::Rel32 { at: prev.ip(), len: (ret_pc - prev.ip()) as usize }
         } else {
             return Err(Refusal::ExitUnpatchable { pc: ret_pc });
         };

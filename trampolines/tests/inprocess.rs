@@ -139,8 +139,19 @@ fn leaf_function(at: u64) -> Vec<u8> {
 }
 
 fn rig_with(capacity: u64, build: impl Fn(u64) -> Vec<u8>, stack_check: bool, plan: &CapturePlan) -> Rig {
+    rig_with_plans(capacity, build, stack_check, plan, plan)
+}
+
+fn rig_with_plans(
+    capacity: u64,
+    build: impl Fn(u64) -> Vec<u8>,
+    stack_check: bool,
+    plan: &CapturePlan,
+    return_plan: &CapturePlan,
+) -> Rig {
     let code = Mem::map(1 << 16, true);
-    let layout = Layout::new(RINGS, capacity, 256).unwrap();
+    let slot_size = (slot::DATA + plan.data_len().max(return_plan.data_len())).next_power_of_two().max(256);
+    let layout = Layout::new(RINGS, capacity, slot_size).unwrap();
     let mut ring = Mem::map(layout.total_len(), false);
     layout.initialise(ring.bytes_mut());
     ring.bytes_mut()[header::ENABLED] = 1;
@@ -173,10 +184,10 @@ fn rig_with(capacity: u64, build: impl Fn(u64) -> Vec<u8>, stack_check: bool, pl
             }
         }
     };
-    let t = entry_trampoline(&entry, 7, plan, plan, &addrs, next.get()).unwrap();
+    let t = entry_trampoline(&entry, 7, plan, return_plan, &addrs, next.get()).unwrap();
     install(t, entry.redirect);
     for r in &rets {
-        let t = return_trampoline(r, 8, plan, &addrs, next.get()).unwrap();
+        let t = return_trampoline(r, 8, return_plan, &addrs, next.get()).unwrap();
         install(t, r.redirect);
     }
     let mut g = Box::new([0u64; 64]);
@@ -354,7 +365,11 @@ fn concurrent_writers_lose_no_records() {
 #[test]
 fn bounded_string_copies() {
     // A string argument in (RBX, RCX), as in `func f(x int, s string)`.
-    let plan = CapturePlan { ints: 0x1ff, floats: 0, copies: vec![ByteCopy { ptr: 1, len: 2, max: 8, dest: 0 }] };
+    let plan = CapturePlan {
+        ints: 0x1ff,
+        copies: vec![ByteCopy { ptr: 1, len: 2, max: 8, dest: 0 }],
+        ..CapturePlan::default()
+    };
     let r = rig_with(64, leaf_function, false, &plan);
     let text = b"hello, trampolines";
     let cases: [(u64, u64); 5] = [
@@ -383,4 +398,90 @@ fn bounded_string_copies() {
     for &s in &entries[2..] {
         assert_eq!(data(s, 8), [0u8; 8], "nothing copied");
     }
+}
+
+/// The trace-context operations, run in one trampoline in the order a request meets them:
+/// an incoming `traceparent` line, the server span, a client span, the header written into
+/// a `bufio.Writer`-shaped buffer, and a field read through a pointer.
+#[test]
+fn trace_context_operations() {
+    use ring_abi::span_ids as ids;
+    use trampolines::codegen::{Fetch, FieldCopy, Op};
+    let write_fn = 0x4455_6677u64;
+    let plan = CapturePlan {
+        ints: 0x1ff,
+        ops: vec![
+            Op::StashTraceparent { ptr: 0, len: 1 },
+            Op::ServerBegin { dest: 0 },
+            Op::ClientBegin { req: 2, header_off: 8, dest: 80 },
+            Op::InjectTraceparent { map: 3, itab: 4, data: 5, write_fn, buf_off: 16, n_off: 40, dest: 160 },
+            Op::Field(FieldCopy { reg: 2, path: vec![0], off: 8, fetch: Fetch::Str { max: 4 }, dest: 200 }),
+            Op::Field(FieldCopy { reg: 2, path: vec![16], off: 0, fetch: Fetch::Word, dest: 220 }),
+        ],
+        ..CapturePlan::default()
+    };
+    let r = rig_with_plans(64, leaf_function, false, &plan, &CapturePlan { off: true, ..CapturePlan::default() });
+    let line = b"Traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let map = Box::new([0u64; 8]);
+    let url_text = b"/items/42";
+    let url = Box::new([0u64, url_text.as_ptr() as u64, url_text.len() as u64]);
+    // A request: [0] = *URL, [8] = the header map, [16] = nil pointer.
+    let req = Box::new([url.as_ptr() as u64, map.as_ptr() as u64, 0]);
+    let itab = Box::new([0u64, 0, 0, write_fn]);
+    let mut buf = vec![b'.'; 128];
+    // bufio.Writer: err (16 bytes), buf (ptr, len, cap), n.
+    let bw = Box::new([0u64, 0, buf.as_mut_ptr() as u64, 128, 128, 10]);
+    let call = |line: &[u8]| {
+        let mut regs = regs_for(&r);
+        regs[0] = line.as_ptr() as u64;
+        regs[1] = line.len() as u64;
+        regs[2] = req.as_ptr() as u64;
+        regs[3] = map.as_ptr() as u64;
+        regs[4] = itab.as_ptr() as u64;
+        regs[5] = bw.as_ptr() as u64;
+        let before = regs;
+        // SAFETY: every pointer handed to the trampoline is to live test memory.
+        unsafe { call_with(&mut regs) };
+        assert_eq!(regs[1..12], before[1..12], "registers preserved");
+    };
+    call(line);
+    let m = r.ring.bytes();
+    let recs = published(&r);
+    assert_eq!(recs.len(), 1);
+    let d = |off: usize, n: usize| std::str::from_utf8(&m[recs[0] + slot::DATA + off..][..n]).unwrap().to_string();
+    let word = |off: usize| u64::from_le_bytes(m[recs[0] + slot::DATA + off..][..8].try_into().unwrap());
+    assert_eq!(d(ids::TRACE, 32), "0af7651916cd43dd8448eb211c80319c", "incoming trace continued");
+    assert_eq!(d(ids::PARENT, 16), "b7ad6b7169203331");
+    assert_eq!(word(ids::PARENT_KIND), 1);
+    let server = d(ids::SPAN, 16);
+    assert!(server.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{server}");
+    assert_eq!(d(80 + ids::TRACE, 32), "0af7651916cd43dd8448eb211c80319c", "client in the same trace");
+    assert_eq!(d(80 + ids::PARENT, 16), server, "client is the server span's child");
+    assert_eq!(word(80 + ids::PARENT_KIND), 2);
+    let client = d(80 + ids::SPAN, 16);
+    assert_ne!(client, server);
+    assert_eq!(word(160), 1, "header injected");
+    assert_eq!(d(168, 16), client);
+    let expect = format!("traceparent: 00-0af7651916cd43dd8448eb211c80319c-{client}-01\r\n");
+    assert_eq!(&buf[10..80], expect.as_bytes());
+    assert_eq!(&buf[..10], b"..........");
+    assert_eq!(&buf[80..], &[b'.'; 48][..]);
+    assert_eq!(bw[5], 80, "n advanced by the line");
+    assert_eq!(word(200), 9, "string length");
+    assert_eq!(d(208, 4), "/ite", "bounded copy through a pointer");
+    assert_eq!(word(220), 0, "nil pointer on the way: zero");
+
+    // No header this time: a new trace; the header was already used: no second line; and
+    // no room left for one either way.
+    call(b"User-Agent: x");
+    let recs = published(&r);
+    assert_eq!(recs.len(), 2);
+    let s = recs[1];
+    let d2 = |off: usize, n: usize| std::str::from_utf8(&m[s + slot::DATA + off..][..n]).unwrap().to_string();
+    assert_ne!(d2(ids::TRACE, 32), "0af7651916cd43dd8448eb211c80319c");
+    assert!(d2(ids::TRACE, 32).bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(u64::from_le_bytes(m[s + slot::DATA + ids::PARENT_KIND..][..8].try_into().unwrap()), 0);
+    assert_eq!(d2(80 + ids::TRACE, 32), d2(ids::TRACE, 32));
+    assert_eq!(u64::from_le_bytes(m[s + slot::DATA + 160..][..8].try_into().unwrap()), 0, "no room: no line");
+    assert_eq!(bw[5], 80);
 }

@@ -52,7 +52,14 @@ pub fn attach_100() -> Result<()> {
     let (mut server, _lines) = start(&exe, &[])?;
     let pid = server.id().to_string();
     let result = (|| -> Result<()> {
-        let dry = xtask::output(Command::new(&inject).args(["--pid", &pid, "--dry-run", "--func", "net/http.*"]))?;
+        let dry = xtask::output(Command::new(&inject).args([
+            "--pid",
+            &pid,
+            "--dry-run",
+            "--no-libs",
+            "--func",
+            "net/http.*",
+        ]))?;
         let names: Vec<&str> = dry
             .lines()
             .filter(|l| l.contains(" installed"))
@@ -65,7 +72,17 @@ pub fn attach_100() -> Result<()> {
         let (mut install, mut prepare, mut remove, mut exits) = (Vec::new(), Vec::new(), Vec::new(), 0);
         for _ in 0..11 {
             let mut c = Command::new(&inject);
-            c.args(["--pid", &pid, "--duration", "0.1", "--output", "jsonl", "--output-file", "/dev/null"]);
+            c.args([
+                "--pid",
+                &pid,
+                "--no-libs",
+                "--duration",
+                "0.1",
+                "--output",
+                "jsonl",
+                "--output-file",
+                "/dev/null",
+            ]);
             c.arg("--summary-json").arg(&summary);
             for n in &names {
                 c.args(["--func", n]);
@@ -225,7 +242,8 @@ fn ms_to_ready(cmd: &mut Command) -> Result<f64> {
 pub fn launch() -> Result<()> {
     let inject = release_inject()?;
     let exe = build_fixture("httpserver", &newest_go()?, Flavor::Default)?;
-    let dry = xtask::output(Command::new(&inject).args(["--dry-run", "--func", "net/http.*", "--"]).arg(&exe))?;
+    let dry =
+        xtask::output(Command::new(&inject).args(["--dry-run", "--no-libs", "--func", "net/http.*", "--"]).arg(&exe))?;
     let names: Vec<String> = dry
         .lines()
         .filter(|l| l.contains(" installed: entry and"))
@@ -239,7 +257,7 @@ pub fn launch() -> Result<()> {
             c.args(["--func", n]);
         }
         // A closed port: the exporter starts, nothing waits for it.
-        c.args(["--output", output]).env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9");
+        c.args(["--no-libs", "--output", output]).env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9");
         c.arg("--").arg(&exe);
         c
     };

@@ -20,6 +20,7 @@ pub const FIELDS: &[(&str, &str)] = &[
     ("runtime.g", "stackguard0"),
     ("runtime.g", "m"),
     ("runtime.g", "goid"),
+    ("runtime.g", "parentGoid"),
     ("runtime.m", "p"),
     ("runtime.p", "id"),
     ("net/http.Request", "Method"),
@@ -33,6 +34,7 @@ pub const FIELDS: &[(&str, &str)] = &[
     ("net/http.Request", "RemoteAddr"),
     ("net/http.Request", "RequestURI"),
     ("net/http.Request", "Pattern"),
+    ("net/http.Request", "TLS"),
     ("net/http.Request", "ctx"),
     ("net/http.Response", "StatusCode"),
     ("net/http.Response", "Proto"),
@@ -42,6 +44,8 @@ pub const FIELDS: &[(&str, &str)] = &[
     ("net/url.URL", "Host"),
     ("net/url.URL", "Path"),
     ("net/url.URL", "RawQuery"),
+    ("bufio.Writer", "buf"),
+    ("bufio.Writer", "n"),
 ];
 
 /// Offsets for one Go release (major, minor), keyed `struct.field`.

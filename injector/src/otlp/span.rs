@@ -94,6 +94,59 @@ pub fn func_scope() -> InstrumentationScope {
     InstrumentationScope::builder("inject/func").with_version(env!("CARGO_PKG_VERSION")).build()
 }
 
+/// The scope of net/http spans (the instrumentation library's name, as OpenTelemetry Go's
+/// own net/http instrumentation is named in its scope).
+pub fn http_scope() -> InstrumentationScope {
+    InstrumentationScope::builder("inject/net/http").with_version(env!("CARGO_PKG_VERSION")).build()
+}
+
+/// The span of an HTTP server or client call.
+pub fn http_span(call: &Call, d: crate::http::Described, clock: &Clock, scope: &InstrumentationScope) -> SpanData {
+    let start_ns = clock.unix_ns(call.start_tsc());
+    let dur_ns = call.end_tsc().map(|e| clock.ns(e.saturating_sub(call.start_tsc())));
+    let start = SystemTime::UNIX_EPOCH + Duration::from_nanos(start_ns as u64);
+    let end = start + Duration::from_nanos(dur_ns.unwrap_or(0.0).round() as u64);
+    let mut attributes: Vec<KeyValue> = d
+        .attrs
+        .into_iter()
+        .map(|(k, v)| match v {
+            crate::http::Attr::S(s) => KeyValue::new(k, s),
+            crate::http::Attr::I(i) => KeyValue::new(k, i),
+        })
+        .collect();
+    attributes.push(KeyValue::new("go.goroutine.id", call.goid as i64));
+    let trace_state = call
+        .http
+        .as_ref()
+        .and_then(|n| n.tracestate.as_deref())
+        .and_then(|t| t.parse::<TraceState>().ok())
+        .unwrap_or(TraceState::NONE);
+    SpanData {
+        span_context: SpanContext::new(
+            TraceId::from(call.trace_id),
+            SpanId::from(call.span_id),
+            TraceFlags::SAMPLED,
+            false,
+            trace_state,
+        ),
+        parent_span_id: call.parent.map_or(SpanId::INVALID, SpanId::from),
+        parent_span_is_remote: call.remote_parent,
+        span_kind: if d.server { SpanKind::Server } else { SpanKind::Client },
+        name: Cow::Owned(d.name),
+        start_time: start,
+        end_time: end,
+        attributes,
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: SpanLinks::default(),
+        status: match d.error {
+            Some(msg) => Status::error(msg),
+            None => Status::Unset,
+        },
+        instrumentation_scope: scope.clone(),
+    }
+}
+
 fn attr_value(s: &Shown) -> Value {
     match &s.json {
         serde_json::Value::Bool(b) => Value::Bool(*b),
