@@ -40,6 +40,10 @@ pub struct Totals {
     pub calls: u64,
     pub unmatched_returns: u64,
     pub abandoned: u64,
+    /// `traceparent` lines written into outgoing HTTP requests.
+    pub http_injected: u64,
+    /// HTTP server spans ended by a handler's panic.
+    pub http_panics: u64,
     /// Calls that had not returned when collection stopped.
     pub open_calls: u64,
     pub output_errors: u64,
@@ -51,6 +55,11 @@ pub struct Totals {
 /// clock differences between CPUs: records are released only when this much older than
 /// what every sub-ring has been read up to.
 const SETTLE: Duration = Duration::from_millis(2);
+
+/// A poll that returns this many records means the writers are busy: poll again at once.
+const BUSY_BATCH: usize = 1024;
+/// Otherwise, how long to let records gather before the next poll.
+const GATHER: Duration = Duration::from_millis(1);
 
 /// Batches of finished calls in flight to the output thread.
 const QUEUE: usize = 4096;
@@ -231,8 +240,16 @@ pub fn run(
             }
             last_refine = Instant::now();
         }
+        // A full batch: the writers are ahead, read on at once. A few records: let more
+        // gather (the ring holds far more than a millisecond's worth at any rate that
+        // gives small batches); waking for every handful cost more than reading them.
+        if n >= BUSY_BATCH {
+            idle = Duration::from_micros(50);
+            continue;
+        }
         if n > 0 {
             idle = Duration::from_micros(50);
+            std::thread::sleep(GATHER);
             continue;
         }
         std::thread::sleep(idle);
@@ -249,6 +266,8 @@ pub fn run(
     let _ = tx.try_send(last);
     totals.unmatched_returns = pairer.unmatched_returns;
     totals.abandoned = pairer.abandoned;
+    totals.http_injected = pairer.injected;
+    totals.http_panics = pairer.panics;
     totals.open_calls = pairer.open_calls() as u64;
     totals
 }

@@ -45,6 +45,8 @@ pub enum Probe {
     Spawn,
     /// Request headers are written (entry of `Header.writeSubset`).
     Inject,
+    /// A goroutine exits (entry of `runtime.goexit1`): its context is forgotten.
+    Exit,
 }
 
 impl Probe {
@@ -177,6 +179,7 @@ const CANDIDATES: &[(Probe, &str)] = &[
     (Probe::Unwind, "net/http/internal/http2.(*serverConn).runHandler.func1"),
     (Probe::Spawn, "runtime.newproc1"),
     (Probe::Inject, "net/http.Header.writeSubset"),
+    (Probe::Exit, "runtime.goexit1"),
 ];
 
 /// Whether the binary has a net/http server or client to instrument.
@@ -283,6 +286,7 @@ fn plans(probe: Probe, offsets: &mut Offsets<'_>, write_fn: Option<u64>) -> Resu
             (off.clone(), CapturePlan { ints: 0b1100, copies, ..CapturePlan::default() })
         }
         Probe::Unwind => (CapturePlan::default(), off),
+        Probe::Exit => (CapturePlan { ops: vec![Op::Forget], ..CapturePlan::default() }, off),
         Probe::Spawn => {
             let goid_off = need(offsets, "runtime.g.goid")?;
             let parent_goid_off = need(offsets, "runtime.g.parentGoid")?;

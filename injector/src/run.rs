@@ -44,6 +44,10 @@ pub struct RunArgs {
     /// No library instrumentation: only the --func probes.
     #[arg(long, conflicts_with = "libs")]
     pub no_libs: bool,
+    /// Record `url.query` on HTTP server spans (off by default: queries often carry
+    /// secrets). Client spans always have it in `url.full`.
+    #[arg(long)]
+    pub http_query: bool,
     /// For a Go release outside the supported range: use this release's struct offsets
     /// (e.g. 1.27) where the binary's DWARF does not give them.
     #[arg(long, value_name = "X.Y")]
@@ -254,6 +258,7 @@ pub fn start(pid: i32, args: &RunArgs, mode: Mode) -> Result<Option<Tracing>> {
     let ctx = plan::PlanContext { dwarf, max_string: args.max_string };
     let sites = plan_sites(&bin, args, exe.bias, &ctx)?;
     check_installable(&sites)?;
+    crate::http::QUERY_ON_SERVER.store(args.http_query, std::sync::atomic::Ordering::Relaxed);
     let otel = OtelConfig::resolve(&args.otel, &crate::otlp::config::process_env)?;
     let format = output_format(args, &otel, mode);
     if format == Format::Otlp && otel.disabled {
@@ -487,6 +492,8 @@ struct Summary<'a> {
     calls: u64,
     unmatched_returns: u64,
     abandoned: u64,
+    http_injected: u64,
+    http_panics: u64,
     open_calls: u64,
     output_dropped: u64,
     output_errors: u64,
@@ -529,6 +536,8 @@ fn report(
         calls: totals.calls,
         unmatched_returns: totals.unmatched_returns,
         abandoned: totals.abandoned,
+        http_injected: totals.http_injected,
+        http_panics: totals.http_panics,
         open_calls: totals.open_calls,
         output_dropped: totals.output_dropped,
         output_errors: totals.output_errors,

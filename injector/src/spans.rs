@@ -371,6 +371,10 @@ impl Pairer {
                     self.injected += 1;
                 }
             }
+            Probe::Exit => {
+                self.lineage.remove(&goid);
+                self.headers.remove(&goid);
+            }
             Probe::Server | Probe::Client => {}
         }
     }

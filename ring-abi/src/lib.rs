@@ -95,11 +95,14 @@ pub mod slot {
 /// the target without waiting for the collector. Entries are one cache line, indexed by a
 /// hash of their key and validated by it (a collision loses context, never memory).
 pub mod ctx {
-    /// Entries of the goroutine table (indexed by `goid & (GOROUTINES - 1)`).
+    /// Entries of the goroutine table (sets indexed by the goid's low bits).
     pub const GOROUTINES: usize = 1 << 14;
-    /// Entries of the request table (indexed by a hash of the request's header map).
-    pub const REQUESTS: usize = 1 << 12;
+    /// Entries of the request table (sets indexed by a hash of the request's header map).
+    pub const REQUESTS: usize = 1 << 13;
     pub const ENTRY: usize = 64;
+    /// Entries per set: a key may be in any entry of the set its hash picks (four-way
+    /// set-associative, so live keys that collide keep their context).
+    pub const WAYS: usize = 4;
     /// The key (goid or header map address); 0 = free.
     pub const KEY: usize = 0;
     /// [`super::CtxState`] (u64).

@@ -115,6 +115,8 @@ pub enum Op {
         ptr: u8,
         len: u8,
     },
+    /// The goroutine exits: forget its context.
+    Forget,
     /// A server span begins: continue the goroutine's pending context or start a trace,
     /// make a span id, make it the goroutine's active span, and write the ids at `dest`
     /// (`ring_abi::span_ids`).
@@ -158,7 +160,7 @@ impl Op {
             Op::Field(f) => f.dest as usize + 8 + if let Fetch::Str { max } = f.fetch { max as usize } else { 0 },
             Op::ServerBegin { dest } | Op::ClientBegin { dest, .. } => *dest as usize + ring_abi::span_ids::LEN,
             Op::InjectTraceparent { dest, .. } => *dest as usize + 24,
-            Op::StashTraceparent { .. } | Op::ServerEnd | Op::Inherit { .. } => 0,
+            Op::StashTraceparent { .. } | Op::ServerEnd | Op::Forget | Op::Inherit { .. } => 0,
         }
     }
 }
@@ -384,6 +386,12 @@ struct Ops<'r> {
     ints: i32,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Table {
+    Goroutines,
+    Requests,
+}
+
 /// Bytes of `traceparent: 00-<32>-<16>-01\r\n`.
 const W3C_LINE: usize = 70;
 
@@ -413,10 +421,10 @@ impl Ops<'_> {
             Op::Field(f) => self.field(a, f, done)?,
             Op::StashTraceparent { ptr, len } => self.stash(a, *ptr, *len, done)?,
             Op::ServerBegin { dest } => {
-                self.goroutine_entry(a)?;
                 let mut fresh = a.create_label();
                 let mut span = a.create_label();
-                self.if_entry_not(a, rdi, r11, CtxState::Pending, fresh)?;
+                self.goid(a)?;
+                self.find(a, Table::Goroutines, fresh, Some(CtxState::Pending))?;
                 self.copy(a, (rdi, ctx::TRACE as i32), (r12, self.dest(*dest, span_ids::TRACE)), 32)?;
                 self.copy(a, (rdi, ctx::SPAN as i32), (r12, self.dest(*dest, span_ids::PARENT)), 16)?;
                 a.mov(self.data(*dest, span_ids::PARENT_KIND), ParentKind::Remote as i32)?;
@@ -425,19 +433,20 @@ impl Ops<'_> {
                 self.new_trace(a, *dest)?;
                 a.set_label(&mut span)?;
                 self.new_span(a, *dest)?;
+                self.goid(a)?;
+                self.place(a, Table::Goroutines, None)?;
                 self.publish(a, *dest)?;
             }
-            Op::ServerEnd => {
-                self.goroutine_entry(a)?;
-                a.cmp(qword_ptr(rdi + ctx::KEY as i32), r11)?;
-                a.jne(done)?;
+            Op::ServerEnd | Op::Forget => {
+                self.goid(a)?;
+                self.find(a, Table::Goroutines, done, None)?;
                 a.mov(qword_ptr(rdi + ctx::KEY as i32), 0)?;
             }
             Op::ClientBegin { req, header_off, dest } => {
-                self.goroutine_entry(a)?;
                 let mut fresh = a.create_label();
                 let mut span = a.create_label();
-                self.if_entry_not(a, rdi, r11, CtxState::Active, fresh)?;
+                self.goid(a)?;
+                self.find(a, Table::Goroutines, fresh, Some(CtxState::Active))?;
                 self.copy(a, (rdi, ctx::TRACE as i32), (r12, self.dest(*dest, span_ids::TRACE)), 32)?;
                 self.copy(a, (rdi, ctx::SPAN as i32), (r12, self.dest(*dest, span_ids::PARENT)), 16)?;
                 a.mov(self.data(*dest, span_ids::PARENT_KIND), ParentKind::Local as i32)?;
@@ -453,7 +462,7 @@ impl Ops<'_> {
                 a.mov(r11, qword_ptr(r11 + *header_off))?;
                 a.test(r11, r11)?;
                 a.je(done)?;
-                self.request_entry(a)?;
+                self.place(a, Table::Requests, None)?;
                 self.publish(a, *dest)?;
             }
             Op::InjectTraceparent { map, itab, data, write_fn, buf_off, n_off, dest } => {
@@ -461,8 +470,7 @@ impl Ops<'_> {
                 a.mov(r11, self.reg(*map))?;
                 a.test(r11, r11)?;
                 a.je(done)?;
-                self.request_entry(a)?;
-                self.if_entry_not(a, rdi, r11, CtxState::Active, done)?;
+                self.find(a, Table::Requests, done, Some(CtxState::Active))?;
                 // The writer must be a *bufio.Writer: its itab's first method (io.Writer's
                 // Write) is bufio.(*Writer).Write.
                 a.mov(rsi, self.reg(*itab))?;
@@ -505,70 +513,97 @@ impl Ops<'_> {
                 a.mov(rax, self.reg(*g))?;
                 a.test(rax, rax)?;
                 a.je(done)?;
+                a.mov(r11, qword_ptr(rax + *parent_goid_off))?;
+                self.find(a, Table::Goroutines, done, Some(CtxState::Active))?;
+                a.mov(rsi, rdi)?;
+                a.mov(rax, self.reg(*g))?;
                 a.mov(r11, qword_ptr(rax + *goid_off))?;
-                a.mov(rcx, qword_ptr(rax + *parent_goid_off))?;
-                self.entry_of(a, rsi, r11, self.goroutines(), ctx::GOROUTINES)?;
-                self.entry_of(a, rdi, rcx, self.goroutines(), ctx::GOROUTINES)?;
-                // Same entry: the child would evict its parent's context.
-                a.cmp(rsi, rdi)?;
-                a.je(done)?;
-                self.if_entry_not(a, rdi, rcx, CtxState::Active, done)?;
-                self.copy(a, (rdi, 0), (rsi, 0), ctx::ENTRY)?;
-                a.mov(qword_ptr(rsi + ctx::KEY as i32), r11)?;
+                self.place(a, Table::Goroutines, Some(rsi))?;
+                self.copy(a, (rsi, 0), (rdi, 0), ctx::ENTRY)?;
+                a.mov(qword_ptr(rdi + ctx::KEY as i32), r11)?;
             }
         }
         a.set_label(&mut done)?;
         Ok(())
     }
 
-    /// R11 = the goid, RDI = its goroutine table entry.
-    fn goroutine_entry(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
-        a.mov(r11, qword_ptr(r14 + self.ring.goid_offset as i32))?;
-        self.entry_of(a, rdi, r11, self.goroutines(), ctx::GOROUTINES)
+    /// R11 = the goid.
+    fn goid(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
+        a.mov(r11, qword_ptr(r14 + self.ring.goid_offset as i32))
     }
 
-    /// RDI = the request table entry for the header map address in R11.
-    fn request_entry(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
-        // Maps are 8-aligned; fold in higher bits so nearby allocations spread.
+    /// RDI = the first entry of the set for key R11. Clobbers RAX, R8.
+    fn set_of(&self, a: &mut CodeAssembler, t: Table) -> Result<(), IcedError> {
+        let (base, sets) = match t {
+            Table::Goroutines => (self.goroutines(), ctx::GOROUTINES / ctx::WAYS),
+            Table::Requests => (self.requests(), ctx::REQUESTS / ctx::WAYS),
+        };
         a.mov(rdi, r11)?;
-        a.shr(rdi, 3)?;
+        if t == Table::Requests {
+            // Header maps are allocator-aligned: a multiplicative hash spreads them.
+            a.mov(rax, 0x9e37_79b9_7f4a_7c15u64)?;
+            a.imul_2(rdi, rax)?;
+            a.shr(rdi, 64 - sets.trailing_zeros())?;
+        } else {
+            // Goroutine ids are consecutive: their low bits already spread.
+            a.and(edi, (sets - 1) as u32)?;
+        }
+        a.shl(rdi, (ctx::ENTRY * ctx::WAYS).trailing_zeros())?;
+        a.mov(r8, base)?;
+        a.add(rdi, r8)
+    }
+
+    /// RDI = the entry with key R11 (and `state`, if given), or a jump to `missing`.
+    fn find(
+        &self,
+        a: &mut CodeAssembler,
+        t: Table,
+        missing: CodeLabel,
+        state: Option<CtxState>,
+    ) -> Result<(), IcedError> {
+        let mut found = a.create_label();
+        self.set_of(a, t)?;
+        for way in 0..ctx::WAYS {
+            if way > 0 {
+                a.add(rdi, ctx::ENTRY as i32)?;
+            }
+            a.cmp(qword_ptr(rdi + ctx::KEY as i32), r11)?;
+            a.je(found)?;
+        }
+        a.jmp(missing)?;
+        a.set_label(&mut found)?;
+        if let Some(s) = state {
+            a.cmp(qword_ptr(rdi + ctx::STATE as i32), s as i32)?;
+            a.jne(missing)?;
+        }
+        Ok(())
+    }
+
+    /// RDI = where key R11 goes: its own entry, else a free one, else the first way (not
+    /// `keep`, an entry the caller still reads). Clobbers RAX, R8.
+    fn place(&self, a: &mut CodeAssembler, t: Table, keep: Option<AsmRegister64>) -> Result<(), IcedError> {
+        let mut chosen = a.create_label();
+        self.set_of(a, t)?;
         a.mov(rax, rdi)?;
-        a.shr(rax, 12)?;
-        a.xor(rdi, rax)?;
-        a.and(edi, (ctx::REQUESTS - 1) as u32)?;
-        a.shl(edi, ctx::ENTRY.trailing_zeros())?;
-        a.mov(rax, self.requests())?;
-        a.add(rdi, rax)
-    }
-
-    fn entry_of(
-        &self,
-        a: &mut CodeAssembler,
-        out: AsmRegister64,
-        key: AsmRegister64,
-        table: u64,
-        entries: usize,
-    ) -> Result<(), IcedError> {
-        a.mov(out, key)?;
-        a.and(out, (entries - 1) as i32)?;
-        a.shl(out, ctx::ENTRY.trailing_zeros())?;
-        a.mov(r8, table)?;
-        a.add(out, r8)
-    }
-
-    /// Jumps to `to` unless the entry at `e` has key `key` and state `state`.
-    fn if_entry_not(
-        &self,
-        a: &mut CodeAssembler,
-        e: AsmRegister64,
-        key: AsmRegister64,
-        state: CtxState,
-        to: CodeLabel,
-    ) -> Result<(), IcedError> {
-        a.cmp(qword_ptr(e + ctx::KEY as i32), key)?;
-        a.jne(to)?;
-        a.cmp(qword_ptr(e + ctx::STATE as i32), state as i32)?;
-        a.jne(to)
+        for wanted in [Some(()), None] {
+            for way in 0..ctx::WAYS {
+                let at = (way * ctx::ENTRY + ctx::KEY) as i32;
+                match wanted {
+                    Some(()) => a.cmp(qword_ptr(rax + at), r11)?,
+                    None => a.cmp(qword_ptr(rax + at), 0)?,
+                }
+                a.lea(rdi, qword_ptr(rax + (way * ctx::ENTRY) as i32))?;
+                a.je(chosen)?;
+            }
+        }
+        // A full set: evict the first way, or the second when the first is `keep`.
+        a.mov(rdi, rax)?;
+        if let Some(k) = keep {
+            a.cmp(rdi, k)?;
+            a.jne(chosen)?;
+            a.add(rdi, ctx::ENTRY as i32)?;
+        }
+        a.set_label(&mut chosen)
     }
 
     /// Copies `n` (a multiple of 8) bytes through R9.
@@ -730,7 +765,8 @@ impl Ops<'_> {
             a.jne(done)?;
         }
         a.mov(rsi, rax)?;
-        self.goroutine_entry(a)?;
+        self.goid(a)?;
+        self.place(a, Table::Goroutines, None)?;
         a.mov(qword_ptr(rdi + ctx::KEY as i32), r11)?;
         a.mov(qword_ptr(rdi + ctx::STATE as i32), CtxState::Pending as i32)?;
         self.copy(a, (rsi, 3), (rdi, ctx::TRACE as i32), 32)?;

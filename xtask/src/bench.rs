@@ -28,7 +28,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use xtask::{inject_binary, workspace_root};
 
-const BENCHMARKS: &[&str] = &["functions-100mb", "attach-100", "call-overhead", "collector", "export", "launch"];
+const BENCHMARKS: &[&str] =
+    &["functions-100mb", "attach-100", "call-overhead", "collector", "export", "launch", "http"];
 
 pub fn run(name: Option<&str>) -> Result<()> {
     use crate::bench_probe;
@@ -39,6 +40,7 @@ pub fn run(name: Option<&str>) -> Result<()> {
             bench_probe::collector()?;
             crate::bench_export::export()?;
             bench_probe::launch()?;
+            crate::bench_http::http()?;
             functions_100mb()
         }
         Some("functions-100mb") => functions_100mb(),
@@ -47,6 +49,7 @@ pub fn run(name: Option<&str>) -> Result<()> {
         Some("collector") => bench_probe::collector(),
         Some("export") => crate::bench_export::export(),
         Some("launch") => bench_probe::launch(),
+        Some("http") => crate::bench_http::http(),
         Some(other) => bail!("unknown benchmark {other:?}; known: {}", BENCHMARKS.join(", ")),
     }
 }

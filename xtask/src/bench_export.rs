@@ -15,13 +15,13 @@ const RATE_REQUESTS: u64 = 25_000;
 const WINDOWS: usize = 5;
 const WINDOW: Duration = Duration::from_secs(2);
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
 }
 
 /// CPU seconds a process has used, all threads.
-fn cpu_seconds(pid: u32) -> Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let rest = stat.rsplit_once(')').context("stat")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -30,15 +30,15 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks / 100.0)
 }
 
-struct Receiver {
+pub(crate) struct Receiver {
     child: Child,
     stdin: ChildStdin,
     lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
-    endpoint: String,
+    pub(crate) endpoint: String,
 }
 
 impl Receiver {
-    fn start(bin: &std::path::Path, transport: &str) -> Result<Receiver> {
+    pub(crate) fn start(bin: &std::path::Path, transport: &str) -> Result<Receiver> {
         let mut child = Command::new(bin).arg(transport).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
         let stdin = child.stdin.take().context("stdin")?;
         let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
@@ -47,7 +47,7 @@ impl Receiver {
         Ok(Receiver { child, stdin, lines, endpoint })
     }
 
-    fn spans(&mut self) -> Result<u64> {
+    pub(crate) fn spans(&mut self) -> Result<u64> {
         writeln!(self.stdin, "count")?;
         let l = self.lines.next().transpose()?.context("receiver exited")?;
         Ok(l.strip_prefix("SPANS ").context("SPANS")?.parse()?)

@@ -136,7 +136,7 @@ fn loop_ns(
     Ok(out)
 }
 
-fn ensure_bpftrace() -> Result<()> {
+pub(crate) fn ensure_bpftrace() -> Result<()> {
     if Command::new("bpftrace").arg("--version").output().is_ok_and(|o| o.status.success()) {
         return Ok(());
     }

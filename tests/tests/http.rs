@@ -1,0 +1,403 @@
+//! net/http zero-code tracing on real servers and clients: two fixture services, each
+//! instrumented by its own inject, give exactly one connected trace per request under
+//! load; errors, panics, routes, HTTP/2 and stripped builds give correct spans; attaching
+//! and detaching under load fails no request.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+use tests::otlp::{Received, Receiver, Transport};
+use tests::{Proc, require_ptrace, scratch, start_fixture, start_inject_env};
+use xtask::{Flavor, GoToolchain, build_fixture, test_toolchains};
+
+const LIMIT: Duration = Duration::from_secs(120);
+const SERVER: i32 = 2;
+const CLIENT: i32 = 3;
+
+struct Service {
+    server: Proc,
+    addr: String,
+    inject: Proc,
+    summary: std::path::PathBuf,
+}
+
+impl Service {
+    /// Starts the httpserver fixture and attaches an inject exporting to `rx` as `name`.
+    fn start(tc: &GoToolchain, flavor: Flavor, name: &str, args: &[&str], rx: &Receiver) -> Result<Service> {
+        let exe = build_fixture("httpserver", tc, flavor)?;
+        let server = start_fixture(&exe, args, &[])?;
+        let addr = server.value("LISTEN ").context("LISTEN line")?;
+        let inject = attach(server.pid(), name, rx)?;
+        Ok(Service { server, addr, inject: inject.0, summary: inject.1 })
+    }
+
+    /// Detaches inject (SIGTERM): it flushes its spans first. Returns its summary.
+    fn detach(&mut self) -> Result<Value> {
+        self.inject.signal(15);
+        let st = self.inject.wait(LIMIT)?;
+        ensure!(st.success(), "inject: {st}\n{}", self.inject.transcript());
+        let s = serde_json::from_slice(&std::fs::read(&self.summary)?)?;
+        let _ = std::fs::remove_file(&self.summary);
+        Ok(s)
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.inject.signal(9);
+        self.server.signal(9);
+    }
+}
+
+fn attach(pid: i32, name: &str, rx: &Receiver) -> Result<(Proc, std::path::PathBuf)> {
+    let summary = scratch(&format!("http-{name}-{pid}.json"));
+    let args: Vec<String> =
+        ["--pid", &pid.to_string(), "--service-name", name, "--summary-json", &summary.display().to_string()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let endpoint = rx.endpoint();
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")];
+    Ok((start_inject_env(&args, &env, true)?, summary))
+}
+
+/// The load fixture's RESULT line as key=value pairs, and its other lines.
+struct LoadResult {
+    fields: HashMap<String, String>,
+    lines: Vec<String>,
+    success: bool,
+}
+
+impl LoadResult {
+    fn get(&self, k: &str) -> u64 {
+        self.fields.get(k).and_then(|v| v.parse().ok()).unwrap_or(u64::MAX)
+    }
+}
+
+fn load(tc: &GoToolchain, args: &[&str]) -> Result<LoadResult> {
+    let exe = build_fixture("load", tc, Flavor::Default)?;
+    let out = Command::new(&exe).args(args).output().with_context(|| exe.display().to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let result = stdout
+        .lines()
+        .find(|l| l.starts_with("RESULT "))
+        .with_context(|| format!("load {args:?}: no RESULT line\n{stdout}{}", String::from_utf8_lossy(&out.stderr)))?;
+    let fields = result
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
+    let lines = stdout.lines().filter(|l| !l.starts_with("RESULT ")).map(str::to_string).collect();
+    Ok(LoadResult { fields, lines, success: out.status.success() })
+}
+
+fn of_service<'a>(spans: &'a [Received], name: &str) -> Vec<&'a Received> {
+    spans.iter().filter(|s| s.resource_str("service.name").as_deref() == Some(name)).collect()
+}
+
+fn port(addr: &str) -> i64 {
+    addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(-1)
+}
+
+fn check_attrs(s: &Received, want: &[(&str, Value)]) -> Result<()> {
+    for (k, v) in want {
+        let got = match v {
+            Value::String(_) => s.attr_str(k).map(Value::from),
+            _ => s.attr_i64(k).map(Value::from),
+        };
+        ensure!(got.as_ref() == Some(v), "{} {}: {k} is {got:?}, want {v}", s.span.name, s.span_id());
+    }
+    Ok(())
+}
+
+#[test]
+fn front_and_back_give_one_connected_trace_per_request() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    const REQUESTS: u64 = 10_000;
+    for tc in test_toolchains()? {
+        let rx = Receiver::start(Transport::Http)?;
+        let mut back = Service::start(&tc, Flavor::Default, "back", &[], &rx)?;
+        let backend = format!("http://{}/hello", back.addr);
+        let mut front = Service::start(&tc, Flavor::Default, "front", &["-backend", &backend], &rx)?;
+        let url = format!("http://{}/fanout", front.addr);
+        let r = load(&tc, &["-url", &url, "-n", &REQUESTS.to_string(), "-c", "32"])?;
+        ensure!(r.success && r.get("ok") == REQUESTS, "{}: load failed: {:?} {:?}", tc.version, r.fields, r.lines);
+        let (fs, bs) = (front.detach()?, back.detach()?);
+        // Per request: the front's server span, three client spans (one per fanout
+        // goroutine, none of which got a context.Context), three back server spans.
+        rx.wait_spans(7 * REQUESTS, LIMIT).context("spans")?;
+        let spans = rx.spans();
+        let (f, b) = (of_service(&spans, "front"), of_service(&spans, "back"));
+        ensure!(
+            f.len() as u64 == 4 * REQUESTS && b.len() as u64 == 3 * REQUESTS,
+            "{} front, {} back",
+            f.len(),
+            b.len()
+        );
+        ensure!(fs["dropped"] == 0 && bs["dropped"] == 0, "records dropped: {} {}", fs["dropped"], bs["dropped"]);
+        let mut traces: HashMap<String, Vec<(bool, &Received)>> = HashMap::new();
+        for (is_front, s) in f.iter().map(|s| (true, *s)).chain(b.iter().map(|s| (false, *s))) {
+            traces.entry(s.trace_id()).or_default().push((is_front, s));
+        }
+        ensure!(traces.len() as u64 == REQUESTS, "{} traces for {REQUESTS} requests", traces.len());
+        for (id, t) in &traces {
+            let pick = |front: bool, kind: i32| -> Vec<&Received> {
+                t.iter().filter(|(f, s)| *f == front && s.span.kind == kind).map(|(_, s)| *s).collect()
+            };
+            let (front_server, clients, back_servers) = (pick(true, SERVER), pick(true, CLIENT), pick(false, SERVER));
+            ensure!(pick(false, CLIENT).is_empty(), "trace {id}: client spans in the back");
+            ensure!(
+                front_server.len() == 1 && clients.len() == 3 && back_servers.len() == 3,
+                "trace {id}: {} front server, {} client, {} back server spans",
+                front_server.len(),
+                clients.len(),
+                back_servers.len()
+            );
+            let root = front_server[0];
+            ensure!(root.parent_id().is_none(), "trace {id}: the front's server span has a parent");
+            check_attrs(
+                root,
+                &[
+                    ("http.request.method", "GET".into()),
+                    ("url.path", "/fanout".into()),
+                    ("url.scheme", "http".into()),
+                    ("http.route", "/fanout".into()),
+                    ("http.response.status_code", 200.into()),
+                    ("server.address", "127.0.0.1".into()),
+                    ("server.port", port(&front.addr).into()),
+                    ("client.address", "127.0.0.1".into()),
+                    ("network.protocol.version", "1.1".into()),
+                    ("user_agent.original", "Go-http-client/1.1".into()),
+                ],
+            )?;
+            ensure!(root.span.name == "GET /fanout", "name {}", root.span.name);
+            for c in &clients {
+                ensure!(c.parent_id() == Some(root.span_id()), "trace {id}: client not the server span's child");
+                ensure!(c.span.name == "GET", "client name {}", c.span.name);
+                check_attrs(
+                    c,
+                    &[
+                        ("url.full", backend.clone().into()),
+                        ("server.port", port(&back.addr).into()),
+                        ("http.response.status_code", 200.into()),
+                        ("network.protocol.version", "1.1".into()),
+                    ],
+                )?;
+                // Same process, same clock: the client call is inside the request.
+                ensure!(
+                    c.span.start_time_unix_nano >= root.span.start_time_unix_nano
+                        && c.span.end_time_unix_nano <= root.span.end_time_unix_nano,
+                    "trace {id}: client span outside its server span"
+                );
+            }
+            let mut parents: Vec<String> = back_servers.iter().filter_map(|s| s.parent_id()).collect();
+            parents.sort();
+            let mut client_ids: Vec<String> = clients.iter().map(|c| c.span_id()).collect();
+            client_ids.sort();
+            ensure!(parents == client_ids, "trace {id}: back server parents {parents:?}, client spans {client_ids:?}");
+            for s in &back_servers {
+                ensure!(s.span.name == "GET /hello", "back name {}", s.span.name);
+                check_attrs(s, &[("url.path", "/hello".into()), ("http.response.status_code", 200.into())])?;
+            }
+        }
+        ensure!(fs["http_injected"] == 3 * REQUESTS, "traceparent lines written: {}", fs["http_injected"]);
+        eprintln!(
+            "{}: {REQUESTS} requests at concurrency 32, {} traces of 7 spans, rps {}",
+            tc.version,
+            traces.len(),
+            r.fields.get("rps").map_or("?", String::as_str)
+        );
+    }
+    Ok(())
+}
+
+/// One span per request of the sequence below, normalised (no ids, ports, times), for
+/// comparing builds.
+fn normalised(spans: &[&Received]) -> Vec<String> {
+    let mut v: Vec<String> = spans
+        .iter()
+        .map(|s| {
+            let mut attrs: Vec<String> = s
+                .span
+                .attributes
+                .iter()
+                .filter(|kv| !matches!(kv.key.as_str(), "server.port" | "client.port" | "go.goroutine.id" | "url.full"))
+                .map(|kv| format!("{}={:?}", kv.key, kv.value.as_ref().and_then(|v| v.value.as_ref())))
+                .collect();
+            attrs.sort();
+            format!(
+                "{} kind={} status={:?} {}",
+                s.span.name,
+                s.span.kind,
+                s.span.status.as_ref().map(|s| s.code),
+                attrs.join(" ")
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Requests that exercise every outcome, on one server (with a dead backend, so /fanout
+/// makes failing client calls).
+fn outcomes(tc: &GoToolchain, addr: &str, tls: bool) -> Result<()> {
+    let base = format!("{}://{addr}", if tls { "https" } else { "http" });
+    let run = |path: &str, n: u64, expect: &str| -> Result<LoadResult> {
+        let url = format!("{base}{path}");
+        let n = n.to_string();
+        let mut args = vec!["-url", &url, "-n", &n, "-c", "4", "-expect", expect];
+        if tls {
+            args.push("-h2");
+        }
+        load(tc, &args)
+    };
+    for (path, expect) in
+        [("/hello", "200"), ("/items/42", "200"), ("/nope", "404"), ("/status/503", "503"), ("/fanout", "502")]
+    {
+        let r = run(path, 20, expect)?;
+        ensure!(r.success && r.get("ok") == 20, "{path}: {:?} {:?}", r.fields, r.lines);
+        if tls {
+            ensure!(r.fields.get("proto").map(String::as_str) == Some("HTTP/2.0"), "{path}: {:?}", r.fields);
+        }
+    }
+    // A panicking handler: HTTP/1 drops the connection, HTTP/2 resets the stream; the
+    // client sees an error either way.
+    let r = run("/panic", 5, "200")?;
+    ensure!(r.get("errors") == 5, "/panic: {:?} {:?}", r.fields, r.lines);
+    Ok(())
+}
+
+fn check_outcomes(spans: &[&Received], tc: &GoToolchain, tls: bool) -> Result<()> {
+    let proto = if tls { "2" } else { "1.1" };
+    let scheme = if tls { "https" } else { "http" };
+    let items_route = if tc.version.starts_with("1.21.") { "/items/" } else { "/items/{id}" };
+    let count = |name: &str, kind: i32| spans.iter().filter(|s| s.span.name == name && s.span.kind == kind).count();
+    for (name, status, n) in [
+        ("GET /hello".to_string(), 200, 20),
+        (format!("GET {items_route}"), 200, 20),
+        ("GET /".to_string(), 404, 20),
+        ("GET /status/".to_string(), 503, 20),
+        ("GET /fanout".to_string(), 502, 20),
+    ] {
+        let matching: Vec<_> = spans.iter().filter(|s| s.span.name == name && s.span.kind == SERVER).collect();
+        ensure!(matching.len() == n, "{}: {} {name} spans, want {n}", tc.version, matching.len());
+        for s in matching {
+            check_attrs(
+                s,
+                &[
+                    ("http.response.status_code", status.into()),
+                    ("network.protocol.version", proto.into()),
+                    ("url.scheme", scheme.into()),
+                ],
+            )?;
+            let is_error = s.span.status.as_ref().is_some_and(|st| st.code == 2);
+            ensure!(is_error == (status >= 500), "{name}: error status {is_error} for {status}");
+        }
+    }
+    ensure!(count("GET", CLIENT) == 60, "{} client spans, want 60", count("GET", CLIENT));
+    for c in spans.iter().filter(|s| s.span.kind == CLIENT) {
+        ensure!(
+            c.attr_str("error.type").as_deref() == Some("*net.OpError"),
+            "client error.type {:?}",
+            c.attr_str("error.type")
+        );
+        ensure!(c.span.status.as_ref().is_some_and(|st| st.code == 2), "client span not an error");
+        ensure!(c.attr_i64("http.response.status_code").is_none(), "status on a failed client call");
+    }
+    let panics: Vec<_> = spans.iter().filter(|s| s.attr_str("error.type").as_deref() == Some("panic")).collect();
+    ensure!(panics.len() == 5, "{} panic spans, want 5", panics.len());
+    for p in panics {
+        ensure!(p.span.name == "GET /panic" && p.span.status.as_ref().is_some_and(|st| st.code == 2), "panic span");
+    }
+    Ok(())
+}
+
+#[test]
+fn errors_panics_routes_http2_and_stripped_builds() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    for tc in test_toolchains()? {
+        let mut per_flavor = Vec::new();
+        for (flavor, tls) in [(Flavor::Default, false), (Flavor::Stripped, false), (Flavor::Default, true)] {
+            let rx = Receiver::start(Transport::Http)?;
+            let mut args = vec!["-backend", "http://127.0.0.1:1/dead"];
+            if tls {
+                args.push("-tls");
+            }
+            let mut svc = Service::start(&tc, flavor, "svc", &args, &rx)?;
+            outcomes(&tc, &svc.addr, tls)?;
+            let summary = svc.detach()?;
+            let want = 20 * 5 + 60 + 5;
+            rx.wait_spans(want, LIMIT).with_context(|| format!("{} {flavor:?} tls={tls}", tc.version))?;
+            let spans = rx.spans();
+            let all: Vec<&Received> = spans.iter().collect();
+            ensure!(all.len() as u64 == want, "{} spans, want {want}", all.len());
+            ensure!(summary["http_panics"] == 5, "panics counted: {}", summary["http_panics"]);
+            check_outcomes(&all, &tc, tls).with_context(|| format!("{} {flavor:?} tls={tls}", tc.version))?;
+            eprintln!("{} {flavor:?} tls={tls}: {} spans as expected", tc.version, all.len());
+            per_flavor.push(normalised(&all));
+        }
+        ensure!(
+            per_flavor[0] == per_flavor[1],
+            "{}: the stripped build's spans differ from the unstripped build's",
+            tc.version
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn attach_and_detach_under_load_fail_no_request() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    let tc = test_toolchains()?.pop().context("no Go")?;
+    let rx = Receiver::start(Transport::Http)?;
+    let back_exe = build_fixture("httpserver", &tc, Flavor::Default)?;
+    let back = start_fixture(&back_exe, &[], &[])?;
+    let backend = format!("http://{}/hello", back.value("LISTEN ").context("LISTEN")?);
+    let front = start_fixture(&back_exe, &["-backend", &backend], &[])?;
+    let url = format!("http://{}/fanout", front.value("LISTEN ").context("LISTEN")?);
+    let exe = build_fixture("load", &tc, Flavor::Default)?;
+    let loader = std::process::Command::new(&exe)
+        .args(["-url", &url, "-duration", "8s", "-c", "16"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut rounds = 0;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(6) {
+        let (mut fi, _) = attach(front.pid(), "front", &rx)?;
+        let (mut bi, _) = attach(back.pid(), "back", &rx)?;
+        std::thread::sleep(Duration::from_millis(300));
+        for i in [&mut fi, &mut bi] {
+            i.signal(15);
+            ensure!(i.wait(LIMIT)?.success(), "inject failed:\n{}", i.transcript());
+        }
+        for p in [&front, &back] {
+            if let Some(at) = tests::text_differs_from_file(p.pid(), &back_exe)? {
+                bail!("code at {at:#x} not restored after detach");
+            }
+        }
+        rounds += 1;
+    }
+    let out = loader.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let result = stdout.lines().find(|l| l.starts_with("RESULT ")).context("RESULT")?;
+    ensure!(out.status.success() && result.contains(" errors=0 ") && result.contains(" unexpected=0 "), "{stdout}");
+    ensure!(rx.span_count() > 0, "no spans while attached");
+    eprintln!("{rounds} attach/detach rounds under load: {result}");
+    for mut p in [front, back] {
+        p.signal(15);
+        ensure!(p.wait(LIMIT)?.success(), "server failed after detaching:\n{}", p.transcript());
+    }
+    Ok(())
+}
