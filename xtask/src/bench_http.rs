@@ -8,6 +8,7 @@
 //! - uprobe: bpftrace with kernel uprobes on the entries of `serverHandler.ServeHTTP` and
 //!   `(*response).WriteHeader`, counting (what an eBPF agent pays at the least: two
 //!   kernel round trips per request, no context, no export).
+//!
 //! The machine is saturated (server, load generator and tracer share its cores), so CPU
 //! spent on tracing shows as lost throughput. Medians of the rounds; goal: inject keeps at
 //! least 95% of the baseline's requests per second.

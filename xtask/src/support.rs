@@ -5,7 +5,9 @@
 //! - launch: `inject -- PROGRAM` traces exactly 20 handle and 40 query calls, with the
 //!   right argument values where DWARF exists (raw registers when stripped);
 //! - attach/detach: `inject --pid` on a running copy sees calls, then restores every patch
-//!   and unmaps its memory, and the program finishes normally.
+//!   and unmaps its memory, and the program finishes normally;
+//! - net/http: the httpserver fixture launched under inject with no flags gives server and
+//!   client spans joined by W3C trace context, across goroutines, with routes.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -85,12 +87,94 @@ fn attach_detach(inject: &std::path::Path, exe: &std::path::Path) -> Result<()> 
     Ok(())
 }
 
+fn get(addr: &str, path: &str) -> Result<String> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut r = String::new();
+    s.read_to_string(&mut r)?;
+    Ok(r)
+}
+
+/// Waits for a line starting with `prefix` on a child's stdout.
+fn line_with(lines: &mut impl Iterator<Item = std::io::Result<String>>, prefix: &str) -> Result<String> {
+    for l in lines {
+        let l = l?;
+        if l.starts_with(prefix) {
+            return Ok(l);
+        }
+    }
+    bail!("no {prefix:?} line")
+}
+
+/// net/http spans with no flags: the httpserver fixture launched under inject, calling an
+/// uninstrumented twin as its backend. Its own warm-up request gives a client span and a
+/// server span joined by the `traceparent` inject wrote; `/fanout` gives three client
+/// spans (from goroutines given no context) under its server span; routes are named.
+fn http(inject: &std::path::Path, tc: &GoToolchain, flavor: Flavor) -> Result<()> {
+    let exe = build_fixture("httpserver", tc, flavor)?;
+    let mut back = Command::new(&exe).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    let mut back_lines = BufReader::new(back.stdout.take().context("stdout")?).lines();
+    let jsonl = scratch("http.jsonl")?;
+    let result = (|| -> Result<()> {
+        let back_addr = line_with(&mut back_lines, "LISTEN ")?["LISTEN ".len()..].to_string();
+        let mut front = Command::new(inject)
+            .args(["--output", "jsonl", "--output-file"])
+            .arg(&jsonl)
+            .arg("--")
+            .arg(&exe)
+            .args(["-backend", &format!("http://{back_addr}/hello")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut lines = BufReader::new(front.stdout.take().context("stdout")?).lines();
+        let addr = line_with(&mut lines, "LISTEN ")?["LISTEN ".len()..].to_string();
+        line_with(&mut lines, "READY")?;
+        for path in ["/fanout", "/items/42"] {
+            let reply = get(&addr, path)?;
+            ensure!(reply.starts_with("HTTP/1.1 200"), "{path}: {}", reply.lines().next().unwrap_or(""));
+        }
+        // SAFETY: kill(2) on our own child; inject forwards it and exits with the server.
+        unsafe { kill(front.id() as i32, 15) };
+        let out = front.wait_with_output()?;
+        ensure!(out.status.success(), "inject exit {}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+        let text = std::fs::read_to_string(&jsonl)?;
+        let spans: Vec<serde_json::Value> = text.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+        let find = |name: &str, kind: &str| -> Vec<&serde_json::Value> {
+            spans.iter().filter(|s| s["name"] == name && s["kind"] == kind).collect()
+        };
+        let (clients, warm_server) = (find("GET", "CLIENT"), find("GET /hello", "SERVER"));
+        let warm = clients.iter().find(|c| c["attributes"]["url.full"].as_str().is_some_and(|u| u.contains(&addr)));
+        let warm = warm.context("no client span for the warm-up request")?;
+        ensure!(
+            warm_server.iter().any(|s| s["parent_span_id"] == warm["span_id"] && s["trace_id"] == warm["trace_id"]),
+            "the warm-up's server span is not the child of its client span"
+        );
+        let fanout = find("GET /fanout", "SERVER");
+        ensure!(fanout.len() == 1, "{} /fanout server spans", fanout.len());
+        let children = clients.iter().filter(|c| c["parent_span_id"] == fanout[0]["span_id"]).count();
+        ensure!(children == 3, "{children} client spans under /fanout, want 3");
+        let route = if tc.version.starts_with("1.21.") { "GET /items/" } else { "GET /items/{id}" };
+        ensure!(find(route, "SERVER").len() == 1, "no {route:?} span");
+        Ok(())
+    })();
+    let _ = back.kill();
+    let _ = back.wait();
+    result
+}
+
+unsafe extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+
 /// One cell of the table: `tree` built by `tc` as `flavor`.
 pub fn cell(inject: &std::path::Path, tc: &GoToolchain, flavor: Flavor) -> Result<()> {
     let exe = build_fixture("tree", tc, flavor)?;
     list(inject, &exe).context("list")?;
     launch(inject, &exe, flavor != Flavor::Stripped).context("launch")?;
     attach_detach(inject, &exe).context("attach/detach")?;
+    http(inject, tc, flavor).context("net/http")?;
     Ok(())
 }
 
@@ -118,7 +202,7 @@ pub fn run() -> Result<()> {
     }
     println!("\n{table}");
     println!(
-        "✓: functions listed, calls traced at launch with their arguments (raw registers when stripped), attach and detach with every patch restored."
+        "✓: functions listed, calls traced at launch with their arguments (raw registers when stripped), attach and detach with every patch restored, net/http server and client spans joined by trace context."
     );
     if failures > 0 {
         bail!("{failures} cells failed");
