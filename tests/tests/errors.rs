@@ -125,3 +125,27 @@ fn go_1_19_binary_is_refused_by_name() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// With no --func, the libraries the target links are what gets probed; a target that
+/// links none is told so (planned against files: nothing is attached).
+#[test]
+fn nothing_to_probe_without_a_library_or_a_function() -> Result<()> {
+    let tc = &test_toolchains()?[0];
+    let tree = build_fixture("tree", tc, Flavor::Default)?;
+    let tree = tree.to_str().context("path")?;
+    expect_error(&["--dry-run", "--exe", tree], None, 1, "nothing to probe")?;
+    expect_error(&["--dry-run", "--exe", tree, "--lib", "net/http"], None, 1, "does not use net/http")?;
+    expect_error(&["--dry-run", "--exe", tree, "--no-libs"], None, 1, "--no-libs and no --func")?;
+    expect_error(&["--dry-run", "--exe", tree, "--lib", "grpc"], None, 2, "grpc")?;
+    let server = build_fixture("httpserver", tc, Flavor::Stripped)?;
+    let out = Command::new(inject_binary()?).args(["--dry-run", "--exe"]).arg(&server).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for probe in ["net/http.serverHandler.ServeHTTP", "net/http.(*Transport).roundTrip", "runtime.newproc1"] {
+        ensure!(
+            text.lines().any(|l| l.contains(probe) && l.contains("installed")),
+            "{probe} not planned in a stripped HTTP server:\n{text}"
+        );
+    }
+    Ok(())
+}

@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: builds two fixtures with the newest supported Go (stripped, as
 //! production binaries are), starts them, shows what inject reads from a live process,
-//! and traces calls live for a few seconds, arguments and results included.
+//! and traces calls live for a few seconds, arguments and results included; then two HTTP
+//! services, each with its own inject and no flags, give connected traces.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -56,6 +57,69 @@ pub fn run() -> Result<()> {
             "--duration".into(),
             "3".into(),
         ])
+    })();
+    for c in &mut children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    result?;
+    http_demo(&tc)
+}
+
+/// Starts a fixture and returns it with the address from its `LISTEN` line.
+fn start_listening(exe: &std::path::Path, args: &[&str]) -> Result<(Child, String)> {
+    let mut child = Command::new(exe).args(args).stdout(Stdio::piped()).spawn().context("starting a fixture")?;
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let mut addr = None;
+    loop {
+        match lines.next().transpose()? {
+            Some(line) if line.trim() == "READY" => break,
+            Some(line) => addr = line.strip_prefix("LISTEN ").map(str::to_string).or(addr),
+            None => bail!("{} exited before printing READY", exe.display()),
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok((child, addr.context("no LISTEN line")?))
+}
+
+/// Two HTTP services, each with its own inject and no flags: the front's `/fanout` calls
+/// the back from three goroutines; one trace per request spans both processes.
+fn http_demo(tc: &xtask::GoToolchain) -> Result<()> {
+    let server = build_fixture("httpserver", tc, Flavor::Stripped)?;
+    let load = build_fixture("load", tc, Flavor::Default)?;
+    let (back, back_addr) = start_listening(&server, &[])?;
+    let (front, front_addr) = start_listening(&server, &["-backend", &format!("http://{back_addr}/hello")])?;
+    let mut children = vec![back, front];
+    let result = (|| -> Result<()> {
+        println!("\n== net/http with no flags: an inject on each of two services (front calls back)");
+        let mut injects = Vec::new();
+        for (name, pid) in [("back", children[0].id()), ("front", children[1].id())] {
+            println!("== inject --pid {pid} --service-name {name} --duration 3");
+            let mut c = Command::new(inject_binary()?)
+                .args(["--pid", &pid.to_string(), "--service-name", name, "--duration", "3"])
+                .stderr(Stdio::piped())
+                .spawn()?;
+            let mut err = BufReader::new(c.stderr.take().context("stderr")?).lines();
+            loop {
+                match err.next().transpose()? {
+                    Some(l) if l.starts_with("inject: probing") => break,
+                    Some(_) => {}
+                    None => bail!("inject exited before probing"),
+                }
+            }
+            std::thread::spawn(move || err.for_each(drop));
+            injects.push(c);
+        }
+        let urls = format!("http://{front_addr}/fanout,http://{front_addr}/items/42");
+        println!(
+            "== load -url {urls} -n 2 -c 1   (the front's SERVER span, its 3 CLIENT spans, the back's 3 SERVER spans: one trace)"
+        );
+        let out = Command::new(&load).args(["-url", &urls, "-n", "2", "-c", "1"]).output()?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        for mut c in injects {
+            c.wait()?;
+        }
+        Ok(())
     })();
     for c in &mut children {
         let _ = c.kill();
