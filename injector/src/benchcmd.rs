@@ -44,7 +44,7 @@ pub fn bench_collector(args: &BenchArgs) -> Result<()> {
         role: crate::plan::Role::Func,
     };
     // SAFETY: `mem` outlives the reader (joined below).
-    let reader = unsafe { RingReader::new(base, layout.total_len(), layout, vec![0]) };
+    let reader = unsafe { RingReader::new(base, layout.total_len(), layout, vec![[0, 0]]) };
     let stop = Arc::new(AtomicBool::new(false));
     let clock = Arc::new(Mutex::new(Clock::calibrate(Duration::from_millis(10))));
     let (tx, rx) = collect::channel();

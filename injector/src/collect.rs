@@ -59,7 +59,7 @@ const SETTLE: Duration = Duration::from_millis(2);
 /// A poll that returns this many records means the writers are busy: poll again at once.
 const BUSY_BATCH: usize = 1024;
 /// Otherwise, how long to let records gather before the next poll.
-const GATHER: Duration = Duration::from_millis(1);
+const GATHER: Duration = Duration::from_millis(2);
 
 /// Batches of finished calls in flight to the output thread.
 const QUEUE: usize = 4096;

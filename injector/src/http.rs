@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use go_abi::dwarf::DwarfInfo;
 use go_abi::{Func, GoBinary};
 use ring_abi::span_ids;
-use trampolines::codegen::{ByteCopy, CapturePlan, Fetch, FieldCopy, Op};
+use trampolines::codegen::{ByteCopy, CapturePlan, Fetch, FieldCopy, Guard, Op};
 
 use crate::plan::{self, PlanContext, ProbeSite, Role};
 use crate::values::Side;
@@ -278,7 +278,9 @@ fn plans(probe: Probe, offsets: &mut Offsets<'_>, write_fn: Option<u64>) -> Resu
         Probe::HeaderLine => {
             let copies = vec![ByteCopy { ptr: RAX, len: RBX, max: HEADER_LINE_MAX, dest: 0 }];
             let ops = vec![Op::StashTraceparent { ptr: RAX, len: RBX }];
-            (off.clone(), CapturePlan { ints: 0b11, copies, ops, ..CapturePlan::default() })
+            // Only traceparent, tracestate and user-agent matter: other lines cost nothing.
+            let guard = Some(Guard::FirstByte { ptr: RAX, len: RBX, first: b"tu".to_vec() });
+            (off.clone(), CapturePlan { ints: 0b11, copies, ops, guard, ..CapturePlan::default() })
         }
         Probe::Status => (CapturePlan { ints: 0b10, ..CapturePlan::default() }, off),
         Probe::Route => {
@@ -286,7 +288,8 @@ fn plans(probe: Probe, offsets: &mut Offsets<'_>, write_fn: Option<u64>) -> Resu
             (off.clone(), CapturePlan { ints: 0b1100, copies, ..CapturePlan::default() })
         }
         Probe::Unwind => (CapturePlan::default(), off),
-        Probe::Exit => (CapturePlan { ops: vec![Op::Forget], ..CapturePlan::default() }, off),
+        // goexit1 has no parameters: the registers Forget uses hold nothing at its entry.
+        Probe::Exit => (CapturePlan { ops: vec![Op::Forget], bare: true, ..CapturePlan::default() }, off),
         Probe::Spawn => {
             let goid_off = need(offsets, "runtime.g.goid")?;
             let parent_goid_off = need(offsets, "runtime.g.parentGoid")?;
@@ -300,7 +303,9 @@ fn plans(probe: Probe, offsets: &mut Offsets<'_>, write_fn: Option<u64>) -> Resu
             let buf_off = need(offsets, "bufio.Writer.buf")?;
             let n_off = need(offsets, "bufio.Writer.n")?;
             let op = Op::InjectTraceparent { map: RAX, itab: RBX, data: RCX, write_fn, buf_off, n_off, dest: 0 };
-            (CapturePlan { ops: vec![op], ..CapturePlan::default() }, off)
+            // Only maps of requests with a client span (not server responses) are worth a record.
+            let guard = Some(Guard::InRequests { key: RAX });
+            (CapturePlan { ops: vec![op], guard, ..CapturePlan::default() }, off)
         }
     })
 }

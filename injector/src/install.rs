@@ -61,8 +61,9 @@ pub struct Installation {
 }
 
 impl Installation {
-    /// A reader of the ring; `data_len[site]` is how many copied bytes its records carry.
-    pub fn reader(&mut self, data_len: Vec<usize>) -> RingReader {
+    /// A reader of the ring; `data_len[site]` is how many copied bytes its entry and its
+    /// return records carry.
+    pub fn reader(&mut self, data_len: Vec<[usize; 2]>) -> RingReader {
         // SAFETY: ring_map lives as long as the Installation, which the caller keeps
         // until the reader is done.
         unsafe {

@@ -30,7 +30,8 @@ pub struct RingReader {
     /// Next ticket per sub-ring.
     next: Vec<u64>,
     /// Bytes of data area each site's records use.
-    data_len: Vec<usize>,
+    /// Copied bytes per site, for its entry and its return records.
+    data_len: Vec<[usize; 2]>,
     drained: Vec<bool>,
     /// Records that failed validation (never believed, counted).
     pub corrupt: u64,
@@ -47,9 +48,9 @@ impl RingReader {
     /// # Safety
     /// `base..base+len` must be a live mapping of the ring (at least `layout.total_len()`
     /// bytes) that outlives the reader.
-    pub unsafe fn new(base: *mut u8, len: usize, layout: Layout, data_len: Vec<usize>) -> Self {
+    pub unsafe fn new(base: *mut u8, len: usize, layout: Layout, data_len: Vec<[usize; 2]>) -> Self {
         assert!(len >= layout.total_len());
-        let data_len = data_len.into_iter().map(|d| d.min(layout.data_len())).collect();
+        let data_len = data_len.into_iter().map(|d| d.map(|n| n.min(layout.data_len()))).collect();
         RingReader {
             base,
             len,
@@ -197,7 +198,7 @@ impl RingReader {
         let site_kind = w(slot::SITE);
         let site = site_kind as u32;
         let kind = Kind::from_u8((site_kind >> 32) as u8)?;
-        let data_len = *self.data_len.get(site as usize)?;
+        let data_len = self.data_len.get(site as usize)?[usize::from(kind == Kind::Return)];
         let mut ints = [0; slot::NINTS];
         for (i, v) in ints.iter_mut().enumerate() {
             *v = w(slot::INTS + 8 * i);

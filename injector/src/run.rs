@@ -321,8 +321,7 @@ fn start_tracing(
         inst.prepare_pause.as_secs_f64() * 1e3
     );
     let stop = Arc::new(AtomicBool::new(false));
-    let reader =
-        inst.reader(sites.iter().map(|s| s.on_entry.plan.data_len().max(s.on_return.plan.data_len())).collect());
+    let reader = inst.reader(sites.iter().map(|s| [s.on_entry.plan.data_len(), s.on_return.plan.data_len()]).collect());
     let metas = sites
         .iter()
         .map(|s| SiteMeta {

@@ -79,6 +79,22 @@ pub struct CapturePlan {
     pub ops: Vec<Op>,
     /// Record nothing at this point (a probe that only matters at its other end).
     pub off: bool,
+    /// Record only when this holds (checked before a slot is taken, with R12/R13 only).
+    pub guard: Option<Guard>,
+    /// Run `ops` without taking a slot or saving anything: only where every register
+    /// they use (RAX, RDI, R8, R11) is dead, such as the entry of a function without
+    /// parameters. Only [`Op::Forget`] can run this way.
+    pub bare: bool,
+}
+
+/// A cheap test that decides whether a probe records at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Guard {
+    /// The (pointer, length) string in these registers is non-empty and its first byte,
+    /// ASCII-lowercased, is one of `first`.
+    FirstByte { ptr: u8, len: u8, first: Vec<u8> },
+    /// The register holds a key present in the request context table.
+    InRequests { key: u8 },
 }
 
 /// Reads a field through a chain of typed pointers: the register's value, then each `path`
@@ -216,6 +232,15 @@ fn emit_capture(
     kind: Kind,
     plan: &CapturePlan,
 ) -> Result<(), IcedError> {
+    if plan.bare {
+        let o = Ops { ring, slot_data: 0, ints: 0 };
+        for op in &plan.ops {
+            if *op == Op::Forget {
+                o.emit(a, op)?;
+            }
+        }
+        return Ok(());
+    }
     if plan.off {
         return Ok(());
     }
@@ -231,6 +256,9 @@ fn emit_capture(
     let mut last_seq_fail = a.create_label();
     a.add_instruction(Instruction::with2(Code::Cmp_rm64_imm8, rip_mem(ring.enabled()), 0)?)?;
     a.je(done)?;
+    if let Some(g) = &plan.guard {
+        emit_guard(a, ring, g, done)?;
+    }
     a.movq(xmm15, rax)?;
     // R13 = this writer's sub-ring.
     match ring.select {
@@ -772,6 +800,51 @@ impl Ops<'_> {
         self.copy(a, (rsi, 3), (rdi, ctx::TRACE as i32), 32)?;
         self.copy(a, (rsi, 36), (rdi, ctx::SPAN as i32), 16)
     }
+}
+
+/// Jumps to `skip` unless the guard holds. Reads only: R12 and R13 are its scratch.
+fn emit_guard(a: &mut CodeAssembler, ring: &RingAddrs, g: &Guard, skip: CodeLabel) -> Result<(), IcedError> {
+    const REGS: [AsmRegister64; 9] = [rax, rbx, rcx, rdi, rsi, r8, r9, r10, r11];
+    match g {
+        Guard::FirstByte { ptr, len, first } => {
+            let mut pass = a.create_label();
+            let (p, n) = (REGS[*ptr as usize], REGS[*len as usize]);
+            a.test(n, n)?;
+            a.jle(skip)?;
+            a.test(p, p)?;
+            a.je(skip)?;
+            a.movzx(r13d, byte_ptr(p))?;
+            a.or(r13d, 0x20)?;
+            for b in first {
+                a.cmp(r13d, i32::from(*b))?;
+                a.je(pass)?;
+            }
+            a.jmp(skip)?;
+            a.set_label(&mut pass)?;
+        }
+        Guard::InRequests { key } => {
+            let mut pass = a.create_label();
+            let k = REGS[*key as usize];
+            let sets = ctx::REQUESTS / ctx::WAYS;
+            a.test(k, k)?;
+            a.je(skip)?;
+            // The set, as `Ops::set_of` computes it, in R13.
+            a.mov(r13, 0x9e37_79b9_7f4a_7c15u64)?;
+            a.imul_2(r13, k)?;
+            a.shr(r13, 64 - sets.trailing_zeros())?;
+            a.shl(r13, (ctx::ENTRY * ctx::WAYS).trailing_zeros())?;
+            let base = ring.base + ring.layout.ctx_offset() as u64 + (ctx::GOROUTINES * ctx::ENTRY) as u64;
+            a.mov(r12, base)?;
+            a.add(r13, r12)?;
+            for way in 0..ctx::WAYS {
+                a.cmp(qword_ptr(r13 + (way * ctx::ENTRY + ctx::KEY) as i32), k)?;
+                a.je(pass)?;
+            }
+            a.jmp(skip)?;
+            a.set_label(&mut pass)?;
+        }
+    }
+    Ok(())
 }
 
 fn check_reach(at: u64, ring: &RingAddrs) -> Result<(), CodegenError> {

@@ -485,3 +485,32 @@ fn trace_context_operations() {
     assert_eq!(u64::from_le_bytes(m[s + slot::DATA + 160..][..8].try_into().unwrap()), 0, "no room: no line");
     assert_eq!(bw[5], 80);
 }
+
+/// A guard decides before a slot is taken: lines not starting with `t` or `u` (any case),
+/// and empty or nil strings, leave no record and no trace in the registers.
+#[test]
+fn guards_skip_records() {
+    use trampolines::codegen::Guard;
+    let plan = CapturePlan {
+        ints: 0b11,
+        guard: Some(Guard::FirstByte { ptr: 0, len: 1, first: b"tu".to_vec() }),
+        ..CapturePlan::default()
+    };
+    let r = rig_with_plans(64, leaf_function, false, &plan, &CapturePlan { off: true, ..CapturePlan::default() });
+    let lines: [&[u8]; 6] = [b"User-Agent: x", b"Host: y", b"traceparent: z", b"", b"Accept: */*", b"TRACESTATE: a=b"];
+    for line in lines {
+        let mut regs = regs_for(&r);
+        regs[0] = line.as_ptr() as u64;
+        regs[1] = line.len() as u64;
+        let before = regs;
+        // SAFETY: the guard reads at most the first byte of a non-empty line.
+        unsafe { call_with(&mut regs) };
+        assert_eq!(regs[1..12], before[1..12], "registers preserved");
+    }
+    let mut regs = regs_for(&r);
+    regs[0] = 0;
+    regs[1] = 5;
+    // SAFETY: a nil pointer is checked before any read.
+    unsafe { call_with(&mut regs) };
+    assert_eq!(published(&r).len(), 3, "user-agent, traceparent and tracestate recorded");
+}

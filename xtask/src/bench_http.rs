@@ -1,7 +1,7 @@
 //! `cargo xtask bench http`: what net/http tracing costs a busy server. The httpserver
-//! fixture's `/work?n=400` handler (400 rounds of SHA-256, ~50 µs) is loaded by the load
-//! fixture (HTTP/1.1 keep-alive, 8 connections) on loopback for a few seconds at a time,
-//! in rounds that interleave three setups on the same server process:
+//! fixture's `/work?n=N` handler (N rounds of SHA-256: 400 ≈ 50 µs, 1600 ≈ 200 µs) is
+//! loaded by the load fixture (HTTP/1.1 keep-alive, 8 connections) on loopback for a few
+//! seconds at a time, in rounds that interleave three setups on the same server process:
 //! - baseline: nothing attached;
 //! - inject: attached with its default net/http probes (server spans, context, lineage),
 //!   exporting every span over OTLP/HTTP to the test receiver in a process of its own;
@@ -24,7 +24,8 @@ use crate::bench_export::{Receiver, cpu_seconds, median};
 
 const ROUNDS: usize = 5;
 const SECONDS: u32 = 3;
-const WORK: u32 = 400;
+/// Rounds of SHA-256 per request: ~50 µs and ~200 µs handlers.
+const WORKS: [u32; 2] = [400, 1600];
 
 struct Run {
     rps: f64,
@@ -111,8 +112,9 @@ pub fn http() -> Result<()> {
     };
     std::thread::spawn(move || lines.for_each(drop));
     let pid = server.id();
-    let url = format!("http://{addr}/work?n={WORK}");
-    let result = (|| -> Result<()> {
+    let mut worst: f64 = 1.0;
+    let result = WORKS.iter().try_for_each(|&work| -> Result<()> {
+        let url = format!("http://{addr}/work?n={work}");
         // Warm up the server, its connections and the machine.
         load(&load_exe, &url, None)?;
         let (mut base, mut inj, mut up) = (Vec::new(), Vec::new(), Vec::new());
@@ -152,7 +154,7 @@ pub fn http() -> Result<()> {
         let med = |v: &[Run], f: fn(&Run) -> f64| median(v.iter().map(f).collect());
         let (b, i, u) = (med(&base, |r| r.rps), med(&inj, |r| r.rps), med(&up, |r| r.rps));
         println!(
-            "http: GET /work?n={WORK} on the httpserver fixture (Go {}), load at 8 connections for {SECONDS} s, \
+            "http: GET /work?n={work} on the httpserver fixture (Go {}), load at 8 connections for {SECONDS} s, \
              {ROUNDS} interleaved rounds, medians:",
             tc.version
         );
@@ -169,13 +171,16 @@ pub fn http() -> Result<()> {
             u / b
         );
         println!("  spans exported while attached: {exported}");
-        println!(
-            "{} inject keeps {:.1}% of the baseline's throughput (goal >= 95%)",
-            if i / b >= 0.95 { "PASS" } else { "FAIL" },
-            100.0 * i / b
-        );
+        worst = worst.min(i / b);
         Ok(())
-    })();
+    });
+    if result.is_ok() {
+        println!(
+            "{} inject keeps at least {:.1}% of the baseline's throughput (goal >= 95%)",
+            if worst >= 0.95 { "PASS" } else { "FAIL" },
+            100.0 * worst
+        );
+    }
     let _ = server.kill();
     let _ = server.wait();
     result

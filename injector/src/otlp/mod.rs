@@ -290,6 +290,8 @@ fn export_loop(client: &Client, rx: &SpanRx, first: Vec<SpanData>, config: &Otel
     // At exit, queued spans get this long to go out (a container runtime's stop grace is
     // typically 10 s, and the program's own shutdown came first).
     let shutdown_window = config.timeout.clamp(Duration::from_secs(1), Duration::from_secs(5));
+    /// How long the batch filler naps between looks at the queue.
+    const FILL_NAP: Duration = Duration::from_millis(5);
     let mut closing: Option<Instant> = None;
     let mut batch = first;
     batch.reserve(config.batch);
@@ -308,6 +310,23 @@ fn export_loop(client: &Client, rx: &SpanRx, first: Vec<SpanData>, config: &Otel
         }
         let fill_until = Instant::now() + if closing.is_some() { Duration::ZERO } else { config.delay };
         while batch.len() < config.batch {
+            // Take what is queued, then nap rather than wait on each span: a blocked
+            // receiver is woken by every send, which at tens of thousands of spans a
+            // second cost more than building them.
+            match rx.try_recv() {
+                Ok(s) => {
+                    batch.push(s);
+                    continue;
+                }
+                Err(crossbeam_channel::TryRecvError::Empty) if closing.is_none() => {
+                    let left = fill_until.saturating_duration_since(Instant::now());
+                    if !left.is_zero() && !stats.closed.load(Ordering::Acquire) {
+                        std::thread::sleep(left.min(FILL_NAP));
+                        continue;
+                    }
+                }
+                Err(_) => {}
+            }
             match rx.recv_deadline(fill_until) {
                 Ok(s) => batch.push(s),
                 Err(RecvTimeoutError::Timeout) => {
