@@ -1,6 +1,6 @@
 //! OTLP export: finished calls become spans with the ids, parents and times the collector
-//! gave them, and go out in batches through opentelemetry-otlp (HTTP/protobuf, HTTP/JSON
-//! or gRPC). The queue is bounded and the sender never waits: a slow or dead endpoint
+//! gave them, and go out in batches: HTTP/protobuf (the default) encoded here with the
+//! OpenTelemetry protos, HTTP/JSON and gRPC through opentelemetry-otlp. The queue is bounded and the sender never waits: a slow or dead endpoint
 //! costs queued spans, then counted drops, never a stalled collector or target.
 
 pub mod config;
@@ -128,6 +128,8 @@ pub fn protocol_name(p: Protocol) -> &'static str {
 }
 
 enum Client {
+    /// OTLP/HTTP with protobuf, encoded here: the default, and the cheapest per span.
+    Proto(ProtoHttp),
     Http(opentelemetry_otlp::SpanExporter),
     /// tonic needs a tokio runtime to build in and to run on.
     Grpc(opentelemetry_otlp::SpanExporter, tokio::runtime::Runtime),
@@ -138,7 +140,8 @@ impl Client {
         use opentelemetry_otlp::{Compression, RetryPolicy};
         // Retries are ours: the exporter's own would block this thread for seconds.
         let mut client = match config.protocol {
-            Protocol::HttpProtobuf | Protocol::HttpJson => {
+            Protocol::HttpProtobuf => return ProtoHttp::build(config, resource).map(Client::Proto),
+            Protocol::HttpJson => {
                 let mut b = opentelemetry_otlp::SpanExporter::builder()
                     .with_http()
                     .with_endpoint(config.endpoint.clone())
@@ -185,16 +188,76 @@ impl Client {
         };
         match &mut client {
             Client::Http(e) | Client::Grpc(e, _) => e.set_resource(resource),
+            Client::Proto(_) => {}
         }
         Ok(client)
     }
 
     fn export(&self, batch: Vec<SpanData>) -> Result<(), String> {
         let r = match self {
+            Client::Proto(p) => return p.send(&p.encode(batch)),
             Client::Http(e) => futures_executor::block_on(e.export(batch)),
             Client::Grpc(e, rt) => rt.block_on(e.export(batch)),
         };
         r.map_err(|e| e.to_string())
+    }
+}
+
+/// OTLP/HTTP with protobuf bodies: `ExportTraceServiceRequest`s encoded with prost from
+/// the batch (spans moved into it, not cloned), POSTed with a blocking client.
+struct ProtoHttp {
+    client: reqwest::blocking::Client,
+    url: String,
+    headers: Vec<(String, String)>,
+    gzip: bool,
+    resource: opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema,
+}
+
+impl ProtoHttp {
+    fn build(config: &OtelConfig, resource: &Resource) -> Result<ProtoHttp> {
+        let client = reqwest::blocking::Client::builder()
+            .timeout(config.timeout)
+            .build()
+            .context("building the OTLP/HTTP client")?;
+        Ok(ProtoHttp {
+            client,
+            url: config.endpoint.clone(),
+            headers: config.headers.to_vec(),
+            gzip: config.gzip,
+            resource: resource.into(),
+        })
+    }
+
+    fn encode(&self, batch: Vec<SpanData>) -> Vec<u8> {
+        use prost::Message;
+        let resource_spans =
+            opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope(batch, &self.resource);
+        let body = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest { resource_spans }
+            .encode_to_vec();
+        if !self.gzip {
+            return body;
+        }
+        let mut gz = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 4), flate2::Compression::fast());
+        use std::io::Write;
+        match gz.write_all(&body).and_then(|()| gz.finish()) {
+            Ok(z) => z,
+            Err(_) => body,
+        }
+    }
+
+    fn send(&self, body: &[u8]) -> Result<(), String> {
+        let mut req = self.client.post(&self.url).header("Content-Type", "application/x-protobuf").body(body.to_vec());
+        if self.gzip && body.starts_with(&[0x1f, 0x8b]) {
+            req = req.header("Content-Encoding", "gzip");
+        }
+        for (k, v) in &self.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        let resp = req.send().map_err(|e| format!("{}: {e}", self.url))?;
+        let status = resp.status();
+        // Read the reply so the connection is reused.
+        let _ = resp.bytes();
+        if status.is_success() { Ok(()) } else { Err(format!("{}: HTTP {status}", self.url)) }
     }
 }
 
@@ -297,19 +360,21 @@ fn export_loop(client: &Client, rx: &SpanRx, first: Vec<SpanData>, config: &Otel
     batch.reserve(config.batch);
     let mut failing_since: Option<Instant> = None;
     let mut backoff = BACKOFF_MIN;
+    // A request body that failed, and how many spans it holds: sent again as is.
+    let mut pending: Option<(Vec<u8>, u64)> = None;
     loop {
         if closing.is_none() && stats.closed.load(Ordering::Acquire) {
             closing = Some(Instant::now());
         }
         // Fill a batch: until it is full, or `delay` after its first span.
-        if batch.is_empty() && closing.is_none() {
+        if batch.is_empty() && pending.is_none() && closing.is_none() {
             match rx.recv() {
                 Ok(s) => batch.push(s),
                 Err(_) => closing = Some(Instant::now()),
             }
         }
         let fill_until = Instant::now() + if closing.is_some() { Duration::ZERO } else { config.delay };
-        while batch.len() < config.batch {
+        while pending.is_none() && batch.len() < config.batch {
             // Take what is queued, then nap rather than wait on each span: a blocked
             // receiver is woken by every send, which at tens of thousands of spans a
             // second cost more than building them.
@@ -345,18 +410,30 @@ fn export_loop(client: &Client, rx: &SpanRx, first: Vec<SpanData>, config: &Otel
                 }
             }
         }
-        if batch.is_empty() {
+        if batch.is_empty() && pending.is_none() {
             if closing.is_some() {
                 return;
             }
             continue;
         }
-        let n = batch.len() as u64;
         stats.requests.fetch_add(1, Ordering::Relaxed);
-        match client.export(batch.clone()) {
+        let (result, n) = match client {
+            // Encoded once, from the spans themselves (moved, not copied); a retry
+            // resends the same bytes.
+            Client::Proto(p) => {
+                let (body, n) = pending.get_or_insert_with(|| {
+                    let n = batch.len() as u64;
+                    (p.encode(std::mem::take(&mut batch)), n)
+                });
+                (p.send(body), *n)
+            }
+            _ => (client.export(batch.clone()), batch.len() as u64),
+        };
+        match result {
             Ok(()) => {
                 stats.exported.fetch_add(n, Ordering::Relaxed);
                 batch.clear();
+                pending = None;
                 if let Some(since) = failing_since.take() {
                     eprintln!(
                         "inject: OTLP export to {} works again after {:.1} s",
@@ -382,6 +459,7 @@ fn export_loop(client: &Client, rx: &SpanRx, first: Vec<SpanData>, config: &Otel
                 if since.elapsed() >= GIVE_UP_AFTER || out_of_time {
                     stats.dropped_export_failed.fetch_add(n, Ordering::Relaxed);
                     batch.clear();
+                    pending = None;
                 }
                 if out_of_time {
                     // Whatever is still queued will not go out either.
