@@ -155,7 +155,11 @@ impl Sink {
         let (format, out) = match self {
             Sink::None => return Ok(()),
             Sink::Otlp { spans, http_scope, .. } => {
-                spans.send(crate::otlp::span::http_span(call, d, clock, http_scope));
+                if spans.encodes() {
+                    spans.send_encoded(true, encode_http(call, &d, clock));
+                } else {
+                    spans.send(crate::otlp::span::http_span(call, d, clock, http_scope));
+                }
                 return Ok(());
             }
             Sink::Text { format, out } => (*format, out),
@@ -238,4 +242,47 @@ impl Sink {
         }
         Ok(())
     }
+}
+
+/// An HTTP span straight to OTLP protobuf, without building the SDK's `SpanData`.
+fn encode_http(call: &Call, d: &crate::http::Described, clock: &Clock) -> Vec<u8> {
+    use crate::otlp::proto::{self, Attr};
+    let start = clock.unix_ns(call.start_tsc());
+    let dur = call.end_tsc().map_or(0.0, |e| clock.ns(e.saturating_sub(call.start_tsc())));
+    let attrs = d.attrs.iter().map(|(k, v)| {
+        let v = match v {
+            crate::http::Attr::S(s) => Attr::Str(s),
+            crate::http::Attr::I(i) => Attr::I64(*i),
+        };
+        (*k, v)
+    });
+    let goid = std::iter::once(("go.goroutine.id", Attr::I64(call.goid as i64)));
+    let mut out = Vec::with_capacity(512);
+    proto::span(
+        &mut out,
+        proto::SpanParts {
+            trace_id: call.trace_id,
+            span_id: call.span_id,
+            parent: call.parent,
+            parent_remote: call.remote_parent,
+            // An invalid incoming tracestate is dropped, as the W3C rules say.
+            trace_state: call
+                .http
+                .as_ref()
+                .and_then(|n| n.tracestate.as_deref())
+                .filter(|t| t.parse::<opentelemetry::trace::TraceState>().is_ok())
+                .unwrap_or(""),
+            name: &d.name,
+            kind: if d.server {
+                opentelemetry::trace::SpanKind::Server
+            } else {
+                opentelemetry::trace::SpanKind::Client
+            },
+            start_ns: start as u64,
+            end_ns: start as u64 + dur.round() as u64,
+            attributes: attrs.chain(goid),
+            error: d.error.as_deref(),
+        },
+    );
+    out
 }

@@ -4,6 +4,7 @@
 //! costs queued spans, then counted drops, never a stalled collector or target.
 
 pub mod config;
+pub mod proto;
 pub mod span;
 
 use std::sync::Arc;
@@ -57,16 +58,48 @@ impl ExportTotals {
     }
 }
 
+/// A queued span: built the SDK's way, or already encoded (for OTLP/HTTP protobuf).
+pub enum Queued {
+    Span(Box<SpanData>),
+    /// A `Span` message body, and whether its scope is net/http's (else user functions').
+    Encoded {
+        http: bool,
+        bytes: Vec<u8>,
+    },
+}
+
 /// The sending half, owned by the output thread.
 pub struct SpanSender {
-    tx: Sender<SpanData>,
+    tx: Sender<Queued>,
     stats: Arc<Stats>,
     capacity: u64,
+    /// The exporter takes encoded spans: encode them here, as they are made.
+    encode: bool,
 }
 
 impl SpanSender {
+    /// Whether spans should be given encoded ([`SpanSender::send_encoded`]).
+    pub fn encodes(&self) -> bool {
+        self.encode
+    }
+
     /// Queues a span, or counts it dropped when the queue is full; never blocks.
     pub fn send(&self, span: SpanData) {
+        if self.encode {
+            let mut bytes = Vec::with_capacity(256);
+            proto::span_data(&mut bytes, &span);
+            let http = span.instrumentation_scope.name() == span::HTTP_SCOPE;
+            return self.queue(Queued::Encoded { http, bytes });
+        }
+        self.queue(Queued::Span(Box::new(span)));
+    }
+
+    /// Queues an encoded span (see [`proto::span`]).
+    pub fn send_encoded(&self, http: bool, bytes: Vec<u8>) {
+        self.queue(Queued::Encoded { http, bytes });
+    }
+
+    fn queue(&self, span: Queued) {
         // The bound is a count, not a preallocated array: 65536 SpanData slots would
         // cost ~10 ms to set up, which a launched program waits for.
         if self.stats.held.fetch_add(1, Ordering::AcqRel) >= self.capacity {
@@ -195,7 +228,9 @@ impl Client {
 
     fn export(&self, batch: Vec<SpanData>) -> Result<(), String> {
         let r = match self {
-            Client::Proto(p) => return p.send(&p.encode(batch)),
+            Client::Proto(p) => {
+                return p.send(&p.encode(batch.into_iter().map(|s| Queued::Span(Box::new(s))).collect()));
+            }
             Client::Http(e) => futures_executor::block_on(e.export(batch)),
             Client::Grpc(e, rt) => rt.block_on(e.export(batch)),
         };
@@ -210,7 +245,10 @@ struct ProtoHttp {
     url: String,
     headers: Vec<(String, String)>,
     gzip: bool,
-    resource: opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema,
+    /// The resource and the two scopes, encoded once.
+    resource: Vec<u8>,
+    func_scope: Vec<u8>,
+    http_scope: Vec<u8>,
 }
 
 impl ProtoHttp {
@@ -224,16 +262,26 @@ impl ProtoHttp {
             url: config.endpoint.clone(),
             headers: config.headers.to_vec(),
             gzip: config.gzip,
-            resource: resource.into(),
+            resource: proto::resource(resource),
+            func_scope: proto::scope(&span::func_scope()),
+            http_scope: proto::scope(&span::http_scope()),
         })
     }
 
-    fn encode(&self, batch: Vec<SpanData>) -> Vec<u8> {
-        use prost::Message;
-        let resource_spans =
-            opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope(batch, &self.resource);
-        let body = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest { resource_spans }
-            .encode_to_vec();
+    fn encode(&self, batch: Vec<Queued>) -> Vec<u8> {
+        let (mut func, mut http) = (Vec::new(), Vec::new());
+        for q in batch {
+            let (is_http, bytes) = match q {
+                Queued::Encoded { http, bytes } => (http, bytes),
+                Queued::Span(s) => {
+                    let mut b = Vec::new();
+                    proto::span_data(&mut b, &s);
+                    (s.instrumentation_scope.name() == span::HTTP_SCOPE, b)
+                }
+            };
+            if is_http { http.push(bytes) } else { func.push(bytes) }
+        }
+        let body = proto::request(&self.resource, &[(&self.func_scope[..], func), (&self.http_scope[..], http)]);
         if !self.gzip {
             return body;
         }
@@ -263,24 +311,24 @@ impl ProtoHttp {
 
 /// The queue's receiving end: every span taken out makes room for another.
 struct SpanRx {
-    rx: Receiver<SpanData>,
+    rx: Receiver<Queued>,
     stats: Arc<Stats>,
 }
 
 impl SpanRx {
-    fn took<E>(&self, r: Result<SpanData, E>) -> Result<SpanData, E> {
+    fn took<E>(&self, r: Result<Queued, E>) -> Result<Queued, E> {
         if r.is_ok() {
             self.stats.held.fetch_sub(1, Ordering::AcqRel);
         }
         r
     }
-    fn recv(&self) -> Result<SpanData, crossbeam_channel::RecvError> {
+    fn recv(&self) -> Result<Queued, crossbeam_channel::RecvError> {
         self.took(self.rx.recv())
     }
-    fn recv_deadline(&self, t: Instant) -> Result<SpanData, RecvTimeoutError> {
+    fn recv_deadline(&self, t: Instant) -> Result<Queued, RecvTimeoutError> {
         self.took(self.rx.recv_deadline(t))
     }
-    fn try_recv(&self) -> Result<SpanData, crossbeam_channel::TryRecvError> {
+    fn try_recv(&self) -> Result<Queued, crossbeam_channel::TryRecvError> {
         self.took(self.rx.try_recv())
     }
     /// Empties the queue, returning how many spans it held.
@@ -304,7 +352,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// every span as dropped.
 pub fn start(config: &OtelConfig, resource: Resource, wait: bool) -> Result<(SpanSender, Exporting)> {
     let stats = Arc::new(Stats::default());
-    let (tx, rx) = crossbeam_channel::unbounded::<SpanData>();
+    let (tx, rx) = crossbeam_channel::unbounded::<Queued>();
     let rx = SpanRx { rx, stats: stats.clone() };
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<()>>(1);
     let thread = {
@@ -345,11 +393,12 @@ pub fn start(config: &OtelConfig, resource: Resource, wait: bool) -> Result<(Spa
     if wait {
         ready_rx.recv().context("the OTLP export thread stopped")??;
     }
-    let sender = SpanSender { tx, stats: stats.clone(), capacity: config.queue as u64 };
+    let encode = config.protocol == Protocol::HttpProtobuf;
+    let sender = SpanSender { tx, stats: stats.clone(), capacity: config.queue as u64, encode };
     Ok((sender, Exporting { thread, stats, endpoint: config.endpoint.clone(), protocol: config.protocol }))
 }
 
-fn export_loop(client: &Client, rx: &SpanRx, first: Vec<SpanData>, config: &OtelConfig, stats: &Stats) {
+fn export_loop(client: &Client, rx: &SpanRx, first: Vec<Queued>, config: &OtelConfig, stats: &Stats) {
     // At exit, queued spans get this long to go out (a container runtime's stop grace is
     // typically 10 s, and the program's own shutdown came first).
     let shutdown_window = config.timeout.clamp(Duration::from_secs(1), Duration::from_secs(5));
@@ -427,7 +476,13 @@ fn export_loop(client: &Client, rx: &SpanRx, first: Vec<SpanData>, config: &Otel
                 });
                 (p.send(body), *n)
             }
-            _ => (client.export(batch.clone()), batch.len() as u64),
+            _ => {
+                let spans: Vec<SpanData> = batch
+                    .iter()
+                    .filter_map(|q| if let Queued::Span(s) = q { Some(SpanData::clone(s)) } else { None })
+                    .collect();
+                (client.export(spans), batch.len() as u64)
+            }
         };
         match result {
             Ok(()) => {

@@ -97,8 +97,10 @@ pub fn func_scope() -> InstrumentationScope {
 /// The scope of net/http spans (the instrumentation library's name, as OpenTelemetry Go's
 /// own net/http instrumentation is named in its scope).
 pub fn http_scope() -> InstrumentationScope {
-    InstrumentationScope::builder("inject/net/http").with_version(env!("CARGO_PKG_VERSION")).build()
+    InstrumentationScope::builder(HTTP_SCOPE).with_version(env!("CARGO_PKG_VERSION")).build()
 }
+
+pub const HTTP_SCOPE: &str = "inject/net/http";
 
 /// The span of an HTTP server or client call.
 pub fn http_span(call: &Call, d: crate::http::Described, clock: &Clock, scope: &InstrumentationScope) -> SpanData {
