@@ -81,8 +81,7 @@ impl Sink {
             }
             Sink::Text { format, out } => (*format, out),
         };
-        let start = clock.unix_ns(call.start_tsc());
-        let dur = call.end_tsc().map(|e| clock.ns(e.saturating_sub(call.start_tsc())));
+        let (start, dur) = call.times(clock);
         let (args, results) = call_values(meta, call, types);
         match format {
             Format::Otlp | Format::None => {}
@@ -164,8 +163,7 @@ impl Sink {
             }
             Sink::Text { format, out } => (*format, out),
         };
-        let start = clock.unix_ns(call.start_tsc());
-        let dur = call.end_tsc().map(|e| clock.ns(e.saturating_sub(call.start_tsc())));
+        let (start, dur) = call.times(clock);
         let kind = if d.server { "SERVER" } else { "CLIENT" };
         match format {
             Format::Console => {
@@ -247,8 +245,8 @@ impl Sink {
 /// An HTTP span straight to OTLP protobuf, without building the SDK's `SpanData`.
 fn encode_http(call: &Call, d: &crate::http::Described, clock: &Clock) -> Vec<u8> {
     use crate::otlp::proto::{self, Attr};
-    let start = clock.unix_ns(call.start_tsc());
-    let dur = call.end_tsc().map_or(0.0, |e| clock.ns(e.saturating_sub(call.start_tsc())));
+    let (start, dur) = call.times(clock);
+    let dur = dur.unwrap_or(0.0);
     let attrs = d.attrs.iter().map(|(k, v)| {
         let v = match v {
             crate::http::Attr::S(s) => Attr::Str(s),

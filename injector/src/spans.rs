@@ -72,6 +72,12 @@ impl Call {
     pub fn end_tsc(&self) -> Option<u64> {
         self.ret.as_ref().map(|r| r.tsc)
     }
+
+    /// Start (ns since the Unix epoch) and duration (ns; None when only the entry was seen).
+    pub fn times(&self, clock: &Clock) -> (u128, Option<f64>) {
+        let start = clock.unix_ns(self.start_tsc());
+        (start, self.end_tsc().map(|e| clock.ns(e.saturating_sub(self.start_tsc()))))
+    }
 }
 
 struct Open {

@@ -449,18 +449,7 @@ impl Ops<'_> {
             Op::Field(f) => self.field(a, f, done)?,
             Op::StashTraceparent { ptr, len } => self.stash(a, *ptr, *len, done)?,
             Op::ServerBegin { dest } => {
-                let mut fresh = a.create_label();
-                let mut span = a.create_label();
-                self.goid(a)?;
-                self.find(a, Table::Goroutines, fresh, Some(CtxState::Pending))?;
-                self.copy(a, (rdi, ctx::TRACE as i32), (r12, self.dest(*dest, span_ids::TRACE)), 32)?;
-                self.copy(a, (rdi, ctx::SPAN as i32), (r12, self.dest(*dest, span_ids::PARENT)), 16)?;
-                a.mov(self.data(*dest, span_ids::PARENT_KIND), ParentKind::Remote as i32)?;
-                a.jmp(span)?;
-                a.set_label(&mut fresh)?;
-                self.new_trace(a, *dest)?;
-                a.set_label(&mut span)?;
-                self.new_span(a, *dest)?;
+                self.begin_span(a, *dest, CtxState::Pending, ParentKind::Remote)?;
                 self.goid(a)?;
                 self.place(a, Table::Goroutines, None)?;
                 self.publish(a, *dest)?;
@@ -471,18 +460,7 @@ impl Ops<'_> {
                 a.mov(qword_ptr(rdi + ctx::KEY as i32), 0)?;
             }
             Op::ClientBegin { req, header_off, dest } => {
-                let mut fresh = a.create_label();
-                let mut span = a.create_label();
-                self.goid(a)?;
-                self.find(a, Table::Goroutines, fresh, Some(CtxState::Active))?;
-                self.copy(a, (rdi, ctx::TRACE as i32), (r12, self.dest(*dest, span_ids::TRACE)), 32)?;
-                self.copy(a, (rdi, ctx::SPAN as i32), (r12, self.dest(*dest, span_ids::PARENT)), 16)?;
-                a.mov(self.data(*dest, span_ids::PARENT_KIND), ParentKind::Local as i32)?;
-                a.jmp(span)?;
-                a.set_label(&mut fresh)?;
-                self.new_trace(a, *dest)?;
-                a.set_label(&mut span)?;
-                self.new_span(a, *dest)?;
+                self.begin_span(a, *dest, CtxState::Active, ParentKind::Local)?;
                 // The request table entry, keyed by the request's header map.
                 a.mov(r11, self.reg(*req))?;
                 a.test(r11, r11)?;
@@ -553,6 +531,23 @@ impl Ops<'_> {
         }
         a.set_label(&mut done)?;
         Ok(())
+    }
+
+    /// Writes a new span's ids at `dest`: a child of the goroutine's context when its
+    /// entry is in `state` (the parent recorded as `kind`), else the root of a new trace.
+    fn begin_span(&self, a: &mut CodeAssembler, dest: u16, state: CtxState, kind: ParentKind) -> Result<(), IcedError> {
+        let mut fresh = a.create_label();
+        let mut span = a.create_label();
+        self.goid(a)?;
+        self.find(a, Table::Goroutines, fresh, Some(state))?;
+        self.copy(a, (rdi, ctx::TRACE as i32), (r12, self.dest(dest, span_ids::TRACE)), 32)?;
+        self.copy(a, (rdi, ctx::SPAN as i32), (r12, self.dest(dest, span_ids::PARENT)), 16)?;
+        a.mov(self.data(dest, span_ids::PARENT_KIND), kind as i32)?;
+        a.jmp(span)?;
+        a.set_label(&mut fresh)?;
+        self.new_trace(a, dest)?;
+        a.set_label(&mut span)?;
+        self.new_span(a, dest)
     }
 
     /// R11 = the goid.

@@ -30,6 +30,21 @@ pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks / 100.0)
 }
 
+/// Builds the test suite's OTLP receiver (release) beside `inject`, returning its path.
+pub(crate) fn receiver_binary(inject: &std::path::Path) -> Result<std::path::PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    xtask::run(Command::new(cargo).current_dir(xtask::workspace_root()).args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "tests",
+        "--bin",
+        "otlp-receiver",
+    ]))?;
+    Ok(inject.with_file_name("otlp-receiver"))
+}
+
 pub(crate) struct Receiver {
     child: Child,
     stdin: ChildStdin,
@@ -66,17 +81,7 @@ pub fn export() -> Result<()> {
     unsafe { std::env::set_var("INJECT_PROFILE", "release") };
     let inject = xtask::inject_binary()?;
     let root = xtask::workspace_root();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    xtask::run(Command::new(cargo).current_dir(&root).args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "tests",
-        "--bin",
-        "otlp-receiver",
-    ]))?;
-    let receiver_bin = inject.with_file_name("otlp-receiver");
+    let receiver_bin = receiver_binary(&inject)?;
     let versions = xtask::go_versions()?;
     let exe = build_fixture("tree", &toolchain(versions.last().context("no Go")?)?, Flavor::Default)?;
     println!(
@@ -108,15 +113,7 @@ pub fn export() -> Result<()> {
             .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
             .stderr(Stdio::piped())
             .spawn()?;
-        let mut inj_err = BufReader::new(inj.stderr.take().context("stderr")?).lines();
-        loop {
-            match inj_err.next().transpose()? {
-                Some(l) if l.starts_with("inject: probing") => break,
-                Some(_) => {}
-                None => bail!("inject exited before probing"),
-            }
-        }
-        std::thread::spawn(move || for _ in inj_err.by_ref() {});
+        xtask::wait_for_line(&mut inj, false, "inject: probing")?;
         writeln!(fx_in, "go")?;
         std::thread::sleep(Duration::from_secs(2));
         let (mut cores, mut rates, mut fx_cores) = (Vec::new(), Vec::new(), Vec::new());

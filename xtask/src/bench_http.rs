@@ -51,25 +51,6 @@ fn load(exe: &std::path::Path, url: &str, tracer: Option<u32>) -> Result<Run> {
     Ok(Run { rps: field("rps")?, p50_us: field("p50_us")?, tracer_cores })
 }
 
-/// Runs `child`'s stderr (or stdout) until a line starting with `ready`, then drains it.
-fn wait_line(child: &mut Child, stdout: bool, ready: &str) -> Result<()> {
-    let stream: Box<dyn std::io::Read + Send> = if stdout {
-        Box::new(child.stdout.take().context("stdout")?)
-    } else {
-        Box::new(child.stderr.take().context("stderr")?)
-    };
-    let mut lines = BufReader::new(stream).lines();
-    loop {
-        match lines.next().transpose()? {
-            Some(l) if l.starts_with(ready) => break,
-            Some(_) => {}
-            None => bail!("exited before {ready:?}"),
-        }
-    }
-    std::thread::spawn(move || lines.for_each(drop));
-    Ok(())
-}
-
 fn stop(mut c: Child) -> Result<()> {
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc_kill(c.id() as i32, 15) };
@@ -87,17 +68,7 @@ pub fn http() -> Result<()> {
     unsafe { std::env::set_var("INJECT_PROFILE", "release") };
     let inject = xtask::inject_binary()?;
     crate::bench_probe::ensure_bpftrace()?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    xtask::run(Command::new(cargo).current_dir(xtask::workspace_root()).args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "tests",
-        "--bin",
-        "otlp-receiver",
-    ]))?;
-    let mut rx = Receiver::start(&inject.with_file_name("otlp-receiver"), "http")?;
+    let mut rx = Receiver::start(&crate::bench_export::receiver_binary(&inject)?, "http")?;
     let versions = xtask::go_versions()?;
     let tc = toolchain(versions.last().context("no Go")?)?;
     let server_exe = build_fixture("httpserver", &tc, Flavor::Default)?;
@@ -127,7 +98,7 @@ pub fn http() -> Result<()> {
                 .env("OTEL_EXPORTER_OTLP_ENDPOINT", &rx.endpoint)
                 .stderr(Stdio::piped())
                 .spawn()?;
-            wait_line(&mut c, false, "inject: probing")?;
+            xtask::wait_for_line(&mut c, false, "inject: probing")?;
             inj.push(load(&load_exe, &url, Some(c.id()))?);
             stop(c)?;
             let script = format!(
@@ -137,7 +108,7 @@ pub fn http() -> Result<()> {
             );
             let mut b =
                 Command::new("bpftrace").args(["-e", &script]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
-            wait_line(&mut b, true, "Attaching")?;
+            xtask::wait_for_line(&mut b, true, "Attaching")?;
             // bpftrace prints "Attaching" before the probes are live.
             std::thread::sleep(Duration::from_millis(1500));
             up.push(load(&load_exe, &url, Some(b.id()))?);

@@ -160,15 +160,7 @@ pub fn call_overhead() -> Result<()> {
             .args(["--pid", &pid.to_string(), "--func", "main.add3", "--output", "jsonl", "--output-file", "/dev/null"])
             .stderr(Stdio::piped())
             .spawn()?;
-        let mut err = BufReader::new(c.stderr.take().context("stderr")?).lines();
-        loop {
-            match err.next().transpose()? {
-                Some(l) if l.starts_with("inject: probing") => break,
-                Some(_) => {}
-                None => bail!("inject exited before probing"),
-            }
-        }
-        std::thread::spawn(move || err.for_each(drop));
+        xtask::wait_for_line(&mut c, false, "inject: probing")?;
         Ok(Some(c))
     })?;
     // Debian's bpftrace 0.17 refuses uprobes at an offset inside a function ("compiled
@@ -180,17 +172,9 @@ pub fn call_overhead() -> Result<()> {
     let uprobe = loop_ns(&exe, n / 50, rounds, &mut |_pid| {
         let mut c =
             Command::new("bpftrace").args(["-e", &script]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
-        let mut out = BufReader::new(c.stdout.take().context("stdout")?).lines();
-        loop {
-            match out.next().transpose()? {
-                Some(l) if l.starts_with("Attaching") => break,
-                Some(_) => {}
-                None => bail!("bpftrace exited before attaching"),
-            }
-        }
+        xtask::wait_for_line(&mut c, true, "Attaching")?;
         // bpftrace prints "Attaching" before the probes are live.
         std::thread::sleep(Duration::from_millis(1500));
-        std::thread::spawn(move || out.for_each(drop));
         Ok(Some(c))
     })?;
     let (b, p, u) = (median(baseline), median(probed), median(uprobe));

@@ -99,15 +99,7 @@ fn http_demo(tc: &xtask::GoToolchain) -> Result<()> {
                 .args(["--pid", &pid.to_string(), "--service-name", name, "--duration", "3"])
                 .stderr(Stdio::piped())
                 .spawn()?;
-            let mut err = BufReader::new(c.stderr.take().context("stderr")?).lines();
-            loop {
-                match err.next().transpose()? {
-                    Some(l) if l.starts_with("inject: probing") => break,
-                    Some(_) => {}
-                    None => bail!("inject exited before probing"),
-                }
-            }
-            std::thread::spawn(move || err.for_each(drop));
+            xtask::wait_for_line(&mut c, false, "inject: probing")?;
             injects.push(c);
         }
         let urls = format!("http://{front_addr}/fanout,http://{front_addr}/items/42");

@@ -289,6 +289,28 @@ pub fn run(c: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Waits until the child's stderr (or stdout) has a line starting with `prefix`, then keeps
+/// draining it on a thread so the child never blocks on a full pipe. The stream must have
+/// been piped.
+pub fn wait_for_line(child: &mut std::process::Child, stdout: bool, prefix: &str) -> Result<()> {
+    use std::io::BufRead;
+    let stream: Box<dyn std::io::Read + Send> = if stdout {
+        Box::new(child.stdout.take().context("stdout not piped")?)
+    } else {
+        Box::new(child.stderr.take().context("stderr not piped")?)
+    };
+    let mut lines = std::io::BufReader::new(stream).lines();
+    loop {
+        match lines.next().transpose()? {
+            Some(l) if l.starts_with(prefix) => break,
+            Some(_) => {}
+            None => bail!("exited before printing {prefix:?}"),
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok(())
+}
+
 /// Runs a command and returns its stdout.
 pub fn output(c: &mut Command) -> Result<String> {
     let out = c.output().with_context(|| format!("running {c:?}"))?;

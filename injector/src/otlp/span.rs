@@ -104,10 +104,6 @@ pub const HTTP_SCOPE: &str = "inject/net/http";
 
 /// The span of an HTTP server or client call.
 pub fn http_span(call: &Call, d: crate::http::Described, clock: &Clock, scope: &InstrumentationScope) -> SpanData {
-    let start_ns = clock.unix_ns(call.start_tsc());
-    let dur_ns = call.end_tsc().map(|e| clock.ns(e.saturating_sub(call.start_tsc())));
-    let start = SystemTime::UNIX_EPOCH + Duration::from_nanos(start_ns as u64);
-    let end = start + Duration::from_nanos(dur_ns.unwrap_or(0.0).round() as u64);
     let mut attributes: Vec<KeyValue> = d
         .attrs
         .into_iter()
@@ -123,6 +119,23 @@ pub fn http_span(call: &Call, d: crate::http::Described, clock: &Clock, scope: &
         .and_then(|n| n.tracestate.as_deref())
         .and_then(|t| t.parse::<TraceState>().ok())
         .unwrap_or(TraceState::NONE);
+    let kind = if d.server { SpanKind::Server } else { SpanKind::Client };
+    let status = d.error.map_or(Status::Unset, Status::error);
+    span_data(call, clock, (d.name, kind, trace_state), attributes, status, scope)
+}
+
+/// A `SpanData` with the call's ids, parent and times.
+fn span_data(
+    call: &Call,
+    clock: &Clock,
+    (name, kind, trace_state): (String, SpanKind, TraceState),
+    attributes: Vec<KeyValue>,
+    status: Status,
+    scope: &InstrumentationScope,
+) -> SpanData {
+    let (start_ns, dur_ns) = call.times(clock);
+    let start = SystemTime::UNIX_EPOCH + Duration::from_nanos(start_ns as u64);
+    let end = start + Duration::from_nanos(dur_ns.unwrap_or(0.0).round() as u64);
     SpanData {
         span_context: SpanContext::new(
             TraceId::from(call.trace_id),
@@ -133,18 +146,15 @@ pub fn http_span(call: &Call, d: crate::http::Described, clock: &Clock, scope: &
         ),
         parent_span_id: call.parent.map_or(SpanId::INVALID, SpanId::from),
         parent_span_is_remote: call.remote_parent,
-        span_kind: if d.server { SpanKind::Server } else { SpanKind::Client },
-        name: Cow::Owned(d.name),
+        span_kind: kind,
+        name: Cow::Owned(name),
         start_time: start,
         end_time: end,
         attributes,
         dropped_attributes_count: 0,
         events: SpanEvents::default(),
         links: SpanLinks::default(),
-        status: match d.error {
-            Some(msg) => Status::error(msg),
-            None => Status::Unset,
-        },
+        status,
         instrumentation_scope: scope.clone(),
     }
 }
@@ -168,10 +178,6 @@ pub fn call_span(
     results: &[Shown],
     scope: &InstrumentationScope,
 ) -> SpanData {
-    let start_ns = clock.unix_ns(call.start_tsc());
-    let dur_ns = call.end_tsc().map(|e| clock.ns(e.saturating_sub(call.start_tsc())));
-    let start = SystemTime::UNIX_EPOCH + Duration::from_nanos(start_ns as u64);
-    let end = start + Duration::from_nanos(dur_ns.unwrap_or(0.0).round() as u64);
     let mut attributes = Vec::with_capacity(4 + args.len() + results.len());
     attributes.push(KeyValue::new("code.function.name", meta.name.clone()));
     if let Some((file, line)) = &meta.code {
@@ -189,28 +195,8 @@ pub fn call_span(
             status = Status::error(format!("returned error {}", r.text));
         }
     }
-    if dur_ns.is_none() {
+    if call.ret.is_none() {
         attributes.push(KeyValue::new("inject.entry_only", true));
     }
-    SpanData {
-        span_context: SpanContext::new(
-            TraceId::from(call.trace_id),
-            SpanId::from(call.span_id),
-            TraceFlags::SAMPLED,
-            false,
-            TraceState::NONE,
-        ),
-        parent_span_id: call.parent.map_or(SpanId::INVALID, SpanId::from),
-        parent_span_is_remote: false,
-        span_kind: SpanKind::Internal,
-        name: Cow::Owned(meta.name.clone()),
-        start_time: start,
-        end_time: end,
-        attributes,
-        dropped_attributes_count: 0,
-        events: SpanEvents::default(),
-        links: SpanLinks::default(),
-        status,
-        instrumentation_scope: scope.clone(),
-    }
+    span_data(call, clock, (meta.name.clone(), SpanKind::Internal, TraceState::NONE), attributes, status, scope)
 }
