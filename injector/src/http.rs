@@ -47,6 +47,12 @@ pub enum Probe {
     Inject,
     /// A goroutine exits (entry of `runtime.goexit1`): its context is forgotten.
     Exit,
+    /// An HTTP/2 header field decoded (the HPACK decoder's emit closure).
+    H2Field,
+    /// An HTTP/2 headers frame read (return of `readMetaFrame`) on the connection's reader.
+    H2Frame,
+    /// The serve loop takes a headers frame (`processHeaders`) and starts its handler.
+    H2Process,
 }
 
 impl Probe {
@@ -180,6 +186,12 @@ const CANDIDATES: &[(Probe, &str)] = &[
     (Probe::Spawn, "runtime.newproc1"),
     (Probe::Inject, "net/http.Header.writeSubset"),
     (Probe::Exit, "runtime.goexit1"),
+    (Probe::H2Field, "net/http.(*http2Framer).readMetaFrame.func1"),
+    (Probe::H2Field, "net/http/internal/http2.(*Framer).readMetaFrame.func1"),
+    (Probe::H2Frame, "net/http.(*http2Framer).readMetaFrame"),
+    (Probe::H2Frame, "net/http/internal/http2.(*Framer).readMetaFrame"),
+    (Probe::H2Process, "net/http.(*http2serverConn).processHeaders"),
+    (Probe::H2Process, "net/http/internal/http2.(*serverConn).processHeaders"),
 ];
 
 /// Whether the binary has a net/http server or client to instrument.
@@ -288,6 +300,23 @@ fn plans(probe: Probe, offsets: &mut Offsets<'_>, write_fn: Option<u64>) -> Resu
             (off.clone(), CapturePlan { ints: 0b1100, copies, ..CapturePlan::default() })
         }
         Probe::Unwind => (CapturePlan::default(), off),
+        // An incoming HTTP/2 traceparent: the HPACK decoder's emit closure gets each field
+        // (name in RAX/RBX, value in RCX/RDI) on the connection's reader goroutine; the
+        // frame it read (Frame interface: data in RBX at return) carries the context to
+        // the serve loop, whose processHeaders (frame in RBX) starts the handler's
+        // goroutine, which inherits it.
+        Probe::H2Field => {
+            let op = Op::StashTraceparentField { name_ptr: RAX, name_len: RBX, value_ptr: RCX, value_len: RDI };
+            let guard = Some(Guard::FirstByte { ptr: RAX, len: RBX, first: b"t".to_vec() });
+            (CapturePlan { ops: vec![op], guard, ..CapturePlan::default() }, off)
+        }
+        Probe::H2Frame => {
+            (off.clone(), CapturePlan { ops: vec![Op::PendingToRequest { key: RBX }], ..CapturePlan::default() })
+        }
+        Probe::H2Process => (
+            CapturePlan { ops: vec![Op::PendingFromRequest { key: RBX }], ..CapturePlan::default() },
+            CapturePlan { ops: vec![Op::ClearPending], ..CapturePlan::default() },
+        ),
         // goexit1 has no parameters: the registers Forget uses hold nothing at its entry.
         Probe::Exit => (CapturePlan { ops: vec![Op::Forget], bare: true, ..CapturePlan::default() }, off),
         Probe::Spawn => {

@@ -381,7 +381,7 @@ impl Pairer {
                 self.lineage.remove(&goid);
                 self.headers.remove(&goid);
             }
-            Probe::Server | Probe::Client => {}
+            Probe::Server | Probe::Client | Probe::H2Field | Probe::H2Frame | Probe::H2Process => {}
         }
     }
 

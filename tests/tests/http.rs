@@ -266,6 +266,15 @@ fn outcomes(tc: &GoToolchain, addr: &str, tls: bool) -> Result<()> {
             ensure!(r.fields.get("proto").map(String::as_str) == Some("HTTP/2.0"), "{path}: {:?}", r.fields);
         }
     }
+    // A caller's trace context, continued (HTTP/1: a header line; HTTP/2: an HPACK field).
+    let url = format!("{base}/hello");
+    let header = format!("traceparent: 00-{REMOTE_TRACE}-{REMOTE_PARENT}-01");
+    let mut args = vec!["-url", &url, "-n", "10", "-c", "2", "-header", &header];
+    if tls {
+        args.push("-h2");
+    }
+    let r = load(tc, &args)?;
+    ensure!(r.success && r.get("ok") == 10, "traceparent: {:?} {:?}", r.fields, r.lines);
     // A panicking handler: HTTP/1 drops the connection, HTTP/2 resets the stream; the
     // client sees an error either way.
     let r = run("/panic", 5, "200")?;
@@ -273,13 +282,27 @@ fn outcomes(tc: &GoToolchain, addr: &str, tls: bool) -> Result<()> {
     Ok(())
 }
 
+const REMOTE_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+const REMOTE_PARENT: &str = "b7ad6b7169203331";
+
 fn check_outcomes(spans: &[&Received], tc: &GoToolchain, tls: bool) -> Result<()> {
+    let continued: Vec<_> = spans.iter().filter(|s| s.trace_id() == REMOTE_TRACE).collect();
+    ensure!(continued.len() == 10, "{} spans continue the caller's trace, want 10", continued.len());
+    for s in continued {
+        ensure!(
+            s.span.name == "GET /hello" && s.parent_id().as_deref() == Some(REMOTE_PARENT),
+            "{}: parent {:?}",
+            s.span.name,
+            s.parent_id()
+        );
+        ensure!(s.span.flags & 0x300 == 0x300, "parent not marked remote: flags {:#x}", s.span.flags);
+    }
     let proto = if tls { "2" } else { "1.1" };
     let scheme = if tls { "https" } else { "http" };
     let items_route = if tc.version.starts_with("1.21.") { "/items/" } else { "/items/{id}" };
     let count = |name: &str, kind: i32| spans.iter().filter(|s| s.span.name == name && s.span.kind == kind).count();
     for (name, status, n) in [
-        ("GET /hello".to_string(), 200, 20),
+        ("GET /hello".to_string(), 200, 30),
         (format!("GET {items_route}"), 200, 20),
         ("GET /".to_string(), 404, 20),
         ("GET /status/".to_string(), 503, 20),
@@ -335,7 +358,7 @@ fn errors_panics_routes_http2_and_stripped_builds() -> Result<()> {
             let mut svc = Service::start(&tc, flavor, "svc", &args, &rx)?;
             outcomes(&tc, &svc.addr, tls)?;
             let summary = svc.detach()?;
-            let want = 20 * 5 + 60 + 5;
+            let want = 20 * 5 + 10 + 60 + 5;
             rx.wait_spans(want, LIMIT).with_context(|| format!("{} {flavor:?} tls={tls}", tc.version))?;
             let spans = rx.spans();
             let all: Vec<&Received> = spans.iter().collect();

@@ -133,6 +133,25 @@ pub enum Op {
     },
     /// The goroutine exits: forget its context.
     Forget,
+    /// An HTTP/2 header field, decoded (name and value strings in registers): a
+    /// `traceparent` becomes the goroutine's pending context.
+    StashTraceparentField {
+        name_ptr: u8,
+        name_len: u8,
+        value_ptr: u8,
+        value_len: u8,
+    },
+    /// The goroutine's pending context moves to the request table under the key in the
+    /// register (an HTTP/2 headers frame, passed to another goroutine).
+    PendingToRequest {
+        key: u8,
+    },
+    /// The pending context filed under the key in the register becomes this goroutine's.
+    PendingFromRequest {
+        key: u8,
+    },
+    /// The goroutine's pending context, if any, is dropped.
+    ClearPending,
     /// A server span begins: continue the goroutine's pending context or start a trace,
     /// make a span id, make it the goroutine's active span, and write the ids at `dest`
     /// (`ring_abi::span_ids`).
@@ -176,7 +195,14 @@ impl Op {
             Op::Field(f) => f.dest as usize + 8 + if let Fetch::Str { max } = f.fetch { max as usize } else { 0 },
             Op::ServerBegin { dest } | Op::ClientBegin { dest, .. } => *dest as usize + ring_abi::span_ids::LEN,
             Op::InjectTraceparent { dest, .. } => *dest as usize + 24,
-            Op::StashTraceparent { .. } | Op::ServerEnd | Op::Forget | Op::Inherit { .. } => 0,
+            Op::StashTraceparent { .. }
+            | Op::StashTraceparentField { .. }
+            | Op::PendingToRequest { .. }
+            | Op::PendingFromRequest { .. }
+            | Op::ClearPending
+            | Op::ServerEnd
+            | Op::Forget
+            | Op::Inherit { .. } => 0,
         }
     }
 }
@@ -515,12 +541,65 @@ impl Ops<'_> {
                 a.mov(self.data(*dest, 0), 1)?;
                 self.copy(a, (rdi, ctx::SPAN as i32), (r12, self.dest(*dest, 8)), 16)?;
             }
+            Op::StashTraceparentField { name_ptr, name_len, value_ptr, value_len } => {
+                // HTTP/2 field names are lowercase.
+                a.cmp(self.reg(*name_len), 11)?;
+                a.jne(done)?;
+                a.mov(rsi, self.reg(*name_ptr))?;
+                a.test(rsi, rsi)?;
+                a.je(done)?;
+                a.mov(rax, u64::from_le_bytes(*b"tracepar"))?;
+                a.cmp(qword_ptr(rsi), rax)?;
+                a.jne(done)?;
+                a.cmp(dword_ptr(rsi + 7), u32::from_le_bytes(*b"rent") as i32)?;
+                a.jne(done)?;
+                a.mov(rax, self.reg(*value_ptr))?;
+                a.mov(rcx, self.reg(*value_len))?;
+                self.stash_value(a, done)?;
+            }
+            Op::PendingToRequest { key } => {
+                self.goid(a)?;
+                self.find(a, Table::Goroutines, done, Some(CtxState::Pending))?;
+                a.mov(rsi, rdi)?;
+                a.mov(r11, self.reg(*key))?;
+                a.test(r11, r11)?;
+                a.je(done)?;
+                self.place(a, Table::Requests, None)?;
+                self.copy(a, (rsi, 0), (rdi, 0), ctx::ENTRY)?;
+                a.mov(qword_ptr(rdi + ctx::KEY as i32), r11)?;
+                a.mov(qword_ptr(rsi + ctx::KEY as i32), 0)?;
+            }
+            Op::PendingFromRequest { key } => {
+                a.mov(r11, self.reg(*key))?;
+                a.test(r11, r11)?;
+                a.je(done)?;
+                self.find(a, Table::Requests, done, Some(CtxState::Pending))?;
+                a.mov(rsi, rdi)?;
+                self.goid(a)?;
+                self.place(a, Table::Goroutines, None)?;
+                self.copy(a, (rsi, 0), (rdi, 0), ctx::ENTRY)?;
+                a.mov(qword_ptr(rdi + ctx::KEY as i32), r11)?;
+                a.mov(qword_ptr(rsi + ctx::KEY as i32), 0)?;
+            }
+            Op::ClearPending => {
+                self.goid(a)?;
+                self.find(a, Table::Goroutines, done, Some(CtxState::Pending))?;
+                a.mov(qword_ptr(rdi + ctx::KEY as i32), 0)?;
+            }
             Op::Inherit { g, goid_off, parent_goid_off } => {
+                let mut inherit = a.create_label();
                 a.mov(rax, self.reg(*g))?;
                 a.test(rax, rax)?;
                 a.je(done)?;
                 a.mov(r11, qword_ptr(rax + *parent_goid_off))?;
-                self.find(a, Table::Goroutines, done, Some(CtxState::Active))?;
+                // An active span, or an incoming context not yet started (HTTP/2 starts
+                // each handler on a goroutine of its own).
+                self.find(a, Table::Goroutines, done, None)?;
+                a.cmp(qword_ptr(rdi + ctx::STATE as i32), CtxState::Active as i32)?;
+                a.je(inherit)?;
+                a.cmp(qword_ptr(rdi + ctx::STATE as i32), CtxState::Pending as i32)?;
+                a.jne(done)?;
+                a.set_label(&mut inherit)?;
                 a.mov(rsi, rdi)?;
                 a.mov(rax, self.reg(*g))?;
                 a.mov(r11, qword_ptr(rax + *goid_off))?;
@@ -779,6 +858,14 @@ impl Ops<'_> {
         a.inc(rax)?;
         a.dec(rcx)?;
         a.set_label(&mut value)?;
+        self.stash_value(a, done)
+    }
+
+    /// RAX, RCX = a `traceparent` value and its length: when it is version 00 and well
+    /// formed, it becomes the goroutine's pending context.
+    fn stash_value(&self, a: &mut CodeAssembler, done: CodeLabel) -> Result<(), IcedError> {
+        a.test(rax, rax)?;
+        a.je(done)?;
         a.cmp(rcx, 55)?;
         a.jl(done)?;
         a.cmp(word_ptr(rax), i32::from(u16::from_le_bytes(*b"00")))?;
