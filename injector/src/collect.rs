@@ -139,6 +139,7 @@ pub fn run(
     // One sub-ring is already in order.
     let single_ring = reader.rings() == 1;
     let mut idle = Duration::from_micros(50);
+    let mut last_poll = Instant::now();
     let mut stopping_since: Option<Instant> = None;
     let mut last_refine = Instant::now();
     loop {
@@ -245,13 +246,20 @@ pub fn run(
         // gives small batches); waking for every handful cost more than reading them.
         if n >= BUSY_BATCH {
             idle = Duration::from_micros(50);
+            last_poll = Instant::now();
             continue;
         }
         if n > 0 {
             idle = Duration::from_micros(50);
-            std::thread::sleep(GATHER);
+            // At most as long as a sub-ring takes to fill a quarter at the rate these
+            // records came in (as if they had all gone to one).
+            let since = last_poll.elapsed().max(Duration::from_micros(10));
+            let quarter = since.mul_f64(reader.capacity() as f64 / 4.0 / n as f64);
+            last_poll = Instant::now();
+            std::thread::sleep(GATHER.min(quarter));
             continue;
         }
+        last_poll = Instant::now();
         std::thread::sleep(idle);
         idle = (idle * 2).min(Duration::from_millis(2));
     }

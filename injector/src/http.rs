@@ -307,8 +307,13 @@ fn plans(probe: Probe, offsets: &mut Offsets<'_>, write_fn: Option<u64>) -> Resu
         // goroutine, which inherits it.
         Probe::H2Field => {
             let op = Op::StashTraceparentField { name_ptr: RAX, name_len: RBX, value_ptr: RCX, value_len: RDI };
-            let guard = Some(Guard::FirstByte { ptr: RAX, len: RBX, first: b"t".to_vec() });
-            (CapturePlan { ops: vec![op], guard, ..CapturePlan::default() }, off)
+            // traceparent, tracestate, user-agent: the collector keeps the last two.
+            let guard = Some(Guard::FirstByte { ptr: RAX, len: RBX, first: b"tu".to_vec() });
+            let copies = vec![
+                ByteCopy { ptr: RAX, len: RBX, max: H2_NAME_MAX, dest: 0 },
+                ByteCopy { ptr: RCX, len: RDI, max: HEADER_LINE_MAX, dest: H2_NAME_MAX },
+            ];
+            (CapturePlan { ints: 0b1111, copies, ops: vec![op], guard, ..CapturePlan::default() }, off)
         }
         Probe::H2Frame => {
             (off.clone(), CapturePlan { ops: vec![Op::PendingToRequest { key: RBX }], ..CapturePlan::default() })
@@ -341,6 +346,8 @@ fn plans(probe: Probe, offsets: &mut Offsets<'_>, write_fn: Option<u64>) -> Resu
 
 /// Bytes of a header line kept (user agents are long; the rest is cut).
 pub const HEADER_LINE_MAX: u16 = 256;
+/// Bytes of an HTTP/2 field name kept (the names wanted are shorter).
+pub const H2_NAME_MAX: u16 = 16;
 const ROUTE_MAX: u16 = 128;
 
 /// What events add to a server span before it ends.

@@ -102,6 +102,11 @@ impl RingReader {
         (0..self.layout.rings).map(|r| self.word(self.layout.ring_offset(r) + field).load(Ordering::Acquire)).sum()
     }
 
+    /// Slots per sub-ring.
+    pub fn capacity(&self) -> u64 {
+        self.layout.capacity
+    }
+
     pub fn rings(&self) -> u32 {
         self.layout.rings
     }

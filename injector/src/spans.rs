@@ -168,6 +168,9 @@ pub struct Pairer {
     pub abandoned: u64,
     /// Header values read on each goroutine, for the server span it starts next.
     headers: GoidMap<Notes>,
+    /// HTTP/2 header values on their way from the connection's reader to the handler's
+    /// goroutine, by the address of their headers frame.
+    frames: GoidMap<Notes>,
     /// The span each goroutine was created under (trace, span), for spans that begin
     /// on it with nothing open.
     lineage: GoidMap<(u128, u64)>,
@@ -192,6 +195,7 @@ impl Pairer {
             unmatched_returns: 0,
             abandoned: 0,
             headers: GoidMap::default(),
+            frames: GoidMap::default(),
             lineage: GoidMap::default(),
             injected: 0,
             panics: 0,
@@ -303,19 +307,36 @@ impl Pairer {
             Probe::HeaderLine => {
                 let n = (rec.ints[1] as usize).min(rec.data.len());
                 let Some((key, value)) = crate::http::header_line(&rec.data[..n]) else { return };
-                if key != "user-agent" && key != "tracestate" {
-                    return;
-                }
-                if self.headers.len() >= SIDE_TABLE_MAX {
-                    self.headers.clear();
-                }
-                let notes = self.headers.entry(goid).or_default();
-                if key == "user-agent" {
-                    notes.user_agent = Some(value);
-                } else {
-                    notes.tracestate = Some(value);
+                self.header(goid, &key, value);
+            }
+            Probe::H2Field => {
+                let name_max = usize::from(crate::http::H2_NAME_MAX);
+                let n = (rec.ints[1] as usize).min(name_max).min(rec.data.len());
+                let v = (rec.ints[3] as usize).min(rec.data.len().saturating_sub(name_max));
+                let name = String::from_utf8_lossy(&rec.data[..n]).into_owned();
+                let value = String::from_utf8_lossy(&rec.data[name_max..name_max + v]).into_owned();
+                self.header(goid, &name, value);
+            }
+            // The headers frame carries them to the serve loop, which starts the handler.
+            Probe::H2Frame => {
+                if let Some(n) = self.headers.remove(&goid) {
+                    if self.frames.len() >= SIDE_TABLE_MAX {
+                        self.frames.clear();
+                    }
+                    self.frames.insert(rec.ints[1], n);
                 }
             }
+            Probe::H2Process => match rec.kind {
+                Kind::Entry => {
+                    if let Some(n) = self.frames.remove(&rec.ints[1]) {
+                        self.headers.insert(goid, n);
+                    }
+                }
+                // Started (and inherited by its goroutine) or queued: not the next one's.
+                Kind::Return => {
+                    self.headers.remove(&goid);
+                }
+            },
             Probe::Status => {
                 let code = rec.ints[1];
                 if let Some(n) = self.server_notes(goid)
@@ -361,6 +382,10 @@ impl Pairer {
                 let word =
                     |i: usize| rec.data.get(i..i + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
                 let (Some(child), Some(parent)) = (word(0), word(8)) else { return };
+                // An HTTP/2 handler's goroutine gets the header values its serve loop holds.
+                if let Some(n) = self.headers.get(&parent).cloned() {
+                    self.headers.insert(child, n);
+                }
                 let from = match self.stacks.get(&parent).and_then(|s| s.last()) {
                     Some(top) => Some((top.trace_id, top.span_id)),
                     None => self.lineage.get(&parent).copied(),
@@ -381,7 +406,23 @@ impl Pairer {
                 self.lineage.remove(&goid);
                 self.headers.remove(&goid);
             }
-            Probe::Server | Probe::Client | Probe::H2Field | Probe::H2Frame | Probe::H2Process => {}
+            Probe::Server | Probe::Client => {}
+        }
+    }
+
+    /// Keeps a header value the next server span of the goroutine reports.
+    fn header(&mut self, goid: u64, key: &str, value: String) {
+        if key != "user-agent" && key != "tracestate" {
+            return;
+        }
+        if self.headers.len() >= SIDE_TABLE_MAX {
+            self.headers.clear();
+        }
+        let notes = self.headers.entry(goid).or_default();
+        if key == "user-agent" {
+            notes.user_agent = Some(value);
+        } else {
+            notes.tracestate = Some(value);
         }
     }
 

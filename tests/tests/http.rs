@@ -269,7 +269,7 @@ fn outcomes(tc: &GoToolchain, addr: &str, tls: bool) -> Result<()> {
     // A caller's trace context, continued (HTTP/1: a header line; HTTP/2: an HPACK field).
     let url = format!("{base}/hello");
     let header = format!("traceparent: 00-{REMOTE_TRACE}-{REMOTE_PARENT}-01");
-    let mut args = vec!["-url", &url, "-n", "10", "-c", "2", "-header", &header];
+    let mut args = vec!["-url", &url, "-n", "10", "-c", "2", "-header", &header, "-header", "tracestate: vendor=abc"];
     if tls {
         args.push("-h2");
     }
@@ -296,6 +296,17 @@ fn check_outcomes(spans: &[&Received], tc: &GoToolchain, tls: bool) -> Result<()
             s.parent_id()
         );
         ensure!(s.span.flags & 0x300 == 0x300, "parent not marked remote: flags {:#x}", s.span.flags);
+        ensure!(s.span.trace_state == "vendor=abc", "tracestate {:?}", s.span.trace_state);
+    }
+    // HTTP/1 header lines and HTTP/2 fields alike give the user agent.
+    let ua = if tls { "Go-http-client/2.0" } else { "Go-http-client/1.1" };
+    for s in spans.iter().filter(|s| s.span.kind == SERVER) {
+        ensure!(
+            s.attr_str("user_agent.original").as_deref() == Some(ua),
+            "{}: user agent {:?}",
+            s.span.name,
+            s.attr_str("user_agent.original")
+        );
     }
     let proto = if tls { "2" } else { "1.1" };
     let scheme = if tls { "https" } else { "http" };
