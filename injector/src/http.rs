@@ -77,7 +77,6 @@ pub enum Val {
     Remote,
     Proto,
     Tls,
-    ContentLength,
     Scheme,
     UrlHost,
     Status,
@@ -106,7 +105,6 @@ const SERVER: &[Spec] = &[
     s(Val::Remote, false, "net/http.Request.RemoteAddr", 56),
     s(Val::Proto, false, "net/http.Request.Proto", 16),
     w(Val::Tls, "net/http.Request.TLS"),
-    w(Val::ContentLength, "net/http.Request.ContentLength"),
 ];
 
 const CLIENT: &[Spec] = &[
