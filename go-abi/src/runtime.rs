@@ -37,6 +37,34 @@ pub fn table_offset(release: (u32, u32), field: &str) -> Option<u64> {
     row.iter().find(|(name, _)| *name == field).map(|&(_, offset)| offset)
 }
 
+/// Field offsets (`"net/http.Request.Header"`) of one binary: from its DWARF when it has
+/// the struct, else from the generated table for `release`. Struct layouts read from DWARF
+/// are kept for the next field.
+pub struct FieldOffsets<'d> {
+    dwarf: Option<&'d crate::dwarf::DwarfInfo>,
+    release: (u32, u32),
+    structs: std::collections::HashMap<String, Option<crate::dwarf::StructLayout>>,
+}
+
+impl<'d> FieldOffsets<'d> {
+    pub fn new(dwarf: Option<&'d crate::dwarf::DwarfInfo>, release: (u32, u32)) -> Self {
+        FieldOffsets { dwarf, release, structs: std::collections::HashMap::new() }
+    }
+
+    /// The offset of `struct.field`, or None when neither source has it.
+    pub fn get(&mut self, key: &str) -> Option<u64> {
+        let (strukt, field) = key.rsplit_once('.')?;
+        if let Some(d) = self.dwarf {
+            let layout =
+                self.structs.entry(strukt.to_string()).or_insert_with(|| d.struct_layout(strukt).ok().flatten());
+            if let Some(l) = layout {
+                return l.fields.iter().find(|f| f.name == field).map(|f| f.offset);
+            }
+        }
+        table_offset(self.release, key)
+    }
+}
+
 impl RuntimeLayout {
     /// The layout for a Go release, or None when the release is outside the table.
     pub fn for_version(v: &GoVersion) -> Option<Self> {

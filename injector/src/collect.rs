@@ -147,6 +147,8 @@ pub fn run(
         reader.initialise_ahead();
         let round = crate::spans::rdtsc();
         let n = reader.poll(&mut batch, 8192);
+        let since_last_poll = last_poll.elapsed();
+        last_poll = Instant::now();
         for r in &batch {
             let c = &mut totals.sites[r.site as usize];
             match r.kind {
@@ -242,24 +244,19 @@ pub fn run(
             last_refine = Instant::now();
         }
         // A full batch: the writers are ahead, read on at once. A few records: let more
-        // gather (the ring holds far more than a millisecond's worth at any rate that
-        // gives small batches); waking for every handful cost more than reading them.
+        // gather (waking for every handful cost more than reading them), but for no longer
+        // than a sub-ring takes to fill a quarter at the rate these came in (as if they had
+        // all gone to one).
         if n >= BUSY_BATCH {
             idle = Duration::from_micros(50);
-            last_poll = Instant::now();
             continue;
         }
         if n > 0 {
             idle = Duration::from_micros(50);
-            // At most as long as a sub-ring takes to fill a quarter at the rate these
-            // records came in (as if they had all gone to one).
-            let since = last_poll.elapsed().max(Duration::from_micros(10));
-            let quarter = since.mul_f64(reader.capacity() as f64 / 4.0 / n as f64);
-            last_poll = Instant::now();
+            let quarter = since_last_poll.mul_f64(reader.capacity() as f64 / 4.0 / n as f64);
             std::thread::sleep(GATHER.min(quarter));
             continue;
         }
-        last_poll = Instant::now();
         std::thread::sleep(idle);
         idle = (idle * 2).min(Duration::from_millis(2));
     }

@@ -18,7 +18,6 @@
 
 use std::collections::HashMap;
 
-use go_abi::dwarf::DwarfInfo;
 use go_abi::{Func, GoBinary};
 use ring_abi::span_ids;
 use trampolines::codegen::{ByteCopy, CapturePlan, Fetch, FieldCopy, Guard, Op};
@@ -121,40 +120,26 @@ const CLIENT_RETURN: &[Spec] =
 
 /// Where each value lands in a record's data: after the span ids for entries, from 0 for
 /// returns. The collector decodes with the same table.
-pub fn dests(probe: Probe, ret: bool) -> Vec<(Val, Fetch, u16)> {
-    let (specs, mut at) = match (probe, ret) {
+fn dests(probe: Probe, ret: bool) -> impl Iterator<Item = (&'static Spec, u16)> {
+    let (specs, first): (&'static [Spec], usize) = match (probe, ret) {
         (Probe::Server, false) => (SERVER, span_ids::LEN),
         (Probe::Client, false) => (CLIENT, span_ids::LEN),
         (Probe::Client, true) => (CLIENT_RETURN, 0),
-        _ => return Vec::new(),
+        _ => (&[], 0),
     };
-    specs
-        .iter()
-        .map(|sp| {
-            let d = at as u16;
-            at += 8 + if let Fetch::Str { max } = sp.fetch { max as usize } else { 0 };
-            (sp.val, sp.fetch, d)
-        })
-        .collect()
+    specs.iter().scan(first, |at, sp| {
+        let d = *at as u16;
+        *at += 8 + if let Fetch::Str { max } = sp.fetch { max as usize } else { 0 };
+        Some((sp, d))
+    })
 }
 
-/// Struct field offsets: the target's DWARF first, then the generated table.
-struct Offsets<'d> {
-    dwarf: Option<&'d DwarfInfo>,
-    release: (u32, u32),
-    cache: HashMap<String, Option<go_abi::dwarf::StructLayout>>,
-}
+/// Struct field offsets as trampolines take them (displacements).
+struct Offsets<'d>(go_abi::runtime::FieldOffsets<'d>);
 
 impl Offsets<'_> {
     fn get(&mut self, key: &str) -> Option<i32> {
-        let (strukt, field) = key.rsplit_once('.')?;
-        if let Some(d) = self.dwarf {
-            let layout = self.cache.entry(strukt.to_string()).or_insert_with(|| d.struct_layout(strukt).ok().flatten());
-            if let Some(l) = layout {
-                return l.fields.iter().find(|f| f.name == field).and_then(|f| i32::try_from(f.offset).ok());
-            }
-        }
-        go_abi::runtime::table_offset(self.release, key).and_then(|o| i32::try_from(o).ok())
+        self.0.get(key).and_then(|o| i32::try_from(o).ok())
     }
 }
 
@@ -210,7 +195,7 @@ pub fn plan(
     if !linked(funcs) {
         return out;
     }
-    let mut offsets = Offsets { dwarf: ctx.dwarf.as_ref(), release, cache: HashMap::new() };
+    let mut offsets = Offsets(go_abi::runtime::FieldOffsets::new(ctx.dwarf.as_ref(), release));
     let by_name: HashMap<&str, &Func<'_>> = funcs.iter().map(|f| (f.name.as_ref(), f)).collect();
     let write_fn = by_name.get("bufio.(*Writer).Write").map(|f| f.entry + bias);
     for &(probe, name) in CANDIDATES {
@@ -247,15 +232,14 @@ pub fn plan(
     out
 }
 
-fn specs_ops(specs: &[Spec], probe: Probe, ret: bool, reg: u8, offsets: &mut Offsets<'_>) -> Result<Vec<Op>, String> {
+/// Field reads of a span probe's entry (or return) through the pointer in `reg`.
+fn specs_ops(probe: Probe, ret: bool, reg: u8, offsets: &mut Offsets<'_>) -> Result<Vec<Op>, String> {
     let url = offsets.get("net/http.Request.URL");
     dests(probe, ret)
-        .into_iter()
-        .zip(specs)
-        .map(|((_, fetch, dest), sp)| {
+        .map(|(sp, dest)| {
             let off = offsets.get(sp.field).ok_or(sp.field)?;
             let path = if sp.via_url { vec![url.ok_or("net/http.Request.URL")?] } else { Vec::new() };
-            Ok(Op::Field(FieldCopy { reg, path, off, fetch, dest }))
+            Ok(Op::Field(FieldCopy { reg, path, off, fetch: sp.fetch, dest }))
         })
         .collect::<Result<Vec<Op>, &str>>()
         .map_err(str::to_string)
@@ -268,7 +252,7 @@ fn plans(probe: Probe, offsets: &mut Offsets<'_>, write_fn: Option<u64>) -> Resu
     Ok(match probe {
         Probe::Server => {
             let mut ops = vec![Op::ServerBegin { dest: 0 }];
-            ops.extend(specs_ops(SERVER, probe, false, RDI, offsets)?);
+            ops.extend(specs_ops(probe, false, RDI, offsets)?);
             (
                 CapturePlan { ops, ..CapturePlan::default() },
                 CapturePlan { ops: vec![Op::ServerEnd], ..CapturePlan::default() },
@@ -277,8 +261,8 @@ fn plans(probe: Probe, offsets: &mut Offsets<'_>, write_fn: Option<u64>) -> Resu
         Probe::Client => {
             let header_off = need(offsets, "net/http.Request.Header")?;
             let mut ops = vec![Op::ClientBegin { req: RBX, header_off, dest: 0 }];
-            ops.extend(specs_ops(CLIENT, probe, false, RBX, offsets)?);
-            let ret_ops = specs_ops(CLIENT_RETURN, probe, true, RAX, offsets)?;
+            ops.extend(specs_ops(probe, false, RBX, offsets)?);
+            let ret_ops = specs_ops(probe, true, RAX, offsets)?;
             (
                 CapturePlan { ops, ..CapturePlan::default() },
                 // The error result: RBX (itab) and RCX (data).
@@ -402,9 +386,8 @@ pub enum Read {
 /// The values of a span probe's record.
 pub fn reads(probe: Probe, ret: bool, data: &[u8]) -> Vec<(Val, Read)> {
     dests(probe, ret)
-        .into_iter()
-        .map(|(val, fetch, dest)| {
-            let at = dest as usize;
+        .map(|(sp, dest)| {
+            let (val, fetch, at) = (sp.val, sp.fetch, dest as usize);
             let Some(word) = data.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default())) else {
                 return (val, Read::Missing);
             };

@@ -125,10 +125,8 @@ impl Sink {
                     "args": obj(&args),
                     "results": obj(&results),
                 });
-                if let Some(ns) = dur {
-                    o["end_time_unix_nano"] = serde_json::json!((start + ns as u128) as u64);
-                    o["duration_ns"] = serde_json::json!(ns.round() as u64);
-                } else {
+                json_end(&mut o, start, dur);
+                if dur.is_none() {
                     o["entry_only"] = serde_json::json!(true);
                 }
                 serde_json::to_writer(&mut *out, &o)?;
@@ -222,10 +220,7 @@ impl Sink {
                     "attributes": attributes,
                     "error": d.error,
                 });
-                if let Some(ns) = dur {
-                    o["end_time_unix_nano"] = serde_json::json!((start + ns as u128) as u64);
-                    o["duration_ns"] = serde_json::json!(ns.round() as u64);
-                }
+                json_end(&mut o, start, dur);
                 serde_json::to_writer(&mut *out, &o)?;
                 out.write_all(b"\n")?;
             }
@@ -239,6 +234,14 @@ impl Sink {
             out.flush()?;
         }
         Ok(())
+    }
+}
+
+/// A JSON line's end time and duration, for a call that returned.
+fn json_end(o: &mut serde_json::Value, start: u128, dur: Option<f64>) {
+    if let Some(ns) = dur {
+        o["end_time_unix_nano"] = serde_json::json!((start + ns as u128) as u64);
+        o["duration_ns"] = serde_json::json!(ns.round() as u64);
     }
 }
 

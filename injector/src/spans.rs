@@ -169,11 +169,15 @@ pub struct Pairer {
     /// Header values read on each goroutine, for the server span it starts next.
     headers: GoidMap<Notes>,
     /// HTTP/2 header values on their way from the connection's reader to the handler's
-    /// goroutine, by the address of their headers frame.
+    /// goroutine: by the address of their headers frame, then on the serve loop that
+    /// starts the handler.
     frames: GoidMap<Notes>,
-    /// The span each goroutine was created under (trace, span), for spans that begin
-    /// on it with nothing open.
+    serving: GoidMap<Notes>,
+    /// The span each goroutine was created under (trace, span), for spans of named
+    /// functions that begin on it with nothing open (HTTP spans carry their own).
     lineage: GoidMap<(u128, u64)>,
+    /// Some site is a named function: lineage is worth keeping.
+    funcs: bool,
     /// `traceparent` lines written into outgoing requests.
     pub injected: u64,
     /// Server spans ended by a handler's panic.
@@ -186,6 +190,7 @@ impl Pairer {
     }
 
     pub fn new(sites: Vec<SiteMeta>) -> Pairer {
+        let funcs = sites.iter().any(|s| s.role == Role::Func);
         Pairer {
             sites,
             stacks: GoidMap::default(),
@@ -196,7 +201,9 @@ impl Pairer {
             abandoned: 0,
             headers: GoidMap::default(),
             frames: GoidMap::default(),
+            serving: GoidMap::default(),
             lineage: GoidMap::default(),
+            funcs,
             injected: 0,
             panics: 0,
         }
@@ -224,11 +231,10 @@ impl Pairer {
                     let i = v.iter().position(|r| r.site == rec.site && r.sp == rec.sp)?;
                     Some(v.swap_remove(i))
                 });
-                let inherited = self.lineage.get(&rec.goid).copied();
                 let stack = self.stacks.entry(rec.goid).or_default();
                 let mut open = match stack.last() {
                     Some(top) => (top.trace_id, Some(top.span_id)),
-                    None => inherited.map_or((0, None), |(t, s)| (t, Some(s))),
+                    None => self.lineage.get(&rec.goid).map_or((0, None), |&(t, s)| (t, Some(s))),
                 };
                 let mut remote_parent = false;
                 let mut http = None;
@@ -329,12 +335,12 @@ impl Pairer {
             Probe::H2Process => match rec.kind {
                 Kind::Entry => {
                     if let Some(n) = self.frames.remove(&rec.ints[1]) {
-                        self.headers.insert(goid, n);
+                        self.serving.insert(goid, n);
                     }
                 }
                 // Started (and inherited by its goroutine) or queued: not the next one's.
                 Kind::Return => {
-                    self.headers.remove(&goid);
+                    self.serving.remove(&goid);
                 }
             },
             Probe::Status => {
@@ -383,8 +389,11 @@ impl Pairer {
                     |i: usize| rec.data.get(i..i + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
                 let (Some(child), Some(parent)) = (word(0), word(8)) else { return };
                 // An HTTP/2 handler's goroutine gets the header values its serve loop holds.
-                if let Some(n) = self.headers.get(&parent).cloned() {
-                    self.headers.insert(child, n);
+                if let Some(n) = self.serving.get(&parent) {
+                    self.headers.insert(child, n.clone());
+                }
+                if !self.funcs {
+                    return;
                 }
                 let from = match self.stacks.get(&parent).and_then(|s| s.last()) {
                     Some(top) => Some((top.trace_id, top.span_id)),
@@ -403,8 +412,7 @@ impl Pairer {
                 }
             }
             // goexit1's probe records nothing (it runs bare); the side tables are bounded.
-            Probe::Exit => {}
-            Probe::Server | Probe::Client => {}
+            Probe::Exit | Probe::Server | Probe::Client => {}
         }
     }
 

@@ -111,9 +111,13 @@ impl Proc {
         self.seen.iter().map(|(e, l)| format!("{}{l}\n", if *e { "! " } else { "  " })).collect()
     }
 
-    pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on a child we started.
-        unsafe { libc_kill(self.pid(), sig) };
+    /// Sends `sig`, unless the child has already been waited for (its pid may be
+    /// someone else's by now).
+    pub fn signal(&mut self, sig: i32) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on a child we started and have not reaped.
+            unsafe { libc_kill(self.pid(), sig) };
+        }
     }
 }
 

@@ -18,7 +18,8 @@ const SERVER: i32 = 2;
 const CLIENT: i32 = 3;
 
 struct Service {
-    server: Proc,
+    /// Owned so the server lives as long as the service (Proc kills it on drop).
+    _server: Proc,
     addr: String,
     inject: Proc,
     summary: std::path::PathBuf,
@@ -31,7 +32,7 @@ impl Service {
         let server = start_fixture(&exe, args, &[])?;
         let addr = server.value("LISTEN ").context("LISTEN line")?;
         let inject = attach(server.pid(), name, rx)?;
-        Ok(Service { server, addr, inject: inject.0, summary: inject.1 })
+        Ok(Service { _server: server, addr, inject: inject.0, summary: inject.1 })
     }
 
     /// Detaches inject (SIGTERM): it flushes its spans first. Returns its summary.
@@ -42,13 +43,6 @@ impl Service {
         let s = serde_json::from_slice(&std::fs::read(&self.summary)?)?;
         let _ = std::fs::remove_file(&self.summary);
         Ok(s)
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        self.inject.signal(9);
-        self.server.signal(9);
     }
 }
 

@@ -465,9 +465,6 @@ impl Ops<'_> {
     fn goroutines(&self) -> u64 {
         self.ring.base + self.ring.layout.ctx_offset() as u64
     }
-    fn requests(&self) -> u64 {
-        self.goroutines() + (ctx::GOROUTINES * ctx::ENTRY) as u64
-    }
 
     fn emit(&self, a: &mut CodeAssembler, op: &Op) -> Result<(), IcedError> {
         let mut done = a.create_label();
@@ -634,25 +631,20 @@ impl Ops<'_> {
         a.mov(r11, qword_ptr(r14 + self.ring.goid_offset as i32))
     }
 
-    /// RDI = the first entry of the set for key R11. Clobbers RAX, R8.
+    /// RDI = the first entry of the set for key R11. Clobbers R8.
     fn set_of(&self, a: &mut CodeAssembler, t: Table) -> Result<(), IcedError> {
-        let (base, sets) = match t {
-            Table::Goroutines => (self.goroutines(), ctx::GOROUTINES / ctx::WAYS),
-            Table::Requests => (self.requests(), ctx::REQUESTS / ctx::WAYS),
-        };
-        a.mov(rdi, r11)?;
-        if t == Table::Requests {
-            // Header maps are allocator-aligned: a multiplicative hash spreads them.
-            a.mov(rax, 0x9e37_79b9_7f4a_7c15u64)?;
-            a.imul_2(rdi, rax)?;
-            a.shr(rdi, 64 - sets.trailing_zeros())?;
-        } else {
-            // Goroutine ids are consecutive: their low bits already spread.
-            a.and(edi, (sets - 1) as u32)?;
+        match t {
+            Table::Requests => request_set(a, self.ring, rdi, r8, r11),
+            Table::Goroutines => {
+                // Goroutine ids are consecutive: their low bits already spread.
+                let sets = ctx::GOROUTINES / ctx::WAYS;
+                a.mov(rdi, r11)?;
+                a.and(edi, (sets - 1) as u32)?;
+                a.shl(rdi, (ctx::ENTRY * ctx::WAYS).trailing_zeros())?;
+                a.mov(r8, self.goroutines())?;
+                a.add(rdi, r8)
+            }
         }
-        a.shl(rdi, (ctx::ENTRY * ctx::WAYS).trailing_zeros())?;
-        a.mov(r8, base)?;
-        a.add(rdi, r8)
     }
 
     /// RDI = the entry with key R11 (and `state`, if given), or a jump to `missing`.
@@ -884,6 +876,25 @@ impl Ops<'_> {
     }
 }
 
+/// `out` = the first entry of the request table set for `key` (a header map or frame
+/// address; allocator-aligned, so a multiplicative hash spreads them). The one definition
+/// the ops and the guard share. Clobbers `scratch`.
+fn request_set(
+    a: &mut CodeAssembler,
+    ring: &RingAddrs,
+    out: AsmRegister64,
+    scratch: AsmRegister64,
+    key: AsmRegister64,
+) -> Result<(), IcedError> {
+    let sets = ctx::REQUESTS / ctx::WAYS;
+    a.mov(out, 0x9e37_79b9_7f4a_7c15u64)?;
+    a.imul_2(out, key)?;
+    a.shr(out, 64 - sets.trailing_zeros())?;
+    a.shl(out, (ctx::ENTRY * ctx::WAYS).trailing_zeros())?;
+    a.mov(scratch, ring.base + ring.layout.ctx_offset() as u64 + (ctx::GOROUTINES * ctx::ENTRY) as u64)?;
+    a.add(out, scratch)
+}
+
 /// Jumps to `skip` unless the guard holds. Reads only: R12 and R13 are its scratch.
 fn emit_guard(a: &mut CodeAssembler, ring: &RingAddrs, g: &Guard, skip: CodeLabel) -> Result<(), IcedError> {
     const REGS: [AsmRegister64; 9] = [rax, rbx, rcx, rdi, rsi, r8, r9, r10, r11];
@@ -907,17 +918,9 @@ fn emit_guard(a: &mut CodeAssembler, ring: &RingAddrs, g: &Guard, skip: CodeLabe
         Guard::InRequests { key } => {
             let mut pass = a.create_label();
             let k = REGS[*key as usize];
-            let sets = ctx::REQUESTS / ctx::WAYS;
             a.test(k, k)?;
             a.je(skip)?;
-            // The set, as `Ops::set_of` computes it, in R13.
-            a.mov(r13, 0x9e37_79b9_7f4a_7c15u64)?;
-            a.imul_2(r13, k)?;
-            a.shr(r13, 64 - sets.trailing_zeros())?;
-            a.shl(r13, (ctx::ENTRY * ctx::WAYS).trailing_zeros())?;
-            let base = ring.base + ring.layout.ctx_offset() as u64 + (ctx::GOROUTINES * ctx::ENTRY) as u64;
-            a.mov(r12, base)?;
-            a.add(r13, r12)?;
+            request_set(a, ring, r13, r12, k)?;
             for way in 0..ctx::WAYS {
                 a.cmp(qword_ptr(r13 + (way * ctx::ENTRY + ctx::KEY) as i32), k)?;
                 a.je(pass)?;
