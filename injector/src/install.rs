@@ -14,7 +14,7 @@ use memmap2::MmapMut;
 use ring_abi::{Layout, header};
 use trampolines::codegen::{entry_trampoline, return_trampoline};
 use trampolines::iced_x86::{Decoder, DecoderOptions, Mnemonic};
-use trampolines::{Redirect, RingAddrs, jmp_rel8, jmp_rel32};
+use trampolines::{Redirect, RingAddrs};
 
 use crate::plan::ProbeSite;
 use crate::ptrace::Session;
@@ -34,15 +34,16 @@ pub struct Patch {
     pub original: Vec<u8>,
     pub new: Vec<u8>,
     /// Bytes no thread may be executing inside of when this patch is written (the
-    /// interior of the overwritten instructions); empty for stubs in padding.
+    /// interior of the overwritten instructions).
     pub interior: std::ops::Range<u64>,
 }
 
 /// What an installation put into the target.
 pub struct Installation {
     pub pid: i32,
-    pub tramp_addr: u64,
-    pub tramp_len: u64,
+    /// Trampoline areas (address, length): the main one near the text, then one per
+    /// group of punned jumps.
+    pub areas: Vec<(u64, u64)>,
     pub ring_addr: u64,
     pub ring_len: u64,
     pub patches: Vec<Patch>,
@@ -165,6 +166,24 @@ fn find_gap(maps: &[(u64, u64)], text: std::ops::Range<u64>, len: u64) -> Option
     best.map(|(b, _)| b)
 }
 
+/// A free, page-aligned range of `len` bytes inside `window`, a guard page from every
+/// mapping.
+fn find_gap_within(maps: &[(u64, u64)], window: std::ops::Range<u64>, len: u64) -> Option<u64> {
+    let mut maps = maps.to_vec();
+    maps.sort();
+    let mut at = window.start.next_multiple_of(PAGE);
+    for &(start, end) in &maps {
+        if end + PAGE <= at {
+            continue;
+        }
+        if at + len + PAGE <= start {
+            break;
+        }
+        at = (end + PAGE).next_multiple_of(PAGE);
+    }
+    (at + len <= window.end).then_some(at)
+}
+
 fn syscall(s: &mut Session, tid: i32, gadget: u64, nr: i64, args: [u64; 6]) -> Result<u64> {
     let r = s.syscall(tid, gadget, nr, args)?;
     Ok(r as u64)
@@ -185,12 +204,22 @@ pub fn install(
     let gadget = find_syscall_gadget(bin)? + bias;
     let text = bin.text_range();
     let text = text.start + bias..text.end + bias;
-    // Size the trampoline area by generating everything once at a provisional address
+    // Size the trampoline areas by generating everything once at provisional addresses
     // (sizes do not depend on where the code lands, as long as it is within reach).
     let layout = ring.layout;
-    let provisional = RingAddrs { base: text.end.next_multiple_of(PAGE), ..ring };
-    let probe = generate(sites, &provisional, provisional.base + layout.total_len() as u64)?;
-    let tramp_len = (probe.code.len() as u64 + 4096).next_multiple_of(PAGE);
+    let groups = pinned_groups(sites)?;
+    let provisional_main = text.end.next_multiple_of(PAGE);
+    let provisional = RingAddrs { base: provisional_main, ..ring };
+    let mut bases = vec![provisional_main + layout.total_len() as u64];
+    bases.extend(groups.iter().map(|g| g.window.start.next_multiple_of(PAGE)));
+    let probe = generate(sites, &provisional, &bases, &groups)?;
+    // The main area also holds the memfd's name at its end.
+    let lens: Vec<u64> = probe
+        .code
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.len() as u64 + if i == 0 { 4096 } else { 0 }).next_multiple_of(PAGE))
+        .collect();
     let ring_len = layout.total_len() as u64;
 
     // Window 1: create the memory (nothing points at it yet), then let the target run
@@ -198,13 +227,25 @@ pub fn install(
     // Pauses are measured from before the first thread stops to after the last resumes.
     let started = Instant::now();
     let mut s = Session::attach(pid)?;
-    let maps = mappings(pid)?;
-    let base = find_gap(&maps, text.clone(), tramp_len + PAGE + ring_len)
+    let mut maps = mappings(pid)?;
+    let base = find_gap(&maps, text.clone(), lens[0] + PAGE + ring_len)
         .context("no free address range within ±2 GiB of the target's code for trampolines")?;
-    let (tramp_addr, ring_addr) = (base, base + tramp_len + PAGE);
+    let (tramp_addr, ring_addr) = (base, base + lens[0] + PAGE);
+    maps.push((base, ring_addr + ring_len));
+    let mut areas = vec![(tramp_addr, lens[0])];
+    for (g, &len) in groups.iter().zip(&lens[1..]) {
+        let at = find_gap_within(&maps, g.window.clone(), len).with_context(|| {
+            format!(
+                "no free {len}-byte range in {:#x}..{:#x} for punned return trampolines",
+                g.window.start, g.window.end
+            )
+        })?;
+        maps.push((at, at + len));
+        areas.push((at, len));
+    }
     let tid = *s.threads().first().context("the process has no threads")?;
-    let mut cleanup = Cleanup { tramp: None, ring: None };
-    let memory = create_memory(&mut s, tid, gadget, tramp_addr, tramp_len, ring_addr, ring_len, &mut cleanup);
+    let mut cleanup = Cleanup { areas: Vec::new(), ring: None };
+    let memory = create_memory(&mut s, tid, gadget, &areas, ring_addr, ring_len, &mut cleanup);
     if memory.is_err() {
         cleanup.undo(&mut s, tid, gadget);
     }
@@ -217,14 +258,19 @@ pub fn install(
     layout.initialise_prefix(&mut ring_map, eager_slots);
     ring_map[header::OWNER..header::OWNER + 8].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
     let addrs = RingAddrs { base: ring_addr, ..ring };
-    let Generated { code, mut patches, installed } = generate(sites, &addrs, tramp_addr)?;
-    ensure!(code.len() as u64 <= tramp_len - 64, "trampolines outgrew their area");
+    let bases: Vec<u64> = areas.iter().map(|a| a.0).collect();
+    let Generated { code, mut patches, installed } = generate(sites, &addrs, &bases, &groups)?;
+    for (c, &(at, len)) in code.iter().zip(&areas) {
+        ensure!(c.len() as u64 <= len - if at == tramp_addr { 64 } else { 0 }, "trampolines outgrew their area");
+    }
 
     // Window 2: code and redirects. If the target is gone, nothing of ours is in use.
     let started = Instant::now();
     let mut s = Session::attach(pid)?;
     let result = (|| -> Result<()> {
-        s.write(tramp_addr, &code).context("writing trampolines")?;
+        for (c, &(at, _)) in code.iter().zip(&areas) {
+            s.write(at, c).context("writing trampolines")?;
+        }
         // Original bytes must be the file's: anything else is someone else's patch.
         for p in &mut patches {
             let mut cur = vec![0; p.new.len()];
@@ -239,11 +285,10 @@ pub fn install(
             p.original = cur;
         }
         wait_for_safe_threads(&mut s, &patches)?;
-        // Enable capture, then redirect: stubs in padding before the jumps that reach them.
+        // Enable capture, then redirect.
         ring_map[header::ENABLED] = 1;
-        let (stubs, jumps): (Vec<&Patch>, Vec<&Patch>) = patches.iter().partition(|p| p.interior.is_empty());
         let mut written: Vec<&Patch> = Vec::new();
-        for p in stubs.into_iter().chain(jumps) {
+        for p in &patches {
             if let Err(e) = s.write(p.addr, &p.new) {
                 for w in written.iter().rev() {
                     let _ = s.write(w.addr, &w.original);
@@ -264,8 +309,7 @@ pub fn install(
     result?;
     Ok(Installation {
         pid,
-        tramp_addr,
-        tramp_len,
+        areas,
         ring_addr,
         ring_len,
         patches,
@@ -280,37 +324,77 @@ pub fn install(
     })
 }
 
-/// Maps the trampoline area and the ring (a memfd) into the target, and returns our own
+/// Punned jumps whose trampolines can share one area: the intersection of their 16 MiB
+/// windows, and the jumps (by address).
+struct PinnedGroup {
+    window: std::ops::Range<u64>,
+    jumps: Vec<u64>,
+}
+
+/// The smallest window a group may shrink to: room for a few thousand trampolines.
+const MIN_GROUP_WINDOW: u64 = 4 << 20;
+
+/// Groups every punned jump of `sites` by overlapping windows.
+fn pinned_groups(sites: &[ProbeSite]) -> Result<Vec<PinnedGroup>> {
+    let mut pinned: Vec<(std::ops::Range<u64>, u64)> = Vec::new();
+    for site in sites {
+        let Ok(entry) = &site.entry_patch else { continue };
+        let rets = site.returns.as_ref().map(Vec::as_slice).unwrap_or_default();
+        for r in std::iter::once(&entry.redirect).chain(rets.iter().map(|r| &r.redirect)) {
+            if r.pinned.is_some() {
+                let w = r
+                    .pinned_window()
+                    .with_context(|| format!("{}: no room for a punned jump at {:#x}", site.name, r.at))?;
+                pinned.push((w, r.at));
+            }
+        }
+    }
+    pinned.sort_by_key(|(w, _)| w.start);
+    let mut groups: Vec<PinnedGroup> = Vec::new();
+    for (w, at) in pinned {
+        match groups.last_mut() {
+            Some(g) if w.start.max(g.window.start) + MIN_GROUP_WINDOW <= w.end.min(g.window.end) => {
+                g.window = w.start.max(g.window.start)..w.end.min(g.window.end);
+                g.jumps.push(at);
+            }
+            _ => groups.push(PinnedGroup { window: w, jumps: vec![at] }),
+        }
+    }
+    Ok(groups)
+}
+
+/// Maps the trampoline areas and the ring (a memfd) into the target, and returns our own
 /// descriptor of the memfd.
-#[allow(clippy::too_many_arguments)]
 fn create_memory(
     s: &mut Session,
     tid: i32,
     gadget: u64,
-    tramp_addr: u64,
-    tramp_len: u64,
+    areas: &[(u64, u64)],
     ring_addr: u64,
     ring_len: u64,
     cleanup: &mut Cleanup,
 ) -> Result<OwnedFd> {
     let pid = s.pid();
-    let r = syscall(
-        s,
-        tid,
-        gadget,
-        libc::SYS_mmap,
-        [
-            tramp_addr,
-            tramp_len,
-            (libc::PROT_READ | libc::PROT_EXEC) as u64,
-            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64,
-            u64::MAX,
-            0,
-        ],
-    )
-    .context("creating the trampoline area in the target")?;
-    ensure!(r == tramp_addr, "mmap for trampolines returned {r:#x}, wanted {tramp_addr:#x}");
-    cleanup.tramp = Some((tramp_addr, tramp_len));
+    for &(addr, len) in areas {
+        let r = syscall(
+            s,
+            tid,
+            gadget,
+            libc::SYS_mmap,
+            [
+                addr,
+                len,
+                (libc::PROT_READ | libc::PROT_EXEC) as u64,
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64,
+                u64::MAX,
+                0,
+            ],
+        )
+        .context("creating a trampoline area in the target")?;
+        ensure!(r == addr, "mmap for trampolines returned {r:#x}, wanted {addr:#x}");
+        cleanup.areas.push((addr, len));
+    }
+    let &(tramp_addr, tramp_len) = areas.first().context("no trampoline area")?;
     // The memfd's name goes at the end of the trampoline area (it is only read once).
     let name_addr = tramp_addr + tramp_len - 64;
     let mut name = ring_abi::MEMFD_NAME.as_bytes().to_vec();
@@ -344,37 +428,60 @@ fn create_memory(
     ok
 }
 
-/// Trampoline code for an area, the patches that redirect to it, and per installed site
-/// its number of probed exits.
+/// Trampoline code for each area, the patches that redirect to it, and per installed
+/// site its number of probed exits.
 struct Generated {
-    code: Vec<u8>,
+    code: Vec<Vec<u8>>,
     patches: Vec<Patch>,
     installed: Vec<(u32, usize)>,
 }
 
-/// Every trampoline for `sites`, laid out from `tramp_addr`.
-fn generate(sites: &[ProbeSite], addrs: &RingAddrs, tramp_addr: u64) -> Result<Generated> {
-    let mut code = Vec::new();
+/// Every trampoline for `sites`: unpinned ones laid out from `bases[0]`, punned ones from
+/// `bases[1 + i]` for the i-th group that holds their jump.
+fn generate(sites: &[ProbeSite], addrs: &RingAddrs, bases: &[u64], groups: &[PinnedGroup]) -> Result<Generated> {
+    let mut code = vec![Vec::new(); bases.len()];
     let mut patches = Vec::new();
     let mut installed = Vec::new();
-    let mut place = |tramp: trampolines::Trampoline, redirect: Redirect, code: &mut Vec<u8>| -> Result<()> {
-        code.resize((tramp.at - tramp_addr) as usize, 0xcc);
+    let group_of: std::collections::HashMap<u64, usize> =
+        groups.iter().enumerate().flat_map(|(i, g)| g.jumps.iter().map(move |&at| (at, i + 1))).collect();
+    let area_of = |r: &Redirect| -> Result<usize> {
+        if r.pinned.is_none() {
+            return Ok(0);
+        }
+        group_of.get(&r.at).copied().context("a punned jump in no group")
+    };
+    let mut place = |make: &dyn Fn(u64) -> Result<trampolines::Trampoline, trampolines::codegen::CodegenError>,
+                     r: &Redirect|
+     -> Result<()> {
+        let area = area_of(r)?;
+        let code = &mut code[area];
+        let at = bases[area] + (code.len() as u64).next_multiple_of(16);
+        let tramp = make(at)?;
+        code.resize((tramp.at - bases[area]) as usize, 0xcc);
         code.extend_from_slice(&tramp.code);
-        redirect_patches(redirect, tramp.at, &mut patches)
+        let j = r
+            .jump(tramp.at)
+            .with_context(|| format!("trampoline at {:#x} out of reach of its jump at {:#x}", tramp.at, r.at))?;
+        patches.push(Patch {
+            addr: r.at,
+            original: Vec::new(),
+            new: j.to_vec(),
+            interior: r.at + 1..r.at + r.len as u64,
+        });
+        Ok(())
     };
     for site in sites {
         let Ok(entry) = &site.entry_patch else { continue };
-        let at = tramp_addr + (code.len() as u64).next_multiple_of(16);
-        let t = entry_trampoline(entry, site.id, &site.on_entry.plan, &site.on_return.plan, addrs, at)
-            .with_context(|| site.name.clone())?;
-        place(t, entry.redirect, &mut code)?;
+        place(
+            &|at| entry_trampoline(entry, site.id, &site.on_entry.plan, &site.on_return.plan, addrs, at),
+            &entry.redirect,
+        )
+        .with_context(|| site.name.clone())?;
         let mut exits = 0;
         if let Ok(rets) = &site.returns {
             for r in rets {
-                let at = tramp_addr + (code.len() as u64).next_multiple_of(16);
-                let t = return_trampoline(r, site.id, &site.on_return.plan, addrs, at)
+                place(&|at| return_trampoline(r, site.id, &site.on_return.plan, addrs, at), &r.redirect)
                     .with_context(|| site.name.clone())?;
-                place(t, r.redirect, &mut code)?;
                 exits += 1;
             }
         }
@@ -384,32 +491,16 @@ fn generate(sites: &[ProbeSite], addrs: &RingAddrs, tramp_addr: u64) -> Result<G
 }
 
 struct Cleanup {
-    tramp: Option<(u64, u64)>,
+    areas: Vec<(u64, u64)>,
     ring: Option<(u64, u64)>,
 }
 
 impl Cleanup {
     fn undo(&self, s: &mut Session, tid: i32, gadget: u64) {
-        for (addr, len) in [self.ring, self.tramp].into_iter().flatten() {
+        for &(addr, len) in self.ring.iter().chain(&self.areas) {
             let _ = s.syscall(tid, gadget, libc::SYS_munmap, [addr, len, 0, 0, 0, 0]);
         }
     }
-}
-
-fn redirect_patches(r: Redirect, tramp: u64, out: &mut Vec<Patch>) -> Result<()> {
-    match r {
-        Redirect::Rel32 { at, len } => {
-            let j = jmp_rel32(at, tramp).context("trampoline out of rel32 reach")?;
-            out.push(Patch { addr: at, original: Vec::new(), new: j.to_vec(), interior: at + 1..at + len as u64 });
-        }
-        Redirect::Rel8Stub { at, len, stub } => {
-            let j = jmp_rel32(stub, tramp).context("trampoline out of rel32 reach")?;
-            out.push(Patch { addr: stub, original: Vec::new(), new: j.to_vec(), interior: 0..0 });
-            let j8 = jmp_rel8(at, stub).context("stub out of rel8 reach")?;
-            out.push(Patch { addr: at, original: Vec::new(), new: j8.to_vec(), interior: at + 1..at + len as u64 });
-        }
-    }
-    Ok(())
 }
 
 /// Waits (letting the world run briefly between looks) until no thread is executing
@@ -477,19 +568,21 @@ pub fn remove(inst: &Installation) -> Result<Removal> {
         s.write(p.addr, &p.original).with_context(|| format!("restoring {:#x}", p.addr))?;
     }
     let mut unmapped = false;
-    let tramp = inst.tramp_addr..inst.tramp_addr + inst.tramp_len;
+    let in_tramp = |rip: u64| inst.areas.iter().any(|&(a, l)| (a..a + l).contains(&rip));
     for _ in 0..SAFE_POINT_ATTEMPTS {
         let mut busy = false;
         for tid in s.threads() {
             let rip = s.regs(tid)?.rip;
-            if tramp.contains(&rip) || s.in_signal_handler(tid)? {
+            if in_tramp(rip) || s.in_signal_handler(tid)? {
                 busy = true;
                 break;
             }
         }
         if !busy {
             let tid = *s.threads().first().context("no threads")?;
-            s.syscall(tid, inst.gadget, libc::SYS_munmap, [inst.tramp_addr, inst.tramp_len, 0, 0, 0, 0])?;
+            for &(addr, len) in &inst.areas {
+                s.syscall(tid, inst.gadget, libc::SYS_munmap, [addr, len, 0, 0, 0, 0])?;
+            }
             s.syscall(tid, inst.gadget, libc::SYS_munmap, [inst.ring_addr, inst.ring_len, 0, 0, 0, 0])?;
             unmapped = true;
             break;
@@ -531,5 +624,15 @@ mod tests {
             assert!(g.abs_diff(0x401000) < REACH && (g + len).abs_diff(0x7ff000) < REACH);
         }
         assert!(find_gap(&[(0x10000, 0x7fff_0000_0000)], 0x401000..0x7ff000, 0x1000).is_none());
+    }
+
+    #[test]
+    fn gap_within_a_window() {
+        let maps = vec![(0x5d40_0000, 0x5d40_2000), (0x5d40_5000, 0x5d40_6000)];
+        // Guard pages around each mapping: the first room is after the second mapping.
+        assert_eq!(find_gap_within(&maps, 0x5d40_0000..0x5e40_0000, 0x2000), Some(0x5d40_7000));
+        assert_eq!(find_gap_within(&maps, 0x5d40_0000..0x5e40_0000, 0x1000), Some(0x5d40_3000));
+        assert_eq!(find_gap_within(&maps, 0x5d3f_0000..0x5d40_0000, 0x1000), Some(0x5d3f_0000));
+        assert_eq!(find_gap_within(&maps, 0x5d40_0000..0x5d40_7000, 0x2000), None);
     }
 }

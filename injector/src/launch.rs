@@ -86,10 +86,13 @@ pub fn launch(args: &RunArgs) -> Result<u8> {
     }
     let status = supervise(pid, &sigfd)?;
     // The program's status is what we exit with, whatever happens to our own reporting.
-    if let Some(t) = tracing
-        && let Err(e) = t.finish(StopReason::TargetExited, None, args)
-    {
-        eprintln!("inject: error: {e:#}");
+    if let Some(t) = tracing {
+        if let Err(e) = t.finish(StopReason::TargetExited(Some(status)), None, args) {
+            eprintln!("inject: error: {e:#}");
+        }
+        if let Some(how) = run::died(Some(status)) {
+            eprintln!("inject: {program} {how} while probes were in");
+        }
     }
     Ok(exit_code(status))
 }

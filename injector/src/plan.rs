@@ -6,7 +6,7 @@ use std::fmt;
 use go_abi::signature::signature;
 use go_abi::{Func, GoBinary};
 use trampolines::Function;
-use trampolines::site::{EntryPatch, Padding, Refusal, ReturnPatch, entry_patch, return_patches_with};
+use trampolines::site::{EntryPatch, Refusal, ReturnPatch, entry_patch, return_patches};
 
 use crate::values::{self, Side};
 
@@ -125,27 +125,23 @@ pub fn analyse_as(bin: &GoBinary<'_>, f: &Func<'_>, id: u32, bias: u64, ctx: &Pl
     let sig = ctx.dwarf.as_ref().and_then(|d| d.function_by_entry(f.entry)).and_then(|d| signature(d, f.args));
     (site.on_entry, site.on_return) = values::sides(sig.as_ref(), ctx.max_string);
     site.typed = sig.is_some();
-    let mut padding = Padding::new(&decoded);
     // Without a locals pointer map the runtime never preempts the function asynchronously,
-    // so no goroutine can be parked inside its prologue.
-    let preemptible = bin.pclntab.has_funcdata(f, 1);
-    let entry = entry_patch(&decoded, &mut padding, |pc| {
-        if preemptible { bin.pclntab.unsafe_point(f, pc - bias) } else { go_abi::pclntab::UNSAFE_POINT_UNSAFE }
-    });
-    site.entry_patch = entry.map_err(FuncRefusal::Code);
+    // nor its own functions: no goroutine can be parked inside them.
+    let preemptible = bin.pclntab.has_funcdata(f, 1) && !(role != Role::Func && is_runtime(&f.name));
+    let unsafe_point =
+        |pc| if preemptible { bin.pclntab.unsafe_point(f, pc - bias) } else { go_abi::pclntab::UNSAFE_POINT_UNSAFE };
+    site.entry_patch = entry_patch(&decoded, unsafe_point).map_err(FuncRefusal::Code);
     if site.entry_patch.as_ref().is_ok_and(|e| e.whole_body) {
         // The entry trampoline runs the whole body and records the return itself.
         site.returns = Ok(Vec::new());
         return site;
     }
-    // The runtime never preempts its own functions asynchronously.
-    let never_preempted = role != Role::Func && is_runtime(&f.name);
-    site.returns = return_patches_with(&decoded, &mut padding, never_preempted).and_then(|rets| {
+    site.returns = return_patches(&decoded, unsafe_point).and_then(|rets| {
         // An exit inside the entry's stolen bytes would be patched twice.
         let entry_end =
             site.entry_patch.as_ref().map_or(site.entry, |e| e.stolen.last().map_or(site.entry, |i| i.next_ip()));
-        match rets.iter().find(|r| r.redirect.at() < entry_end) {
-            Some(r) => Err(Refusal::ExitUnpatchable { pc: r.ret }),
+        match rets.iter().find(|r| r.redirect.at < entry_end) {
+            Some(r) => Err(Refusal::ExitUnpatchable { pc: r.ret() }),
             None => Ok(rets),
         }
     });

@@ -123,12 +123,74 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let pidfd = pidfd_open(pid)?;
     let Some(tracing) = start(pid, args, Mode::Attach)? else { return Ok(()) };
     let deadline = args.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
-    let reason = wait_for_stop(&sigfd, &pidfd, deadline)?;
-    let removal = match reason {
-        StopReason::TargetExited => None,
+    let mut reason = wait_for_stop(pid, &sigfd, &pidfd, deadline)?;
+    let mut removal = match reason {
+        StopReason::TargetExited(_) => None,
         _ => Some(install::remove(&tracing.inst)),
     };
-    tracing.finish(reason, removal, args)
+    // A target that died while the probes came out: that is the news, not the removal.
+    if matches!(removal, Some(Err(_))) && exited(&pidfd) {
+        reason = StopReason::TargetExited(zombie_status(pid));
+        removal = None;
+    }
+    tracing.finish(reason, removal, args)?;
+    if let StopReason::TargetExited(status) = reason {
+        match died(status) {
+            Some(how) => bail!("the target (pid {pid}) died while probes were in: {how}"),
+            None if status.is_none() => eprintln!(
+                "inject: warning: the target (pid {pid}) exited while probes were in; its exit status was already \
+                 collected by its parent (see the parent's or the service manager's log)"
+            ),
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+/// The wait status of `pid` while it is a zombie (its parent has not collected it yet):
+/// field 52 of /proc/PID/stat. None once it is gone.
+fn zombie_status(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // fields[0] is field 3 (the state).
+    if fields.first() != Some(&"Z") {
+        return None;
+    }
+    fields.get(52 - 3)?.parse().ok()
+}
+
+fn exited(pidfd: &OwnedFd) -> bool {
+    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
+}
+
+/// How a wait status says a process ended.
+pub fn describe_exit(status: Option<i32>) -> String {
+    match status {
+        None => "exited (status unknown)".into(),
+        Some(st) if libc::WIFSIGNALED(st) => {
+            let sig = libc::WTERMSIG(st);
+            let name = Signal::try_from(sig).map_or_else(|_| format!("signal {sig}"), |s| s.as_str().to_string());
+            format!("killed by {name}{}", if libc::WCOREDUMP(st) { " (core dumped)" } else { "" })
+        }
+        Some(st) => format!("exited with status {}", libc::WEXITSTATUS(st)),
+    }
+}
+
+/// Why a process that ended with `status` died, or None for a clean exit (or an unknown
+/// one).
+pub fn died(status: Option<i32>) -> Option<String> {
+    let st = status?;
+    if libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0 {
+        return None;
+    }
+    let hint = if libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 2 {
+        " (how Go exits on a fatal error or an unrecovered panic: its stderr says which)"
+    } else {
+        ""
+    };
+    Some(format!("{}{hint}", describe_exit(status)))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -427,7 +489,8 @@ fn possible_cpus() -> u32 {
 pub enum StopReason {
     Signal(i32),
     Duration,
-    TargetExited,
+    /// With its wait status, when it could be seen.
+    TargetExited(Option<i32>),
 }
 
 fn pidfd_open(pid: i32) -> Result<OwnedFd> {
@@ -440,7 +503,7 @@ fn pidfd_open(pid: i32) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-fn wait_for_stop(sigfd: &SignalFd, pidfd: &OwnedFd, deadline: Option<Instant>) -> Result<StopReason> {
+fn wait_for_stop(pid: i32, sigfd: &SignalFd, pidfd: &OwnedFd, deadline: Option<Instant>) -> Result<StopReason> {
     loop {
         let timeout = match deadline {
             Some(d) => {
@@ -459,7 +522,7 @@ fn wait_for_stop(sigfd: &SignalFd, pidfd: &OwnedFd, deadline: Option<Instant>) -
             Err(e) => return Err(e).context("poll"),
         }
         if fds[1].revents().is_some_and(|r| !r.is_empty()) {
-            return Ok(StopReason::TargetExited);
+            return Ok(StopReason::TargetExited(zombie_status(pid)));
         }
         if fds[0].revents().is_some_and(|r| !r.is_empty())
             && let Ok(Some(info)) = sigfd.read_signal()
@@ -475,6 +538,24 @@ struct SiteSummary<'a> {
     verdict: String,
     entries: u64,
     returns: u64,
+    /// Where the jumps go (entry first, then exits), for matching against profiles and
+    /// disassembly.
+    jumps: Vec<JumpSummary>,
+}
+
+#[derive(serde::Serialize)]
+struct JumpSummary {
+    at: u64,
+    /// The original byte the jump's displacement ends with (a punned jump), if any.
+    pinned: Option<u8>,
+}
+
+impl JumpSummary {
+    fn of(site: &ProbeSite) -> Vec<JumpSummary> {
+        let Ok(entry) = &site.entry_patch else { return Vec::new() };
+        let exits = site.returns.as_deref().unwrap_or_default().iter().map(|r| &r.redirect);
+        std::iter::once(&entry.redirect).chain(exits).map(|r| JumpSummary { at: r.at, pinned: r.pinned }).collect()
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -519,12 +600,18 @@ fn report(
         stop: match reason {
             StopReason::Signal(s) => format!("signal {s}"),
             StopReason::Duration => "duration".into(),
-            StopReason::TargetExited => "target exited".into(),
+            StopReason::TargetExited(status) => format!("target {}", describe_exit(status)),
         },
         sites: sites
             .iter()
             .zip(&totals.sites)
-            .map(|(s, c)| SiteSummary { name: &s.name, verdict: s.verdict(), entries: c.entries, returns: c.returns })
+            .map(|(s, c)| SiteSummary {
+                name: &s.name,
+                verdict: s.verdict(),
+                entries: c.entries,
+                returns: c.returns,
+                jumps: JumpSummary::of(s),
+            })
             .collect(),
         records: totals.records,
         tickets: totals.tickets,

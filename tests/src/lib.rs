@@ -102,6 +102,15 @@ impl Proc {
         }
     }
 
+    /// Collects the lines that arrive within `time` (or until both streams end): what a
+    /// process that was reaped elsewhere printed.
+    pub fn drain(&mut self, time: Duration) {
+        let deadline = Instant::now() + time;
+        while let Ok(l) = self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            self.seen.push(l);
+        }
+    }
+
     /// The value after `prefix ` in the first such stdout line.
     pub fn value(&self, prefix: &str) -> Option<String> {
         self.seen.iter().find(|(e, l)| !e && l.starts_with(prefix)).map(|(_, l)| l[prefix.len()..].trim().to_string())
@@ -182,6 +191,11 @@ pub fn start_inject_env(args: &[String], env: &[(&str, &str)], wait_installed: b
 /// The text (code) bytes of a live process compared with its executable file: returns
 /// the first differing address, if any.
 pub fn text_differs_from_file(pid: i32, exe: &Path) -> Result<Option<u64>> {
+    Ok(text_changes(pid, exe)?.first().map(|c| c.0))
+}
+
+/// Every run of changed bytes in a live process's text: (address, live bytes).
+pub fn text_changes(pid: i32, exe: &Path) -> Result<Vec<(u64, Vec<u8>)>> {
     let data = std::fs::read(exe)?;
     let bin = go_abi::GoBinary::parse(&data)?;
     let text = bin.text_range();
@@ -190,7 +204,20 @@ pub fn text_differs_from_file(pid: i32, exe: &Path) -> Result<Option<u64>> {
     let mut mem = vec![0u8; file.len()];
     let f = std::fs::File::open(format!("/proc/{pid}/mem"))?;
     std::os::unix::fs::FileExt::read_exact_at(&f, &mut mem, text.start + bias)?;
-    Ok(mem.iter().zip(file).position(|(a, b)| a != b).map(|i| text.start + bias + i as u64))
+    let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut prev = None;
+    for (i, (&m, &b)) in mem.iter().zip(file).enumerate() {
+        if m == b {
+            continue;
+        }
+        let at = text.start + bias + i as u64;
+        match runs.last_mut() {
+            Some(r) if prev == Some(i.wrapping_sub(1)) => r.1.push(m),
+            _ => runs.push((at, vec![m])),
+        }
+        prev = Some(i);
+    }
+    Ok(runs)
 }
 
 fn live_bias(pid: i32, bin: &go_abi::GoBinary<'_>) -> Result<u64> {

@@ -4,7 +4,7 @@
 //! dereferenced; R14 is the current g at every ABIInternal entry and return).
 
 use iced_x86::code_asm::*;
-use iced_x86::{BlockEncoderOptions, Code, IcedError, Instruction, MemoryOperand, Register};
+use iced_x86::{BlockEncoderOptions, Code, FlowControl, IcedError, Instruction, MemoryOperand, Register};
 use ring_abi::{CtxState, Kind, ParentKind, ctx, header, slot, span_ids};
 
 use crate::site::{EntryPatch, ReturnPatch};
@@ -15,6 +15,8 @@ pub enum CodegenError {
     Encode { at: u64, reason: String },
     #[error("ring at {ring:#x} is out of RIP-relative reach of trampoline at {at:#x}")]
     Reach { ring: u64, at: u64 },
+    #[error("the instructions to relocate for the trampoline at {at:#x} do not end with the function's RET")]
+    NoRet { at: u64 },
 }
 
 impl CodegenError {
@@ -965,6 +967,9 @@ pub fn entry_trampoline(
     ring: &RingAddrs,
     at: u64,
 ) -> Result<Trampoline, CodegenError> {
+    if patch.whole_body {
+        ends_with_ret(&patch.stolen, at)?;
+    }
     assemble(at, ring, |a| {
         if patch.stack_check {
             // The original check first: when it fails it branches to the function's own
@@ -973,22 +978,29 @@ pub fn entry_trampoline(
                 a.add_instruction(*i)?;
             }
             emit_capture(a, ring, site, Kind::Entry, entry_plan)?;
+        } else if patch.whole_body {
+            // The body, the return record, then the function's own RET.
+            emit_capture(a, ring, site, Kind::Entry, entry_plan)?;
+            for i in &patch.stolen {
+                if i.flow_control() == FlowControl::Return {
+                    emit_capture(a, ring, site, Kind::Return, return_plan)?;
+                }
+                a.add_instruction(*i)?;
+            }
+            return Ok(());
         } else {
             emit_capture(a, ring, site, Kind::Entry, entry_plan)?;
             for i in &patch.stolen {
                 a.add_instruction(*i)?;
             }
-            if patch.whole_body {
-                emit_capture(a, ring, site, Kind::Return, return_plan)?;
-            }
         }
-        // Back to the instruction after the last relocated one (the RET of a whole body).
-        a.jmp(patch.stolen.last().map_or(patch.redirect.at(), |i| i.next_ip()))
+        // Back to the instruction after the last relocated one.
+        a.jmp(patch.stolen.last().map_or(patch.redirect.at, |i| i.next_ip()))
     })
 }
 
-/// The return trampoline for `patch`: re-executes the epilogue instructions it replaced,
-/// records the results, and jumps to the RET.
+/// The return trampoline for `patch`: re-executes the epilogue instructions the jump
+/// replaced, records the results, and returns.
 pub fn return_trampoline(
     patch: &ReturnPatch,
     site: u32,
@@ -996,11 +1008,23 @@ pub fn return_trampoline(
     ring: &RingAddrs,
     at: u64,
 ) -> Result<Trampoline, CodegenError> {
+    ends_with_ret(&patch.insns, at)?;
     assemble(at, ring, |a| {
         for i in &patch.insns {
+            if i.flow_control() == FlowControl::Return {
+                emit_capture(a, ring, site, Kind::Return, plan)?;
+            }
             a.add_instruction(*i)?;
         }
-        emit_capture(a, ring, site, Kind::Return, plan)?;
-        a.jmp(patch.ret)
+        Ok(())
     })
+}
+
+/// A trampoline that returns itself must end with the RET it relocates (and have no other).
+fn ends_with_ret(insns: &[Instruction], at: u64) -> Result<(), CodegenError> {
+    let rets = insns.iter().filter(|i| i.flow_control() == FlowControl::Return).count();
+    match insns.last() {
+        Some(last) if rets == 1 && last.flow_control() == FlowControl::Return => Ok(()),
+        _ => Err(CodegenError::NoRet { at }),
+    }
 }

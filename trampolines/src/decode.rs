@@ -2,7 +2,6 @@
 //! `.text` (jump tables live in rodata), so every byte of `[entry, code_end)` is code.
 
 use std::collections::BTreeSet;
-use std::ops::Range;
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic};
 
@@ -25,8 +24,13 @@ pub struct Function {
     pub insns: Vec<Instruction>,
     /// Targets of direct branches inside the function.
     pub branch_targets: BTreeSet<u64>,
-    /// The trailing INT3 padding, usable for return stubs.
-    pub padding: Range<u64>,
+    /// The INT3 alignment bytes after the code. Never executed, so a jump at the end of
+    /// the code may overlap them; but no code may be placed there: the runtime maps these
+    /// PCs to this function while its pc-value tables end at `code_end`, so a signal
+    /// landing on code there makes the runtime throw ("invalid pc-encoded table").
+    pub padding: std::ops::Range<u64>,
+    /// The bytes of `[entry, code_end)`.
+    pub code: Vec<u8>,
 }
 
 impl Function {
@@ -61,12 +65,14 @@ impl Function {
             }
             insns.push(insn);
         }
-        // Padding: INT3s from the code end to the function end.
-        let pad_start =
-            code_end + bytes[(code_end - entry) as usize..].iter().take_while(|&&b| b != 0xcc).count() as u64;
-        let padding =
-            if bytes[(pad_start - entry) as usize..].iter().all(|&b| b == 0xcc) { pad_start..end } else { end..end };
-        Ok(Function { entry, code_end, end, insns, branch_targets, padding })
+        let int3s = bytes[code.len()..].iter().take_while(|&&b| b == 0xcc).count() as u64;
+        let padding = code_end..code_end + int3s;
+        Ok(Function { entry, code_end, end, insns, branch_targets, padding, code: code.to_vec() })
+    }
+
+    /// The original byte at `pc`, if it is code.
+    pub fn byte_at(&self, pc: u64) -> Option<u8> {
+        self.code.get(usize::try_from(pc.checked_sub(self.entry)?).ok()?).copied()
     }
 
     /// Index of the instruction starting at `pc`.

@@ -1,10 +1,22 @@
 //! Where a function may be patched, decided before anything is touched.
 //!
-//! A patch overwrites bytes that a thread or a parked goroutine might later resume in the
-//! middle of, which would execute garbage. So every patch covers either exactly one
-//! instruction (no interior instruction boundary), or instructions whose interior
-//! boundaries the pclntab marks unsafe for async preemption (the entry stack check), and
-//! never the target of a branch from elsewhere in the function.
+//! A patch is one 5-byte `JMP rel32` written at an instruction boundary. Two kinds of PC
+//! must stay sound for the Go runtime afterwards:
+//!
+//! - PCs a goroutine can resume at. Async preemption parks a goroutine at almost any
+//!   instruction of user code, its resume PC on its stack. An instruction that starts
+//!   inside the 5 bytes (an interior boundary) is such a PC unless the pclntab marks it
+//!   unsafe for preemption (the entry stack check). Where one is possible at the jump's
+//!   last byte, the jump is *punned*: its displacement's top byte is chosen equal to the
+//!   original byte there, so the instruction still decodes unchanged for anyone resuming at
+//!   it (this pins the trampoline to a 16 MiB window). Anything else is refused.
+//! - PCs a signal can land on. Every PC of the patched code is the start of an original
+//!   instruction, so the runtime's pc-value tables (unsafe points for preemption, SP deltas
+//!   for tracebacks and profiling) describe it. Nothing is ever written into the INT3
+//!   padding between functions: the runtime maps those PCs to the function before them,
+//!   but that function's tables end with its code, and a lookup there throws.
+//!
+//! Never the target of a branch from elsewhere in the function either.
 
 use std::ops::Range;
 
@@ -15,6 +27,9 @@ use crate::decode::Function;
 /// pclntab UnsafePoint values (`internal/abi`).
 const UNSAFE: i32 = -2;
 const RESTART_AT_ENTRY: i32 = -5;
+
+/// Length of the jump every patch writes.
+pub const JUMP_LEN: u64 = 5;
 
 /// Why a site cannot be patched safely.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -28,49 +43,54 @@ pub enum Refusal {
     #[error("the bytes to overwrite contain a {what} at {pc:#x}, which cannot be moved")]
     Unmovable { what: &'static str, pc: u64 },
     #[error(
-        "a goroutine could be preempted at {pc:#x}, inside the bytes a patch would overwrite, and there is no \
-         INT3 padding within reach for a 2-byte jump"
+        "a goroutine could be preempted at {pc:#x}, inside the 5 bytes an entry jump would overwrite, and the jump \
+         cannot be made to leave that instruction intact"
     )]
     ResumableInterior { pc: u64 },
     #[error("exit at {pc:#x} is a jump to another function (tail call)")]
     TailCall { pc: u64 },
-    #[error("exit at {pc:#x} has no patchable instruction before its RET (and no INT3 padding within reach)")]
+    #[error(
+        "exit at {pc:#x}: no 5-byte jump fits in the instructions before its RET without breaking one that a \
+         preempted goroutine could resume at"
+    )]
     ExitUnpatchable { pc: u64 },
     #[error("a branch at {from:#x} jumps straight to the RET at {to:#x}, past the return probe")]
     BranchToRet { from: u64, to: u64 },
 }
 
-/// How control is redirected from the original code to a trampoline.
+/// A `JMP rel32` at `at` to the trampoline, which re-executes the `len` bytes of whole
+/// instructions that start under the jump's 5 bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Redirect {
-    /// `JMP rel32` at `at`, over `len >= 5` bytes of whole instructions.
-    Rel32 { at: u64, len: usize },
-    /// `JMP rel8` at `at` over one instruction of `len` (2..=4) bytes, to a `JMP rel32`
-    /// stub written into the function's INT3 padding at `stub`.
-    Rel8Stub { at: u64, len: usize, stub: u64 },
+pub struct Redirect {
+    pub at: u64,
+    pub len: usize,
+    /// The original byte at `at + 4`, where an instruction starts that a parked goroutine
+    /// may resume at: the jump's displacement must end with it (see the module comment).
+    pub pinned: Option<u8>,
 }
 
+/// Lowest and highest+1 user-space addresses a trampoline can be mapped at.
+const USER: Range<u64> = 0x10000..0x7fff_ffff_f000;
+
 impl Redirect {
-    pub fn at(&self) -> u64 {
-        match *self {
-            Redirect::Rel32 { at, .. } | Redirect::Rel8Stub { at, .. } => at,
-        }
+    /// Where this jump's trampoline may be placed when its displacement is pinned: a
+    /// 16 MiB window, None when that lies outside user space.
+    pub fn pinned_window(&self) -> Option<Range<u64>> {
+        let b = self.pinned?;
+        let lo = i128::from(self.at + JUMP_LEN) + (i128::from(b as i8) << 24);
+        let hi = lo + (1 << 24);
+        let lo = lo.max(i128::from(USER.start));
+        let hi = hi.min(i128::from(USER.end));
+        (lo < hi).then_some(lo as u64..hi as u64)
     }
-    /// Bytes of original instructions the redirect replaces (the trampoline re-executes them).
-    pub fn len(&self) -> usize {
-        match *self {
-            Redirect::Rel32 { len, .. } | Redirect::Rel8Stub { len, .. } => len,
-        }
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// The `(address, length)` pieces a patch overwrites, for saving and restoring the
-    /// originals.
-    pub fn written(&self) -> Vec<(u64, usize)> {
-        match *self {
-            Redirect::Rel32 { at, .. } => vec![(at, 5)],
-            Redirect::Rel8Stub { at, stub, .. } => vec![(at, 2), (stub, 5)],
+
+    /// The jump's bytes to a trampoline at `tramp`; None when out of reach or when the
+    /// displacement breaks the pin.
+    pub fn jump(&self, tramp: u64) -> Option<[u8; 5]> {
+        let j = crate::jmp_rel32(self.at, tramp)?;
+        match self.pinned {
+            Some(b) if j[4] != b => None,
+            _ => Some(j),
         }
     }
 }
@@ -84,41 +104,25 @@ pub struct EntryPatch {
     /// The stolen bytes are the function's stack check: capture after it passes, so a
     /// call that grows the stack (and re-enters through morestack) is recorded once.
     pub stack_check: bool,
-    /// `stolen` is the whole body of a straight-line leaf up to its RET: the trampoline
+    /// `stolen` is the whole body of a straight-line leaf, its RET last: the trampoline
     /// records the return too, and the function needs no return patches.
     pub whole_body: bool,
 }
 
-/// A return patch: one epilogue instruction is overwritten; the trampoline re-executes it
-/// and the instructions after it up to the RET (`POPQ BP` in go1.21+ epilogues), so the
-/// record is taken with the stack pointer the function returns with.
+/// A return patch: the jump covers the last instructions before a RET; the trampoline
+/// re-executes them (`ADDQ $n, SP; POPQ BP` in go1.21+ epilogues), records the results with
+/// the stack pointer the function returns with, and returns itself (the jump may cover
+/// the RET).
 #[derive(Debug, Clone)]
 pub struct ReturnPatch {
+    /// The relocated instructions, the RET last.
     pub insns: Vec<Instruction>,
-    pub ret: u64,
     pub redirect: Redirect,
 }
 
-/// Hands out 5-byte stubs from a function's INT3 padding.
-#[derive(Debug, Clone)]
-pub struct Padding {
-    free: Range<u64>,
-}
-
-impl Padding {
-    pub fn new(f: &Function) -> Self {
-        Padding { free: f.padding.clone() }
-    }
-
-    /// A 5-byte stub reachable by a `JMP rel8` placed at `from`.
-    fn take_within_rel8(&mut self, from: u64) -> Option<u64> {
-        let stub = self.free.start;
-        if self.free.end - self.free.start < 5 {
-            return None;
-        }
-        crate::jmp_rel8(from, stub)?;
-        self.free.start += 5;
-        Some(stub)
+impl ReturnPatch {
+    pub fn ret(&self) -> u64 {
+        self.insns.last().map_or(self.redirect.at, Instruction::ip)
     }
 }
 
@@ -193,17 +197,44 @@ fn branch_into(f: &Function, range: Range<u64>) -> Option<(u64, u64)> {
     })
 }
 
-/// Decides the entry patch. `unsafe_point(pc)` is the pclntab UnsafePoint value at `pc`.
+/// The jump at instruction `first`: the instructions it covers (those starting under its
+/// 5 bytes), or the first interior boundary that would be broken. `resumable(pc)`: a
+/// goroutine may resume at this instruction start. The jump may overlap padding, which is
+/// never executed, but not run past it.
+fn jump_at(f: &Function, first: usize, resumable: impl Fn(u64) -> bool) -> Result<(Redirect, usize), u64> {
+    let at = f.insns[first].ip();
+    let end = at + JUMP_LEN;
+    if end > f.padding.end {
+        return Err(at);
+    }
+    let n = f.insns[first..].iter().take_while(|i| i.ip() < end).count();
+    let len = (f.insns[first + n - 1].next_ip() - at) as usize;
+    let pinned = match f.insns[first + 1..first + n].iter().find(|i| resumable(i.ip())) {
+        None => None,
+        Some(i) if i.ip() == at + 4 => Some(f.byte_at(i.ip()).ok_or(i.ip())?),
+        Some(i) => return Err(i.ip()),
+    };
+    let r = Redirect { at, len, pinned };
+    if pinned.is_some() && r.pinned_window().is_none() {
+        return Err(at + 4);
+    }
+    Ok((r, n))
+}
+
+fn resumable(unsafe_point: impl Fn(u64) -> i32) -> impl Fn(u64) -> bool {
+    move |pc| !matches!(unsafe_point(pc), UNSAFE | RESTART_AT_ENTRY)
+}
+
+/// Decides the entry patch. `unsafe_point(pc)` is the pclntab UnsafePoint value at `pc`
+/// (UNSAFE everywhere for a function the runtime never preempts asynchronously).
 ///
-/// Only the bytes the redirect overwrites must be free of resumable interior boundaries;
+/// Only the bytes the jump overwrites must be free of resumable interior boundaries;
 /// the trampoline may relocate more (the rest of the stack check) while the originals stay
 /// intact for anyone resuming there.
-pub fn entry_patch(
-    f: &Function,
-    padding: &mut Padding,
-    unsafe_point: impl Fn(u64) -> i32,
-) -> Result<EntryPatch, Refusal> {
-    let first = f.insns.first().ok_or(Refusal::TooShort { len: f.code_end - f.entry })?;
+pub fn entry_patch(f: &Function, unsafe_point: impl Fn(u64) -> i32) -> Result<EntryPatch, Refusal> {
+    if f.insns.is_empty() {
+        return Err(Refusal::TooShort { len: f.code_end - f.entry });
+    }
     let check = stack_check_len(&f.insns);
     // A loop back to the entry would fire the probe on every iteration; morestack's
     // jump back to the entry is the exception, handled by capturing after the check.
@@ -222,33 +253,14 @@ pub fn entry_patch(
         }
     };
 
-    // What to overwrite: whole instructions covering 5 bytes, or one instruction of 2+
-    // bytes with a stub in the padding.
-    let mut n = 0;
-    let mut len = 0;
-    while len < 5 && n < f.insns.len() {
-        len += f.insns[n].len();
-        n += 1;
-    }
-    let interior_ok =
-        |k: usize| f.insns[1..k].iter().all(|i| matches!(unsafe_point(i.ip()), UNSAFE | RESTART_AT_ENTRY));
-    let redirect = if len >= 5 && interior_ok(n) {
-        if let Some((from, to)) = branch_into(f, f.entry..f.entry + len as u64) {
-            return Err(Refusal::BranchIntoPatch { from, to });
-        }
-        Redirect::Rel32 { at: f.entry, len }
-    } else if first.len() >= 2
-        && let Some(stub) = padding.take_within_rel8(f.entry)
-    {
-        n = 1;
-        Redirect::Rel8Stub { at: f.entry, len: first.len(), stub }
-    } else if len < 5 {
-        return Err(Refusal::TooShort { len: len as u64 });
-    } else {
-        return Err(Refusal::ResumableInterior {
-            pc: f.insns[1..n].iter().find(|i| unsafe_point(i.ip()) != UNSAFE).map_or(f.entry, |i| i.ip()),
-        });
+    let (redirect, n) = match jump_at(f, 0, resumable(&unsafe_point)) {
+        Ok(j) => j,
+        Err(pc) if pc == f.entry => return Err(Refusal::TooShort { len: f.padding.end - f.entry }),
+        Err(pc) => return Err(Refusal::ResumableInterior { pc }),
     };
+    if let Some((from, to)) = branch_into(f, f.entry..f.entry + redirect.len as u64) {
+        return Err(Refusal::BranchIntoPatch { from, to });
+    }
 
     // A straight-line leaf (no branches, one RET): the trampoline runs the whole body and
     // records both entry and return.
@@ -259,10 +271,8 @@ pub fn entry_patch(
         && last.mnemonic() == Mnemonic::Ret
         && f.insns[..f.insns.len() - 1].iter().all(|i| unmovable(i).is_none() && i.flow_control() == FlowControl::Next)
     {
-        let body = f.insns[..f.insns.len() - 1].to_vec();
-        if body.len() >= n {
-            return Ok(EntryPatch { stolen: body, redirect, stack_check: false, whole_body: true });
-        }
+        // The trampoline executes the RET too: the jump may cover it.
+        return Ok(EntryPatch { stolen: f.insns.clone(), redirect, stack_check: false, whole_body: true });
     }
 
     let relocate = check.map_or(n, |c| c.max(n));
@@ -272,66 +282,179 @@ pub fn entry_patch(
 }
 
 /// Decides a patch for every exit, or the reason the function must be entry-only.
-pub fn return_patches(f: &Function, padding: &mut Padding) -> Result<Vec<ReturnPatch>, Refusal> {
-    return_patches_with(f, padding, false)
-}
-
-/// [`return_patches`]; with `never_preempted` (a function the runtime never stops
-/// asynchronously, such as the runtime's own), an epilogue of several short instructions
-/// (`ADDQ $n, SP; POPQ BP`) may be overwritten whole by a `JMP rel32`: no goroutine can
-/// be parked between them.
-pub fn return_patches_with(
-    f: &Function,
-    padding: &mut Padding,
-    never_preempted: bool,
-) -> Result<Vec<ReturnPatch>, Refusal> {
+/// `unsafe_point` as for [`entry_patch`].
+///
+/// Each exit's jump goes over the last few straight-line instructions before its RET;
+/// the trampoline re-executes them (`ADDQ $n, SP; POPQ BP` in go1.21+ epilogues), so the
+/// record is taken with the stack pointer the function returns with.
+pub fn return_patches(f: &Function, unsafe_point: impl Fn(u64) -> i32) -> Result<Vec<ReturnPatch>, Refusal> {
     if let Some(j) = f.tail_jumps().next() {
         return Err(Refusal::TailCall { pc: j.ip() });
     }
+    let resumable = resumable(unsafe_point);
     let mut out = Vec::new();
     for (idx, ret) in f.rets() {
         let ret_pc = ret.ip();
-        if let Some(from) =
-            f.insns.iter().find(|i| i.near_branch_target() == ret_pc && i.flow_control() != FlowControl::Call)
-        {
-            return Err(Refusal::BranchToRet { from: from.ip(), to: ret_pc });
+        // The RET itself when padding follows it; else walk back from the RET over at most
+        // four straight-line instructions, none after the jump's start a branch target (a
+        // jump there would skip the probe), and none past the RET under the jump. An
+        // unpinned jump is preferred.
+        let mut chosen: Option<(usize, Redirect)> = None;
+        for back in 0..=4 {
+            let Some(first) = idx.checked_sub(back) else { break };
+            if back > 0 && (unmovable(&f.insns[first]).is_some() || f.branch_targets.contains(&f.insns[first + 1].ip()))
+            {
+                break;
+            }
+            let Ok((r, n)) = jump_at(f, first, &resumable) else { continue };
+            if first + n > idx + 1 {
+                continue;
+            }
+            if chosen.is_none() || r.pinned.is_none() {
+                chosen = Some((first, r));
+            }
+            if r.pinned.is_none() {
+                break;
+            }
         }
-        // Walk back from the RET over at most three straight-line instructions to one of
-        // two bytes or more; none after it may be a branch target (a jump there would
-        // skip the probe).
-        let mut chosen = None;
-        for back in 1..=3 {
-            let Some(i) = idx.checked_sub(back).map(|p| f.insns[p]) else { break };
-            if unmovable(&i).is_some() {
-                break;
+        let Some((first, redirect)) = chosen else {
+            if let Some(from) =
+                f.insns.iter().find(|i| i.near_branch_target() == ret_pc && i.flow_control() != FlowControl::Call)
+            {
+                return Err(Refusal::BranchToRet { from: from.ip(), to: ret_pc });
             }
-            if i.len() >= 2 {
-                chosen = Some(idx - back);
-                break;
-            }
-            if f.branch_targets.contains(&i.ip()) {
-                break;
-            }
-        }
-        let Some(first) = chosen else {
             return Err(Refusal::ExitUnpatchable { pc: ret_pc });
         };
-        let prev = f.insns[first];
-        let redirect = if prev.len() >= 5 {
-            Redirect::Rel32 { at: prev.ip(), len: prev.len() }
-        } else if let Some(stub) = padding.take_within_rel8(prev.ip()) {
-            Redirect::Rel8Stub { at: prev.ip(), len: prev.len(), stub }
-        } else if never_preempted && ret_pc - prev.ip() >= 5 {
-            Redirect::Rel32 { at: prev.ip(), len: (ret_pc - prev.ip()) as usize }
-        } else {
-            return Err(Refusal::ExitUnpatchable { pc: ret_pc });
-        };
-        let insns = f.insns[first..idx].to_vec();
-        out.push(ReturnPatch { insns, ret: ret_pc, redirect });
+        out.push(ReturnPatch { insns: f.insns[first..=idx].to_vec(), redirect });
     }
     if out.is_empty() {
         // No RET at all: a function that never returns (it panics or loops forever).
         return Err(Refusal::ExitUnpatchable { pc: f.entry });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use iced_x86::code_asm::*;
+
+    use super::*;
+
+    const AT: u64 = 0x40_1000;
+
+    /// Assembles `body` at `AT`, then INT3 padding up to 32 bytes.
+    fn func(body: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Function {
+        let mut a = CodeAssembler::new(64).unwrap();
+        body(&mut a).unwrap();
+        let mut code = a.assemble(AT).unwrap();
+        let code_end = AT + code.len() as u64;
+        code.resize(code.len().next_multiple_of(32), 0xcc);
+        Function::decode(&code, AT, Some(code_end)).unwrap()
+    }
+
+    /// A preemptible function: only its first instruction is unsafe.
+    fn preemptible(pc: u64) -> i32 {
+        if pc == AT { UNSAFE } else { -1 }
+    }
+
+    #[test]
+    fn go_epilogue_exit_is_punned_on_pop_bp() {
+        // Go 1.21+: CMPQ SP, 16(R14); JLS; PUSHQ BP; MOVQ SP, BP; SUBQ; ...; ADDQ $0x18, SP; POPQ BP; RET
+        let f = func(|a| {
+            let mut more = a.create_label();
+            a.cmp(rsp, qword_ptr(r14 + 16))?;
+            a.jbe(more)?;
+            a.push(rbp)?;
+            a.mov(rbp, rsp)?;
+            a.sub(rsp, 0x18)?;
+            a.call(0x40_2000u64)?;
+            a.add(rsp, 0x18)?;
+            a.pop(rbp)?;
+            a.ret()?;
+            a.set_label(&mut more)?;
+            a.int3()
+        });
+        // The stack check is unsafe for preemption: its interior needs no pin.
+        let e = entry_patch(&f, |pc| if pc < AT + 6 { UNSAFE } else { -1 }).unwrap();
+        assert_eq!((e.redirect.at, e.redirect.len, e.redirect.pinned), (AT, 6, None));
+        let rets = return_patches(&f, preemptible).unwrap();
+        assert_eq!(rets.len(), 1);
+        let r = rets[0].redirect;
+        // ADDQ (4 bytes) then POPQ BP (0x5d) under the jump's last byte.
+        assert_eq!((r.len, r.pinned), (5, Some(0x5d)));
+        assert_eq!(rets[0].insns.len(), 3, "ADDQ, POPQ, RET relocated");
+        let w = r.pinned_window().unwrap();
+        assert_eq!(w.start, r.at + 5 + 0x5d00_0000);
+        assert_eq!(w.end - w.start, 1 << 24);
+        // Only a trampoline in the window gives a jump, and its last byte is the POPQ.
+        assert_eq!(r.jump(w.start).unwrap()[4], 0x5d);
+        assert_eq!(r.jump(w.end - 1).unwrap()[4], 0x5d);
+        assert!(r.jump(w.end).is_none() && r.jump(w.start - 1).is_none() && r.jump(r.at + 0x1000).is_none());
+        // A function the runtime never preempts needs no pin.
+        let rets = return_patches(&f, |_| UNSAFE).unwrap();
+        assert_eq!(rets[0].redirect.pinned, None);
+    }
+
+    #[test]
+    fn last_ret_before_padding_takes_the_jump_itself() {
+        // A leaf with a branch to its RET: the jump goes over the RET and the padding after it.
+        let f = func(|a| {
+            let mut out = a.create_label();
+            a.test(rax, rax)?;
+            a.je(out)?;
+            a.add(rax, rbx)?;
+            a.set_label(&mut out)?;
+            a.ret()
+        });
+        let rets = return_patches(&f, preemptible).unwrap();
+        let r = rets[0].redirect;
+        assert_eq!((r.at, r.len, r.pinned), (f.code_end - 1, 1, None));
+        assert_eq!(rets[0].insns.len(), 1);
+    }
+
+    #[test]
+    fn nothing_is_placed_in_padding_and_unsafe_interiors_are_refused() {
+        // A 4-byte preemptible leaf: any jump would break the RET at +3 for a goroutine
+        // parked there, and nothing may go into the padding.
+        let f = func(|a| {
+            a.add(rax, rbx)?;
+            a.ret()
+        });
+        assert!(matches!(entry_patch(&f, preemptible), Err(Refusal::ResumableInterior { pc }) if pc == AT + 3));
+        // Never preempted: the jump covers the body, the RET and padding, and the trampoline
+        // runs all of it.
+        let e = entry_patch(&f, |_| UNSAFE).unwrap();
+        assert!(e.whole_body && e.redirect.pinned.is_none());
+        assert_eq!(e.stolen.last().map(|i| i.mnemonic()), Some(Mnemonic::Ret));
+
+        // `XORL AX, AX; POPQ BP; RET`: the interior POPQ at +2 cannot be pinned.
+        let f = func(|a| {
+            a.push(rbp)?;
+            a.mov(rbp, rsp)?;
+            a.call(0x40_2000u64)?;
+            a.xor(eax, eax)?;
+            a.pop(rbp)?;
+            a.ret()?;
+            a.int3()?;
+            a.int3()
+        });
+        assert!(matches!(return_patches(&f, preemptible), Err(Refusal::ExitUnpatchable { .. })));
+    }
+
+    #[test]
+    fn pins_that_point_below_user_space_are_refused() {
+        // `MOVQ 8(AX), CX` (4 bytes) then RET: the pin would be 0xc3, a displacement of about
+        // -1 GiB, below address zero for code at 4 MiB.
+        let f = func(|a| {
+            a.push(rbp)?;
+            a.call(0x40_2000u64)?;
+            a.mov(rcx, qword_ptr(rax + 8))?;
+            a.ret()?;
+            a.int3()?;
+            a.int3()
+        });
+        let r = Redirect { at: AT, len: 5, pinned: Some(0xc3) };
+        assert!(r.pinned_window().is_none());
+        assert!(matches!(return_patches(&f, preemptible), Err(Refusal::ExitUnpatchable { .. })));
+    }
 }

@@ -6,8 +6,8 @@ use iced_x86::code_asm::*;
 use ring_abi::{Kind, Layout, header, ring as sub, slot};
 use trampolines::codegen::ByteCopy;
 use trampolines::codegen::{RingSelect, entry_trampoline, return_trampoline};
-use trampolines::site::{Padding, entry_patch, return_patches};
-use trampolines::{CapturePlan, Function, Redirect, RingAddrs, jmp_rel8, jmp_rel32};
+use trampolines::site::{entry_patch, return_patches};
+use trampolines::{CapturePlan, Function, Redirect, RingAddrs};
 
 const GOID_OFF: u32 = 152;
 
@@ -23,6 +23,15 @@ impl Mem {
         let ptr =
             unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
         assert_ne!(ptr, libc::MAP_FAILED);
+        Mem { ptr: ptr.cast(), len }
+    }
+    /// A page-aligned executable mapping at exactly `at`.
+    fn map_at(at: u64, len: usize) -> Mem {
+        let prot = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE;
+        // SAFETY: a fresh anonymous mapping that replaces nothing, checked below.
+        let ptr = unsafe { libc::mmap(at as *mut libc::c_void, len, prot, flags, -1, 0) };
+        assert_eq!(ptr as u64, at, "mapping a page at {at:#x}");
         Mem { ptr: ptr.cast(), len }
     }
     fn addr(&self) -> u64 {
@@ -113,6 +122,8 @@ fn go_function(at: u64, frame: i32) -> Vec<u8> {
 
 struct Rig {
     _code: Mem,
+    /// Pages holding the trampolines of punned jumps.
+    _punned: Vec<Mem>,
     ring: Mem,
     g: Box<[u64; 64]>,
     _m: Box<[u64; 64]>,
@@ -159,11 +170,13 @@ fn rig_with_plans(
     let bytes = build(func);
     code.write(func, &bytes);
     let f = Function::decode(&bytes, func, None).unwrap();
-    let mut pad = Padding::new(&f);
-    let entry = entry_patch(&f, &mut pad, |pc| if pc == func { -1 } else { -2 }).unwrap();
+    // With a stack check: every boundary after the check is resumable, as in preemptible Go
+    // code. Without: a leaf the runtime never preempts (no locals pointer map).
+    let unsafe_point = |pc| if !stack_check || pc < func + 6 { -2 } else { -1 };
+    let entry = entry_patch(&f, unsafe_point).unwrap();
     assert_eq!(entry.stack_check, stack_check);
-    assert_eq!(entry.whole_body, !stack_check);
-    let rets = if entry.whole_body { Vec::new() } else { return_patches(&f, &mut pad).unwrap() };
+    assert_eq!(entry.whole_body, !stack_check && f.branch_targets.is_empty());
+    let rets = if entry.whole_body { Vec::new() } else { return_patches(&f, unsafe_point).unwrap() };
     // Writers pick their sub-ring by the P their thread holds: g.m.p.id = 1.
     let addrs = RingAddrs {
         base: ring.addr(),
@@ -173,23 +186,34 @@ fn rig_with_plans(
         select: RingSelect::ByP { g_m: 48, m_p: 208, p_id: 0 },
     };
     let next = std::cell::Cell::new(func + 0x1000);
-    let install = |tramp: trampolines::Trampoline, redirect: Redirect| {
-        code.write(tramp.at, &tramp.code);
-        next.set(next.get() + (tramp.code.len() as u64).next_multiple_of(16));
-        match redirect {
-            Redirect::Rel32 { at, .. } => code.write(at, &jmp_rel32(at, tramp.at).unwrap()),
-            Redirect::Rel8Stub { at, stub, .. } => {
-                code.write(stub, &jmp_rel32(stub, tramp.at).unwrap());
-                code.write(at, &jmp_rel8(at, stub).unwrap());
-            }
+    let punned = std::cell::RefCell::new(Vec::new());
+    // Where the trampoline for `redirect` goes: after the last one, or for a punned jump in
+    // a page of its own inside the window its pinned byte allows.
+    let place = |redirect: &Redirect| match redirect.pinned_window() {
+        None => next.get(),
+        Some(w) => {
+            let m = Mem::map_at(w.start.next_multiple_of(4096), 4096);
+            let at = m.addr();
+            punned.borrow_mut().push(m);
+            at
         }
     };
-    let t = entry_trampoline(&entry, 7, plan, return_plan, &addrs, next.get()).unwrap();
+    let install = |tramp: trampolines::Trampoline, redirect: Redirect| {
+        let area = punned.borrow();
+        let mem = area.iter().find(|m| m.addr() == tramp.at).unwrap_or(&code);
+        mem.write(tramp.at, &tramp.code);
+        if mem.addr() != tramp.at {
+            next.set(next.get() + (tramp.code.len() as u64).next_multiple_of(16));
+        }
+        code.write(redirect.at, &redirect.jump(tramp.at).expect("the trampoline is where the jump can reach"));
+    };
+    let t = entry_trampoline(&entry, 7, plan, return_plan, &addrs, place(&entry.redirect)).unwrap();
     install(t, entry.redirect);
     for r in &rets {
-        let t = return_trampoline(r, 8, return_plan, &addrs, next.get()).unwrap();
+        let t = return_trampoline(r, 8, return_plan, &addrs, place(&r.redirect)).unwrap();
         install(t, r.redirect);
     }
+    let punned = punned.into_inner();
     let mut g = Box::new([0u64; 64]);
     let mut m = Box::new([0u64; 64]);
     let p = Box::new([1u64, 0, 0, 0]);
@@ -197,7 +221,7 @@ fn rig_with_plans(
     g[GOID_OFF as usize / 8] = 4242;
     m[208 / 8] = p.as_ptr() as u64;
     g[48 / 8] = m.as_ptr() as u64;
-    Rig { _code: code, ring, g, _m: m, _p: p, layout, func }
+    Rig { _code: code, _punned: punned, ring, g, _m: m, _p: p, layout, func }
 }
 
 fn regs_for(r: &Rig) -> [u64; NREGS] {
@@ -304,6 +328,49 @@ fn straight_line_leaf_records_entry_and_return() {
         let got = u64_at(m, s + slot::INTS);
         let want = if kind == Kind::Entry { t / 2 } else { (t / 2).wrapping_add(regs_for(&r)[1]) };
         assert_eq!(got, want);
+    }
+}
+
+/// `if a != 0 { a += b }; return a`: a leaf whose only exit is its RET, followed by padding.
+fn branchy_leaf(at: u64) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut out = a.create_label();
+    a.test(rax, rax).unwrap();
+    a.je(out).unwrap();
+    a.add(rax, rbx).unwrap();
+    a.set_label(&mut out).unwrap();
+    a.ret().unwrap();
+    let mut code = a.assemble(at).unwrap();
+    code.resize(32, 0xcc);
+    code
+}
+
+#[test]
+fn exit_jump_over_the_ret_and_padding() {
+    let r = rig_with(16, branchy_leaf, false, &CapturePlan::all());
+    for call in 0..4u64 {
+        let mut regs = regs_for(&r);
+        regs[0] = call;
+        let before = regs;
+        // SAFETY: as above.
+        unsafe { call_with(&mut regs) };
+        assert_eq!(regs[0], if call == 0 { 0 } else { call.wrapping_add(before[1]) });
+        assert_eq!(regs[1..12], before[1..12]);
+        assert_eq!(regs[13..21], before[13..21]);
+    }
+    let m = r.ring.bytes();
+    let recs = published(&r);
+    assert_eq!(recs.len(), 8, "an entry and a return per call, on both paths");
+    for (t, &s) in recs.iter().enumerate() {
+        let kind = Kind::from_u8(m[s + slot::KIND]).unwrap();
+        assert_eq!(kind, if t % 2 == 0 { Kind::Entry } else { Kind::Return });
+        let call = t as u64 / 2;
+        let want = match kind {
+            Kind::Entry => call,
+            _ if call == 0 => 0,
+            _ => call.wrapping_add(regs_for(&r)[1]),
+        };
+        assert_eq!(u64_at(m, s + slot::INTS), want, "RAX of {kind:?} {call}");
     }
 }
 
