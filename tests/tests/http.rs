@@ -425,7 +425,23 @@ fn attach_and_detach_under_load_fail_no_request() -> Result<()> {
     let result = stdout.lines().find(|l| l.starts_with("RESULT ")).context("RESULT")?;
     ensure!(out.status.success() && result.contains(" errors=0 ") && result.contains(" unexpected=0 "), "{stdout}");
     ensure!(rx.span_count() > 0, "no spans while attached");
-    eprintln!("{rounds} attach/detach rounds under load: {result}");
+    // Every attach lands in the middle of requests on keep-alive connections: the calls in
+    // progress must not shift the pairing of the ones after them.
+    let spans = rx.spans();
+    let servers: Vec<&Received> = spans.iter().filter(|s| s.span.kind == SERVER).collect();
+    let broken: Vec<&&Received> =
+        servers.iter().filter(|s| s.duration_ns() == 0 || s.attr_str("http.route").is_none()).collect();
+    ensure!(
+        broken.is_empty(),
+        "{} of {} server spans have no duration or no route, e.g. {:?}",
+        broken.len(),
+        servers.len(),
+        broken.first().map(|s| (&s.span.name, s.duration_ns(), s.attr_str("http.route")))
+    );
+    eprintln!(
+        "{rounds} attach/detach rounds under load: {result}; {} server spans, all timed and routed",
+        servers.len()
+    );
     for mut p in [front, back] {
         p.signal(15);
         ensure!(p.wait(LIMIT)?.success(), "server failed after detaching:\n{}", p.transcript());
