@@ -38,6 +38,35 @@ pub struct Patch {
     pub interior: std::ops::Range<u64>,
 }
 
+/// Where a window's stopped time went.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct PauseParts {
+    /// Seizing every thread and waiting for each to stop (under CPU contention a thread
+    /// must be scheduled to stop).
+    pub stop_ms: f64,
+    /// The window's own work: injected syscalls, or checks and writes.
+    pub work_ms: f64,
+    /// Times the world ran on for a millisecond because a thread was inside a patch site
+    /// or a signal handler.
+    pub retries: usize,
+    /// Letting every thread go.
+    pub resume_ms: f64,
+}
+
+impl PauseParts {
+    /// One line for users when a pause was long.
+    pub fn describe(&self) -> String {
+        format!(
+            "stopping threads {:.1} ms, work {:.1} ms ({} retries), resuming {:.1} ms",
+            self.stop_ms, self.work_ms, self.retries, self.resume_ms
+        )
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 /// What an installation put into the target.
 pub struct Installation {
     pub pid: i32,
@@ -54,6 +83,9 @@ pub struct Installation {
     pub threads: usize,
     /// How long the world stood still to write the trampolines and redirects.
     pub pause: Duration,
+    /// Where that time went, and where the earlier window's went.
+    pub pause_parts: PauseParts,
+    pub prepare_parts: PauseParts,
     /// Slots per sub-ring initialised at install; the collector does the rest.
     pub eager_slots: u64,
     /// How long the world stood still earlier, to create the memory.
@@ -227,6 +259,7 @@ pub fn install(
     // Pauses are measured from before the first thread stops to after the last resumes.
     let started = Instant::now();
     let mut s = Session::attach(pid)?;
+    let mut prepare_parts = PauseParts { stop_ms: ms(started.elapsed()), ..PauseParts::default() };
     let mut maps = mappings(pid)?;
     let base = find_gap(&maps, text.clone(), lens[0] + PAGE + ring_len)
         .context("no free address range within ±2 GiB of the target's code for trampolines")?;
@@ -249,7 +282,10 @@ pub fn install(
     if memory.is_err() {
         cleanup.undo(&mut s, tid, gadget);
     }
+    prepare_parts.work_ms = ms(started.elapsed()) - prepare_parts.stop_ms;
+    let resuming = Instant::now();
     s.detach()?;
+    prepare_parts.resume_ms = ms(resuming.elapsed());
     let prepare_pause = started.elapsed();
     let file = File::from(memory?);
     // SAFETY: a shared mapping of the memfd; the target writes it concurrently, and
@@ -267,6 +303,7 @@ pub fn install(
     // Window 2: code and redirects. If the target is gone, nothing of ours is in use.
     let started = Instant::now();
     let mut s = Session::attach(pid)?;
+    let mut pause_parts = PauseParts { stop_ms: ms(started.elapsed()), ..PauseParts::default() };
     let result = (|| -> Result<()> {
         for (c, &(at, _)) in code.iter().zip(&areas) {
             s.write(at, c).context("writing trampolines")?;
@@ -284,7 +321,7 @@ pub fn install(
             );
             p.original = cur;
         }
-        wait_for_safe_threads(&mut s, &patches)?;
+        pause_parts.retries = wait_for_safe_threads(&mut s, &patches)?;
         // Enable capture, then redirect.
         ring_map[header::ENABLED] = 1;
         let mut written: Vec<&Patch> = Vec::new();
@@ -304,7 +341,10 @@ pub fn install(
         let tid = s.threads().first().copied().unwrap_or(pid);
         cleanup.undo(&mut s, tid, gadget);
     }
+    pause_parts.work_ms = ms(started.elapsed()) - pause_parts.stop_ms;
+    let resuming = Instant::now();
     s.detach()?;
+    pause_parts.resume_ms = ms(resuming.elapsed());
     let pause = started.elapsed();
     result?;
     Ok(Installation {
@@ -318,6 +358,8 @@ pub fn install(
         installed,
         threads,
         pause,
+        pause_parts,
+        prepare_parts,
         eager_slots,
         prepare_pause,
         gadget,
@@ -506,8 +548,9 @@ impl Cleanup {
 /// Waits (letting the world run briefly between looks) until no thread is executing
 /// inside bytes about to change and none is inside a signal handler (whose saved context
 /// could resume there).
-fn wait_for_safe_threads(s: &mut Session, patches: &[Patch]) -> Result<()> {
-    for _ in 0..SAFE_POINT_ATTEMPTS {
+/// Returns how many times it let the world run.
+fn wait_for_safe_threads(s: &mut Session, patches: &[Patch]) -> Result<usize> {
+    for attempt in 0..SAFE_POINT_ATTEMPTS {
         let mut blocked = None;
         for tid in s.threads() {
             let rip = s.regs(tid)?.rip;
@@ -521,7 +564,7 @@ fn wait_for_safe_threads(s: &mut Session, patches: &[Patch]) -> Result<()> {
             }
         }
         match blocked {
-            None => return Ok(()),
+            None => return Ok(attempt),
             Some(_) => s.resume_briefly(Duration::from_millis(1))?,
         }
     }

@@ -95,6 +95,9 @@ impl RunArgs {
     }
 }
 
+/// Stop-the-world pauses longer than this are explained on stderr.
+const LONG_PAUSE_MS: u64 = 10;
+
 pub fn run(args: &RunArgs) -> Result<()> {
     let planning_a_program = args.dry_run && !args.command.is_empty();
     if args.pid.is_none() && args.exe.is_none() && !planning_a_program {
@@ -186,7 +189,7 @@ pub fn died(status: Option<i32>) -> Option<String> {
         return None;
     }
     let hint = if libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 2 {
-        " (how Go exits on a fatal error or an unrecovered panic: its stderr says which)"
+        " (Go exits 2 on a fatal error, an unrecovered panic or a flag error: its stderr says which)"
     } else {
         ""
     };
@@ -382,6 +385,14 @@ fn start_tracing(
         inst.pause.as_secs_f64() * 1e3,
         inst.prepare_pause.as_secs_f64() * 1e3
     );
+    // A long pause is worth explaining: it is the target's latency.
+    for (what, pause, parts) in
+        [("install", inst.pause, inst.pause_parts), ("memory", inst.prepare_pause, inst.prepare_parts)]
+    {
+        if pause > Duration::from_millis(LONG_PAUSE_MS) {
+            eprintln!("inject: the {what} pause took {:.1} ms: {}", pause.as_secs_f64() * 1e3, parts.describe());
+        }
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let reader = inst.reader(sites.iter().map(|s| [s.on_entry.plan.data_len(), s.on_return.plan.data_len()]).collect());
     let metas = sites
@@ -579,6 +590,8 @@ struct Summary<'a> {
     output_errors: u64,
     install_pause_ms: f64,
     prepare_pause_ms: f64,
+    install_pause: install::PauseParts,
+    prepare_pause: install::PauseParts,
     remove_pause_ms: Option<f64>,
     restored: Option<usize>,
     unmapped: Option<bool>,
@@ -630,6 +643,8 @@ fn report(
         corrupt: totals.corrupt,
         install_pause_ms: inst.pause.as_secs_f64() * 1e3,
         prepare_pause_ms: inst.prepare_pause.as_secs_f64() * 1e3,
+        install_pause: inst.pause_parts,
+        prepare_pause: inst.prepare_parts,
         remove_pause_ms: removal.map(|r| r.pause.as_secs_f64() * 1e3),
         restored: removal.map(|r| r.restored),
         unmapped: removal.map(|r| r.unmapped),

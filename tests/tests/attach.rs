@@ -233,6 +233,43 @@ fn target_survives_a_killed_injector() -> Result<()> {
     Ok(())
 }
 
+/// A target that dies while probes are in is news: inject says how (while its parent has
+/// not collected it yet) and exits 1; one that exits cleanly is not an error.
+#[test]
+fn a_target_dying_while_attached_is_reported() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    let tc = &test_toolchains()?[0];
+    let exe = build_fixture("recurse", tc, Flavor::Default)?;
+    // SIGABRT: Go's handler dumps the goroutines and exits 2.
+    let cases = [(Some(9), "killed by SIGKILL"), (Some(6), "exited with status 2 (Go exits 2"), (None, "")];
+    for (how, want) in cases {
+        let mut target = start_fixture(&exe, &["-until-stdin", "-n", "20"], &[("GOMAXPROCS", "2")])?;
+        let mut inject = start_inject(
+            &["--pid".into(), pid_arg(&target), "--func".into(), "main.depth".into(), "--output".into(), "none".into()],
+            true,
+        )?;
+        match how {
+            Some(sig) => target.signal(sig),
+            None => target.send_line("stop")?,
+        }
+        // Not reaped until inject is done: its status stays visible in /proc.
+        let st = inject.wait(MINUTE)?;
+        let said = inject.transcript();
+        target.wait(MINUTE)?;
+        if how.is_some() {
+            ensure!(st.code() == Some(1), "inject exit {st} for a dead target:\n{said}");
+            ensure!(said.contains(&format!("died while probes were in: {want}")), "{said}");
+        } else {
+            ensure!(st.success(), "inject exit {st} for a target that exited cleanly:\n{said}");
+            ensure!(said.contains("stopped: target exited with status 0"), "{said}");
+        }
+    }
+    Ok(())
+}
+
 /// Verdicts before anything is touched, and clear errors when nothing can be probed.
 #[test]
 fn dry_run_and_refusals() -> Result<()> {

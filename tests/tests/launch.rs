@@ -146,8 +146,14 @@ fn exit_status_signals_and_orphans_pass_through() -> Result<()> {
     let mut p = in_namespace(&args, &s(&[&exe, "-n", "3", "-sleep", "0"]), &[])?;
     ensure!(p.wait(LIMIT)?.code() == Some(0), "normal exit:\n{}", p.transcript());
     ensure!(p.value("REQUESTS ").as_deref() == Some("3"), "{}", p.transcript());
+    ensure!(!p.transcript().contains("while probes were in"), "a clean exit reported as a death:\n{}", p.transcript());
     let mut p = in_namespace(&args, &s(&[&exe, "-no-such-flag"]), &[])?;
     ensure!(p.wait(LIMIT)?.code() == Some(2), "error exit:\n{}", p.transcript());
+    ensure!(
+        p.transcript().contains("exited with status 2 (Go exits 2"),
+        "error exit not reported:\n{}",
+        p.transcript()
+    );
 
     // SIGTERM to inject reaches the program, which has no handler: it dies of it, and
     // inject exits 128 + 15. Orphaned grandchildren were reaped by inject as PID 1.
@@ -177,6 +183,11 @@ fn exit_status_signals_and_orphans_pass_through() -> Result<()> {
     send_signal(inject, 15);
     let st = p.wait(LIMIT)?;
     ensure!(st.code() == Some(128 + 15), "signal death: exit {st}\n{}", p.transcript());
+    ensure!(
+        p.transcript().contains("killed by SIGTERM while probes were in"),
+        "death not reported:\n{}",
+        p.transcript()
+    );
     Ok(())
 }
 

@@ -455,6 +455,12 @@ mod tests {
         });
         let r = Redirect { at: AT, len: 5, pinned: Some(0xc3) };
         assert!(r.pinned_window().is_none());
+        // Where the code is mapped high (PIE), the window below it exists.
+        let high = Redirect { at: 0x5555_5555_0000, len: 5, pinned: Some(0xc3) };
+        let w = high.pinned_window().unwrap();
+        assert_eq!(w.start, 0x5555_5555_0005 - 0x3d00_0000);
+        assert_eq!(high.jump(w.start).unwrap()[4], 0xc3);
+        assert_eq!(high.jump(w.end - 1).unwrap()[4], 0xc3);
         assert!(matches!(return_patches(&f, preemptible), Err(Refusal::ExitUnpatchable { .. })));
     }
 }

@@ -29,13 +29,14 @@ use anyhow::{Context, Result, bail, ensure};
 use xtask::{inject_binary, workspace_root};
 
 const BENCHMARKS: &[&str] =
-    &["functions-100mb", "attach-100", "call-overhead", "collector", "export", "launch", "http"];
+    &["functions-100mb", "attach-100", "attach-under-load", "call-overhead", "collector", "export", "launch", "http"];
 
 pub fn run(name: Option<&str>) -> Result<()> {
     use crate::bench_probe;
     match name {
         None => {
             bench_probe::attach_100()?;
+            crate::bench_http::attach_under_load()?;
             bench_probe::call_overhead()?;
             bench_probe::collector()?;
             crate::bench_export::export()?;
@@ -45,6 +46,7 @@ pub fn run(name: Option<&str>) -> Result<()> {
         }
         Some("functions-100mb") => functions_100mb(),
         Some("attach-100") => bench_probe::attach_100(),
+        Some("attach-under-load") => crate::bench_http::attach_under_load(),
         Some("call-overhead") => bench_probe::call_overhead(),
         Some("collector") => bench_probe::collector(),
         Some("export") => crate::bench_export::export(),

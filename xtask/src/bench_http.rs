@@ -164,3 +164,90 @@ pub fn http() -> Result<()> {
     let _ = server.wait();
     result
 }
+
+/// Attaches per `cargo xtask bench attach-under-load`.
+const ATTACHES: usize = 100;
+
+/// `cargo xtask bench attach-under-load`: how long a busy server stands still while
+/// inject attaches. The httpserver fixture serves `/work?n=400` (~50 µs) to the load
+/// fixture at 8 keep-alive connections, saturating both cores, while inject (default
+/// net/http probes, no export) attaches and detaches 100 times. Reports the two pauses of
+/// each attach (creating the memory; writing the trampolines and jumps) and the removal:
+/// median, p99, max, and where the worst one's time went. Goal: the install pause's p99
+/// within 10 ms; no failed request.
+pub fn attach_under_load() -> Result<()> {
+    // SAFETY: single-threaded at this point.
+    unsafe { std::env::set_var("INJECT_PROFILE", "release") };
+    let inject = xtask::inject_binary()?;
+    let versions = xtask::go_versions()?;
+    let tc = toolchain(versions.last().context("no Go")?)?;
+    let server_exe = build_fixture("httpserver", &tc, Flavor::Default)?;
+    let load_exe = build_fixture("load", &tc, Flavor::Default)?;
+    let mut server = Command::new(&server_exe).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    let mut lines = BufReader::new(server.stdout.take().context("stdout")?).lines();
+    let addr = loop {
+        match lines.next().transpose()? {
+            Some(l) if l.starts_with("LISTEN ") => break l["LISTEN ".len()..].to_string(),
+            Some(_) => {}
+            None => bail!("httpserver exited"),
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    let url = format!("http://{addr}/work?n=400");
+    let loader = Command::new(&load_exe)
+        .args(["-url", &url, "-duration", "3600s", "-c", "8"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let summary = xtask::workspace_root().join("target/bench/attach-under-load.json");
+    std::fs::create_dir_all(summary.parent().context("parent")?)?;
+    let (mut install, mut prepare, mut remove) = (Vec::new(), Vec::new(), Vec::new());
+    let mut worst: Option<(f64, serde_json::Value)> = None;
+    let result = (0..ATTACHES).try_for_each(|_| -> Result<()> {
+        let out = Command::new(&inject)
+            .args(["--pid", &server.id().to_string(), "--output", "none", "--duration", "0.2", "--summary-json"])
+            .arg(&summary)
+            .output()?;
+        ensure!(out.status.success(), "inject failed: {}", String::from_utf8_lossy(&out.stderr));
+        let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
+        let ms = |k: &str| s[k].as_f64().with_context(|| format!("{k} in the summary"));
+        install.push(ms("install_pause_ms")?);
+        prepare.push(ms("prepare_pause_ms")?);
+        remove.push(ms("remove_pause_ms")?);
+        let pause = install[install.len() - 1];
+        if worst.as_ref().is_none_or(|(w, _)| pause > *w) {
+            worst = Some((pause, s["install_pause"].clone()));
+        }
+        Ok(())
+    });
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc_kill(loader.id() as i32, 15) };
+    let out = loader.wait_with_output()?;
+    let _ = server.kill();
+    let _ = server.wait();
+    result?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let load_line = stdout.lines().find(|l| l.starts_with("RESULT ")).context("no RESULT line")?.to_string();
+    let stats = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let p99 = v[((v.len() * 99).div_ceil(100)).saturating_sub(1)];
+        (median(v.clone()), p99, v[v.len() - 1])
+    };
+    println!(
+        "attach-under-load: {ATTACHES} attaches to the httpserver fixture (Go {}) serving /work?n=400 to 8 \
+         connections, both cores busy",
+        tc.version
+    );
+    for (what, v) in [("install pause", &mut install), ("memory pause", &mut prepare), ("removal pause", &mut remove)] {
+        let (med, p99, max) = stats(v);
+        println!("  {what:<14} median {med:>6.2} ms   p99 {p99:>6.2} ms   max {max:>6.2} ms");
+    }
+    if let Some((pause, parts)) = &worst {
+        println!("  worst install pause {pause:.2} ms: {parts}");
+    }
+    println!("  load: {load_line}");
+    let (_, p99, _) = stats(&mut install);
+    let ok = p99 <= 10.0 && load_line.contains(" errors=0 ") && load_line.contains(" unexpected=0 ");
+    println!("{} install pause p99 {p99:.2} ms (goal <= 10 ms), no failed request", if ok { "PASS" } else { "FAIL" });
+    Ok(())
+}

@@ -27,7 +27,7 @@ cargo xtask <command>
                     every Go of go-versions.toml x default/stripped/PIE; prints the README table
   offsets [--check] regenerate go-abi/src/offsets.rs (struct offsets by Go release) from
                     the DWARF of every Go of go-versions.toml; --check fails on a difference
-  bench [NAME]      run benchmarks (attach-100, call-overhead, collector, export, launch, http, functions-100mb; all by default)
+  bench [NAME]      run benchmarks (attach-100, attach-under-load, call-overhead, collector, export, launch, http, functions-100mb; all by default)
 ";
 
 fn main() -> ExitCode {
