@@ -144,7 +144,6 @@ pub fn run(
     let mut last_refine = Instant::now();
     loop {
         batch.clear();
-        reader.initialise_ahead();
         let round = crate::spans::rdtsc();
         let n = reader.poll(&mut batch, 8192);
         let since_last_poll = last_poll.elapsed();

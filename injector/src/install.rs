@@ -86,8 +86,8 @@ pub struct Installation {
     /// Where that time went, and where the earlier window's went.
     pub pause_parts: PauseParts,
     pub prepare_parts: PauseParts,
-    /// Slots per sub-ring initialised at install; the collector does the rest.
-    pub eager_slots: u64,
+    /// Allocating the ring's pages (the target runs meanwhile).
+    pub reserve_time: Duration,
     /// How long the world stood still earlier, to create the memory.
     pub prepare_pause: Duration,
     pub gadget: u64,
@@ -99,10 +99,7 @@ impl Installation {
     pub fn reader(&mut self, data_len: Vec<[usize; 2]>) -> RingReader {
         // SAFETY: ring_map lives as long as the Installation, which the caller keeps
         // until the reader is done.
-        unsafe {
-            RingReader::new(self.ring_map.as_mut_ptr(), self.ring_map.len(), self.layout, data_len)
-                .with_uninitialised_from(self.eager_slots)
-        }
+        unsafe { RingReader::new(self.ring_map.as_mut_ptr(), self.ring_map.len(), self.layout, data_len) }
     }
 }
 
@@ -223,16 +220,7 @@ fn syscall(s: &mut Session, tid: i32, gadget: u64, nr: i64, args: [u64; 6]) -> R
 
 /// Installs `sites` into process `pid`, with a ring shaped like `ring` (its base is
 /// chosen here). On error nothing stays patched.
-/// `eager_slots`: slots of each sub-ring initialised before the probes go in; the
-/// collector initialises the rest (`Installation::reader`).
-pub fn install(
-    pid: i32,
-    bin: &GoBinary<'_>,
-    bias: u64,
-    sites: &[ProbeSite],
-    ring: RingAddrs,
-    eager_slots: u64,
-) -> Result<Installation> {
+pub fn install(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite], ring: RingAddrs) -> Result<Installation> {
     let gadget = find_syscall_gadget(bin)? + bias;
     let text = bin.text_range();
     let text = text.start + bias..text.end + bias;
@@ -288,10 +276,23 @@ pub fn install(
     prepare_parts.resume_ms = ms(resuming.elapsed());
     let prepare_pause = started.elapsed();
     let file = File::from(memory?);
+    // Every page of the ring exists before any writer may touch it: a writer then never
+    // waits for the kernel to find memory, nor dies of SIGBUS when there is none (a
+    // memory cgroup at its limit). The pages are charged to us, not the target.
+    let reserving = Instant::now();
+    if let Err(e) = reserve(&file, ring_len) {
+        let mut s = Session::attach(pid)?;
+        let tid = *s.threads().first().context("the process has no threads")?;
+        cleanup.undo(&mut s, tid, gadget);
+        s.detach()?;
+        return Err(e)
+            .with_context(|| format!("reserving the ring's {} MiB of memory (try --ring-slots)", ring_len >> 20));
+    }
+    let reserve_time = reserving.elapsed();
     // SAFETY: a shared mapping of the memfd; the target writes it concurrently, and
     // RingReader only accesses it atomically.
     let mut ring_map = unsafe { MmapMut::map_mut(&file) }.context("mapping the ring locally")?;
-    layout.initialise_prefix(&mut ring_map, eager_slots);
+    layout.initialise_zeroed(&mut ring_map);
     ring_map[header::OWNER..header::OWNER + 8].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
     let addrs = RingAddrs { base: ring_addr, ..ring };
     let bases: Vec<u64> = areas.iter().map(|a| a.0).collect();
@@ -360,7 +361,7 @@ pub fn install(
         pause,
         pause_parts,
         prepare_parts,
-        eager_slots,
+        reserve_time,
         prepare_pause,
         gadget,
     })
@@ -571,6 +572,17 @@ fn wait_for_safe_threads(s: &mut Session, patches: &[Patch]) -> Result<usize> {
     bail!(
         "could not find a moment when no thread was inside a patch site or a signal handler ({SAFE_POINT_ATTEMPTS} tries)"
     )
+}
+
+/// Allocates every page of the memfd up front.
+fn reserve(file: &File, len: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate(2) on a descriptor we own, with integer arguments.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(())
 }
 
 /// Duplicates descriptor `fd` of process `pid` into ours.

@@ -35,9 +35,6 @@ pub struct RingReader {
     drained: Vec<bool>,
     /// Records that failed validation (never believed, counted).
     pub corrupt: u64,
-    /// Per sub-ring, slots from this index on still need their sequence words
-    /// (`initialise_ahead`).
-    uninitialised_from: Vec<u64>,
 }
 
 // SAFETY: the mapping is process-wide shared memory; the reader is used by one thread at
@@ -59,35 +56,6 @@ impl RingReader {
             data_len,
             drained: Vec::new(),
             corrupt: 0,
-            uninitialised_from: vec![layout.capacity; layout.rings as usize],
-        }
-    }
-
-    pub fn with_uninitialised_from(mut self, slot: u64) -> Self {
-        self.uninitialised_from.fill(slot.min(self.layout.capacity));
-        self
-    }
-
-    /// Writes the sequence words `Layout::initialise_prefix` left out, a quarter of the
-    /// ring (at least 1024 slots) ahead of each sub-ring's writers, so that the pages of a
-    /// large ring are faulted in as it fills rather than all at once while a launched
-    /// program starts. Writers may be running: one that reaches a slot first sees 0 (not
-    /// its ticket) and counts a drop without touching the slot, so a plain store cannot
-    /// clobber anything.
-    pub fn initialise_ahead(&mut self) {
-        let cap = self.layout.capacity;
-        let ahead = (cap / 4).max(1024);
-        for r in 0..self.layout.rings {
-            let from = self.uninitialised_from[r as usize];
-            if from >= cap {
-                continue;
-            }
-            let head = self.word(self.layout.ring_offset(r) + ring::HEAD).load(Ordering::Acquire);
-            let to = head.saturating_add(ahead).min(cap);
-            for i in from..to {
-                self.word(self.layout.slot_offset(r, i) + ring_abi::slot::SEQ).store(i, Ordering::Release);
-            }
-            self.uninitialised_from[r as usize] = to.max(from);
         }
     }
 

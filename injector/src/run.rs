@@ -370,11 +370,7 @@ fn start_tracing(
         stack_hi_offset: layout.stack_hi,
         select,
     };
-    // A launched program waits for us: initialise enough of the ring for its start (256 KiB
-    // per sub-ring) and let the collector do the rest, instead of faulting in every page
-    // first (~45 ms for the default 32 MiB).
-    let eager = if out.mode == Mode::Launch { 1024 } else { u64::MAX };
-    let mut inst = install::install(pid, bin, exe.bias, &sites, ring, eager)?;
+    let mut inst = install::install(pid, bin, exe.bias, &sites, ring)?;
     let exits: usize = inst.installed.iter().map(|(_, e)| e).sum();
     eprintln!(
         "inject: probing {} function{} ({} exits) in pid {pid}; {} threads stopped for {:.2} ms (and {:.2} ms to map memory)",
@@ -592,6 +588,11 @@ struct Summary<'a> {
     prepare_pause_ms: f64,
     install_pause: install::PauseParts,
     prepare_pause: install::PauseParts,
+    /// Memory inject added to the target: the ring (all of it allocated before the
+    /// probes go in, charged to inject) and the trampoline areas.
+    ring_bytes: u64,
+    trampoline_bytes: u64,
+    ring_reserve_ms: f64,
     remove_pause_ms: Option<f64>,
     restored: Option<usize>,
     unmapped: Option<bool>,
@@ -645,6 +646,9 @@ fn report(
         prepare_pause_ms: inst.prepare_pause.as_secs_f64() * 1e3,
         install_pause: inst.pause_parts,
         prepare_pause: inst.prepare_parts,
+        ring_bytes: inst.ring_len,
+        trampoline_bytes: inst.areas.iter().map(|a| a.1).sum(),
+        ring_reserve_ms: inst.reserve_time.as_secs_f64() * 1e3,
         remove_pause_ms: removal.map(|r| r.pause.as_secs_f64() * 1e3),
         restored: removal.map(|r| r.restored),
         unmapped: removal.map(|r| r.unmapped),

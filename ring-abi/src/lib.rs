@@ -8,8 +8,10 @@
 //! when the ring is empty.
 //!
 //! Protocol of each sub-ring (a bounded queue in the style of Vyukov's, one reader):
-//! every slot carries a sequence word. Slot `i` starts with `seq = i`. A writer loads
-//! `head = t`, and owns ticket `t` only if `slot[t % cap].seq == t` and its
+//! every slot carries a sequence word, which starts at zero (the memfd is zero-filled, so
+//! a fresh ring needs no initialisation and never looks full). A writer loads `head = t`,
+//! and owns ticket `t` only if `slot[t % cap].seq == t` (or, on the first lap `t < cap`,
+//! `seq == 0`: never used) and its
 //! compare-and-swap of `head` from `t` to `t + 1` succeeds; otherwise the slot still holds
 //! an unread record (ring full: count a drop and go on) or another writer won the ticket
 //! (retry, a bounded number of times, then count a contention drop). It writes the record,
@@ -26,7 +28,8 @@ pub const MEMFD_NAME: &str = "inject-ring";
 
 /// `b"INJRING1"` little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"INJRING1");
-pub const VERSION: u32 = 1;
+/// 2: sequence words start at zero (version 1 numbered every slot first).
+pub const VERSION: u32 = 2;
 pub const PAGE: usize = 4096;
 
 /// Offsets in the global header (the first page). Each word written at run time has its
@@ -245,17 +248,9 @@ impl Layout {
         self.initialise_zeroed(mem);
     }
 
-    /// As [`Layout::initialise`] for memory known to be zero (a new memfd): touches only
-    /// the words that must be set.
+    /// As [`Layout::initialise`] for memory known to be zero (a new memfd): only the
+    /// header; every slot's zero sequence word already means free.
     pub fn initialise_zeroed(&self, mem: &mut [u8]) {
-        self.initialise_prefix(mem, self.capacity);
-    }
-
-    /// `initialise_zeroed` for only the first `slots` slots of each sub-ring: a writer
-    /// that reaches a slot still zero counts a drop, so the rest must be initialised (in
-    /// ascending order, with [`Layout::slot_offset`]) soon after. This spares touching every
-    /// page of a large ring before the target may run.
-    pub fn initialise_prefix(&self, mem: &mut [u8], slots: u64) {
         let put = |mem: &mut [u8], off: usize, v: &[u8]| mem[off..off + v.len()].copy_from_slice(v);
         put(mem, header::MAGIC, &MAGIC.to_le_bytes());
         put(mem, header::VERSION, &VERSION.to_le_bytes());
@@ -263,11 +258,6 @@ impl Layout {
         put(mem, header::CAPACITY, &self.capacity.to_le_bytes());
         put(mem, header::RINGS, &self.rings.to_le_bytes());
         put(mem, header::SALT, &salt().to_le_bytes());
-        for r in 0..self.rings {
-            for i in 0..slots.min(self.capacity) {
-                put(mem, self.slot_offset(r, i) + slot::SEQ, &i.to_le_bytes());
-            }
-        }
     }
 }
 
@@ -300,7 +290,7 @@ mod tests {
         let mut mem = vec![0xffu8; l.total_len()];
         l.initialise(&mut mem);
         assert_eq!(&mem[..8], b"INJRING1");
-        assert_eq!(u64::from_le_bytes(mem[l.slot_offset(1, 3)..][..8].try_into().unwrap()), 3);
+        assert_eq!(u64::from_le_bytes(mem[l.slot_offset(1, 3)..][..8].try_into().unwrap()), 0, "free: zero");
         assert_eq!(u64::from_le_bytes(mem[l.ring_offset(1)..][..8].try_into().unwrap()), 0, "head");
     }
 }

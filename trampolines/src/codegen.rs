@@ -315,14 +315,25 @@ fn emit_capture(
     a.and(r13d, (l.rings - 1) as i32)?;
     a.imul_3(r13, r13, l.stride() as i32)?;
     a.add(r13, qword_ptr(rings_const))?;
+    // A slot no writer has used yet is still zero (the memfd starts zeroed): free for
+    // the first lap, so a fresh ring never looks full.
+    // Fits: `Layout` keeps a sub-ring within 2^30 bytes, so under 2^23 slots.
+    let first_lap = l.capacity as i32;
     for attempt in 0..ATTEMPTS {
         let mut next = a.create_label();
+        let mut claim = a.create_label();
+        let fail = if attempt + 1 == ATTEMPTS { last_seq_fail } else { next };
         a.mov(rax, qword_ptr(r13 + ring_abi::ring::HEAD as i32))?;
         a.mov(r12, rax)?;
         a.and(r12, mask)?;
         a.shl(r12, shift)?;
         a.cmp(qword_ptr(r13 + r12 + slot_field(slot::SEQ)), rax)?;
-        a.jne(if attempt + 1 == ATTEMPTS { last_seq_fail } else { next })?;
+        a.je(claim)?;
+        a.cmp(rax, first_lap)?;
+        a.jae(fail)?;
+        a.cmp(qword_ptr(r13 + r12 + slot_field(slot::SEQ)), 0)?;
+        a.jne(fail)?;
+        a.set_label(&mut claim)?;
         a.lea(r12, qword_ptr(rax + 1))?;
         a.lock().cmpxchg(qword_ptr(r13 + ring_abi::ring::HEAD as i32), r12)?;
         a.je(won)?;

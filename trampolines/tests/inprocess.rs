@@ -164,7 +164,8 @@ fn rig_with_plans(
     let slot_size = (slot::DATA + plan.data_len().max(return_plan.data_len())).next_power_of_two().max(256);
     let layout = Layout::new(RINGS, capacity, slot_size).unwrap();
     let mut ring = Mem::map(layout.total_len(), false);
-    layout.initialise(ring.bytes_mut());
+    // A fresh memfd is zero: only the header is written, as inject does.
+    layout.initialise_zeroed(ring.bytes_mut());
     ring.bytes_mut()[header::ENABLED] = 1;
     let func = code.addr();
     let bytes = build(func);
