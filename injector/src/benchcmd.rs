@@ -60,7 +60,7 @@ pub fn bench_collector(args: &BenchArgs) -> Result<()> {
     let collector = {
         let (stop, clock) = (stop.clone(), clock.clone());
         std::thread::spawn(move || {
-            collect::run(reader, Pairer::new(vec![meta]), tx, clock, stop, Duration::from_secs(5))
+            collect::run(reader, Pairer::new(vec![meta]), tx, clock, stop, Duration::from_secs(5), false)
         })
     };
     // The writer: the same protocol as a trampoline, one goroutine, nested calls 4 deep.

@@ -19,13 +19,28 @@ use crate::spans::{Call, Clock, Pairer, SiteMeta};
 pub struct SiteCounts {
     pub entries: u64,
     pub returns: u64,
+    /// Records of this site the target dropped (ring full, or lost slot races).
+    pub dropped: u64,
 }
+
+/// What the collector hands the output thread.
+pub enum Out {
+    Calls(Vec<Call>),
+    /// Records were dropped since the last gap: (site, how many), by site.
+    Gap(Vec<(u32, u64)>),
+}
+
+/// How often drops are looked for, and at most reported.
+const GAP_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Totals {
     pub sites: Vec<SiteCounts>,
     /// Records the target dropped: ring full, or lost slot races.
     pub dropped: u64,
+    /// Lossless mode: waits for room that ran out (each dropped its record and turned
+    /// waiting off until the collector caught up).
+    pub wait_timeouts: u64,
     /// Of those, because the ring was full (the collector fell behind).
     pub dropped_full: u64,
     /// Records that failed validation.
@@ -69,7 +84,7 @@ const HELD_MAX: usize = 2_000_000;
 
 /// The output thread: formats and writes calls; returns how many failed to write.
 pub fn output(
-    rx: Receiver<Vec<Call>>,
+    rx: Receiver<Out>,
     mut sink: Sink,
     sites: Vec<SiteMeta>,
     clock: Arc<std::sync::Mutex<Clock>>,
@@ -95,12 +110,17 @@ pub fn output(
     let mut last_flush = Instant::now();
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(batch) => {
+            Ok(Out::Calls(batch)) => {
                 let c = *clock.lock().unwrap_or_else(|e| e.into_inner());
                 for call in &batch {
                     if sink.write(call, &sites, &c, &mut namer).is_err() {
                         errors += 1;
                     }
+                }
+            }
+            Ok(Out::Gap(by_site)) => {
+                if sink.gap(&by_site, &sites).is_err() {
+                    errors += 1;
                 }
             }
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
@@ -120,10 +140,11 @@ pub fn output(
 pub fn run(
     mut reader: RingReader,
     mut pairer: Pairer,
-    tx: Sender<Vec<Call>>,
+    tx: Sender<Out>,
     clock: Arc<std::sync::Mutex<Clock>>,
     stop: Arc<AtomicBool>,
     grace: Duration,
+    lossless: bool,
 ) -> Totals {
     let nsites = pairer.site_count();
     let mut totals = Totals { sites: vec![SiteCounts::default(); nsites], ..Default::default() };
@@ -134,6 +155,8 @@ pub fn run(
     let mut seen_up_to = vec![0u64; reader.rings() as usize];
     let mut calls: Vec<Call> = Vec::new();
     let mut held: std::collections::VecDeque<Vec<Call>> = std::collections::VecDeque::new();
+    let mut drops_seen = vec![0u64; nsites];
+    let mut last_gap_check = Instant::now();
     let mut held_calls = 0usize;
     let settle_ticks = (clock.lock().map_or(3e9, |c| c.hz()) * SETTLE.as_secs_f64()) as u64;
     // One sub-ring is already in order.
@@ -205,15 +228,16 @@ pub fn run(
         }
         while let Some(b) = held.pop_front() {
             let n = b.len();
-            match tx.try_send(b) {
+            match tx.try_send(Out::Calls(b)) {
                 Ok(()) => {
                     totals.calls += n as u64;
                     held_calls -= n;
                 }
-                Err(TrySendError::Full(b)) => {
+                Err(TrySendError::Full(Out::Calls(b))) => {
                     held.push_front(b);
                     break;
                 }
+                Err(TrySendError::Full(Out::Gap(_))) => break,
                 Err(TrySendError::Disconnected(_)) => {
                     totals.output_dropped += n as u64;
                     held_calls -= n;
@@ -225,11 +249,20 @@ pub fn run(
             held_calls -= b.len();
             totals.output_dropped += b.len() as u64;
         }
+        // A writer that waited too long turned lossless waiting off (a stalled reader must
+        // not stall every writer); this reader is running, so it goes on again.
+        if lossless && !reader.waiting() {
+            reader.resume_waiting();
+        }
+        if last_gap_check.elapsed() >= GAP_EVERY || (drained && pending.iter().all(|q| q.is_empty())) {
+            report_drops(&reader, &mut drops_seen, &pairer, &tx, last_gap_check.elapsed(), lossless);
+            last_gap_check = Instant::now();
+        }
         if drained && pending.iter().all(|q| q.is_empty()) {
             // Everything still held goes to the output thread, waiting for room.
             for b in held.drain(..) {
                 let n = b.len() as u64;
-                match tx.send(b) {
+                match tx.send(Out::Calls(b)) {
                     Ok(()) => totals.calls += n,
                     Err(_) => totals.output_dropped += n,
                 }
@@ -263,11 +296,17 @@ pub fn run(
     totals.consumed = reader.consumed();
     totals.dropped = reader.dropped();
     totals.dropped_full = reader.dropped_full();
+    totals.wait_timeouts = reader.wait_timeouts();
     totals.corrupt = reader.corrupt;
     let mut last = Vec::new();
     pairer.finish(&mut last);
     totals.calls += last.len() as u64;
-    let _ = tx.try_send(last);
+    let _ = tx.try_send(Out::Calls(last));
+    for (site, d) in reader.site_drops().into_iter().enumerate() {
+        if let Some(c) = totals.sites.get_mut(site) {
+            c.dropped = d;
+        }
+    }
     totals.unmatched_returns = pairer.unmatched_returns;
     totals.abandoned = pairer.abandoned;
     totals.http_injected = pairer.injected;
@@ -276,7 +315,50 @@ pub fn run(
     totals
 }
 
+/// Reports records dropped since the last look: a warning on stderr and a gap in the
+/// output, by function.
+fn report_drops(
+    reader: &RingReader,
+    seen: &mut [u64],
+    pairer: &Pairer,
+    tx: &Sender<Out>,
+    over: Duration,
+    lossless: bool,
+) {
+    let now = reader.site_drops();
+    let mut by_site: Vec<(u32, u64)> = now
+        .iter()
+        .zip(seen.iter())
+        .enumerate()
+        .filter(|(_, (n, s))| n > s)
+        .map(|(i, (n, s))| (i as u32, n - s))
+        .collect();
+    seen.copy_from_slice(&now[..seen.len().min(now.len())]);
+    if by_site.is_empty() {
+        return;
+    }
+    by_site.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
+    let total: u64 = by_site.iter().map(|s| s.1).sum();
+    let names: Vec<String> = by_site
+        .iter()
+        .take(3)
+        .map(|&(i, n)| format!("{} {n}", pairer.sites().get(i as usize).map_or("?", |m| m.name.as_str())))
+        .collect();
+    let advice = if lossless {
+        "the program waited for room until inject fell too far behind; --ring-slots N gives the ring more"
+    } else {
+        "--lossless makes the program wait for room instead, --ring-slots N gives the ring more"
+    };
+    eprintln!(
+        "inject: warning: {total} records dropped in the last {:.1} s, the ring was full ({}{}); {advice}",
+        over.as_secs_f64(),
+        names.join(", "),
+        if by_site.len() > 3 { ", ..." } else { "" }
+    );
+    let _ = tx.try_send(Out::Gap(by_site));
+}
+
 /// The collector's channel to the output thread.
-pub fn channel() -> (Sender<Vec<Call>>, Receiver<Vec<Call>>) {
+pub fn channel() -> (Sender<Out>, Receiver<Out>) {
     crossbeam_channel::bounded(QUEUE)
 }

@@ -86,6 +86,8 @@ pub struct Installation {
     /// Where that time went, and where the earlier window's went.
     pub pause_parts: PauseParts,
     pub prepare_parts: PauseParts,
+    /// Writers wait for room in a full ring.
+    pub lossless: bool,
     /// Allocating the ring's pages (the target runs meanwhile).
     pub reserve_time: Duration,
     /// How long the world stood still earlier, to create the memory.
@@ -293,6 +295,9 @@ pub fn install(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite], rin
     // RingReader only accesses it atomically.
     let mut ring_map = unsafe { MmapMut::map_mut(&file) }.context("mapping the ring locally")?;
     layout.initialise_zeroed(&mut ring_map);
+    if ring.wait_spins > 0 {
+        ring_map[header::LOSSLESS] = 1;
+    }
     ring_map[header::OWNER..header::OWNER + 8].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
     let addrs = RingAddrs { base: ring_addr, ..ring };
     let bases: Vec<u64> = areas.iter().map(|a| a.0).collect();
@@ -361,6 +366,7 @@ pub fn install(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite], rin
         pause,
         pause_parts,
         prepare_parts,
+        lossless: ring.wait_spins > 0,
         reserve_time,
         prepare_pause,
         gadget,

@@ -136,6 +136,31 @@ impl Sink {
         Ok(())
     }
 
+    /// Marks calls the target could not record (ring full): a line on the console, a
+    /// record in JSON lines. OTLP has the counts in the exit summary.
+    pub fn gap(&mut self, by_site: &[(u32, u64)], sites: &[SiteMeta]) -> Result<()> {
+        let Sink::Text { format, out } = self else { return Ok(()) };
+        let name = |i: u32| sites.get(i as usize).map_or("?", |m| m.name.as_str());
+        let total: u64 = by_site.iter().map(|s| s.1).sum();
+        match format {
+            Format::Console => {
+                let parts: Vec<String> = by_site.iter().map(|&(i, n)| format!("{} {n}", name(i))).collect();
+                writeln!(out, "--- {total} records dropped here (ring full): {} ---", parts.join(", "))?;
+            }
+            Format::Jsonl => {
+                let sites: serde_json::Map<String, serde_json::Value> =
+                    by_site.iter().map(|&(i, n)| (name(i).to_string(), serde_json::json!(n))).collect();
+                serde_json::to_writer(
+                    &mut *out,
+                    &serde_json::json!({ "dropped": total, "dropped_by_function": sites }),
+                )?;
+                out.write_all(b"\n")?;
+            }
+            Format::Otlp | Format::None => {}
+        }
+        Ok(())
+    }
+
     fn write_http(&mut self, probe: Probe, call: &Call, clock: &Clock, types: &mut TypeNamer<'_>) -> Result<()> {
         if let Sink::None = self {
             return Ok(());

@@ -93,6 +93,27 @@ impl RingReader {
         self.sum(ring::DROPPED)
     }
 
+    /// Lossless waits that ran out (each also turned waiting off).
+    pub fn wait_timeouts(&self) -> u64 {
+        self.sum(ring::WAIT_TIMEOUTS)
+    }
+
+    /// Whether writers wait for room in a full sub-ring (lossless mode still on).
+    pub fn waiting(&self) -> bool {
+        self.word(ring_abi::header::LOSSLESS).load(Ordering::Acquire) != 0
+    }
+
+    /// Turns lossless waiting back on.
+    pub fn resume_waiting(&self) {
+        self.word(ring_abi::header::LOSSLESS).store(1, Ordering::Release);
+    }
+
+    /// Records dropped per probe site (full or contended), if the layout counts them.
+    pub fn site_drops(&self) -> Vec<u64> {
+        let base = self.layout.site_drops_offset();
+        (0..self.layout.sites as usize).map(|i| self.word(base + 8 * i).load(Ordering::Relaxed)).collect()
+    }
+
     /// Records consumed so far.
     pub fn consumed(&self) -> u64 {
         self.next.iter().sum()

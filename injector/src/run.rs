@@ -66,6 +66,15 @@ pub struct RunArgs {
     /// that copy more get as many fewer, larger slots).
     #[arg(long, value_name = "N", default_value_t = 1 << 17)]
     pub ring_slots: u64,
+    /// When the ring is full, make the program wait for room (at most ~250 ms, then
+    /// drop and stop waiting) instead of dropping the record [default: on for console and
+    /// jsonl output, where every call is expected; off for otlp and none, where the program
+    /// must never be slowed].
+    #[arg(long, overrides_with = "no_lossless")]
+    pub lossless: bool,
+    /// Drop records when the ring is full (counted and reported), never slowing the program.
+    #[arg(long, overrides_with = "lossless")]
+    pub no_lossless: bool,
     /// Where finished calls go [default: otlp when an OTLP endpoint is configured
     /// (OTEL_EXPORTER_OTLP_ENDPOINT or --otlp-endpoint), else console].
     #[arg(long, value_enum)]
@@ -303,6 +312,29 @@ pub fn plan_sites(bin: &GoBinary<'_>, args: &RunArgs, bias: u64, ctx: &plan::Pla
     Ok(sites)
 }
 
+/// How long a writer waits for room in a full ring in lossless mode before it drops the
+/// record and turns waiting off (the collector turns it on again once it has caught up):
+/// far longer than the collector ever sleeps, short enough that a dead inject costs a
+/// program one such wait.
+const LOSSLESS_WAIT: Duration = Duration::from_millis(250);
+
+/// `PAUSE` rounds that take about `wait` on this machine (the instruction's latency
+/// varies from ~3 to ~40 ns between processor generations).
+fn wait_spins(wait: Duration) -> u32 {
+    const N: u32 = 20_000;
+    let per = (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..N {
+                std::hint::spin_loop();
+            }
+            t.elapsed().as_secs_f64() / f64::from(N)
+        })
+        .fold(f64::INFINITY, f64::min)
+        .max(1e-9);
+    (wait.as_secs_f64() / per).clamp(1000.0, f64::from(u32::MAX)) as u32
+}
+
 /// Probes in, collector and output running.
 pub struct Tracing {
     sites: Vec<ProbeSite>,
@@ -360,15 +392,21 @@ fn start_tracing(
     let slot_size = (ring_abi::slot::DATA + data).next_power_of_two().max(256);
     let slots = (args.ring_slots.saturating_mul(256) / slot_size as u64).max(64);
     let per_ring = (slots / u64::from(rings)).max(64).next_power_of_two();
-    let ring_layout = Layout::new(rings, per_ring, slot_size).context("--ring-slots")?;
+    let ring_layout = Layout::new(rings, per_ring, slot_size).context("--ring-slots")?.with_sites(sites.len() as u32);
 
     let select = RingSelect::ByP { g_m: layout.m, m_p: layout.m_p, p_id: layout.p_id };
+    let lossless = match (args.lossless, args.no_lossless) {
+        (true, _) => true,
+        (_, true) => false,
+        _ => matches!(out.format, Format::Console | Format::Jsonl),
+    };
     let ring = trampolines::RingAddrs {
         base: 0,
         layout: ring_layout,
         goid_offset: layout.goid,
         stack_hi_offset: layout.stack_hi,
         select,
+        wait_spins: if lossless { wait_spins(LOSSLESS_WAIT) } else { 0 },
     };
     let mut inst = install::install(pid, bin, exe.bias, &sites, ring)?;
     let exits: usize = inst.installed.iter().map(|(_, e)| e).sum();
@@ -417,7 +455,7 @@ fn start_tracing(
         let stop = stop.clone();
         std::thread::Builder::new()
             .name("collector".into())
-            .spawn(move || collect::run(reader, pairer, tx, clock, stop, Duration::from_millis(200)))?
+            .spawn(move || collect::run(reader, pairer, tx, clock, stop, Duration::from_millis(200), lossless))?
     };
     Ok(Tracing { sites, inst, stop, collector, output, exporting })
 }
@@ -545,6 +583,8 @@ struct SiteSummary<'a> {
     verdict: String,
     entries: u64,
     returns: u64,
+    /// Records of this function the target dropped (ring full).
+    dropped: u64,
     /// Where the jumps go (entry first, then exits), for matching against profiles and
     /// disassembly.
     jumps: Vec<JumpSummary>,
@@ -575,6 +615,9 @@ struct Summary<'a> {
     unpublished: u64,
     dropped: u64,
     dropped_full: u64,
+    /// Lossless mode was on (the program waited for room rather than drop).
+    lossless: bool,
+    wait_timeouts: u64,
     corrupt: u64,
     calls: u64,
     unmatched_returns: u64,
@@ -624,6 +667,7 @@ fn report(
                 verdict: s.verdict(),
                 entries: c.entries,
                 returns: c.returns,
+                dropped: c.dropped,
                 jumps: JumpSummary::of(s),
             })
             .collect(),
@@ -633,6 +677,8 @@ fn report(
         unpublished: totals.unpublished,
         dropped: totals.dropped,
         dropped_full: totals.dropped_full,
+        lossless: inst.lossless,
+        wait_timeouts: totals.wait_timeouts,
         calls: totals.calls,
         unmatched_returns: totals.unmatched_returns,
         abandoned: totals.abandoned,

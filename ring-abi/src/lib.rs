@@ -51,6 +51,10 @@ pub mod header {
     pub const SALT: usize = 48;
     /// Non-zero while capture is on; writers skip capture when zero.
     pub const ENABLED: usize = 192;
+    /// Non-zero: a writer that finds its sub-ring full waits for room (bounded) instead
+    /// of dropping. A writer whose wait runs out clears it, so that a reader that died or
+    /// stalled costs every later writer nothing; the reader sets it again.
+    pub const LOSSLESS: usize = 256;
     pub const LEN: usize = super::PAGE;
 }
 
@@ -64,6 +68,8 @@ pub mod ring {
     pub const CONTENDED: usize = 128;
     /// Reader's next ticket (informational).
     pub const TAIL: usize = 192;
+    /// Lossless waits that ran out (`lock inc`).
+    pub const WAIT_TIMEOUTS: usize = 256;
     pub const LEN: usize = super::PAGE;
 }
 
@@ -190,6 +196,9 @@ pub struct Layout {
     /// Slots per sub-ring.
     pub capacity: u64,
     pub slot_size: usize,
+    /// Probe sites with a drop counter of their own (after the context tables), so that
+    /// a loss can be told by function.
+    pub sites: u32,
 }
 
 impl Layout {
@@ -204,7 +213,7 @@ impl Layout {
         if slot_size < MIN_SLOT_SIZE || !slot_size.is_power_of_two() {
             return Err(LayoutError::SlotSize { size: slot_size, min: MIN_SLOT_SIZE });
         }
-        let l = Layout { rings, capacity, slot_size };
+        let l = Layout { rings, capacity, slot_size, sites: 0 };
         // Trampolines multiply the ring index by the stride with a 32-bit immediate.
         if l.stride() > 1 << 30 {
             return Err(LayoutError::TooLarge { bytes: l.stride() as u64 });
@@ -219,6 +228,17 @@ impl Layout {
 
     /// Bytes of the whole mapping: header, sub-rings, context tables.
     pub fn total_len(&self) -> usize {
+        self.site_drops_offset() + (self.sites as usize * 8).next_multiple_of(PAGE)
+    }
+
+    /// The same layout with a drop counter for each of `sites` probe sites.
+    pub fn with_sites(self, sites: u32) -> Self {
+        Layout { sites, ..self }
+    }
+
+    /// Offset of the per-site drop counters (u64 each, `lock inc`ed by writers that drop
+    /// a record of that site).
+    pub fn site_drops_offset(&self) -> usize {
         self.ctx_offset() + ctx::LEN
     }
 

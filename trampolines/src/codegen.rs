@@ -38,6 +38,9 @@ pub struct RingAddrs {
     pub stack_hi_offset: u32,
     /// How a writer picks its sub-ring.
     pub select: RingSelect,
+    /// `PAUSE` rounds a writer waits for room in a full sub-ring while the ring's
+    /// LOSSLESS word is set; 0 emits no wait at all.
+    pub wait_spins: u32,
 }
 
 /// Which sub-ring a writer uses.
@@ -56,8 +59,15 @@ impl RingAddrs {
     fn enabled(&self) -> u64 {
         self.base + header::ENABLED as u64
     }
+    fn lossless(&self) -> u64 {
+        self.base + header::LOSSLESS as u64
+    }
     fn first_ring(&self) -> u64 {
         self.base + self.layout.ring_offset(0) as u64
+    }
+    /// The drop counter of `site`, if the layout has one.
+    fn site_drops(&self, site: u32) -> Option<u64> {
+        (site < self.layout.sites).then(|| self.base + (self.layout.site_drops_offset() + 8 * site as usize) as u64)
     }
 }
 
@@ -249,6 +259,38 @@ fn rip_mem(addr: u64) -> MemoryOperand {
     MemoryOperand::with_base_displ(Register::RIP, addr as i64)
 }
 
+/// R13 = the writer's sub-ring (clobbers only R13).
+fn emit_ring_select(a: &mut CodeAssembler, ring: &RingAddrs, rings_const: CodeLabel) -> Result<(), IcedError> {
+    let l = &ring.layout;
+    match ring.select {
+        RingSelect::ByP { g_m, m_p, p_id } => {
+            // g.m is never nil for a running goroutine, m.p is nil for a thread without a
+            // P (sysmon, signal handlers); both are checked, and a missing P uses ring 0.
+            let mut no_p = a.create_label();
+            let mut have = a.create_label();
+            a.mov(r13, qword_ptr(r14 + g_m as i32))?;
+            a.test(r13, r13)?;
+            a.je(no_p)?;
+            a.mov(r13, qword_ptr(r13 + m_p as i32))?;
+            a.test(r13, r13)?;
+            a.je(no_p)?;
+            a.mov(r13d, dword_ptr(r13 + p_id as i32))?;
+            a.jmp(have)?;
+            a.set_label(&mut no_p)?;
+            a.xor(r13d, r13d)?;
+            a.set_label(&mut have)?;
+        }
+        RingSelect::ByCpu => {
+            a.mov(r13d, CPUNODE_SELECTOR)?;
+            a.lsl(r13d, r13d)?;
+        }
+    }
+    a.and(r13d, (l.rings - 1) as i32)?;
+    a.imul_3(r13, r13, l.stride() as i32)?;
+    a.add(r13, qword_ptr(rings_const))?;
+    Ok(())
+}
+
 /// The record-writing block, shared by entry and return trampolines.
 ///
 /// Registers: R12 and R13 are free; RAX is parked in X15, which the ABI guarantees is
@@ -288,33 +330,7 @@ fn emit_capture(
         emit_guard(a, ring, g, done)?;
     }
     a.movq(xmm15, rax)?;
-    // R13 = this writer's sub-ring.
-    match ring.select {
-        RingSelect::ByP { g_m, m_p, p_id } => {
-            // g.m is never nil for a running goroutine, m.p is nil for a thread without a
-            // P (sysmon, signal handlers); both are checked, and a missing P uses ring 0.
-            let mut no_p = a.create_label();
-            let mut have = a.create_label();
-            a.mov(r13, qword_ptr(r14 + g_m as i32))?;
-            a.test(r13, r13)?;
-            a.je(no_p)?;
-            a.mov(r13, qword_ptr(r13 + m_p as i32))?;
-            a.test(r13, r13)?;
-            a.je(no_p)?;
-            a.mov(r13d, dword_ptr(r13 + p_id as i32))?;
-            a.jmp(have)?;
-            a.set_label(&mut no_p)?;
-            a.xor(r13d, r13d)?;
-            a.set_label(&mut have)?;
-        }
-        RingSelect::ByCpu => {
-            a.mov(r13d, CPUNODE_SELECTOR)?;
-            a.lsl(r13d, r13d)?;
-        }
-    }
-    a.and(r13d, (l.rings - 1) as i32)?;
-    a.imul_3(r13, r13, l.stride() as i32)?;
-    a.add(r13, qword_ptr(rings_const))?;
+    emit_ring_select(a, ring, rings_const)?;
     // A slot no writer has used yet is still zero (the memfd starts zeroed): free for
     // the first lap, so a fresh ring never looks full.
     // Fits: `Layout` keeps a sub-ring within 2^30 bytes, so under 2^23 slots.
@@ -344,15 +360,50 @@ fn emit_capture(
     // Out of attempts: the last CAS lost (contention), or the slot was not free for our
     // ticket: its sequence word is behind (an unread record from the previous lap: full)
     // or ahead (our head was stale: contention).
+    let mut dropped = a.create_label();
+    let mut full = a.create_label();
     a.set_label(&mut contended)?;
     a.lock().inc(qword_ptr(r13 + ring_abi::ring::CONTENDED as i32))?;
-    a.movq(rax, xmm15)?;
-    a.pxor(xmm15, xmm15)?;
-    a.jmp(done)?;
+    a.jmp(dropped)?;
     a.set_label(&mut last_seq_fail)?;
     a.cmp(qword_ptr(r13 + r12 + slot_field(slot::SEQ)), rax)?;
     a.ja(contended)?;
+    if ring.wait_spins > 0 {
+        // Full. In lossless mode, wait for the reader to free this very slot (only one
+        // thread holds a P, so nobody else is after it), then take it; give up after
+        // `wait_spins` rounds, and turn the waiting off for everyone.
+        let mut spin = a.create_label();
+        let mut freed = a.create_label();
+        a.add_instruction(Instruction::with2(Code::Cmp_rm64_imm8, rip_mem(ring.lossless()), 0)?)?;
+        a.je(full)?;
+        a.add(r12, r13)?;
+        a.mov(r13d, ring.wait_spins)?;
+        a.set_label(&mut spin)?;
+        a.pause()?;
+        a.cmp(qword_ptr(r12 + slot_field(slot::SEQ)), rax)?;
+        a.je(freed)?;
+        a.dec(r13d)?;
+        a.jne(spin)?;
+        a.add_instruction(Instruction::with2(Code::Mov_rm64_imm32, rip_mem(ring.lossless()), 0)?)?;
+        emit_ring_select(a, ring, rings_const)?;
+        a.lock().inc(qword_ptr(r13 + ring_abi::ring::WAIT_TIMEOUTS as i32))?;
+        a.jmp(full)?;
+        // Freed: claim ticket RAX if the head is still there (else a lost race).
+        a.set_label(&mut freed)?;
+        emit_ring_select(a, ring, rings_const)?;
+        a.lea(r12, qword_ptr(rax + 1))?;
+        a.lock().cmpxchg(qword_ptr(r13 + ring_abi::ring::HEAD as i32), r12)?;
+        a.je(won)?;
+        a.jmp(contended)?;
+    }
+    a.set_label(&mut full)?;
     a.lock().inc(qword_ptr(r13 + ring_abi::ring::DROPPED as i32))?;
+    a.set_label(&mut dropped)?;
+    if let Some(counter) = ring.site_drops(site) {
+        let mut inc = Instruction::with1(Code::Inc_rm64, rip_mem(counter))?;
+        inc.set_has_lock_prefix(true);
+        a.add_instruction(inc)?;
+    }
     a.movq(rax, xmm15)?;
     a.pxor(xmm15, xmm15)?;
     a.jmp(done)?;
