@@ -81,6 +81,8 @@ const QUEUE: usize = 4096;
 /// Calls the collector holds back while the output thread is behind, before it drops
 /// (and counts) them rather than stop draining the ring (~1 KiB each).
 const HELD_MAX: usize = 2_000_000;
+/// In lossless mode, before it waits for the output instead.
+const HELD_LOSSLESS: usize = 100_000;
 
 /// The output thread: formats and writes calls; returns how many failed to write.
 pub fn output(
@@ -242,6 +244,17 @@ pub fn run(
                     totals.output_dropped += n as u64;
                     held_calls -= n;
                 }
+            }
+        }
+        // Lossless: rather than hold more (or drop), wait for the output; the ring fills
+        // meanwhile and the writers wait for it.
+        while lossless && held_calls > HELD_LOSSLESS {
+            let Some(b) = held.pop_front() else { break };
+            let n = b.len();
+            held_calls -= n;
+            match tx.send(Out::Calls(b)) {
+                Ok(()) => totals.calls += n as u64,
+                Err(_) => totals.output_dropped += n as u64,
             }
         }
         while held_calls > HELD_MAX {

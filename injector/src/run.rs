@@ -383,7 +383,15 @@ fn start_tracing(
     if let Some(owner) = install::existing_owner(pid)? {
         bail!("pid {pid} is already instrumented by another inject (pid {owner}); stop that one first");
     }
-    let (sink, exporting) = open_sink(args, &out)?;
+    let lossless = match (args.lossless, args.no_lossless) {
+        (true, _) => true,
+        (_, true) => false,
+        _ => matches!(out.format, Format::Console | Format::Jsonl),
+    };
+    let (mut sink, exporting) = open_sink(args, &out)?;
+    if lossless && let Sink::Otlp { spans, .. } = &mut sink {
+        spans.wait_when_full();
+    }
     // One sub-ring per P: as many as the target may run at once.
     let rings = possible_cpus().max(target_gomaxprocs(pid)).next_power_of_two().min(256);
     // Slots hold the fixed fields plus the largest plan's copied bytes; the ring keeps the
@@ -395,11 +403,6 @@ fn start_tracing(
     let ring_layout = Layout::new(rings, per_ring, slot_size).context("--ring-slots")?.with_sites(sites.len() as u32);
 
     let select = RingSelect::ByP { g_m: layout.m, m_p: layout.m_p, p_id: layout.p_id };
-    let lossless = match (args.lossless, args.no_lossless) {
-        (true, _) => true,
-        (_, true) => false,
-        _ => matches!(out.format, Format::Console | Format::Jsonl),
-    };
     let ring = trampolines::RingAddrs {
         base: 0,
         layout: ring_layout,

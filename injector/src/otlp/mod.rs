@@ -33,6 +33,17 @@ pub struct Stats {
     pub closed: std::sync::atomic::AtomicBool,
     /// Spans in the queue.
     pub held: AtomicU64,
+    /// The export thread has ended: nobody will make room in the queue.
+    pub exporter_gone: std::sync::atomic::AtomicBool,
+}
+
+/// Sets `exporter_gone` when the export thread ends, however it ends.
+struct GoneOnDrop(Arc<Stats>);
+
+impl Drop for GoneOnDrop {
+    fn drop(&mut self) {
+        self.0.exporter_gone.store(true, Ordering::Release);
+    }
 }
 
 /// What the exit summary shows about export.
@@ -75,6 +86,9 @@ pub struct SpanSender {
     capacity: u64,
     /// The exporter takes encoded spans: encode them here, as they are made.
     encode: bool,
+    /// Lossless mode: a full queue makes the output thread wait for room (while the
+    /// exporter lives) rather than drop the span.
+    wait: bool,
 }
 
 impl SpanSender {
@@ -99,7 +113,18 @@ impl SpanSender {
         self.queue(Queued::Encoded { http, bytes });
     }
 
+    /// Waits for room in a full queue from now on (lossless mode).
+    pub fn wait_when_full(&mut self) {
+        self.wait = true;
+    }
+
     fn queue(&self, span: Queued) {
+        while self.wait
+            && self.stats.held.load(Ordering::Acquire) >= self.capacity
+            && !self.stats.exporter_gone.load(Ordering::Acquire)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         // The bound is a count, not a preallocated array: 65536 SpanData slots would
         // cost ~10 ms to set up, which a launched program waits for.
         if self.stats.held.fetch_add(1, Ordering::AcqRel) >= self.capacity {
@@ -358,6 +383,7 @@ pub fn start(config: &OtelConfig, resource: Resource, wait: bool) -> Result<(Spa
     let thread = {
         let (config, stats) = (config.clone(), stats.clone());
         std::thread::Builder::new().name("otlp-export".into()).spawn(move || {
+            let _gone = GoneOnDrop(stats.clone());
             // Not waited for: build the client when the first batch is due, so its threads
             // do not compete with the starting program.
             let mut first = Vec::new();
@@ -394,7 +420,7 @@ pub fn start(config: &OtelConfig, resource: Resource, wait: bool) -> Result<(Spa
         ready_rx.recv().context("the OTLP export thread stopped")??;
     }
     let encode = config.protocol == Protocol::HttpProtobuf;
-    let sender = SpanSender { tx, stats: stats.clone(), capacity: config.queue as u64, encode };
+    let sender = SpanSender { tx, stats: stats.clone(), capacity: config.queue as u64, encode, wait: false };
     Ok((sender, Exporting { thread, stats, endpoint: config.endpoint.clone(), protocol: config.protocol }))
 }
 
