@@ -135,30 +135,6 @@ fn mappings(pid: i32) -> Result<Vec<(u64, u64)>> {
     Ok(v)
 }
 
-/// The live injector (pid) whose ring a process carries, if any. Rings left mapped by an
-/// injector that detached (owner 0) or died are not in use.
-pub fn existing_owner(pid: i32) -> Result<Option<u32>> {
-    let maps =
-        std::fs::read_to_string(format!("/proc/{pid}/maps")).with_context(|| format!("reading /proc/{pid}/maps"))?;
-    let mem = File::open(format!("/proc/{pid}/mem")).with_context(|| format!("opening /proc/{pid}/mem"))?;
-    for line in maps.lines().filter(|l| l.contains(&format!("/memfd:{}", ring_abi::MEMFD_NAME))) {
-        let Some(start) = line.split('-').next().and_then(|a| u64::from_str_radix(a, 16).ok()) else { continue };
-        let mut header = [0u8; 32];
-        if std::os::unix::fs::FileExt::read_exact_at(&mem, &mut header, start).is_err()
-            || header[..8] != ring_abi::MAGIC.to_le_bytes()
-        {
-            continue;
-        }
-        let owner = u64::from_le_bytes(header[header::OWNER..header::OWNER + 8].try_into().unwrap_or([0; 8])) as u32;
-        let alive =
-            owner != 0 && std::fs::read_to_string(format!("/proc/{owner}/comm")).is_ok_and(|c| c.trim() == "inject");
-        if alive {
-            return Ok(Some(owner));
-        }
-    }
-    Ok(None)
-}
-
 /// A free, page-aligned range of `len` bytes from which every address of `text` is within
 /// rel32 reach, as close to the text as possible.
 fn find_gap(maps: &[(u64, u64)], text: std::ops::Range<u64>, len: u64) -> Option<u64> {
@@ -242,6 +218,9 @@ pub fn install(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite], rin
         .enumerate()
         .map(|(i, c)| (c.len() as u64 + if i == 0 { 4096 } else { 0 }).next_multiple_of(PAGE))
         .collect();
+    // Room in the ring's journal for every patch (it comes last: no code depends on it).
+    let layout = layout.with_patches(probe.patches.len() as u32);
+    let ring = RingAddrs { layout, ..ring };
     let ring_len = layout.total_len() as u64;
 
     // Window 1: create the memory (nothing points at it yet), then let the target run
@@ -302,6 +281,7 @@ pub fn install(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite], rin
     let addrs = RingAddrs { base: ring_addr, ..ring };
     let bases: Vec<u64> = areas.iter().map(|a| a.0).collect();
     let Generated { code, mut patches, installed } = generate(sites, &addrs, &bases, &groups)?;
+    write_journal(&mut ring_map, &layout, &areas, &patches, bin, bias)?;
     for (c, &(at, len)) in code.iter().zip(&areas) {
         ensure!(c.len() as u64 <= len - if at == tramp_addr { 64 } else { 0 }, "trampolines outgrew their area");
     }
@@ -580,6 +560,41 @@ fn wait_for_safe_threads(s: &mut Session, patches: &[Patch]) -> Result<usize> {
     )
 }
 
+/// Records, in the target's copy of the ring, how to undo every patch (the original bytes
+/// are the file's: window 2 refuses any other), before any of them is written.
+fn write_journal(
+    ring: &mut MmapMut,
+    layout: &Layout,
+    areas: &[(u64, u64)],
+    patches: &[Patch],
+    bin: &GoBinary<'_>,
+    bias: u64,
+) -> Result<()> {
+    use ring_abi::journal as j;
+    ensure!(areas.len() <= j::MAX_AREAS && patches.len() <= layout.patches as usize, "journal too small");
+    let base = layout.journal_offset();
+    let put =
+        |ring: &mut MmapMut, off: usize, v: u64| ring[base + off..base + off + 8].copy_from_slice(&v.to_le_bytes());
+    for (i, &(addr, len)) in areas.iter().enumerate() {
+        put(ring, j::AREA_LIST + i * j::AREA, addr);
+        put(ring, j::AREA_LIST + i * j::AREA + 8, len);
+    }
+    for (i, p) in patches.iter().enumerate() {
+        ensure!(p.new.len() <= j::MAX_PATCH_LEN, "a patch longer than the journal holds");
+        let original = bin.elf.read(p.addr - bias, p.new.len()).context("patch site outside the file")?;
+        let at = base + j::PATCH_LIST + i * j::PATCH;
+        ring[at..at + 8].copy_from_slice(&p.addr.to_le_bytes());
+        ring[at + 8..at + 16].copy_from_slice(&(p.new.len() as u64).to_le_bytes());
+        ring[at + 16..at + 16 + original.len()].copy_from_slice(original);
+        ring[at + 24..at + 24 + p.new.len()].copy_from_slice(&p.new);
+    }
+    // The counts last: a journal is believed only as far as they say.
+    put(ring, j::AREAS, areas.len() as u64);
+    put(ring, j::PATCHES, patches.len() as u64);
+    ring.flush().context("flushing the journal")?;
+    Ok(())
+}
+
 /// Allocates every page of the memfd up front.
 fn reserve(file: &File, len: u64) -> Result<()> {
     use std::os::fd::AsRawFd;
@@ -628,6 +643,8 @@ pub fn remove(inst: &Installation) -> Result<Removal> {
     for p in inst.patches.iter().rev() {
         s.write(p.addr, &p.original).with_context(|| format!("restoring {:#x}", p.addr))?;
     }
+    // Nothing left to undo, should the rest fail.
+    inst.ring_header_store(inst.layout.journal_offset() + ring_abi::journal::PATCHES, 0);
     let mut unmapped = false;
     let in_tramp = |rip: u64| inst.areas.iter().any(|&(a, l)| (a..a + l).contains(&rip));
     for _ in 0..SAFE_POINT_ATTEMPTS {

@@ -14,6 +14,7 @@ mod otlp;
 mod output;
 mod plan;
 mod ptrace;
+mod recover;
 mod ring;
 mod run;
 mod spans;
@@ -35,6 +36,9 @@ enum Command {
     Functions(inspect::FunctionsArgs),
     /// Show a Go binary's version, modules and build settings.
     Info(inspect::InfoArgs),
+    /// Remove what an inject that died (kill -9) left in a process: restore every patched
+    /// byte and unmap its memory. `inject --pid` does this by itself before attaching.
+    Detach(run::DetachArgs),
     /// Measure the collector's drain rate (used by `cargo xtask bench collector`).
     #[command(hide = true)]
     BenchCollector(benchcmd::BenchArgs),
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Functions(a)) => inspect::functions(&a),
         Some(Command::Info(a)) => inspect::info(&a),
+        Some(Command::Detach(a)) => run::detach(&a),
         Some(Command::BenchCollector(a)) => benchcmd::bench_collector(&a),
         None if !cli.run.command.is_empty() && !cli.run.dry_run => {
             return match launch::launch(&cli.run.with_env_funcs()) {

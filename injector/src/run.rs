@@ -104,6 +104,27 @@ impl RunArgs {
     }
 }
 
+/// `inject detach --pid P`.
+#[derive(Debug, clap::Args)]
+pub struct DetachArgs {
+    /// The process to clean up.
+    #[arg(long, value_name = "PID")]
+    pub pid: i32,
+}
+
+/// Removes what dead injects left in a process.
+pub fn detach(args: &DetachArgs) -> Result<()> {
+    let pid = args.pid;
+    let exe = TargetArgs { exe: None, pid: Some(pid) }.open()?;
+    let bin = GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())?;
+    let cleaned = crate::recover::clean(pid, || Ok(install::find_syscall_gadget(&bin)? + exe.bias))?;
+    match cleaned.describe(pid) {
+        Some(line) => eprintln!("{line}"),
+        None => eprintln!("inject: pid {pid} carries no probes of an inject that is gone; nothing to do"),
+    }
+    Ok(())
+}
+
 /// Stop-the-world pauses longer than this are explained on stderr.
 const LONG_PAUSE_MS: u64 = 10;
 
@@ -380,8 +401,10 @@ fn start_tracing(
     args: &RunArgs,
     out: Output,
 ) -> Result<Tracing> {
-    if let Some(owner) = install::existing_owner(pid)? {
-        bail!("pid {pid} is already instrumented by another inject (pid {owner}); stop that one first");
+    // Probes a dead inject left: put every byte back first.
+    let cleaned = crate::recover::clean(pid, || Ok(install::find_syscall_gadget(bin)? + exe.bias))?;
+    if let Some(line) = cleaned.describe(pid) {
+        eprintln!("{line}");
     }
     let lossless = match (args.lossless, args.no_lossless) {
         (true, _) => true,

@@ -55,7 +55,33 @@ pub mod header {
     /// of dropping. A writer whose wait runs out clears it, so that a reader that died or
     /// stalled costs every later writer nothing; the reader sets it again.
     pub const LOSSLESS: usize = 256;
+    /// Offset of the [`super::journal`] from the start of the mapping (u64).
+    pub const JOURNAL: usize = 64;
     pub const LEN: usize = super::PAGE;
+}
+
+/// What a later injector needs to undo this one's patches if it dies without removing
+/// them (`kill -9`): kept in the target, in the ring's own memory, written before any
+/// jump goes in. Layout: magic, count of trampoline areas, count of patches (u64 each;
+/// the counts are written last), then [`journal::MAX_AREAS`] areas (address, length), then
+/// the patches (address, length, original bytes, patched bytes; 8-byte fields).
+pub mod journal {
+    /// `b"INJJRNL1"` little-endian.
+    pub const MAGIC: u64 = u64::from_le_bytes(*b"INJJRNL1");
+    pub const AREAS: usize = 8;
+    pub const PATCHES: usize = 16;
+    pub const MAX_AREAS: usize = 64;
+    pub const AREA_LIST: usize = 24;
+    pub const AREA: usize = 16;
+    pub const PATCH_LIST: usize = AREA_LIST + MAX_AREAS * AREA;
+    pub const PATCH: usize = 32;
+    /// The longest patch it can hold (a jump is 5 bytes).
+    pub const MAX_PATCH_LEN: usize = 8;
+
+    /// Bytes for a journal of `patches` entries.
+    pub fn len(patches: usize) -> usize {
+        PATCH_LIST + patches * PATCH
+    }
 }
 
 /// Offsets in each sub-ring's own header page.
@@ -199,6 +225,8 @@ pub struct Layout {
     /// Probe sites with a drop counter of their own (after the context tables), so that
     /// a loss can be told by function.
     pub sites: u32,
+    /// Patches the [`journal`] (after the drop counters) has room for.
+    pub patches: u32,
 }
 
 impl Layout {
@@ -213,7 +241,7 @@ impl Layout {
         if slot_size < MIN_SLOT_SIZE || !slot_size.is_power_of_two() {
             return Err(LayoutError::SlotSize { size: slot_size, min: MIN_SLOT_SIZE });
         }
-        let l = Layout { rings, capacity, slot_size, sites: 0 };
+        let l = Layout { rings, capacity, slot_size, sites: 0, patches: 0 };
         // Trampolines multiply the ring index by the stride with a 32-bit immediate.
         if l.stride() > 1 << 30 {
             return Err(LayoutError::TooLarge { bytes: l.stride() as u64 });
@@ -228,6 +256,16 @@ impl Layout {
 
     /// Bytes of the whole mapping: header, sub-rings, context tables.
     pub fn total_len(&self) -> usize {
+        self.journal_offset() + journal::len(self.patches as usize).next_multiple_of(PAGE)
+    }
+
+    /// The same layout with room in the journal for `patches` patches.
+    pub fn with_patches(self, patches: u32) -> Self {
+        Layout { patches, ..self }
+    }
+
+    /// Offset of the [`journal`].
+    pub fn journal_offset(&self) -> usize {
         self.site_drops_offset() + (self.sites as usize * 8).next_multiple_of(PAGE)
     }
 
@@ -278,6 +316,8 @@ impl Layout {
         put(mem, header::CAPACITY, &self.capacity.to_le_bytes());
         put(mem, header::RINGS, &self.rings.to_le_bytes());
         put(mem, header::SALT, &salt().to_le_bytes());
+        put(mem, header::JOURNAL, &(self.journal_offset() as u64).to_le_bytes());
+        put(mem, self.journal_offset(), &journal::MAGIC.to_le_bytes());
     }
 }
 

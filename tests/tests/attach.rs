@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use tests::{Proc, require_ptrace, start_fixture, start_inject, text_differs_from_file};
 use xtask::{Flavor, GoToolchain, build_fixture, test_toolchains};
@@ -205,7 +205,8 @@ fn detach_leaves_no_trace_and_second_inject_is_refused() -> Result<()> {
 }
 
 /// An injector killed with SIGKILL leaves its probes in: the program keeps running
-/// correctly (records are dropped once the ring fills).
+/// correctly (records are dropped once the ring fills), and the next inject (or `inject
+/// detach`) puts every byte back from the journal the dead one left in the ring.
 #[test]
 fn target_survives_a_killed_injector() -> Result<()> {
     if !require_ptrace()? {
@@ -225,6 +226,30 @@ fn target_survives_a_killed_injector() -> Result<()> {
     // Let the program run with orphaned probes and a full ring.
     std::thread::sleep(Duration::from_millis(300));
     ensure!(text_differs_from_file(target.pid(), &exe)?.is_some(), "probes should still be in place");
+    // The next inject finds what the dead one left, puts it back, and attaches as usual;
+    // killed again, `inject detach` cleans up alone.
+    for round in 0..2 {
+        let mut next = start_inject(
+            &["--pid".into(), pid_arg(&target), "--func".into(), "main.depth".into(), "--output".into(), "none".into()],
+            true,
+        )?;
+        let said = next.transcript();
+        ensure!(said.contains("removed the probes a previous inject"), "round {round}: no clean-up:\n{said}");
+        std::thread::sleep(Duration::from_millis(100));
+        next.signal(9);
+        next.wait(MINUTE)?;
+        ensure!(text_differs_from_file(target.pid(), &exe)?.is_some(), "round {round}: probes should be in place");
+    }
+    let mut detach = start_inject(&["detach".into(), "--pid".into(), pid_arg(&target)], false)?;
+    ensure!(detach.wait(MINUTE)?.success(), "inject detach failed:\n{}", detach.transcript());
+    ensure!(detach.transcript().contains("restored"), "{}", detach.transcript());
+    if let Some(at) = text_differs_from_file(target.pid(), &exe)? {
+        bail!("code at {at:#x} not restored by inject detach:\n{}", detach.transcript());
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", target.pid()))?;
+    ensure!(!maps.contains("inject-ring"), "the ring is still mapped:\n{maps}");
+    let mut again = start_inject(&["detach".into(), "--pid".into(), pid_arg(&target)], false)?;
+    ensure!(again.wait(MINUTE)?.success() && again.transcript().contains("nothing to do"), "{}", again.transcript());
     target.send_line("stop")?;
     ensure!(target.wait(MINUTE)?.success(), "target failed:\n{}", target.transcript());
     let rounds = target.value("ROUNDS").context("ROUNDS")?;
