@@ -25,6 +25,9 @@ cargo xtask <command>
   fuzz [SECONDS]    run every cargo-fuzz target for SECONDS each (default 60)
   support           core end-to-end checks (list, launch with arguments, attach/detach) for
                     every Go of go-versions.toml x default/stripped/PIE; prints the README table
+  soak [CYCLES]     attach/detach CYCLES times (default 1000) to stressed programs (full ring,
+                    GC, stack growth, SIGPROF/SIGURG storms, HTTP load; SIGINT, --duration or
+                    SIGKILL endings) on the oldest and newest Go, default and PIE; prints a table
   offsets [--check] regenerate go-abi/src/offsets.rs (struct offsets by Go release) from
                     the DWARF of every Go of go-versions.toml; --check fails on a difference
   bench [NAME]      run benchmarks (attach-100, attach-under-load, call-overhead, collector, export, launch, http, functions-100mb; all by default)
@@ -44,6 +47,10 @@ fn main() -> ExitCode {
         },
         Some("bench") => bench::run(args.get(1).map(String::as_str)),
         Some("support") => xtask::support::run(),
+        Some("soak") => match args.get(1).map(|s| s.parse::<u64>()).transpose() {
+            Ok(cycles) => soak(cycles.unwrap_or(1000)),
+            Err(e) => Err(anyhow::Error::from(e).context("soak CYCLES must be a whole number")),
+        },
         Some("offsets") => xtask::offsets::listed_toolchains()
             .and_then(|tcs| xtask::offsets::run(&tcs, args.iter().any(|a| a == "--check"))),
         Some("help" | "--help" | "-h") | None => {
@@ -87,6 +94,18 @@ fn fixtures(all: bool) -> Result<()> {
                 println!("{}", p.display());
             }
         }
+    }
+    Ok(())
+}
+
+/// `cargo xtask soak`: the soak test at length, with its table on standard output.
+fn soak(cycles: u64) -> Result<()> {
+    deps::ensure()?;
+    let mut t = cargo();
+    t.args(["test", "--release", "-p", "tests", "--test", "soak", "soak_long", "--", "--ignored", "--nocapture"]);
+    t.env("INJECT_SOAK_CYCLES", cycles.to_string()).env("INJECT_PROFILE", "release");
+    if !t.status()?.success() {
+        bail!("the soak failed");
     }
     Ok(())
 }
