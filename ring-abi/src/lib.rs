@@ -344,7 +344,12 @@ mod tests {
         assert!(Layout::new(1, 1 << 23, 256).is_err());
         let l = Layout::new(2, 16, 256).unwrap();
         assert_eq!(l.stride(), 4096 + 4096);
-        assert_eq!(l.total_len(), 4096 + 2 * 8192 + ctx::LEN);
+        // Header, two sub-rings, the context tables, the journal's first page.
+        assert_eq!(l.total_len(), 4096 + 2 * 8192 + ctx::LEN + 4096);
+        let big = l.with_sites(600).with_patches(200);
+        assert_eq!(big.site_drops_offset(), l.site_drops_offset());
+        assert_eq!(big.journal_offset(), l.site_drops_offset() + 8192, "600 counters take two pages");
+        assert_eq!(big.total_len(), big.journal_offset() + journal::len(200).next_multiple_of(PAGE));
         assert_eq!(l.slot_offset(1, 17), 4096 + 8192 + 4096 + 256);
         assert_eq!(slot::DATA, 184);
         let mut mem = vec![0xffu8; l.total_len()];
