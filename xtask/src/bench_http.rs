@@ -63,6 +63,21 @@ unsafe extern "C" {
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
+/// Starts the httpserver fixture; returns it and the address it listens on.
+fn start_server(exe: &std::path::Path) -> Result<(Child, String)> {
+    let mut server = Command::new(exe).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    let mut lines = BufReader::new(server.stdout.take().context("stdout")?).lines();
+    let addr = loop {
+        match lines.next().transpose()? {
+            Some(l) if l.starts_with("LISTEN ") => break l["LISTEN ".len()..].to_string(),
+            Some(_) => {}
+            None => bail!("httpserver exited"),
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok((server, addr))
+}
+
 pub fn http() -> Result<()> {
     // SAFETY: single-threaded at this point.
     unsafe { std::env::set_var("INJECT_PROFILE", "release") };
@@ -73,16 +88,7 @@ pub fn http() -> Result<()> {
     let tc = toolchain(versions.last().context("no Go")?)?;
     let server_exe = build_fixture("httpserver", &tc, Flavor::Default)?;
     let load_exe = build_fixture("load", &tc, Flavor::Default)?;
-    let mut server = Command::new(&server_exe).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
-    let mut lines = BufReader::new(server.stdout.take().context("stdout")?).lines();
-    let addr = loop {
-        match lines.next().transpose()? {
-            Some(l) if l.starts_with("LISTEN ") => break l["LISTEN ".len()..].to_string(),
-            Some(_) => {}
-            None => bail!("httpserver exited"),
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
+    let (mut server, addr) = start_server(&server_exe)?;
     let pid = server.id();
     let mut ratios: Vec<(u32, f64)> = Vec::new();
     let result = WORKS.iter().try_for_each(|&work| -> Result<()> {
@@ -183,16 +189,7 @@ pub fn attach_under_load() -> Result<()> {
     let tc = toolchain(versions.last().context("no Go")?)?;
     let server_exe = build_fixture("httpserver", &tc, Flavor::Default)?;
     let load_exe = build_fixture("load", &tc, Flavor::Default)?;
-    let mut server = Command::new(&server_exe).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
-    let mut lines = BufReader::new(server.stdout.take().context("stdout")?).lines();
-    let addr = loop {
-        match lines.next().transpose()? {
-            Some(l) if l.starts_with("LISTEN ") => break l["LISTEN ".len()..].to_string(),
-            Some(_) => {}
-            None => bail!("httpserver exited"),
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
+    let (mut server, addr) = start_server(&server_exe)?;
     let url = format!("http://{addr}/work?n=400");
     let loader = Command::new(&load_exe)
         .args(["-url", &url, "-duration", "3600s", "-c", "8"])
