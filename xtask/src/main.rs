@@ -102,7 +102,7 @@ fn fixtures(all: bool) -> Result<()> {
 fn soak(cycles: u64) -> Result<()> {
     deps::ensure()?;
     let mut t = cargo();
-    t.args(["test", "--release", "-p", "tests", "--test", "soak", "soak_long", "--", "--ignored", "--nocapture"]);
+    t.args(["test", "-p", "tests", "--test", "soak", "soak_long", "--", "--ignored", "--nocapture"]);
     t.env("INJECT_SOAK_CYCLES", cycles.to_string()).env("INJECT_PROFILE", "release");
     if !t.status()?.success() {
         bail!("the soak failed");
