@@ -136,6 +136,35 @@ pub fn send_signal(pid: i32, sig: i32) {
     unsafe { libc_kill(pid, sig) };
 }
 
+/// Sends SIGURG to every thread of `pid` (a process the test started), one round every
+/// `period`, until `stop`; counts the signals sent. Far above the runtime's own rate
+/// (about 100 a second per thread) is the point, but not so far that some thread is always
+/// in a signal handler: inject, which patches only when none is, would give up attaching.
+pub fn sigurg_storm(
+    pid: i32,
+    period: Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> std::thread::JoinHandle<()> {
+    use std::sync::atomic::Ordering;
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return };
+            let tids: Vec<i32> = tasks.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
+            // The thread list is read again every 20 rounds.
+            for _ in 0..20 {
+                for &tid in &tids {
+                    // SAFETY: tgkill(2) with integer arguments.
+                    if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGURG) } == 0 {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                std::thread::sleep(period);
+            }
+        }
+    })
+}
+
 /// A per-test-process path under target/test-scratch.
 pub fn scratch(name: &str) -> std::path::PathBuf {
     let d = xtask::workspace_root().join("target/test-scratch");

@@ -84,25 +84,6 @@ fn soak_long() -> Result<()> {
     Ok(())
 }
 
-/// Sends SIGURG to every thread of `pid`, every ~500 µs, until `stop`: 20 times what the
-/// runtime sends itself. (At 20,000 a second per thread, some thread is always in a
-/// signal handler and inject, which patches only when none is, gives up attaching.)
-fn sigurg_storm(pid: i32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        while !stop.load(Ordering::Relaxed) {
-            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return };
-            let tids: Vec<i32> = tasks.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
-            for _ in 0..20 {
-                for &tid in &tids {
-                    // SAFETY: tgkill(2) with integer arguments, to threads of our own child.
-                    unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGURG) };
-                }
-                std::thread::sleep(Duration::from_micros(500));
-            }
-        }
-    })
-}
-
 fn inject_args(pid: i32, funcs: &[&str], extra: &[String]) -> Vec<String> {
     let mut a = vec!["--pid".to_string(), pid.to_string(), "--output".into(), "none".into()];
     for f in funcs {
@@ -129,7 +110,7 @@ fn soak(tc: &GoToolchain, flavor: Flavor, cycles: usize) -> Result<Report> {
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let stop = Arc::new(AtomicBool::new(false));
-    let urg = sigurg_storm(storm.pid(), stop.clone());
+    let urg = tests::sigurg_storm(storm.pid(), Duration::from_micros(500), stop.clone(), Default::default());
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64 | 1;
     let mut rng = Rng(seed);
     let mut report = Report::default();

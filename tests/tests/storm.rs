@@ -40,27 +40,6 @@ fn signal_storm_on_every_exit_shape() -> Result<()> {
     Ok(())
 }
 
-/// Sends SIGURG to every thread of `pid`, about every 100 µs, until `stop` (far above the
-/// runtime's own rate; much more keeps some thread always in a handler, and inject, which
-/// patches only when none is, gives up attaching).
-fn sigurg_storm(pid: i32, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        while !stop.load(Ordering::Relaxed) {
-            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return };
-            let tids: Vec<i32> = tasks.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
-            for _ in 0..50 {
-                for &tid in &tids {
-                    // SAFETY: tgkill(2) with integer arguments, to threads of our own child.
-                    if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGURG) } == 0 {
-                        sent.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                std::thread::sleep(Duration::from_micros(100));
-            }
-        }
-    })
-}
-
 fn storm(tc: &GoToolchain, flavor: Flavor) -> Result<()> {
     let exe = build_fixture("storm", tc, flavor)?;
     let profile = scratch(&format!("storm-{}-{}.prof", tc.version, flavor.name()));
@@ -70,7 +49,7 @@ fn storm(tc: &GoToolchain, flavor: Flavor) -> Result<()> {
     let pid = target.pid();
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
-    let storm = sigurg_storm(pid, stop.clone(), sent.clone());
+    let storm = tests::sigurg_storm(pid, Duration::from_micros(100), stop.clone(), sent.clone());
     let stop_storm = stop.clone();
 
     let mut jumps: HashSet<u64> = HashSet::new();
