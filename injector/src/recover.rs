@@ -17,6 +17,8 @@ use crate::ptrace::Session;
 #[derive(Debug)]
 pub struct Leftover {
     pub ring: (u64, u64),
+    /// Where its journal is.
+    pub journal: u64,
     /// The inject that made it (no longer running).
     pub owner: u32,
     pub areas: Vec<(u64, u64)>,
@@ -111,7 +113,7 @@ pub fn leftovers(pid: i32) -> Result<Vec<Leftover>> {
             mem.read_exact_at(&mut new, e + 24)?;
             patches.push((addr, original, new));
         }
-        out.push(Leftover { ring: (start, end - start), owner, areas, patches });
+        out.push(Leftover { ring: (start, end - start), journal: at, owner, areas, patches });
     }
     Ok(out)
 }
@@ -152,8 +154,7 @@ pub fn clean(pid: i32, gadget: impl Fn() -> Result<u64>) -> Result<Cleaned> {
                 }
             }
             // Nothing left to undo in this ring, whatever happens next.
-            let journal = l.ring.0 + word_offset(&s, l.ring.0)?;
-            s.write(journal + journal::PATCHES as u64, &0u64.to_le_bytes())?;
+            s.write(l.journal + journal::PATCHES as u64, &0u64.to_le_bytes())?;
             done.rings += 1;
             done.owners.push(l.owner);
         }
@@ -188,12 +189,6 @@ pub fn clean(pid: i32, gadget: impl Fn() -> Result<u64>) -> Result<Cleaned> {
     })();
     s.detach()?;
     result.map(|()| done)
-}
-
-fn word_offset(s: &Session, ring: u64) -> Result<u64> {
-    let mut b = [0u8; 8];
-    s.read(ring + header::JOURNAL as u64, &mut b)?;
-    Ok(u64::from_le_bytes(b))
 }
 
 impl Cleaned {
