@@ -13,11 +13,11 @@ use go_abi::GoBinary;
 use memmap2::MmapMut;
 use ring_abi::{Layout, header};
 use trampolines::codegen::{entry_trampoline, return_trampoline};
-use trampolines::iced_x86::{Decoder, DecoderOptions, Mnemonic};
 use trampolines::{Redirect, RingAddrs};
 
 use crate::plan::ProbeSite;
 use crate::ptrace::Session;
+use crate::ptrace::pad::PAD_LEN;
 use crate::ring::RingReader;
 
 const PAGE: u64 = 4096;
@@ -92,7 +92,7 @@ pub struct Installation {
     pub reserve_time: Duration,
     /// How long the world stood still earlier, to create the memory.
     pub prepare_pause: Duration,
-    pub gadget: u64,
+    pub pad: u64,
 }
 
 impl Installation {
@@ -105,19 +105,31 @@ impl Installation {
     }
 }
 
-/// A `syscall` instruction in the runtime's own assembly, to run injected syscalls.
-pub fn find_syscall_gadget(bin: &GoBinary<'_>) -> Result<u64> {
-    // Lazily: the runtime's assembly comes first in the text, so this stops early.
-    for f in bin.pclntab.funcs().filter_map(Result::ok).filter(|f| f.is_asm() && f.name.starts_with("runtime.")) {
-        let Some(code) = bin.code(&f) else { continue };
-        let mut d = Decoder::with_ip(64, code, f.entry, DecoderOptions::NONE);
-        for i in &mut d {
-            if i.mnemonic() == Mnemonic::Syscall {
-                return Ok(i.ip());
-            }
-        }
-    }
-    bail!("no syscall instruction found in the runtime's assembly")
+/// Where injected syscalls run from (unbiased): the start of `runtime.rt0_go`, the
+/// program's start-up code, which runs once and never again. A landing pad is written there
+/// for each call and the bytes put back before any thread runs (see `ptrace::pad`): should
+/// inject die in between, nothing executes what it left there, and the next inject puts the
+/// bytes back ([`crate::recover`]).
+pub fn syscall_pad(bin: &GoBinary<'_>) -> Result<u64> {
+    let f = bin
+        .pclntab
+        .funcs()
+        .filter_map(Result::ok)
+        .find(|f| f.name == "runtime.rt0_go")
+        .context("no runtime.rt0_go in the function table (not a Go executable?)")?;
+    ensure!(
+        bin.pclntab.code_end(&f) - f.entry >= PAD_LEN as u64,
+        "runtime.rt0_go is {} bytes, too short for a {PAD_LEN}-byte landing pad",
+        bin.pclntab.code_end(&f) - f.entry
+    );
+    Ok(f.entry)
+}
+
+/// [`syscall_pad`] in the live process, with the executable's bytes there.
+pub fn pad_site(bin: &GoBinary<'_>, bias: u64) -> Result<crate::recover::PadSite> {
+    let at = syscall_pad(bin)?;
+    let original = bin.elf.read(at, PAD_LEN).context("runtime.rt0_go outside the file")?.to_vec();
+    Ok(crate::recover::PadSite { addr: at + bias, original })
 }
 
 /// The address ranges mapped in the target.
@@ -191,15 +203,15 @@ fn find_gap_within(maps: &[(u64, u64)], window: std::ops::Range<u64>, len: u64) 
     (at + len <= window.end).then_some(at)
 }
 
-fn syscall(s: &mut Session, tid: i32, gadget: u64, nr: i64, args: [u64; 6]) -> Result<u64> {
-    let r = s.syscall(tid, gadget, nr, args)?;
+fn syscall(s: &mut Session, tid: i32, pad: u64, nr: i64, args: [u64; 6]) -> Result<u64> {
+    let r = s.syscall(tid, pad, nr, args)?;
     Ok(r as u64)
 }
 
 /// Installs `sites` into process `pid`, with a ring shaped like `ring` (its base is
 /// chosen here). On error nothing stays patched.
 pub fn install(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite], ring: RingAddrs) -> Result<Installation> {
-    let gadget = find_syscall_gadget(bin)? + bias;
+    let pad = syscall_pad(bin)? + bias;
     let text = bin.text_range();
     let text = text.start + bias..text.end + bias;
     // Size the trampoline areas by generating everything once at provisional addresses
@@ -247,9 +259,9 @@ pub fn install(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite], rin
     }
     let tid = *s.threads().first().context("the process has no threads")?;
     let mut cleanup = Cleanup { areas: Vec::new(), ring: None };
-    let memory = create_memory(&mut s, tid, gadget, &areas, ring_addr, ring_len, &mut cleanup);
+    let memory = create_memory(&mut s, tid, pad, &areas, ring_addr, ring_len, &mut cleanup);
     if memory.is_err() {
-        cleanup.undo(&mut s, tid, gadget);
+        cleanup.undo(&mut s, tid, pad);
     }
     prepare_parts.work_ms = ms(started.elapsed()) - prepare_parts.stop_ms;
     let resuming = Instant::now();
@@ -264,7 +276,7 @@ pub fn install(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite], rin
     if let Err(e) = reserve(&file, ring_len) {
         let mut s = Session::attach(pid)?;
         let tid = *s.threads().first().context("the process has no threads")?;
-        cleanup.undo(&mut s, tid, gadget);
+        cleanup.undo(&mut s, tid, pad);
         s.detach()?;
         return Err(e)
             .with_context(|| format!("reserving the ring's {} MiB of memory (try --ring-slots)", ring_len >> 20));
@@ -325,7 +337,7 @@ pub fn install(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite], rin
     let threads = s.threads().len();
     if result.is_err() {
         let tid = s.threads().first().copied().unwrap_or(pid);
-        cleanup.undo(&mut s, tid, gadget);
+        cleanup.undo(&mut s, tid, pad);
     }
     pause_parts.work_ms = ms(started.elapsed()) - pause_parts.stop_ms;
     let resuming = Instant::now();
@@ -349,7 +361,7 @@ pub fn install(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite], rin
         lossless: ring.wait_spins > 0,
         reserve_time,
         prepare_pause,
-        gadget,
+        pad,
     })
 }
 
@@ -397,7 +409,7 @@ fn pinned_groups(sites: &[ProbeSite]) -> Result<Vec<PinnedGroup>> {
 fn create_memory(
     s: &mut Session,
     tid: i32,
-    gadget: u64,
+    pad: u64,
     areas: &[(u64, u64)],
     ring_addr: u64,
     ring_len: u64,
@@ -408,7 +420,7 @@ fn create_memory(
         let r = syscall(
             s,
             tid,
-            gadget,
+            pad,
             libc::SYS_mmap,
             [
                 addr,
@@ -426,17 +438,17 @@ fn create_memory(
     let &(tramp_addr, tramp_len) = areas.first().context("no trampoline area")?;
     // The memfd's name goes at the end of the trampoline area (it is only read once).
     let name_addr = tramp_addr + tramp_len - 64;
-    let mut name = ring_abi::MEMFD_NAME.as_bytes().to_vec();
+    let mut name = format!("{}.{}", ring_abi::MEMFD_NAME, std::process::id()).into_bytes();
     name.push(0);
     s.write(name_addr, &name)?;
-    let fd = syscall(s, tid, gadget, libc::SYS_memfd_create, [name_addr, libc::MFD_CLOEXEC as u64, 0, 0, 0, 0])
+    let fd = syscall(s, tid, pad, libc::SYS_memfd_create, [name_addr, libc::MFD_CLOEXEC as u64, 0, 0, 0, 0])
         .context("creating the ring's memfd in the target")?;
     let ok = (|| -> Result<OwnedFd> {
-        syscall(s, tid, gadget, libc::SYS_ftruncate, [fd, ring_len, 0, 0, 0, 0]).context("sizing the ring")?;
+        syscall(s, tid, pad, libc::SYS_ftruncate, [fd, ring_len, 0, 0, 0, 0]).context("sizing the ring")?;
         let r = syscall(
             s,
             tid,
-            gadget,
+            pad,
             libc::SYS_mmap,
             [
                 ring_addr,
@@ -453,7 +465,7 @@ fn create_memory(
         take_fd(pid, fd as i32)
     })();
     // The target needs no descriptor: its mapping keeps the memfd alive.
-    let _ = syscall(s, tid, gadget, libc::SYS_close, [fd, 0, 0, 0, 0, 0]);
+    let _ = syscall(s, tid, pad, libc::SYS_close, [fd, 0, 0, 0, 0, 0]);
     ok
 }
 
@@ -525,9 +537,9 @@ struct Cleanup {
 }
 
 impl Cleanup {
-    fn undo(&self, s: &mut Session, tid: i32, gadget: u64) {
+    fn undo(&self, s: &mut Session, tid: i32, pad: u64) {
         for &(addr, len) in self.ring.iter().chain(&self.areas) {
-            let _ = s.syscall(tid, gadget, libc::SYS_munmap, [addr, len, 0, 0, 0, 0]);
+            let _ = s.syscall(tid, pad, libc::SYS_munmap, [addr, len, 0, 0, 0, 0]);
         }
     }
 }
@@ -659,9 +671,9 @@ pub fn remove(inst: &Installation) -> Result<Removal> {
         if !busy {
             let tid = *s.threads().first().context("no threads")?;
             for &(addr, len) in &inst.areas {
-                s.syscall(tid, inst.gadget, libc::SYS_munmap, [addr, len, 0, 0, 0, 0])?;
+                s.syscall(tid, inst.pad, libc::SYS_munmap, [addr, len, 0, 0, 0, 0])?;
             }
-            s.syscall(tid, inst.gadget, libc::SYS_munmap, [inst.ring_addr, inst.ring_len, 0, 0, 0, 0])?;
+            s.syscall(tid, inst.pad, libc::SYS_munmap, [inst.ring_addr, inst.ring_len, 0, 0, 0, 0])?;
             unmapped = true;
             break;
         }

@@ -13,32 +13,27 @@
 //! A signal-delivery-stop takes the signal out of the kernel's queues. Every such signal is
 //! remembered with its full `siginfo` on the thread that reported it, and handed back exactly
 //! once when the thread is let go:
-//! - the thread stays parked in its signal-delivery-stop, where the signal can be injected
-//!   again with `PTRACE_SETSIGINFO` plus the `data` argument of `PTRACE_CONT` or
-//!   `PTRACE_DETACH` (the kernel ignores that argument in other kinds of stop). After an
-//!   injected syscall the thread rests in the single-step SIGTRAP stop, which is also a
-//!   signal-delivery-stop: `PTRACE_SETSIGINFO` swaps in the remembered signal, so even a signal
-//!   taken during the step goes back with its original siginfo;
-//! - when one thread holds more than one signal (signals pending while we single-step), one
-//!   is injected that way and the others are queued again on that thread before it is
-//!   resumed: with `rt_tgsigqueueinfo` (same siginfo) when the kernel allows that (negative
-//!   `si_code` other than `SI_TKILL`, e.g. `sigqueue` and POSIX-timer signals such as Go's
-//!   per-thread SIGPROF), else with `tgkill` (then the handler sees `SI_TKILL` and our pid).
+//! - a thread still in its signal-delivery-stop gets one back there, with `PTRACE_SETSIGINFO`
+//!   plus the `data` argument of `PTRACE_CONT` or `PTRACE_DETACH` (the kernel ignores that
+//!   argument in other kinds of stop);
+//! - the others (more than one signal, or a thread left in the syscall-exit stop of an
+//!   injected syscall) are queued again on that thread before it is resumed: with
+//!   `rt_tgsigqueueinfo` (same siginfo) when the kernel allows that (negative `si_code` other
+//!   than `SI_TKILL`, e.g. `sigqueue` and POSIX-timer signals such as Go's per-thread
+//!   SIGPROF), else with `tgkill` (then the handler sees `SI_TKILL` and our pid).
 //!   A fault signal raised by the hardware (SIGSEGV, SIGBUS, SIGFPE, SIGILL with a kernel
 //!   `si_code`) is not queued again: the faulting instruction runs again and raises it anew.
 //!
 //! Signals sent while every thread is stopped simply stay pending in the kernel, and the
 //! kernel delivers them after detach.
 //!
-//! # Injected syscalls and the signal mask
-//! The single-step of an injected syscall ends in a SIGTRAP that the kernel *forces* on the
-//! thread. When the thread blocks SIGTRAP, as every Go thread inside a signal handler does,
-//! forcing it unblocks SIGTRAP and resets its handler to `SIG_DFL` for the whole process
-//! (`force_sig_info_to_task`); a faulting gadget would do the same to SIGSEGV. So
-//! [`Session::syscall`] unblocks the synchronous signals (TRAP, SEGV, BUS, ILL, FPE) with
-//! `PTRACE_SETSIGMASK` for the step and restores the mask afterwards. It refuses a thread that
-//! blocks one of them while inside a syscall with a temporary mask (sigsuspend, ppoll,
-//! pselect6, epoll_pwait...), whose saved mask `PTRACE_SETSIGMASK` would discard.
+//! # Injected syscalls survive our death
+//! [`Session::syscall`] runs a system call in a stopped thread from a landing pad
+//! ([`pad`]) that ends by putting the thread's own registers back, so a `kill -9` of this
+//! process at any moment of it leaves the thread to finish our call and carry on. It uses
+//! `PTRACE_SYSCALL`, not a single-step: a dead tracer's step trap would reach the target as
+//! a real SIGTRAP, which kills a Go program, while the kernel drops syscall tracing with its
+//! tracer. Nothing is forced on the thread either, so its signal mask is never touched.
 //!
 //! # Group-stop (SIGSTOP, SIGTSTP, ... from someone else)
 //! A stop signal we take is remembered and injected like any other, so the group-stop happens
@@ -64,6 +59,7 @@
 
 #![cfg_attr(not(test), allow(dead_code))]
 
+pub mod pad;
 mod sys;
 #[cfg(test)]
 mod tests;
@@ -167,14 +163,12 @@ pub enum SessionError {
     WriteMismatch { pid: i32, addr: u64, len: usize },
     #[error("injected {name} (syscall {nr}) failed in thread {tid}: {errno}")]
     SyscallFailed { tid: i32, nr: i64, name: &'static str, errno: Errno },
+    #[error("{len} bytes at {addr:#x} are not executable code of the process (wanted for a landing pad)")]
+    NotExecutable { addr: u64, len: usize },
     #[error(
-        "thread {tid} is in syscall {nr} with a temporary signal mask and blocks SIGTRAP; inject into another thread"
+        "injected {name} (syscall {nr}) from the pad at {pad:#x} in thread {tid} raised signal {sig} instead of returning"
     )]
-    TemporaryMask { tid: i32, nr: i64 },
-    #[error("no executable syscall instruction at {gadget:#x} (found bytes {bytes:02x?})")]
-    NotAGadget { gadget: u64, bytes: [u8; 2] },
-    #[error("injected {name} (syscall {nr}) at {gadget:#x} in thread {tid} raised signal {sig} instead of returning")]
-    GadgetFault { tid: i32, nr: i64, name: &'static str, gadget: u64, sig: i32 },
+    PadFault { tid: i32, nr: i64, name: &'static str, pad: u64, sig: i32 },
     #[error("threads {tids:?} did not stop within {timeout:?}")]
     StopTimeout { tids: Vec<i32>, timeout: Duration },
     #[error("attaching a thread that appeared failed")]
@@ -198,9 +192,12 @@ enum Stop {
     Trap,
     /// Group-stop with this stop signal.
     Group(i32),
-    /// Signal-delivery-stop (the signal is in `Thread::signals`), or the SIGTRAP stop after
-    /// an injected syscall. A signal can be injected from here.
+    /// Signal-delivery-stop (the signal is in `Thread::signals`). A signal can be injected
+    /// from here.
     Delivery,
+    /// Syscall-exit stop, after an injected syscall. Signals held for the thread are queued
+    /// again when it is let go (a signal cannot be injected from here).
+    SyscallExit,
     /// PTRACE_EVENT_EXIT (only seen if someone else set TRACEEXIT; we do not).
     Exiting,
     /// PTRACE_EVENT_EXEC: the process is a new program now.
@@ -249,6 +246,8 @@ pub struct Session {
     clones: usize,
     /// Threads seized from a second or later listing of /proc/PID/task, for diagnostics.
     relisted: usize,
+    /// Landing pads written this session, with the bytes they cover.
+    pads: Vec<(u64, Vec<u8>)>,
     _not_send: PhantomData<*mut ()>,
 }
 
@@ -300,6 +299,7 @@ impl Session {
             execed: false,
             timeout,
             released: false,
+            pads: Vec::new(),
             clones: 0,
             relisted: 0,
             _not_send: PhantomData,
@@ -362,7 +362,7 @@ impl Session {
             if self.threads.contains_key(&tid) || self.dead.contains(&tid) {
                 continue;
             }
-            match sys::seize(tid, libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEEXEC) {
+            match sys::seize(tid, libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEEXEC | libc::PTRACE_O_TRACESYSGOOD) {
                 Ok(()) => {}
                 Err(Errno::ESRCH) => {
                     self.dead.insert(tid);
@@ -546,60 +546,36 @@ impl Session {
         Ok(())
     }
 
-    /// The address of a `0f 05` (`syscall`) byte pair in `[start, end)` of the target's memory,
-    /// for [`Session::syscall`]. The pair need not start an instruction of the original code:
-    /// the CPU decodes from wherever RIP points.
-    pub fn find_syscall_gadget(&self, start: u64, end: u64) -> Result<Option<u64>, SessionError> {
-        const CHUNK: u64 = 64 * 1024;
-        let mut at = start;
-        while at + 1 < end {
-            let len = CHUNK.min(end - at) as usize;
-            let mut buf = vec![0u8; len];
-            self.read(at, &mut buf)?;
-            if let Some(i) = buf.windows(2).position(|w| w == [0x0f, 0x05]) {
-                return Ok(Some(at + i as u64));
-            }
-            // Overlap by one byte so a pair split across chunks is found.
-            at += len as u64 - 1;
-        }
-        Ok(None)
-    }
-
     /// Runs system call `nr` with `args` in stopped thread `tid` and returns its result.
     ///
-    /// Points RIP at `gadget` (the address of a `0f 05` in the target, see
-    /// [`Session::find_syscall_gadget`]), with `orig_rax = -1` so the kernel applies no
-    /// syscall-restart logic when the thread leaves its stop, single-steps the `syscall`
-    /// instruction, reads RAX and restores every register (`orig_rax` and `fs_base` included):
-    /// a syscall the thread was interrupted in restarts as if nothing happened. Signals that
-    /// the thread takes while stepping are remembered and handed back later. Results from
-    /// -4095 to -1 are returned as [`SessionError::SyscallFailed`].
-    pub fn syscall(&mut self, tid: i32, gadget: u64, nr: i64, args: [u64; 6]) -> Result<i64, SessionError> {
+    /// The `syscall` instruction runs from a landing pad written at `pad` (see [`pad`]): any
+    /// [`pad::PAD_LEN`] executable bytes that no thread runs while the session is open; their
+    /// original bytes are put back before any thread runs again ([`Session::resume_briefly`],
+    /// detach). Should this process die meanwhile, the pad alone returns the thread to where
+    /// it was, so choose bytes that nothing executes after start-up (`runtime.rt0_go`).
+    /// The call is run with `PTRACE_SYSCALL` (no single-step trap that a dead tracer would
+    /// leave to the target); the thread ends in its syscall-exit stop with its registers
+    /// restored (`orig_rax` and `fs_base` included), a syscall it was interrupted in set to
+    /// restart ([`pad::resume_regs`]). Signals it takes meanwhile are remembered and handed
+    /// back later. Results from -4095 to -1 are returned as [`SessionError::SyscallFailed`].
+    pub fn syscall(&mut self, tid: i32, pad: u64, nr: i64, args: [u64; 6]) -> Result<i64, SessionError> {
         let stop = self.stopped(tid)?;
         if matches!(stop, Stop::Exiting | Stop::Exec) {
             return Err(SessionError::NotStopped { tid });
         }
-        let mut insn = [0u8; 2];
-        self.read(gadget, &mut insn)?;
-        let executable = sys::executable(self.pid, gadget, 2).unwrap_or(false);
-        if insn != [0x0f, 0x05] || !executable {
-            return Err(SessionError::NotAGadget { gadget, bytes: insn });
+        if !sys::executable(self.pid, pad, pad::PAD_LEN as u64).unwrap_or(false) {
+            return Err(SessionError::NotExecutable { addr: pad, len: pad::PAD_LEN });
+        }
+        if !self.pads.iter().any(|(at, _)| *at == pad) {
+            let mut original = vec![0; pad::PAD_LEN];
+            self.read(pad, &mut original)?;
+            self.pads.push((pad, original));
         }
         let saved = self.regs(tid)?;
-        // A signal the kernel forces on the thread (the step's SIGTRAP, or a fault) while the
-        // thread blocks it resets that signal's handler to SIG_DFL for the whole process
-        // (force_sig_info_to_task). Go threads inside a signal handler block everything, so
-        // unblock the synchronous signals for the step and restore the mask exactly.
-        let mask = sys::getsigmask(tid).map_err(|e| self.gone(tid, "PTRACE_GETSIGMASK", e))?;
-        let unblock = mask & SYNC_SIGNALS != 0;
-        if unblock {
-            if SAVED_MASK_SYSCALLS.contains(&(saved.orig_rax as i64)) {
-                return Err(SessionError::TemporaryMask { tid, nr: saved.orig_rax as i64 });
-            }
-            sys::setsigmask(tid, mask & !SYNC_SIGNALS).map_err(|e| self.gone(tid, "PTRACE_SETSIGMASK", e))?;
-        }
+        let resume = pad::resume_regs(&saved);
+        self.write(pad, &pad::landing_pad(&resume))?;
         let mut regs = saved;
-        regs.rip = gadget;
+        regs.rip = pad;
         regs.rax = nr as u64;
         regs.orig_rax = u64::MAX;
         regs.rdi = args[0];
@@ -608,15 +584,15 @@ impl Session {
         regs.r10 = args[3];
         regs.r8 = args[4];
         regs.r9 = args[5];
-        let outcome = self.set_regs(tid, &regs).and_then(|()| self.step_syscall(tid, gadget, nr));
+        let outcome = self.set_regs(tid, &regs).and_then(|()| {
+            test_stall(nr, "pad");
+            self.run_syscall(tid, pad, nr)
+        });
         // Restore whatever happened, unless the thread is gone.
-        if self.threads.get(&tid).is_some_and(|t| matches!(t.state, State::Stopped(_))) {
-            if let Err(e) = sys::setregs(tid, &saved) {
-                return Err(self.gone(tid, "PTRACE_SETREGS", e));
-            }
-            if unblock && let Err(e) = sys::setsigmask(tid, mask) {
-                return Err(self.gone(tid, "PTRACE_SETSIGMASK", e));
-            }
+        if self.threads.get(&tid).is_some_and(|t| matches!(t.state, State::Stopped(_)))
+            && let Err(e) = sys::setregs(tid, &resume)
+        {
+            return Err(self.gone(tid, "PTRACE_SETREGS", e));
         }
         let rax = outcome?;
         if (-4095..0).contains(&rax) {
@@ -630,13 +606,14 @@ impl Session {
         Ok(rax)
     }
 
-    /// Single-steps `tid` until it has executed the `syscall` at `gadget`; returns RAX. The
-    /// thread ends in the step's SIGTRAP stop (a signal-delivery-stop).
-    fn step_syscall(&mut self, tid: i32, gadget: u64, nr: i64) -> Result<i64, SessionError> {
+    /// Lets `tid` run the `syscall` at `pad` under `PTRACE_SYSCALL` until its syscall-exit
+    /// stop; returns RAX.
+    fn run_syscall(&mut self, tid: i32, pad: u64, nr: i64) -> Result<i64, SessionError> {
         let deadline = Instant::now() + self.timeout;
+        let mut entered = false;
         loop {
-            if let Err(e) = sys::singlestep(tid) {
-                return Err(self.gone(tid, "PTRACE_SINGLESTEP", e));
+            if let Err(e) = sys::syscall_cont(tid) {
+                return Err(self.gone(tid, "PTRACE_SYSCALL", e));
             }
             self.set_state(tid, State::Running);
             let ev = match self.wait_thread(tid, deadline) {
@@ -652,23 +629,30 @@ impl Session {
                 Err(e) => return Err(e),
             };
             match ev {
+                WaitEvent::Stopped { sig: SYSCALL_STOP, event: 0 } => {
+                    self.set_state(tid, State::Stopped(Stop::SyscallExit));
+                    if entered {
+                        test_stall(nr, "exit");
+                        let regs = sys::getregs(tid).map_err(|e| self.gone(tid, "PTRACE_GETREGS", e))?;
+                        return Ok(regs.rax as i64);
+                    }
+                    entered = true;
+                    test_stall(nr, "enter");
+                }
                 WaitEvent::Stopped { sig, event: 0 } => {
                     let info = sys::getsiginfo(tid).map_err(|e| self.gone(tid, "PTRACE_GETSIGINFO", e))?;
                     self.set_state(tid, State::Stopped(Stop::Delivery));
                     let regs = sys::getregs(tid).map_err(|e| self.gone(tid, "PTRACE_GETREGS", e))?;
-                    if sig == libc::SIGTRAP && regs.rip == gadget + 2 {
-                        return Ok(regs.rax as i64);
+                    if entered || regs.rip != pad || is_fault(&info) {
+                        // Our own doing (the pad faulted, or ran and went elsewhere): drop
+                        // the signal, do not hand it back.
+                        return Err(SessionError::PadFault { tid, nr, name: syscall_name(nr), pad, sig });
                     }
-                    if regs.rip != gadget || is_fault(&info) {
-                        // Our own doing (the instruction at the gadget faulted, or ran and went
-                        // elsewhere): drop the signal, do not hand it back.
-                        return Err(SessionError::GadgetFault { tid, nr, name: syscall_name(nr), gadget, sig });
-                    }
-                    // A real signal dequeued before the instruction ran: keep it, step again.
+                    // A real signal dequeued before the instruction ran: keep it, go on.
                     self.threads.get_mut(&tid).expect("known thread").signals.push(info);
                 }
                 WaitEvent::Stopped { sig, event } => {
-                    // A stale interrupt trap or a group-stop arriving first: step again.
+                    // A stale interrupt trap or a group-stop arriving first: go on.
                     self.note_event_stop(tid, sig, event, Phase::Stop)?;
                     if !matches!(self.threads.get(&tid).map(|t| t.state), Some(State::Stopped(_))) {
                         // The event made us resume it (clone); wait for it to stop again.
@@ -685,6 +669,20 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Puts back the original bytes under every landing pad used, before any thread runs.
+    fn restore_pads(&mut self) -> Result<(), SessionError> {
+        while let Some((at, original)) = self.pads.pop() {
+            if self.exited {
+                continue;
+            }
+            if let Err(e) = self.write(at, &original) {
+                self.pads.push((at, original));
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// Whether thread `tid` blocks every signal from 1 to 31 that can be blocked, which is
@@ -710,6 +708,7 @@ impl Session {
     /// stopped with the rest.
     pub fn resume_briefly(&mut self, dur: Duration) -> Result<(), SessionError> {
         self.alive()?;
+        self.restore_pads()?;
         let tids = self.threads();
         for tid in tids {
             self.release(tid, false)?;
@@ -1030,6 +1029,9 @@ impl Session {
                 first_err.get_or_insert(e);
             }
         }
+        if let Err(e) = self.restore_pads() {
+            first_err.get_or_insert(e);
+        }
         for tid in self.threads() {
             if let Err(e) = self.release(tid, true) {
                 first_err.get_or_insert(e);
@@ -1059,24 +1061,20 @@ impl Drop for Session {
     }
 }
 
-/// Signals the kernel may force on a thread during an injected syscall: the single-step trap
-/// and faults of the gadget.
-const SYNC_SIGNALS: u64 =
-    sigbit(libc::SIGTRAP) | sigbit(libc::SIGSEGV) | sigbit(libc::SIGBUS) | sigbit(libc::SIGILL) | sigbit(libc::SIGFPE);
+/// How a syscall-enter or -exit stop reports (PTRACE_O_TRACESYSGOOD).
+const SYSCALL_STOP: i32 = libc::SIGTRAP | 0x80;
 
-/// Syscalls that run with a temporary signal mask (TIF_RESTORE_SIGMASK), which
-/// PTRACE_SETSIGMASK would make permanent.
-const SAVED_MASK_SYSCALLS: [i64; 6] = [
-    libc::SYS_rt_sigsuspend,
-    libc::SYS_ppoll,
-    libc::SYS_pselect6,
-    libc::SYS_epoll_pwait,
-    libc::SYS_epoll_pwait2,
-    333, // io_pgetevents (no libc constant)
-];
-
-const fn sigbit(sig: i32) -> u64 {
-    1 << (sig - 1)
+/// A test hook: with `INJECT_TEST_STALL=NAME:POINT` (POINT one of `pad`, `enter`, `exit`)
+/// the first injected syscall NAME (e.g. `mmap`, `munmap`) stops there for a minute after
+/// saying so on stderr, so that a test can kill inject at exactly that moment.
+fn test_stall(nr: i64, point: &str) {
+    static SPEC: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let Some(spec) = SPEC.get_or_init(|| std::env::var("INJECT_TEST_STALL").ok()) else { return };
+    if *spec == format!("{}:{point}", syscall_name(nr)) && !DONE.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("inject: test stall in {spec}");
+        std::thread::sleep(Duration::from_secs(60));
+    }
 }
 
 /// Bits of signals 1..=31 that can be blocked (all but SIGKILL and SIGSTOP).

@@ -2,7 +2,9 @@
 //! drain). Every inject keeps, in the target's copy of its ring, a journal of its patches
 //! (original and patched bytes) and of its trampoline areas, written before any jump goes
 //! in. A later inject finds the ring by its memfd's name, sees that its owner is gone, and
-//! puts every byte back; `inject detach --pid P` does only that.
+//! puts every byte back; `inject detach --pid P` does only that. An inject killed during one
+//! of its injected system calls also leaves a landing pad in `runtime.rt0_go` (code that
+//! never runs again, see `ptrace::pad`): those bytes are put back from the executable too.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -12,6 +14,7 @@ use anyhow::{Context, Result, bail, ensure};
 use ring_abi::{header, journal};
 
 use crate::ptrace::Session;
+use crate::ptrace::pad::is_landing_pad;
 
 /// A ring an inject left behind, as found in the target's memory.
 #[derive(Debug)]
@@ -31,6 +34,8 @@ pub struct Leftover {
 pub struct Cleaned {
     pub rings: usize,
     pub restored: usize,
+    /// A landing pad a dead inject left was overwritten with the executable's bytes.
+    pub pad_restored: bool,
     /// Owners of the rings cleaned (dead injects).
     pub owners: Vec<u32>,
     /// Trampoline areas and rings left mapped because a thread was still inside one.
@@ -48,16 +53,19 @@ pub fn alive(pid: u32) -> bool {
     pid != 0 && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "inject")
 }
 
-/// The inject rings mapped in `pid`: (start, end) of each, from /proc/PID/maps.
-fn rings(pid: i32) -> Result<Vec<(u64, u64)>> {
+/// The inject rings mapped in `pid`, from /proc/PID/maps: (start, end, the pid of the inject
+/// that made it, from the memfd's name) of each.
+fn rings(pid: i32) -> Result<Vec<(u64, u64, u32)>> {
     let maps =
         std::fs::read_to_string(format!("/proc/{pid}/maps")).with_context(|| format!("reading /proc/{pid}/maps"))?;
+    let prefix = format!("/memfd:{}", ring_abi::MEMFD_NAME);
     Ok(maps
         .lines()
-        .filter(|l| l.contains(&format!("/memfd:{}", ring_abi::MEMFD_NAME)))
         .filter_map(|l| {
+            let (_, name) = l.split_once(&prefix)?;
+            let owner = name.strip_prefix('.').and_then(|n| n.split_whitespace().next()?.parse().ok()).unwrap_or(0);
             let (a, b) = l.split_whitespace().next()?.split_once('-')?;
-            Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?))
+            Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?, owner))
         })
         .collect())
 }
@@ -67,8 +75,21 @@ fn rings(pid: i32) -> Result<Vec<(u64, u64)>> {
 pub fn leftovers(pid: i32) -> Result<Vec<Leftover>> {
     let mem = File::open(format!("/proc/{pid}/mem")).with_context(|| format!("opening /proc/{pid}/mem"))?;
     let mut out = Vec::new();
-    for (start, end) in rings(pid)? {
+    for (start, end, maker) in rings(pid)? {
         if word(&mem, start + header::MAGIC as u64)? != ring_abi::MAGIC {
+            // Mapped, not yet set up: either its inject is still attaching, or it died then
+            // (before any patch). Only the ring is known (its trampoline areas stay mapped:
+            // a few pages nothing executes).
+            if alive(maker) {
+                bail!("pid {pid} is being instrumented by another inject (pid {maker}); stop that one first");
+            }
+            out.push(Leftover {
+                ring: (start, end - start),
+                journal: 0,
+                owner: maker,
+                areas: Vec::new(),
+                patches: Vec::new(),
+            });
             continue;
         }
         let owner = word(&mem, start + header::OWNER as u64)? as u32;
@@ -87,10 +108,18 @@ pub fn leftovers(pid: i32) -> Result<Vec<Leftover>> {
              process removes them"
         );
         let at = start + word(&mem, start + header::JOURNAL as u64)?;
-        ensure!(
-            (start..end).contains(&at) && word(&mem, at)? == journal::MAGIC,
-            "pid {pid} has an inject ring at {start:#x} without a readable journal"
-        );
+        if !(start..end).contains(&at) || word(&mem, at)? != journal::MAGIC {
+            // It died before writing its journal, which goes in before any patch: nothing
+            // to undo but the ring (its trampoline area, unknown, stays: never executed).
+            out.push(Leftover {
+                ring: (start, end - start),
+                journal: 0,
+                owner,
+                areas: Vec::new(),
+                patches: Vec::new(),
+            });
+            continue;
+        }
         let areas_n = word(&mem, at + journal::AREAS as u64)? as usize;
         let patches_n = word(&mem, at + journal::PATCHES as u64)? as usize;
         let room = (end - at) as usize;
@@ -118,17 +147,27 @@ pub fn leftovers(pid: i32) -> Result<Vec<Leftover>> {
     Ok(out)
 }
 
+/// Where injected syscalls run from in a process, and the executable's bytes there.
+pub struct PadSite {
+    pub addr: u64,
+    pub original: Vec<u8>,
+}
+
 /// Puts back every byte dead injects left patched in `pid` and unmaps their memory (or
 /// leaves it mapped, emptied, while a thread is still inside). A byte that is neither
 /// inject's nor the original is someone else's (a debugger's breakpoint): nothing is
 /// changed then, and the error says where.
-pub fn clean(pid: i32, gadget: impl Fn() -> Result<u64>) -> Result<Cleaned> {
+pub fn clean(pid: i32, pad: &PadSite) -> Result<Cleaned> {
     let found = leftovers(pid)?;
     let mut done = Cleaned::default();
-    if found.is_empty() {
+    let mem = File::open(format!("/proc/{pid}/mem")).with_context(|| format!("opening /proc/{pid}/mem"))?;
+    let mut cur_pad = vec![0; pad.original.len()];
+    mem.read_exact_at(&mut cur_pad, pad.addr)
+        .with_context(|| format!("reading the target's code at {:#x}", pad.addr))?;
+    let pad_left = cur_pad != pad.original && is_landing_pad(&cur_pad);
+    if found.is_empty() && !pad_left {
         return Ok(done);
     }
-    let gadget = gadget()?;
     let mut s = Session::attach(pid)?;
     let result = (|| -> Result<()> {
         // Check everything before changing anything.
@@ -154,27 +193,34 @@ pub fn clean(pid: i32, gadget: impl Fn() -> Result<u64>) -> Result<Cleaned> {
                 }
             }
             // Nothing left to undo in this ring, whatever happens next.
-            s.write(l.journal + journal::PATCHES as u64, &0u64.to_le_bytes())?;
+            if l.journal != 0 {
+                s.write(l.journal + journal::PATCHES as u64, &0u64.to_le_bytes())?;
+            }
             done.rings += 1;
             done.owners.push(l.owner);
         }
-        // Unmap what no thread is executing (trampolines) or could resume in.
+        // Unmap what no thread is executing (trampolines, a pad) or could resume in.
+        let pad_range = pad.addr..pad.addr + pad.original.len() as u64;
         let mut unmapped = false;
         for _ in 0..50 {
             let mut busy = false;
             for tid in s.threads() {
                 let rip = s.regs(tid)?.rip;
                 let inside = found.iter().flat_map(|l| &l.areas).any(|&(a, n)| (a..a + n).contains(&rip));
-                if inside || s.in_signal_handler(tid)? {
+                if inside || pad_range.contains(&rip) || s.in_signal_handler(tid)? {
                     busy = true;
                     break;
                 }
             }
             if !busy {
+                if pad_left {
+                    s.write(pad.addr, &pad.original).context("restoring the code under a landing pad")?;
+                    done.pad_restored = true;
+                }
                 let tid = *s.threads().first().context("no threads")?;
                 for l in &found {
                     for &(addr, len) in l.areas.iter().chain([&l.ring]) {
-                        s.syscall(tid, gadget, libc::SYS_munmap, [addr, len, 0, 0, 0, 0])?;
+                        s.syscall(tid, pad.addr, libc::SYS_munmap, [addr, len, 0, 0, 0, 0])?;
                     }
                 }
                 unmapped = true;
@@ -194,7 +240,15 @@ pub fn clean(pid: i32, gadget: impl Fn() -> Result<u64>) -> Result<Cleaned> {
 impl Cleaned {
     /// One line for users, or None when there was nothing to clean.
     pub fn describe(&self, pid: i32) -> Option<String> {
-        (self.rings > 0).then(|| {
+        if self.rings == 0 {
+            return self.pad_restored.then(|| {
+                format!(
+                    "inject: put back the start-up code a previous inject (killed during a system call it ran in the \
+                     process) left changed in pid {pid}"
+                )
+            });
+        }
+        Some({
             let owners: Vec<String> = self.owners.iter().map(u32::to_string).collect();
             format!(
                 "inject: removed the probes a previous inject (pid {}, no longer running) left in pid {pid}: restored \

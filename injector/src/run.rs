@@ -117,7 +117,7 @@ pub fn detach(args: &DetachArgs) -> Result<()> {
     let pid = args.pid;
     let exe = TargetArgs { exe: None, pid: Some(pid) }.open()?;
     let bin = GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())?;
-    let cleaned = crate::recover::clean(pid, || Ok(install::find_syscall_gadget(&bin)? + exe.bias))?;
+    let cleaned = crate::recover::clean(pid, &install::pad_site(&bin, exe.bias)?)?;
     match cleaned.describe(pid) {
         Some(line) => eprintln!("{line}"),
         None => eprintln!("inject: pid {pid} carries no probes of an inject that is gone; nothing to do"),
@@ -402,7 +402,7 @@ fn start_tracing(
     out: Output,
 ) -> Result<Tracing> {
     // Probes a dead inject left: put every byte back first.
-    let cleaned = crate::recover::clean(pid, || Ok(install::find_syscall_gadget(bin)? + exe.bias))?;
+    let cleaned = crate::recover::clean(pid, &install::pad_site(bin, exe.bias)?)?;
     if let Some(line) = cleaned.describe(pid) {
         eprintln!("{line}");
     }

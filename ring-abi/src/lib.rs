@@ -22,8 +22,9 @@
 //! Writers never wait for the reader, and the reader never misreads: a record is only read
 //! after its publication, and validated (ticket, kind, site) before it is believed.
 
-/// The memfd's name, visible in `/proc/PID/maps` as `/memfd:inject-ring (deleted)`: how a
-/// second injector recognises an instrumented process.
+/// The memfd's name, visible in `/proc/PID/maps` as `/memfd:inject-ring.PID (deleted)` with
+/// the pid of the inject that made it: how a second injector recognises an instrumented
+/// process, and whose ring it is even before the header is written.
 pub const MEMFD_NAME: &str = "inject-ring";
 
 /// `b"INJRING1"` little-endian.

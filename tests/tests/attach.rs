@@ -37,6 +37,17 @@ fn plain_run(exe: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Proc> {
     Ok(p)
 }
 
+/// Stops a `recurse -until-stdin -n 20` target and checks that it computed what an
+/// untraced run of as many rounds computes.
+fn stop_and_check_against_replay(target: &mut Proc, exe: &Path, env: &[(&str, &str)]) -> Result<()> {
+    target.send_line("stop")?;
+    ensure!(target.wait(MINUTE)?.success(), "target failed:\n{}", target.transcript());
+    let rounds = target.value("ROUNDS").context("ROUNDS")?;
+    let replay = plain_run(exe, &["-rounds", &rounds, "-n", "20"], env)?;
+    ensure!(target.value("CHECKSUM") == replay.value("CHECKSUM"), "checksum differs from the replay");
+    Ok(())
+}
+
 fn pid_arg(p: &Proc) -> String {
     p.pid().to_string()
 }
@@ -250,11 +261,58 @@ fn target_survives_a_killed_injector() -> Result<()> {
     ensure!(!maps.contains("inject-ring"), "the ring is still mapped:\n{maps}");
     let mut again = start_inject(&["detach".into(), "--pid".into(), pid_arg(&target)], false)?;
     ensure!(again.wait(MINUTE)?.success() && again.transcript().contains("nothing to do"), "{}", again.transcript());
-    target.send_line("stop")?;
-    ensure!(target.wait(MINUTE)?.success(), "target failed:\n{}", target.transcript());
-    let rounds = target.value("ROUNDS").context("ROUNDS")?;
-    let replay = plain_run(&exe, &["-rounds", &rounds, "-n", "20"], &env)?;
-    ensure!(target.value("CHECKSUM") == replay.value("CHECKSUM"), "checksum differs from the replay");
+    stop_and_check_against_replay(&mut target, &exe, &env)
+}
+
+/// inject killed in the middle of one of the system calls it runs in the target (creating
+/// the trampoline memory and the ring while attaching, unmapping them while detaching):
+/// the hijacked thread finishes the call from its landing pad and carries on, the program
+/// computes exactly what an untouched run computes, and `inject detach` leaves the text
+/// byte-identical to the executable.
+#[test]
+fn a_kill_during_an_injected_syscall_leaves_the_target_whole() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    let tcs = test_toolchains()?;
+    let cases = [
+        ("mmap", "pad"),
+        ("memfd_create", "enter"),
+        ("ftruncate", "exit"),
+        ("close", "pad"),
+        ("munmap", "enter"),
+        ("munmap", "exit"),
+    ];
+    for (tc, flavor) in [(&tcs[0], Flavor::Default), (tcs.last().context("toolchains")?, Flavor::Pie)] {
+        let exe = build_fixture("recurse", tc, flavor)?;
+        let env = [("GOMAXPROCS", "4")];
+        let mut target = start_fixture(&exe, &["-until-stdin", "-n", "20"], &env)?;
+        for (name, point) in cases {
+            let what = format!("Go {} {flavor:?}, killed in {name} at {point}", tc.version);
+            let mut args: Vec<String> =
+                ["--pid", &pid_arg(&target), "--func", "main.depth", "--output", "none"].map(String::from).into();
+            if name == "munmap" {
+                args.extend(["--duration", "0.3"].map(String::from));
+            }
+            let stall = format!("{name}:{point}");
+            let mut inject = tests::start_inject_env(&args, &[("INJECT_TEST_STALL", &stall)], false)?;
+            inject.wait_for("inject: test stall", MINUTE).with_context(|| what.clone())?;
+            inject.signal(9);
+            inject.wait(MINUTE)?;
+            // The program keeps running on its own for a while.
+            std::thread::sleep(Duration::from_millis(100));
+            ensure!(target.child.try_wait()?.is_none(), "{what}: the target died:\n{}", target.transcript());
+            let mut detach = start_inject(&["detach".into(), "--pid".into(), pid_arg(&target)], false)?;
+            ensure!(detach.wait(MINUTE)?.success(), "{what}: inject detach failed:\n{}", detach.transcript());
+            if let Some(at) = text_differs_from_file(target.pid(), &exe)? {
+                bail!("{what}: code at {at:#x} differs from the executable after detach:\n{}", detach.transcript());
+            }
+            let maps = std::fs::read_to_string(format!("/proc/{}/maps", target.pid()))?;
+            ensure!(!maps.contains("inject-ring"), "{what}: a ring is still mapped:\n{maps}");
+        }
+        stop_and_check_against_replay(&mut target, &exe, &env)?;
+    }
     Ok(())
 }
 

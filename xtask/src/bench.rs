@@ -28,8 +28,17 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use xtask::{inject_binary, workspace_root};
 
-const BENCHMARKS: &[&str] =
-    &["functions-100mb", "attach-100", "attach-under-load", "call-overhead", "collector", "export", "launch", "http"];
+const BENCHMARKS: &[&str] = &[
+    "functions-100mb",
+    "attach-100",
+    "attach-under-load",
+    "call-overhead",
+    "collector",
+    "drain",
+    "export",
+    "launch",
+    "http",
+];
 
 pub fn run(name: Option<&str>) -> Result<()> {
     use crate::bench_probe;
@@ -39,6 +48,7 @@ pub fn run(name: Option<&str>) -> Result<()> {
             crate::bench_http::attach_under_load()?;
             bench_probe::call_overhead()?;
             bench_probe::collector()?;
+            bench_probe::drain()?;
             crate::bench_export::export()?;
             bench_probe::launch()?;
             crate::bench_http::http()?;
@@ -49,6 +59,7 @@ pub fn run(name: Option<&str>) -> Result<()> {
         Some("attach-under-load") => crate::bench_http::attach_under_load(),
         Some("call-overhead") => bench_probe::call_overhead(),
         Some("collector") => bench_probe::collector(),
+        Some("drain") => bench_probe::drain(),
         Some("export") => crate::bench_export::export(),
         Some("launch") => bench_probe::launch(),
         Some("http") => crate::bench_http::http(),

@@ -8,6 +8,8 @@
 //!   call, and at least 20× cheaper than the uprobe.
 //! - `collector`: records per second the collector drains and pairs on one core (goal:
 //!   5 million).
+//! - `drain`: records per second inject takes out of a live target's ring while the target
+//!   keeps every core busy writing them, dropping when full and in lossless mode.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -242,6 +244,85 @@ pub fn collector() -> Result<()> {
     for extra in [&[][..], &["--format"][..]] {
         let out = xtask::output(Command::new(&inject).arg("bench-collector").args(extra))?;
         print!("{out}");
+    }
+    Ok(())
+}
+
+/// `drain`: the storm fixture's 8 goroutines on GOMAXPROCS=2 call `main.small` and
+/// `main.pick` flat out (4 records per loop iteration), so the target takes both cores while
+/// inject's collector competes for them. For 3 s attached: records written (taken out by the
+/// collector) and dropped per second, by default (a full ring drops) and in lossless mode
+/// (a full ring makes the writer wait), and the target's iterations per second against a
+/// run without inject. Median of 3 runs each.
+pub fn drain() -> Result<()> {
+    let inject = release_inject()?;
+    let exe = build_fixture("storm", &newest_go()?, Flavor::Default)?;
+    let summary = xtask::workspace_root().join("target/bench/drain.json");
+    std::fs::create_dir_all(summary.parent().context("parent")?)?;
+    let secs = 3.0;
+    let storm = |seconds: &str| -> Result<Child> {
+        let mut c = Command::new(&exe)
+            .args(["-workers", "8", "-seconds", seconds])
+            .env("GOMAXPROCS", "2")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        xtask::wait_for_line(&mut c, true, "READY")?;
+        Ok(c)
+    };
+    let mut baseline = Vec::new();
+    for _ in 0..3 {
+        let mut c = Command::new(&exe).args(["-workers", "8", "-seconds", "3"]).env("GOMAXPROCS", "2").output()?;
+        let out = String::from_utf8_lossy(&std::mem::take(&mut c.stdout)).to_string();
+        let calls: f64 =
+            out.lines().find_map(|l| l.strip_prefix("CALLS ")).context("no CALLS line from storm")?.trim().parse()?;
+        baseline.push(calls / secs);
+    }
+    // (written/s, dropped/s, iterations/s, wait timeouts)
+    let run = |mode: &str| -> Result<(f64, f64, f64, u64)> {
+        let mut target = storm("5")?;
+        let st = Command::new(&inject)
+            .args(["--pid", &target.id().to_string(), "--func", "main.small", "--func", "main.pick"])
+            .args(["--output", "none", mode, "--duration", "3", "--summary-json"])
+            .arg(&summary)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?;
+        target.wait()?;
+        ensure!(st.success(), "inject {mode} exited {st}");
+        let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
+        let written: u64 = s["sites"]
+            .as_array()
+            .context("sites")?
+            .iter()
+            .map(|x| x["entries"].as_u64().unwrap_or(0) + x["returns"].as_u64().unwrap_or(0))
+            .sum();
+        let dropped = s["dropped"].as_u64().unwrap_or(0);
+        let iters = (written + dropped) as f64 / 4.0 / secs;
+        Ok((written as f64 / secs, dropped as f64 / secs, iters, s["wait_timeouts"].as_u64().unwrap_or(0)))
+    };
+    let mut rows = Vec::new();
+    for mode in ["--no-lossless", "--lossless"] {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(run(mode)?);
+        }
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        rows.push((mode, v[1]));
+    }
+    let b = median(baseline);
+    println!(
+        "drain: storm, 8 goroutines on GOMAXPROCS=2 calling main.small and main.pick flat out (both cores busy), \
+         {secs} s attached, median of 3:"
+    );
+    println!("  no probe                      {:>12.0} iterations/s", b);
+    for (mode, (w, d, it, timeouts)) in rows {
+        println!(
+            "  inject {mode:<14}        {it:>12.0} iterations/s ({:.2}x)  drained {w:>11.0} records/s  dropped {d:>11.0}/s{}{}",
+            it / b,
+            if timeouts > 0 { format!("  ({timeouts} waits timed out)") } else { String::new() },
+            if d > 0.0 { "  [MEASURED WITH DROPS]" } else { "" }
+        );
     }
     Ok(())
 }

@@ -50,8 +50,9 @@ pub fn detach(tid: i32, sig: i32) -> SysResult<()> {
     request(libc::PTRACE_DETACH, tid, 0, sig as usize)
 }
 
-pub fn singlestep(tid: i32) -> SysResult<()> {
-    request(libc::PTRACE_SINGLESTEP, tid, 0, 0)
+/// Resumes until the next syscall-enter or -exit stop.
+pub fn syscall_cont(tid: i32) -> SysResult<()> {
+    request(libc::PTRACE_SYSCALL, tid, 0, 0)
 }
 
 /// Leaves a thread that is in group-stop stopped but lets it report the end of the group-stop
@@ -87,22 +88,6 @@ pub fn getsiginfo(tid: i32) -> SysResult<libc::siginfo_t> {
 pub fn setsiginfo(tid: i32, info: &libc::siginfo_t) -> SysResult<()> {
     // SAFETY: PTRACE_SETSIGINFO reads one siginfo_t from `data`.
     check(unsafe { libc::ptrace(libc::PTRACE_SETSIGINFO, tid, std::ptr::null_mut::<libc::c_void>(), info as *const _) })
-        .map(drop)
-}
-
-/// PTRACE_GETSIGMASK: the thread's blocked-signal mask (bit n-1 for signal n).
-pub fn getsigmask(tid: i32) -> SysResult<u64> {
-    let mut mask: u64 = 0;
-    // SAFETY: PTRACE_GETSIGMASK writes `addr` (= 8) bytes to `data`.
-    check(unsafe { libc::ptrace(libc::PTRACE_GETSIGMASK, tid, 8usize as *mut libc::c_void, &mut mask as *mut u64) })?;
-    Ok(mask)
-}
-
-/// PTRACE_SETSIGMASK. Side effect: clears the thread's TIF_RESTORE_SIGMASK, so a temporary
-/// mask of sigsuspend/ppoll/pselect6/epoll_pwait would stay in force.
-pub fn setsigmask(tid: i32, mask: u64) -> SysResult<()> {
-    // SAFETY: PTRACE_SETSIGMASK reads `addr` (= 8) bytes from `data`.
-    check(unsafe { libc::ptrace(libc::PTRACE_SETSIGMASK, tid, 8usize as *mut libc::c_void, &mask as *const u64) })
         .map(drop)
 }
 

@@ -199,20 +199,10 @@ fn exe_text(pid: i32) -> (u64, u64) {
     panic!("no executable mapping of {} in\n{maps}", exe.display());
 }
 
-/// Any executable mapping holding a syscall instruction (libc for C programs).
-fn gadget(s: &Session) -> u64 {
-    let maps = fs::read_to_string(format!("/proc/{}/maps", s.pid())).unwrap();
-    for line in maps.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f[1].starts_with("r-x") && f.get(5).is_some_and(|p| !p.starts_with('[')) {
-            let (a, b) = f[0].split_once('-').unwrap();
-            let (a, b) = (u64::from_str_radix(a, 16).unwrap(), u64::from_str_radix(b, 16).unwrap());
-            if let Some(g) = s.find_syscall_gadget(a, b).unwrap() {
-                return g;
-            }
-        }
-    }
-    panic!("no syscall instruction in any executable mapping");
+/// Where to run injected syscalls from: the start of the executable's code (any code will
+/// do while the session lives: every thread is stopped while the pad is there).
+fn pad_at(s: &Session) -> u64 {
+    exe_text(s.pid()).0
 }
 
 /// SigCgt of the process: the signals it has handlers for.
@@ -404,15 +394,23 @@ fn injected_syscalls_getpid_mmap_munmap() {
     t.ready();
     let mut s = attach_or_return!(t.pid);
     let (lo, hi) = exe_text(t.pid);
-    let g = s.find_syscall_gadget(lo, hi).unwrap().expect("a syscall instruction in the Go text");
+    let g = lo;
+    assert!(hi - lo > pad::PAD_LEN as u64);
+    let mut code_before = vec![0u8; pad::PAD_LEN];
+    s.read(g, &mut code_before).unwrap();
 
-    // getpid in every thread, each left with exactly the registers it had.
+    // getpid in every thread, each left with exactly the registers it had, a system call it
+    // was interrupted in set to restart.
+    let mut restarts = 0;
     for tid in s.threads() {
         let before = s.regs(tid).unwrap();
         assert_eq!(s.syscall(tid, g, libc::SYS_getpid, [0; 6]).unwrap(), t.pid as i64);
         assert_eq!(s.syscall(tid, g, libc::SYS_gettid, [0; 6]).unwrap(), tid as i64);
-        assert_eq!(regs_words(&s.regs(tid).unwrap()), regs_words(&before), "registers of {tid} not restored");
+        let want = pad::resume_regs(&before);
+        restarts += usize::from(want.rip != before.rip);
+        assert_eq!(regs_words(&s.regs(tid).unwrap()), regs_words(&want), "registers of {tid} not restored");
     }
+    assert!(restarts > 0, "no thread was stopped inside an interruptible system call");
 
     let tid = t.pid;
     let len = 8192u64;
@@ -444,12 +442,19 @@ fn injected_syscalls_getpid_mmap_munmap() {
     let noreplace = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
     let e = s.syscall(tid, g, libc::SYS_mmap, [map, 4096, prot, noreplace, u64::MAX, 0]).unwrap_err();
     assert!(matches!(e, SessionError::SyscallFailed { errno: Errno::EEXIST, .. }), "unexpected error {e}");
-    let e = s.syscall(tid, g + 1, libc::SYS_getpid, [0; 6]).unwrap_err();
-    assert!(matches!(e, SessionError::NotAGadget { .. }), "unexpected error {e}");
+    let e = s.syscall(tid, map, libc::SYS_getpid, [0; 6]).unwrap_err();
+    assert!(matches!(e, SessionError::NotExecutable { .. }), "unexpected error {e}");
 
     assert_eq!(s.syscall(tid, g, libc::SYS_munmap, [map, len, 0, 0, 0, 0]).unwrap(), 0);
     assert!(s.read(map, &mut back[..8]).is_err(), "unmapped memory still readable");
+    let mut pad_now = vec![0u8; pad::PAD_LEN];
+    s.read(g, &mut pad_now).unwrap();
+    assert!(pad::is_landing_pad(&pad_now), "no landing pad at {g:#x}");
     s.detach().unwrap();
+    // The code under the pad is back.
+    let mem = fs::File::open(format!("/proc/{}/mem", t.pid)).unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&mem, &mut pad_now, g).unwrap();
+    assert_eq!(pad_now, code_before, "the code under the landing pad was not put back");
 
     // The server still serves: every interrupted syscall (epoll_wait, futex, accept) resumed.
     for _ in 0..3 {
@@ -693,7 +698,7 @@ fn go_signals_sent_while_stopped_arrive_once() {
         match round % 3 {
             0 => {}
             1 => {
-                let g = gadget(&s);
+                let g = pad_at(&s);
                 for tid in s.threads() {
                     s.syscall(tid, g, libc::SYS_getpid, [0; 6]).unwrap();
                 }
@@ -733,19 +738,20 @@ fn c_signals_exact_count_and_siginfo() {
         t.wait_line("REPORT", |l| l.starts_with("REPORT "))
     };
 
-    // 1: taken while single-stepping an injected syscall in the main thread (which sits in
-    // read(2) on stdin), held, handed back with their siginfo.
+    // 1: taken while an injected syscall runs in the main thread (which sits in read(2) on
+    // stdin), held, handed back once: the queued ones with their siginfo, SIGUSR1 (whose
+    // SI_USER siginfo only its sender may queue) by tgkill, as SI_TKILL.
     let mut s = attach_or_return!(t.pid);
     t.signal(libc::SIGUSR1);
     for v in [11, 22, 33] {
         queue(t.pid, v);
     }
-    let g = gadget(&s);
+    let g = pad_at(&s);
     assert_eq!(s.syscall(t.pid, g, libc::SYS_getpid, [0; 6]).unwrap(), t.pid as i64);
     assert_eq!(s.held_signals(t.pid), vec![libc::SIGUSR1, rtmin, rtmin, rtmin]);
     s.detach().unwrap();
     // The read(2) that was interrupted restarts: the report command is read.
-    assert_eq!(report(&mut t), format!("REPORT usr1=1 code=0 pid={me} rt=3 values=11,22,33"));
+    assert_eq!(report(&mut t), format!("REPORT usr1=1 code={} pid={me} rt=3 values=11,22,33", libc::SI_TKILL));
 
     // 2: pending while stopped, delivered while resumed briefly.
     let mut s = attach_or_return!(t.pid);
@@ -787,7 +793,7 @@ fn group_stop_is_kept() {
     // SIGSTOP taken during an injected syscall is held and handed back: the process stops.
     let mut s = attach_or_return!(t.pid);
     t.signal(libc::SIGSTOP);
-    let g = gadget(&s);
+    let g = pad_at(&s);
     s.syscall(t.pid, g, libc::SYS_getpid, [0; 6]).unwrap();
     assert!(s.held_signals(t.pid).contains(&libc::SIGSTOP), "held {:?}", s.held_signals(t.pid));
     s.detach().unwrap();
@@ -833,7 +839,7 @@ fn go_signal_handlers_block_all_signals() {
         let caught_at_start = caught(t.pid);
         for _ in 0..150 {
             let mut s = attach_or_return!(t.pid);
-            let g = gadget(&s);
+            let g = pad_at(&s);
             let leader = t.pid;
             let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
             let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
@@ -863,7 +869,7 @@ fn go_signal_handlers_block_all_signals() {
                 }
             }
             s.detach().unwrap();
-            // Single-stepping never changed a signal disposition (see SYNC_SIGNALS).
+            // Injected syscalls never changed a signal disposition.
             assert_eq!(caught(t.pid), caught_at_start, "the process's caught signals changed");
         }
         println!(
