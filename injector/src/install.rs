@@ -24,8 +24,23 @@ const PAGE: u64 = 4096;
 /// Keep everything within this distance of the code it serves (rel32 and RIP-relative
 /// operands reach ±2 GiB; stay well inside).
 const REACH: u64 = (1 << 31) - (64 << 20);
-/// How often to let the world run and retry when a thread sits where we may not write.
+/// How long to keep letting the world run and looking again when a thread sits where we
+/// may not write (a patch site, a signal handler), and the fewest looks before giving up.
+const SAFE_POINT_BUDGET: Duration = Duration::from_secs(3);
 const SAFE_POINT_ATTEMPTS: usize = 50;
+
+/// Lets the world run before the next look, for 0.3 to 2.3 ms, varied: with a fixed
+/// period the looks can lock onto a periodic signal (SIGPROF at 1000 Hz is one) and find
+/// the same thread in its handler every time.
+pub fn let_run_between_looks(s: &mut Session, attempt: usize) -> Result<(), crate::ptrace::SessionError> {
+    let jitter = (attempt as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 53; // 0..2047
+    s.resume_briefly(Duration::from_micros(300 + jitter))
+}
+
+/// Whether to look again after `attempt` looks that began at `started`.
+pub fn keep_looking(attempt: usize, started: Instant) -> bool {
+    attempt < SAFE_POINT_ATTEMPTS || started.elapsed() < SAFE_POINT_BUDGET
+}
 
 /// One overwritten piece of the target's code.
 #[derive(Debug, Clone)]
@@ -549,7 +564,10 @@ impl Cleanup {
 /// could resume there).
 /// Returns how many times it let the world run.
 fn wait_for_safe_threads(s: &mut Session, patches: &[Patch]) -> Result<usize> {
-    for attempt in 0..SAFE_POINT_ATTEMPTS {
+    let started = Instant::now();
+    let mut attempt = 0;
+    let mut last = String::new();
+    while keep_looking(attempt, started) {
         let mut blocked = None;
         for tid in s.threads() {
             let rip = s.regs(tid)?.rip;
@@ -564,11 +582,17 @@ fn wait_for_safe_threads(s: &mut Session, patches: &[Patch]) -> Result<usize> {
         }
         match blocked {
             None => return Ok(attempt),
-            Some(_) => s.resume_briefly(Duration::from_millis(1))?,
+            Some(why) => {
+                last = why;
+                let_run_between_looks(s, attempt)?;
+                attempt += 1;
+            }
         }
     }
     bail!(
-        "could not find a moment when no thread was inside a patch site or a signal handler ({SAFE_POINT_ATTEMPTS} tries)"
+        "could not find a moment when no thread was inside a patch site or a signal handler ({attempt} looks in {:.1} s; \
+         the last: {last})",
+        started.elapsed().as_secs_f64()
     )
 }
 
@@ -659,7 +683,9 @@ pub fn remove(inst: &Installation) -> Result<Removal> {
     inst.ring_header_store(inst.layout.journal_offset() + ring_abi::journal::PATCHES, 0);
     let mut unmapped = false;
     let in_tramp = |rip: u64| inst.areas.iter().any(|&(a, l)| (a..a + l).contains(&rip));
-    for _ in 0..SAFE_POINT_ATTEMPTS {
+    let looking = Instant::now();
+    let mut attempt = 0;
+    while keep_looking(attempt, looking) {
         let mut busy = false;
         for tid in s.threads() {
             let rip = s.regs(tid)?.rip;
@@ -677,7 +703,8 @@ pub fn remove(inst: &Installation) -> Result<Removal> {
             unmapped = true;
             break;
         }
-        s.resume_briefly(Duration::from_millis(1))?;
+        let_run_between_looks(&mut s, attempt)?;
+        attempt += 1;
     }
     s.detach()?;
     if !unmapped {

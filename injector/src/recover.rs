@@ -8,7 +8,6 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use ring_abi::{header, journal};
@@ -202,7 +201,9 @@ pub fn clean(pid: i32, pad: &PadSite) -> Result<Cleaned> {
         // Unmap what no thread is executing (trampolines, a pad) or could resume in.
         let pad_range = pad.addr..pad.addr + pad.original.len() as u64;
         let mut unmapped = false;
-        for _ in 0..50 {
+        let looking = std::time::Instant::now();
+        let mut attempt = 0;
+        while crate::install::keep_looking(attempt, looking) {
             let mut busy = false;
             for tid in s.threads() {
                 let rip = s.regs(tid)?.rip;
@@ -226,7 +227,8 @@ pub fn clean(pid: i32, pad: &PadSite) -> Result<Cleaned> {
                 unmapped = true;
                 break;
             }
-            s.resume_briefly(Duration::from_millis(1))?;
+            crate::install::let_run_between_looks(&mut s, attempt)?;
+            attempt += 1;
         }
         if !unmapped {
             done.left_mapped = found.len();
