@@ -55,10 +55,9 @@ pub struct Totals {
     pub calls: u64,
     pub unmatched_returns: u64,
     pub abandoned: u64,
-    /// `traceparent` lines written into outgoing HTTP requests.
-    pub http_injected: u64,
-    /// HTTP server spans ended by a handler's panic.
-    pub http_panics: u64,
+    /// What libraries counted (`http_injected`: `traceparent` lines written into outgoing
+    /// requests; `http_panics`: server spans ended by a handler's panic).
+    pub lib_counters: Vec<(&'static str, u64)>,
     /// Calls that had not returned when collection stopped.
     pub open_calls: u64,
     pub output_errors: u64,
@@ -322,8 +321,7 @@ pub fn run(
     }
     totals.unmatched_returns = pairer.unmatched_returns;
     totals.abandoned = pairer.abandoned;
-    totals.http_injected = pairer.injected;
-    totals.http_panics = pairer.panics;
+    totals.lib_counters = pairer.lib_counters();
     totals.open_calls = pairer.open_calls() as u64;
     totals
 }

@@ -6,10 +6,10 @@ use clap::{Parser, Subcommand};
 
 mod benchcmd;
 mod collect;
-mod http;
 mod inspect;
 mod install;
 mod launch;
+mod libs;
 mod otlp;
 mod output;
 mod plan;

@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use opentelemetry::InstrumentationScope;
 
-use crate::http::Probe;
+use crate::libs::{Attr, LibProbe};
 use crate::otlp::SpanSender;
 use crate::otlp::config::Sampler;
 use crate::spans::{Call, Clock, SiteMeta, call_values};
@@ -33,8 +33,8 @@ pub enum Sink {
     Otlp {
         spans: SpanSender,
         sampler: Sampler,
-        scope: Box<InstrumentationScope>,
-        http_scope: Box<InstrumentationScope>,
+        /// [`crate::otlp::span::scopes`]: user functions', then each library's.
+        scopes: Vec<InstrumentationScope>,
     },
     None,
 }
@@ -64,19 +64,19 @@ impl Sink {
 
     pub fn write(&mut self, call: &Call, sites: &[SiteMeta], clock: &Clock, types: &mut TypeNamer<'_>) -> Result<()> {
         let meta = &sites[call.site as usize];
-        if let crate::plan::Role::Http(probe) = meta.role {
-            return self.write_http(probe, call, clock, types);
+        if let crate::plan::Role::Lib(probe) = meta.role {
+            return self.write_lib(probe, call, clock, types);
         }
         let (format, out) = match self {
             Sink::None => return Ok(()),
-            Sink::Otlp { spans, sampler, scope, .. } => {
+            Sink::Otlp { spans, sampler, scopes } => {
                 // Sampling first: an unsampled call costs no formatting.
                 if !sampler.sample(call.trace_id, None) {
                     spans.sampled_out();
                     return Ok(());
                 }
                 let (args, results) = call_values(meta, call, types);
-                spans.send(crate::otlp::span::call_span(call, meta, clock, &args, &results, scope));
+                spans.send(crate::otlp::span::call_span(call, meta, clock, &args, &results, &scopes[0]));
                 return Ok(());
             }
             Sink::Text { format, out } => (*format, out),
@@ -161,7 +161,7 @@ impl Sink {
         Ok(())
     }
 
-    fn write_http(&mut self, probe: Probe, call: &Call, clock: &Clock, types: &mut TypeNamer<'_>) -> Result<()> {
+    fn write_lib(&mut self, probe: LibProbe, call: &Call, clock: &Clock, types: &mut TypeNamer<'_>) -> Result<()> {
         if let Sink::None = self {
             return Ok(());
         }
@@ -171,31 +171,37 @@ impl Sink {
             spans.sampled_out();
             return Ok(());
         }
-        let ret = call.ret.as_ref().map(|r| (&r.data[..], [r.ints[0], r.ints[1], r.ints[2]]));
         let mut namer = |itab: u64| types(itab, false);
-        let d = crate::http::describe(probe, &call.entry.data, ret, call.http.as_deref(), &mut namer);
+        let d = crate::libs::library(probe).describe(
+            probe.probe,
+            &call.entry,
+            call.ret.as_ref(),
+            call.notes.as_deref(),
+            &mut namer,
+        );
         let (format, out) = match self {
             Sink::None => return Ok(()),
-            Sink::Otlp { spans, http_scope, .. } => {
+            Sink::Otlp { spans, scopes, .. } => {
+                let scope = 1 + usize::from(probe.lib);
                 if spans.encodes() {
-                    spans.send_encoded(true, encode_http(call, &d, clock));
-                } else {
-                    spans.send(crate::otlp::span::http_span(call, d, clock, http_scope));
+                    spans.send_encoded(scope, encode_lib(call, &d, clock));
+                } else if let Some(s) = scopes.get(scope) {
+                    spans.send(crate::otlp::span::lib_span(call, d, clock, s));
                 }
                 return Ok(());
             }
             Sink::Text { format, out } => (*format, out),
         };
         let (start, dur) = call.times(clock);
-        let kind = if d.server { "SERVER" } else { "CLIENT" };
+        let kind = d.kind.as_str();
         match format {
             Format::Console => {
                 let attrs: Vec<String> = d
                     .attrs
                     .iter()
                     .map(|(k, v)| match v {
-                        crate::http::Attr::S(s) => format!("{k}={s:?}"),
-                        crate::http::Attr::I(i) => format!("{k}={i}"),
+                        Attr::S(s) => format!("{k}={s:?}"),
+                        Attr::I(i) => format!("{k}={i}"),
                     })
                     .collect();
                 let mut line = format!(
@@ -227,8 +233,8 @@ impl Sink {
                     .iter()
                     .map(|(k, v)| {
                         let v = match v {
-                            crate::http::Attr::S(s) => serde_json::json!(s),
-                            crate::http::Attr::I(i) => serde_json::json!(i),
+                            Attr::S(s) => serde_json::json!(s),
+                            Attr::I(i) => serde_json::json!(i),
                         };
                         (k.to_string(), v)
                     })
@@ -270,19 +276,20 @@ fn json_end(o: &mut serde_json::Value, start: u128, dur: Option<f64>) {
     }
 }
 
-/// An HTTP span straight to OTLP protobuf, without building the SDK's `SpanData`.
-fn encode_http(call: &Call, d: &crate::http::Described, clock: &Clock) -> Vec<u8> {
-    use crate::otlp::proto::{self, Attr};
+/// A library's span straight to OTLP protobuf, without building the SDK's `SpanData`.
+fn encode_lib(call: &Call, d: &crate::libs::Described, clock: &Clock) -> Vec<u8> {
+    use crate::otlp::proto;
+    use opentelemetry::trace::SpanKind as K;
     let (start, dur) = call.times(clock);
     let dur = dur.unwrap_or(0.0);
     let attrs = d.attrs.iter().map(|(k, v)| {
         let v = match v {
-            crate::http::Attr::S(s) => Attr::Str(s),
-            crate::http::Attr::I(i) => Attr::I64(*i),
+            Attr::S(s) => proto::Attr::Str(s),
+            Attr::I(i) => proto::Attr::I64(*i),
         };
         (*k, v)
     });
-    let goid = std::iter::once(("go.goroutine.id", Attr::I64(call.goid as i64)));
+    let goid = std::iter::once(("go.goroutine.id", proto::Attr::I64(call.goid as i64)));
     let mut out = Vec::with_capacity(512);
     proto::span(
         &mut out,
@@ -293,16 +300,15 @@ fn encode_http(call: &Call, d: &crate::http::Described, clock: &Clock) -> Vec<u8
             parent_remote: call.remote_parent,
             // An invalid incoming tracestate is dropped, as the W3C rules say.
             trace_state: call
-                .http
+                .notes
                 .as_ref()
-                .and_then(|n| n.tracestate.as_deref())
+                .and_then(|n| n.trace_state.as_deref())
                 .filter(|t| t.parse::<opentelemetry::trace::TraceState>().is_ok())
                 .unwrap_or(""),
             name: &d.name,
-            kind: if d.server {
-                opentelemetry::trace::SpanKind::Server
-            } else {
-                opentelemetry::trace::SpanKind::Client
+            kind: match d.kind {
+                crate::libs::SpanKind::Server => K::Server,
+                crate::libs::SpanKind::Client => K::Client,
             },
             start_ns: start as u64,
             end_ns: start as u64 + dur.round() as u64,

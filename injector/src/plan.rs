@@ -58,7 +58,16 @@ pub struct ProbeSite {
 pub enum Role {
     /// A function the user named: one span per call, arguments shown.
     Func,
-    Http(crate::http::Probe),
+    /// A library's probe (see `crate::libs`).
+    Lib(LibProbe),
+}
+
+/// One probe of one library: the library's index in `crate::libs::LIBRARIES` and its own
+/// probe number. Plain numbers, so that planning depends on no library.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LibProbe {
+    pub lib: u8,
+    pub probe: u8,
 }
 
 impl ProbeSite {

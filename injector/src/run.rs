@@ -20,7 +20,7 @@ use crate::output::{Format, Sink};
 use crate::plan::{self, ProbeSite};
 use crate::spans::{Clock, Pairer, SiteMeta};
 use crate::target::TargetArgs;
-use crate::{collect, install};
+use crate::{collect, install, libs};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
@@ -39,7 +39,7 @@ pub struct RunArgs {
     #[arg(long = "func", value_name = "PATTERN")]
     pub funcs: Vec<String>,
     /// Library instrumentation to turn on [default: every one the target links].
-    #[arg(long = "lib", value_name = "LIB", value_parser = ["net/http"])]
+    #[arg(long = "lib", value_name = "LIB", value_parser = clap::builder::PossibleValuesParser::new(libs::names()))]
     pub libs: Vec<String>,
     /// No library instrumentation: only the --func probes.
     #[arg(long, conflicts_with = "libs")]
@@ -348,34 +348,47 @@ pub fn plan_sites(bin: &GoBinary<'_>, args: &RunArgs, bias: u64, ctx: &plan::Pla
     let mut sites = if args.funcs.is_empty() { Vec::new() } else { plan::plan(bin, &args.funcs, bias, ctx)? };
     if !args.no_libs {
         let funcs = bin.functions()?;
-        let http = crate::http::plan(bin, &funcs, bias, ctx, offsets_release(bin, args), sites.len() as u32);
-        if http.sites.is_empty() && args.libs.iter().any(|l| l == "net/http") {
-            bail!(
-                "--lib net/http: the target does not use net/http's server or client (or its probes were refused: {})",
-                http.skipped.join("; ")
-            );
-        }
-        if !http.sites.is_empty() {
-            for why in &http.skipped {
-                eprintln!("inject: net/http: left out {why}");
-            }
-        }
-        for mut site in http.sites {
-            if let Some(user) = sites.iter().find(|s| s.entry == site.entry) {
-                eprintln!(
-                    "inject: warning: {} is probed as --func {:?}, so its net/http spans are off",
-                    user.name, user.name
-                );
+        let release = offsets_release(bin, args);
+        for (i, lib) in libs::LIBRARIES.iter().enumerate() {
+            let named = args.libs.iter().any(|l| l == lib.name());
+            if !args.libs.is_empty() && !named {
                 continue;
             }
-            site.id = sites.len() as u32;
-            sites.push(site);
+            let cx =
+                libs::PlanCx { bin, funcs: &funcs, bias, ctx, release, first_id: sites.len() as u32, lib: i as u8 };
+            let planned = lib.plan(&cx);
+            if planned.sites.is_empty() && named {
+                bail!(
+                    "--lib {0}: the target does not use {0} (or its probes were refused: {1})",
+                    lib.name(),
+                    planned.skipped.join("; ")
+                );
+            }
+            if !planned.sites.is_empty() {
+                for why in &planned.skipped {
+                    eprintln!("inject: {}: left out {why}", lib.name());
+                }
+            }
+            for mut site in planned.sites {
+                if let Some(user) = sites.iter().find(|s| s.entry == site.entry) {
+                    eprintln!(
+                        "inject: warning: {} is probed as --func {:?}, so its {} spans are off",
+                        user.name,
+                        user.name,
+                        lib.name()
+                    );
+                    continue;
+                }
+                site.id = sites.len() as u32;
+                sites.push(site);
+            }
         }
     }
     if sites.is_empty() {
         bail!(
-            "nothing to probe: the target uses no library inject instruments (net/http); name functions with --func \
-             PATTERN (list them with `inject functions`)"
+            "nothing to probe: the target uses no library inject instruments ({}); name functions with --func PATTERN \
+             (list them with `inject functions`)",
+            libs::names().join(", ")
         );
     }
     Ok(sites)
@@ -424,7 +437,7 @@ pub fn start(pid: i32, args: &RunArgs, mode: Mode) -> Result<Option<Tracing>> {
     let ctx = plan::PlanContext { dwarf, max_string: args.max_string };
     let sites = plan_sites(&bin, args, exe.bias, &ctx)?;
     check_installable(&sites)?;
-    crate::http::QUERY_ON_SERVER.store(args.http_query, std::sync::atomic::Ordering::Relaxed);
+    libs::http::QUERY_ON_SERVER.store(args.http_query, std::sync::atomic::Ordering::Relaxed);
     let otel = OtelConfig::resolve(&args.otel, &crate::otlp::config::process_env)?;
     let format = output_format(args, &otel, mode);
     if format == Format::Otlp && otel.disabled {
@@ -560,12 +573,7 @@ fn open_sink(args: &RunArgs, output: &Output) -> Result<(Sink, Option<Exporting>
         Format::Otlp => {
             let resource = crate::otlp::span::resource(&output.otel, &output.process);
             let (spans, exporting) = crate::otlp::start(&output.otel, resource, output.mode == Mode::Attach)?;
-            let sink = Sink::Otlp {
-                spans,
-                sampler: output.otel.sampler,
-                scope: Box::new(crate::otlp::span::func_scope()),
-                http_scope: Box::new(crate::otlp::span::http_scope()),
-            };
+            let sink = Sink::Otlp { spans, sampler: output.otel.sampler, scopes: crate::otlp::span::scopes() };
             return Ok((sink, Some(exporting)));
         }
         Format::Console | Format::Jsonl => {}
@@ -700,8 +708,9 @@ struct Summary<'a> {
     calls: u64,
     unmatched_returns: u64,
     abandoned: u64,
-    http_injected: u64,
-    http_panics: u64,
+    /// Library counters (`http_injected`, `http_panics`), flattened into the summary.
+    #[serde(flatten)]
+    lib_counters: std::collections::BTreeMap<&'static str, u64>,
     open_calls: u64,
     output_dropped: u64,
     output_errors: u64,
@@ -760,8 +769,7 @@ fn report(
         calls: totals.calls,
         unmatched_returns: totals.unmatched_returns,
         abandoned: totals.abandoned,
-        http_injected: totals.http_injected,
-        http_panics: totals.http_panics,
+        lib_counters: totals.lib_counters.iter().copied().collect(),
         open_calls: totals.open_calls,
         output_dropped: totals.output_dropped,
         output_errors: totals.output_errors,

@@ -27,7 +27,7 @@ type GoidMap<V> = HashMap<u64, V, BuildHasherDefault<GoidHasher>>;
 
 use ring_abi::Kind;
 
-use crate::http::{Notes, Probe};
+use crate::libs::{self, LibProbe, LibState, Notes, OpenSpans};
 use crate::plan::Role;
 use crate::ring::Record;
 use crate::values::{Shown, Side, TypeNamer, show, show_raw};
@@ -61,8 +61,8 @@ pub struct Call {
     pub parent: Option<u64>,
     /// The parent is in another process (an incoming `traceparent`).
     pub remote_parent: bool,
-    /// What events added to an HTTP server span.
-    pub http: Option<Box<Notes>>,
+    /// What a library's events added to its span.
+    pub notes: Option<Box<Notes>>,
 }
 
 impl Call {
@@ -86,7 +86,7 @@ struct Open {
     span_id: u64,
     parent: Option<u64>,
     remote_parent: bool,
-    http: Option<Box<Notes>>,
+    notes: Option<Box<Notes>>,
 }
 
 impl Open {
@@ -101,7 +101,7 @@ impl Open {
             span_id: self.span_id,
             parent: self.parent,
             remote_parent: self.remote_parent,
-            http: self.http,
+            notes: self.notes,
         }
     }
 }
@@ -110,9 +110,63 @@ impl Open {
 /// CPUs disagree by far less (tens of ns on invariant-TSC machines); ~10 µs at 2-4 GHz.
 const SKEW_TICKS: u64 = 30_000;
 
-/// Entries kept in the per-goroutine side tables (pending headers, lineage) before the
-/// oldest half is forgotten: goroutines end without telling us.
+/// Entries kept in the lineage table before it is forgotten: goroutines end without
+/// telling us.
 const SIDE_TABLE_MAX: usize = 1 << 16;
+
+/// The open spans as library events see them.
+struct Spans<'a> {
+    pairer: &'a mut Pairer,
+    out: &'a mut Vec<Call>,
+}
+
+impl OpenSpans for Spans<'_> {
+    fn notes(&mut self, goid: u64, probe: LibProbe) -> Option<&mut Notes> {
+        let p = &mut *self.pairer;
+        let sites = &p.sites;
+        let stack = p.stacks.get_mut(&goid)?;
+        let open = stack.iter_mut().rev().find(|o| sites[o.entry.site as usize].role == Role::Lib(probe))?;
+        open.notes.as_deref_mut()
+    }
+
+    fn unwind(&mut self, goid: u64, probe: LibProbe, end: Record, mark: &mut dyn FnMut(&mut Notes)) -> bool {
+        let p = &mut *self.pairer;
+        let sites = &p.sites;
+        let Some(stack) = p.stacks.get_mut(&goid) else { return false };
+        let Some(pos) = stack.iter().position(|o| sites[o.entry.site as usize].role == Role::Lib(probe)) else {
+            return false;
+        };
+        p.abandoned += (stack.len() - pos - 1) as u64;
+        stack.truncate(pos + 1);
+        let Some(mut open) = stack.pop() else { return false };
+        if stack.is_empty() {
+            p.stacks.remove(&goid);
+        }
+        if let Some(n) = open.notes.as_mut() {
+            mark(n);
+        }
+        let end = Record { site: open.entry.site, kind: Kind::Return, ..end };
+        self.out.push(open.into_call(goid, pos, Some(end)));
+        true
+    }
+
+    fn spawned(&mut self, child: u64, parent: u64) {
+        let p = &mut *self.pairer;
+        if !p.funcs {
+            return;
+        }
+        let from = match p.stacks.get(&parent).and_then(|s| s.last()) {
+            Some(top) => Some((top.trace_id, top.span_id)),
+            None => p.lineage.get(&parent).copied(),
+        };
+        if let Some(ctx) = from {
+            if p.lineage.len() >= SIDE_TABLE_MAX {
+                p.lineage.clear();
+            }
+            p.lineage.insert(child, ctx);
+        }
+    }
+}
 
 /// Formats a call's arguments and results.
 pub fn call_values(meta: &SiteMeta, call: &Call, types: &mut TypeNamer<'_>) -> (Vec<Shown>, Vec<Shown>) {
@@ -170,22 +224,13 @@ pub struct Pairer {
     pub unmatched_returns: u64,
     /// Open calls abandoned by a return further down the stack (a panic unwound them).
     pub abandoned: u64,
-    /// Header values read on each goroutine, for the server span it starts next.
-    headers: GoidMap<Notes>,
-    /// HTTP/2 header values on their way from the connection's reader to the handler's
-    /// goroutine: by the address of their headers frame, then on the serve loop that
-    /// starts the handler.
-    frames: GoidMap<Notes>,
-    serving: GoidMap<Notes>,
+    /// Each library's own state (what its events said), by library index.
+    libs: Vec<Box<dyn LibState>>,
     /// The span each goroutine was created under (trace, span), for spans of named
-    /// functions that begin on it with nothing open (HTTP spans carry their own).
+    /// functions that begin on it with nothing open (library spans carry their own).
     lineage: GoidMap<(u128, u64)>,
     /// Some site is a named function: lineage is worth keeping.
     funcs: bool,
-    /// `traceparent` lines written into outgoing requests.
-    pub injected: u64,
-    /// Server spans ended by a handler's panic.
-    pub panics: u64,
 }
 
 impl Pairer {
@@ -203,13 +248,9 @@ impl Pairer {
             ids: Ids::new(),
             unmatched_returns: 0,
             abandoned: 0,
-            headers: GoidMap::default(),
-            frames: GoidMap::default(),
-            serving: GoidMap::default(),
+            libs: libs::states(),
             lineage: GoidMap::default(),
             funcs,
-            injected: 0,
-            panics: 0,
         }
     }
 
@@ -222,8 +263,8 @@ impl Pairer {
         let Some(meta) = self.sites.get(rec.site as usize) else { return };
         let entry_only = meta.entry_only;
         let role = meta.role;
-        if let Role::Http(p) = role
-            && !p.is_span()
+        if let Role::Lib(p) = role
+            && !libs::is_span(p)
         {
             self.event(p, rec, out);
             return;
@@ -259,18 +300,17 @@ impl Pairer {
                     None => self.lineage.get(&rec.goid).map_or((0, None), |&(t, s)| (t, Some(s))),
                 };
                 let mut remote_parent = false;
-                let mut http = None;
+                let mut notes = None;
                 let mut span_id = 0;
-                if let Role::Http(p) = role {
+                if let Role::Lib(p) = role {
                     // The ids the trampoline made (and maybe sent): they are the truth.
-                    if let Some(ids) = crate::http::span_ids(&rec.data) {
+                    if let Some(ids) = libs::span_ids(&rec.data) {
                         open = (ids.trace, ids.parent);
                         span_id = ids.span;
                         remote_parent = ids.remote;
                     }
-                    if p == Probe::Server {
-                        http = Some(Box::new(self.headers.remove(&rec.goid).unwrap_or_default()));
-                    }
+                    notes =
+                        self.libs.get_mut(usize::from(p.lib)).and_then(|l| l.span_start(p.probe, &rec)).map(Box::new);
                 }
                 let (trace_id, parent) = open;
                 let trace_id = if trace_id == 0 {
@@ -281,7 +321,7 @@ impl Pairer {
                 if span_id == 0 {
                     span_id = self.ids.next();
                 }
-                let open = Open { entry: rec, trace_id, span_id, parent, remote_parent, http };
+                let open = Open { entry: rec, trace_id, span_id, parent, remote_parent, notes };
                 // Finished at once: its return came early, or no exit is probed.
                 if early.is_some() || entry_only {
                     let depth = stack.len();
@@ -329,137 +369,17 @@ impl Pairer {
     }
 
     /// A library event: it adds to an open span, or to what the next one will know.
-    fn event(&mut self, probe: Probe, rec: Record, out: &mut Vec<Call>) {
-        let goid = rec.goid;
-        match probe {
-            Probe::HeaderLine => {
-                let n = (rec.ints[1] as usize).min(rec.data.len());
-                let Some((key, value)) = crate::http::header_line(&rec.data[..n]) else { return };
-                self.header(goid, &key, value);
-            }
-            Probe::H2Field => {
-                let name_max = usize::from(crate::http::H2_NAME_MAX);
-                let n = (rec.ints[1] as usize).min(name_max).min(rec.data.len());
-                let v = (rec.ints[3] as usize).min(rec.data.len().saturating_sub(name_max));
-                let name = String::from_utf8_lossy(&rec.data[..n]).into_owned();
-                let value = String::from_utf8_lossy(&rec.data[name_max..name_max + v]).into_owned();
-                self.header(goid, &name, value);
-            }
-            // The headers frame carries them to the serve loop, which starts the handler.
-            Probe::H2Frame => {
-                if let Some(n) = self.headers.remove(&goid) {
-                    if self.frames.len() >= SIDE_TABLE_MAX {
-                        self.frames.clear();
-                    }
-                    self.frames.insert(rec.ints[1], n);
-                }
-            }
-            Probe::H2Process => match rec.kind {
-                Kind::Entry => {
-                    if let Some(n) = self.frames.remove(&rec.ints[1]) {
-                        self.serving.insert(goid, n);
-                    }
-                }
-                // Started (and inherited by its goroutine) or queued: not the next one's.
-                Kind::Return => {
-                    self.serving.remove(&goid);
-                }
-            },
-            Probe::Status => {
-                let code = rec.ints[1];
-                if let Some(n) = self.server_notes(goid)
-                    && n.status.is_none()
-                    && (200..=999).contains(&code)
-                {
-                    n.status = Some(code as u16);
-                }
-            }
-            Probe::Route => {
-                let n = (rec.ints[3] as usize).min(rec.data.len());
-                let pattern = String::from_utf8_lossy(&rec.data[..n]).into_owned();
-                if let Some(notes) = self.server_notes(goid)
-                    && let Some(r) = crate::http::route(&pattern)
-                {
-                    notes.route = Some(r);
-                }
-            }
-            Probe::Unwind => {
-                // A server span still open at net/http's recover never returned: the
-                // handler panicked, and everything above it was unwound too.
-                let sites = &self.sites;
-                let Some(stack) = self.stacks.get_mut(&goid) else { return };
-                let Some(pos) =
-                    stack.iter().position(|o| sites[o.entry.site as usize].role == Role::Http(Probe::Server))
-                else {
-                    return;
-                };
-                self.abandoned += (stack.len() - pos - 1) as u64;
-                stack.truncate(pos + 1);
-                let Some(mut open) = stack.pop() else { return };
-                if stack.is_empty() {
-                    self.stacks.remove(&goid);
-                }
-                if let Some(n) = open.http.as_mut() {
-                    n.panicked = true;
-                }
-                self.panics += 1;
-                let end = Record { site: open.entry.site, kind: Kind::Return, ..rec };
-                out.push(open.into_call(goid, pos, Some(end)));
-            }
-            Probe::Spawn => {
-                let word =
-                    |i: usize| rec.data.get(i..i + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
-                let (Some(child), Some(parent)) = (word(0), word(8)) else { return };
-                // An HTTP/2 handler's goroutine gets the header values its serve loop holds.
-                if let Some(n) = self.serving.get(&parent) {
-                    self.headers.insert(child, n.clone());
-                }
-                if !self.funcs {
-                    return;
-                }
-                let from = match self.stacks.get(&parent).and_then(|s| s.last()) {
-                    Some(top) => Some((top.trace_id, top.span_id)),
-                    None => self.lineage.get(&parent).copied(),
-                };
-                if let Some(ctx) = from {
-                    if self.lineage.len() >= SIDE_TABLE_MAX {
-                        self.lineage.clear();
-                    }
-                    self.lineage.insert(child, ctx);
-                }
-            }
-            Probe::Inject => {
-                if rec.data.first() == Some(&1) {
-                    self.injected += 1;
-                }
-            }
-            // goexit1's probe records nothing (it runs bare); the side tables are bounded.
-            Probe::Exit | Probe::Server | Probe::Client => {}
+    fn event(&mut self, probe: LibProbe, rec: Record, out: &mut Vec<Call>) {
+        let mut states = std::mem::take(&mut self.libs);
+        if let Some(state) = states.get_mut(usize::from(probe.lib)) {
+            state.event(probe, rec, &mut Spans { pairer: self, out });
         }
+        self.libs = states;
     }
 
-    /// Keeps a header value the next server span of the goroutine reports.
-    fn header(&mut self, goid: u64, key: &str, value: String) {
-        if key != "user-agent" && key != "tracestate" {
-            return;
-        }
-        if self.headers.len() >= SIDE_TABLE_MAX {
-            self.headers.clear();
-        }
-        let notes = self.headers.entry(goid).or_default();
-        if key == "user-agent" {
-            notes.user_agent = Some(value);
-        } else {
-            notes.tracestate = Some(value);
-        }
-    }
-
-    /// The innermost open server span of a goroutine.
-    fn server_notes(&mut self, goid: u64) -> Option<&mut Notes> {
-        let sites = &self.sites;
-        let stack = self.stacks.get_mut(&goid)?;
-        let open = stack.iter_mut().rev().find(|o| sites[o.entry.site as usize].role == Role::Http(Probe::Server))?;
-        open.http.as_deref_mut()
+    /// Library counters for the exit summary (`http_injected`, ...).
+    pub fn lib_counters(&self) -> Vec<(&'static str, u64)> {
+        self.libs.iter().flat_map(|l| l.counters()).collect()
     }
 
     /// A waiting return that matches the top frame of `goid`, if any.

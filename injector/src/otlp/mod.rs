@@ -72,9 +72,10 @@ impl ExportTotals {
 /// A queued span: built the SDK's way, or already encoded (for OTLP/HTTP protobuf).
 pub enum Queued {
     Span(Box<SpanData>),
-    /// A `Span` message body, and whether its scope is net/http's (else user functions').
+    /// A `Span` message body, and its scope: 0 for user functions, 1 + the index in
+    /// [`crate::libs::LIBRARIES`] for a library's spans.
     Encoded {
-        http: bool,
+        scope: usize,
         bytes: Vec<u8>,
     },
 }
@@ -102,15 +103,15 @@ impl SpanSender {
         if self.encode {
             let mut bytes = Vec::with_capacity(256);
             proto::span_data(&mut bytes, &span);
-            let http = span.instrumentation_scope.name() == span::HTTP_SCOPE;
-            return self.queue(Queued::Encoded { http, bytes });
+            let scope = span::scope_index(span.instrumentation_scope.name());
+            return self.queue(Queued::Encoded { scope, bytes });
         }
         self.queue(Queued::Span(Box::new(span)));
     }
 
     /// Queues an encoded span (see [`proto::span`]).
-    pub fn send_encoded(&self, http: bool, bytes: Vec<u8>) {
-        self.queue(Queued::Encoded { http, bytes });
+    pub fn send_encoded(&self, scope: usize, bytes: Vec<u8>) {
+        self.queue(Queued::Encoded { scope, bytes });
     }
 
     /// Waits for room in a full queue from now on (lossless mode).
@@ -270,10 +271,9 @@ struct ProtoHttp {
     url: String,
     headers: Vec<(String, String)>,
     gzip: bool,
-    /// The resource and the two scopes, encoded once.
+    /// The resource and the scopes (user functions', then each library's), encoded once.
     resource: Vec<u8>,
-    func_scope: Vec<u8>,
-    http_scope: Vec<u8>,
+    scopes: Vec<Vec<u8>>,
 }
 
 impl ProtoHttp {
@@ -288,25 +288,28 @@ impl ProtoHttp {
             headers: config.headers.to_vec(),
             gzip: config.gzip,
             resource: proto::resource(resource),
-            func_scope: proto::scope(&span::func_scope()),
-            http_scope: proto::scope(&span::http_scope()),
+            scopes: span::scopes().iter().map(proto::scope).collect(),
         })
     }
 
     fn encode(&self, batch: Vec<Queued>) -> Vec<u8> {
-        let (mut func, mut http) = (Vec::new(), Vec::new());
+        let mut by_scope: Vec<Vec<Vec<u8>>> = vec![Vec::new(); self.scopes.len()];
         for q in batch {
-            let (is_http, bytes) = match q {
-                Queued::Encoded { http, bytes } => (http, bytes),
+            let (scope, bytes) = match q {
+                Queued::Encoded { scope, bytes } => (scope, bytes),
                 Queued::Span(s) => {
                     let mut b = Vec::new();
                     proto::span_data(&mut b, &s);
-                    (s.instrumentation_scope.name() == span::HTTP_SCOPE, b)
+                    (span::scope_index(s.instrumentation_scope.name()), b)
                 }
             };
-            if is_http { http.push(bytes) } else { func.push(bytes) }
+            if let Some(v) = by_scope.get_mut(scope) {
+                v.push(bytes);
+            }
         }
-        let body = proto::request(&self.resource, &[(&self.func_scope[..], func), (&self.http_scope[..], http)]);
+        let groups: Vec<(&[u8], Vec<Vec<u8>>)> =
+            self.scopes.iter().map(Vec::as_slice).zip(by_scope).filter(|(_, v)| !v.is_empty()).collect();
+        let body = proto::request(&self.resource, &groups);
         if !self.gzip {
             return body;
         }

@@ -94,32 +94,45 @@ pub fn func_scope() -> InstrumentationScope {
     InstrumentationScope::builder("inject/func").with_version(env!("CARGO_PKG_VERSION")).build()
 }
 
-/// The scope of net/http spans (the instrumentation library's name, as OpenTelemetry Go's
-/// own net/http instrumentation is named in its scope).
-pub fn http_scope() -> InstrumentationScope {
-    InstrumentationScope::builder(HTTP_SCOPE).with_version(env!("CARGO_PKG_VERSION")).build()
+/// Every scope spans are sent under: user functions', then each library's, in the order
+/// of [`crate::libs::LIBRARIES`].
+pub fn scopes() -> Vec<InstrumentationScope> {
+    std::iter::once(func_scope())
+        .chain(
+            crate::libs::LIBRARIES
+                .iter()
+                .map(|l| InstrumentationScope::builder(l.scope()).with_version(env!("CARGO_PKG_VERSION")).build()),
+        )
+        .collect()
 }
 
-pub const HTTP_SCOPE: &str = "inject/net/http";
+/// The index in [`scopes`] of the scope named `name` (user functions' for any other).
+pub fn scope_index(name: &str) -> usize {
+    crate::libs::LIBRARIES.iter().position(|l| l.scope() == name).map_or(0, |i| i + 1)
+}
 
-/// The span of an HTTP server or client call.
-pub fn http_span(call: &Call, d: crate::http::Described, clock: &Clock, scope: &InstrumentationScope) -> SpanData {
+/// The span of a library's probe.
+pub fn lib_span(call: &Call, d: crate::libs::Described, clock: &Clock, scope: &InstrumentationScope) -> SpanData {
+    use crate::libs::{Attr, SpanKind as K};
     let mut attributes: Vec<KeyValue> = d
         .attrs
         .into_iter()
         .map(|(k, v)| match v {
-            crate::http::Attr::S(s) => KeyValue::new(k, s),
-            crate::http::Attr::I(i) => KeyValue::new(k, i),
+            Attr::S(s) => KeyValue::new(k, s),
+            Attr::I(i) => KeyValue::new(k, i),
         })
         .collect();
     attributes.push(KeyValue::new("go.goroutine.id", call.goid as i64));
     let trace_state = call
-        .http
+        .notes
         .as_ref()
-        .and_then(|n| n.tracestate.as_deref())
+        .and_then(|n| n.trace_state.as_deref())
         .and_then(|t| t.parse::<TraceState>().ok())
         .unwrap_or(TraceState::NONE);
-    let kind = if d.server { SpanKind::Server } else { SpanKind::Client };
+    let kind = match d.kind {
+        K::Server => SpanKind::Server,
+        K::Client => SpanKind::Client,
+    };
     let status = d.error.map_or(Status::Unset, Status::error);
     span_data(call, clock, (d.name, kind, trace_state), attributes, status, scope)
 }

@@ -1,0 +1,145 @@
+//! What net/http's event probes tell the collector: header values on their way to the
+//! server span they belong to (HTTP/1 on the reading goroutine; HTTP/2 from the
+//! connection's reader through the headers frame and the serve loop to the handler's
+//! goroutine), the status and route a handler's span ends with, a handler's panic, and
+//! goroutines being created (context lineage).
+
+use std::collections::HashMap;
+
+use ring_abi::Kind;
+
+use super::describe::{ROUTE, STATUS, USER_AGENT};
+use super::{H2_NAME_MAX, Probe, header_line, route};
+use crate::libs::{Attr, LibProbe, LibState, Notes, OpenSpans};
+use crate::ring::Record;
+
+/// Entries kept in each side table before it is forgotten: goroutines end without telling us.
+const SIDE_TABLE_MAX: usize = 1 << 16;
+
+#[derive(Default)]
+pub(super) struct HttpState {
+    /// Header values read on each goroutine, for the server span it starts next.
+    headers: HashMap<u64, Notes>,
+    /// HTTP/2 header values on their way from the connection's reader to the handler's
+    /// goroutine: by the address of their headers frame, then on the serve loop that
+    /// starts the handler.
+    frames: HashMap<u64, Notes>,
+    serving: HashMap<u64, Notes>,
+    /// `traceparent` lines written into outgoing requests.
+    injected: u64,
+    /// Server spans ended by a handler's panic.
+    panics: u64,
+}
+
+impl LibState for HttpState {
+    fn span_start(&mut self, probe: u8, rec: &Record) -> Option<Notes> {
+        (probe == Probe::Server as u8).then(|| self.headers.remove(&rec.goid).unwrap_or_default())
+    }
+
+    fn event(&mut self, probe: LibProbe, rec: Record, spans: &mut dyn OpenSpans) {
+        let goid = rec.goid;
+        let server = LibProbe { probe: Probe::Server as u8, ..probe };
+        let Some(p) = Probe::from_u8(probe.probe) else { return };
+        match p {
+            Probe::HeaderLine => {
+                let n = (rec.ints[1] as usize).min(rec.data.len());
+                let Some((key, value)) = header_line(&rec.data[..n]) else { return };
+                self.header(goid, &key, value);
+            }
+            Probe::H2Field => {
+                let name_max = usize::from(H2_NAME_MAX);
+                let n = (rec.ints[1] as usize).min(name_max).min(rec.data.len());
+                let v = (rec.ints[3] as usize).min(rec.data.len().saturating_sub(name_max));
+                let name = String::from_utf8_lossy(&rec.data[..n]).into_owned();
+                let value = String::from_utf8_lossy(&rec.data[name_max..name_max + v]).into_owned();
+                self.header(goid, &name, value);
+            }
+            // The headers frame carries them to the serve loop, which starts the handler.
+            Probe::H2Frame => {
+                if let Some(n) = self.headers.remove(&goid) {
+                    if self.frames.len() >= SIDE_TABLE_MAX {
+                        self.frames.clear();
+                    }
+                    self.frames.insert(rec.ints[1], n);
+                }
+            }
+            Probe::H2Process => match rec.kind {
+                Kind::Entry => {
+                    if let Some(n) = self.frames.remove(&rec.ints[1]) {
+                        self.serving.insert(goid, n);
+                    }
+                }
+                // Started (and inherited by its goroutine) or queued: not the next one's.
+                Kind::Return => {
+                    self.serving.remove(&goid);
+                }
+            },
+            Probe::Status => {
+                let code = rec.ints[1];
+                if (200..=999).contains(&code)
+                    && let Some(n) = spans.notes(goid, server)
+                {
+                    // net/http ignores every status after the first.
+                    n.set_first(STATUS, Attr::I(code as i64));
+                }
+            }
+            Probe::Route => {
+                let n = (rec.ints[3] as usize).min(rec.data.len());
+                let pattern = String::from_utf8_lossy(&rec.data[..n]).into_owned();
+                if let Some(r) = route(&pattern)
+                    && let Some(notes) = spans.notes(goid, server)
+                {
+                    // Nested muxes: the innermost match is the route.
+                    notes.set(ROUTE, Attr::S(r));
+                }
+            }
+            Probe::Unwind => {
+                // A server span still open at net/http's recover never returned: the
+                // handler panicked, and everything above it was unwound too.
+                if spans.unwind(goid, server, rec, &mut |n| n.panicked = true) {
+                    self.panics += 1;
+                }
+            }
+            Probe::Spawn => {
+                let word =
+                    |i: usize| rec.data.get(i..i + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+                let (Some(child), Some(parent)) = (word(0), word(8)) else { return };
+                // An HTTP/2 handler's goroutine gets the header values its serve loop holds.
+                if let Some(n) = self.serving.get(&parent) {
+                    let n = n.clone();
+                    self.headers.insert(child, n);
+                }
+                spans.spawned(child, parent);
+            }
+            Probe::Inject => {
+                if rec.data.first() == Some(&1) {
+                    self.injected += 1;
+                }
+            }
+            // goexit1's probe records nothing (it runs bare); the side tables are bounded.
+            Probe::Exit | Probe::Server | Probe::Client => {}
+        }
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![("http_injected", self.injected), ("http_panics", self.panics)]
+    }
+}
+
+impl HttpState {
+    /// Keeps a header value the next server span of the goroutine reports.
+    fn header(&mut self, goid: u64, key: &str, value: String) {
+        if key != "user-agent" && key != "tracestate" {
+            return;
+        }
+        if self.headers.len() >= SIDE_TABLE_MAX {
+            self.headers.clear();
+        }
+        let notes = self.headers.entry(goid).or_default();
+        if key == "user-agent" {
+            notes.set(USER_AGENT, Attr::S(value));
+        } else {
+            notes.trace_state = Some(value);
+        }
+    }
+}
