@@ -130,19 +130,9 @@ fn spawn(program: &str, args: &[String], trace: bool) -> std::io::Result<i32> {
     Ok(cmd.spawn()?.id() as i32)
 }
 
-/// The file exec(2) would run for `program`, searching PATH as execvp does.
-pub fn resolve(program: &str) -> std::path::PathBuf {
-    if program.contains('/') {
-        return program.into();
-    }
-    std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(program)).find(|c| c.is_file()))
-        .unwrap_or_else(|| program.into())
-}
-
 /// Whether exec(2) of `program` would be allowed, as far as we can tell without running it.
 fn program_exists_and_runs(program: &str) -> bool {
-    let path = resolve(program);
+    let path = crate::target::resolve(program);
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap_or_default();
     // SAFETY: access(2) with a NUL-terminated path.
     unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }

@@ -4,20 +4,19 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod backend;
 mod benchcmd;
 mod collect;
 mod inspect;
-mod install;
 mod launch;
 mod libs;
 mod otlp;
 mod output;
 mod plan;
-mod ptrace;
-mod recover;
 mod ring;
 mod run;
 mod spans;
+mod summary;
 mod target;
 mod values;
 

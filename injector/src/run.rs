@@ -15,12 +15,13 @@ use nix::sys::signalfd::SignalFd;
 use ring_abi::Layout;
 use trampolines::codegen::RingSelect;
 
-use crate::otlp::{ExportTotals, Exporting, OtelArgs, OtelConfig};
+use crate::backend::{Backend, Probes, Removal, trampoline::Trampolines};
+use crate::otlp::{Exporting, OtelArgs, OtelConfig};
 use crate::output::{Format, Sink};
 use crate::plan::{self, ProbeSite};
 use crate::spans::{Clock, Pairer, SiteMeta};
 use crate::target::TargetArgs;
-use crate::{collect, install, libs};
+use crate::{collect, libs};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
@@ -119,8 +120,7 @@ pub fn detach(args: &DetachArgs) -> Result<()> {
     let pid = args.pid;
     let exe = TargetArgs { exe: None, pid: Some(pid) }.open()?;
     let bin = GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())?;
-    let cleaned = crate::recover::clean(pid, &install::pad_site(&bin, exe.bias)?)?;
-    match cleaned.describe(pid) {
+    match Trampolines.recover(pid, &bin, exe.bias)? {
         Some(line) => eprintln!("{line}"),
         None => eprintln!("inject: pid {pid} carries no probes of an inject that is gone; nothing to do"),
     }
@@ -185,7 +185,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         bail!("--no-libs and no --func: nothing to probe (list candidates with `inject functions`)");
     }
     if args.dry_run {
-        let exe = args.exe.clone().or_else(|| args.command.first().map(|p| crate::launch::resolve(p)));
+        let exe = args.exe.clone().or_else(|| args.command.first().map(|p| crate::target::resolve(p)));
         let target = TargetArgs { pid: if exe.is_some() { None } else { args.pid }, exe };
         let exe = target.open()?;
         let bin = GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())?;
@@ -207,7 +207,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let mut reason = wait_for_stop(pid, &sigfd, &pidfd, deadline)?;
     let mut removal = match reason {
         StopReason::TargetExited(_) => None,
-        _ => Some(install::remove(&tracing.inst)),
+        _ => Some(tracing.inst.remove()),
     };
     // A target that died while the probes came out: that is the news, not the removal.
     if matches!(removal, Some(Err(_))) && exited(&pidfd) {
@@ -420,7 +420,7 @@ fn wait_spins(wait: Duration) -> u32 {
 /// Probes in, collector and output running.
 pub struct Tracing {
     sites: Vec<ProbeSite>,
-    inst: install::Installation,
+    inst: Box<dyn Probes>,
     stop: Arc<AtomicBool>,
     collector: std::thread::JoinHandle<collect::Totals>,
     output: std::thread::JoinHandle<u64>,
@@ -463,8 +463,8 @@ fn start_tracing(
     out: Output,
 ) -> Result<Tracing> {
     // Probes a dead inject left: put every byte back first.
-    let cleaned = crate::recover::clean(pid, &install::pad_site(bin, exe.bias)?)?;
-    if let Some(line) = cleaned.describe(pid) {
+    let backend = Trampolines;
+    if let Some(line) = backend.recover(pid, bin, exe.bias)? {
         eprintln!("{line}");
     }
     let lossless = match (args.lossless, args.no_lossless) {
@@ -499,20 +499,21 @@ fn start_tracing(
         select,
         wait_spins: if lossless { wait_spins(LOSSLESS_WAIT) } else { 0 },
     };
-    let mut inst = install::install(pid, bin, exe.bias, &sites, ring)?;
-    let exits: usize = inst.installed.iter().map(|(_, e)| e).sum();
+    let mut inst = backend.install(pid, bin, exe.bias, &sites, ring)?;
+    let done = inst.installed().clone();
+    let exits: usize = done.sites.iter().map(|(_, e)| e).sum();
     eprintln!(
         "inject: probing {} function{} ({} exits) in pid {pid}; {} threads stopped for {:.2} ms (and {:.2} ms to map memory)",
-        inst.installed.len(),
-        if inst.installed.len() == 1 { "" } else { "s" },
+        done.sites.len(),
+        if done.sites.len() == 1 { "" } else { "s" },
         exits,
-        inst.threads,
-        inst.pause.as_secs_f64() * 1e3,
-        inst.prepare_pause.as_secs_f64() * 1e3
+        done.threads,
+        done.pause.as_secs_f64() * 1e3,
+        done.prepare_pause.as_secs_f64() * 1e3
     );
     // A long pause is worth explaining: it is the target's latency.
     for (what, pause, parts) in
-        [("install", inst.pause, inst.pause_parts), ("memory", inst.prepare_pause, inst.prepare_parts)]
+        [("install", done.pause, done.pause_parts), ("memory", done.prepare_pause, done.prepare_parts)]
     {
         if pause > Duration::from_millis(LONG_PAUSE_MS) {
             eprintln!("inject: the {what} pause took {:.1} ms: {}", pause.as_secs_f64() * 1e3, parts.describe());
@@ -553,13 +554,25 @@ fn start_tracing(
 
 impl Tracing {
     /// Stops collecting (after the ring is drained), flushes the export and reports.
-    pub fn finish(self, reason: StopReason, removal: Option<Result<install::Removal>>, args: &RunArgs) -> Result<()> {
+    pub fn finish(self, reason: StopReason, removal: Option<Result<Removal>>, args: &RunArgs) -> Result<()> {
         self.stop.store(true, Ordering::Release);
         let mut totals = self.collector.join().map_err(|_| anyhow::anyhow!("collector thread panicked"))?;
         totals.output_errors = self.output.join().map_err(|_| anyhow::anyhow!("output thread panicked"))?;
-        drop(self.inst.ring_map.flush());
+        self.inst.flush();
         let export = self.exporting.map(Exporting::finish);
-        report(&self.sites, &self.inst, &totals, export.as_ref(), reason, removal.as_ref(), args)?;
+        let stop = match reason {
+            StopReason::Signal(s) => format!("signal {s}"),
+            StopReason::Duration => "duration".into(),
+            StopReason::TargetExited(status) => format!("target {}", describe_exit(status)),
+        };
+        let facts = crate::summary::Facts {
+            sites: &self.sites,
+            installed: self.inst.installed(),
+            totals: &totals,
+            export: export.as_ref(),
+            removal: removal.as_ref().and_then(|r| r.as_ref().ok()),
+        };
+        crate::summary::report(&facts, stop, args.summary_json.as_deref())?;
         if let Some(Err(e)) = removal {
             return Err(e.context("removing probes"));
         }
@@ -661,173 +674,6 @@ fn wait_for_stop(pid: i32, sigfd: &SignalFd, pidfd: &OwnedFd, deadline: Option<I
             return Ok(StopReason::Signal(info.ssi_signo as i32));
         }
     }
-}
-
-#[derive(serde::Serialize)]
-struct SiteSummary<'a> {
-    name: &'a str,
-    verdict: String,
-    entries: u64,
-    returns: u64,
-    /// Records of this function the target dropped (ring full).
-    dropped: u64,
-    /// Where the jumps go (entry first, then exits), for matching against profiles and
-    /// disassembly.
-    jumps: Vec<JumpSummary>,
-}
-
-#[derive(serde::Serialize)]
-struct JumpSummary {
-    at: u64,
-    /// The original byte the jump's displacement ends with (a punned jump), if any.
-    pinned: Option<u8>,
-}
-
-impl JumpSummary {
-    fn of(site: &ProbeSite) -> Vec<JumpSummary> {
-        let Ok(entry) = &site.entry_patch else { return Vec::new() };
-        let exits = site.returns.as_deref().unwrap_or_default().iter().map(|r| &r.redirect);
-        std::iter::once(&entry.redirect).chain(exits).map(|r| JumpSummary { at: r.at, pinned: r.pinned }).collect()
-    }
-}
-
-#[derive(serde::Serialize)]
-struct Summary<'a> {
-    stop: String,
-    sites: Vec<SiteSummary<'a>>,
-    records: u64,
-    tickets: u64,
-    consumed: u64,
-    unpublished: u64,
-    dropped: u64,
-    dropped_full: u64,
-    /// Lossless mode was on (the program waited for room rather than drop).
-    lossless: bool,
-    wait_timeouts: u64,
-    corrupt: u64,
-    calls: u64,
-    unmatched_returns: u64,
-    abandoned: u64,
-    /// Library counters (`http_injected`, `http_panics`), flattened into the summary.
-    #[serde(flatten)]
-    lib_counters: std::collections::BTreeMap<&'static str, u64>,
-    open_calls: u64,
-    output_dropped: u64,
-    output_errors: u64,
-    install_pause_ms: f64,
-    prepare_pause_ms: f64,
-    install_pause: install::PauseParts,
-    prepare_pause: install::PauseParts,
-    /// Memory inject added to the target: the ring (all of it allocated before the
-    /// probes go in, charged to inject) and the trampoline areas.
-    ring_bytes: u64,
-    trampoline_bytes: u64,
-    ring_reserve_ms: f64,
-    remove_pause_ms: Option<f64>,
-    restored: Option<usize>,
-    unmapped: Option<bool>,
-    threads: usize,
-    otlp: Option<&'a ExportTotals>,
-}
-
-fn report(
-    sites: &[ProbeSite],
-    inst: &install::Installation,
-    totals: &collect::Totals,
-    export: Option<&ExportTotals>,
-    reason: StopReason,
-    removal: Option<&Result<install::Removal>>,
-    args: &RunArgs,
-) -> Result<()> {
-    let removal = removal.and_then(|r| r.as_ref().ok());
-    let summary = Summary {
-        stop: match reason {
-            StopReason::Signal(s) => format!("signal {s}"),
-            StopReason::Duration => "duration".into(),
-            StopReason::TargetExited(status) => format!("target {}", describe_exit(status)),
-        },
-        sites: sites
-            .iter()
-            .zip(&totals.sites)
-            .map(|(s, c)| SiteSummary {
-                name: &s.name,
-                verdict: s.verdict(),
-                entries: c.entries,
-                returns: c.returns,
-                dropped: c.dropped,
-                jumps: JumpSummary::of(s),
-            })
-            .collect(),
-        records: totals.records,
-        tickets: totals.tickets,
-        consumed: totals.consumed,
-        unpublished: totals.unpublished,
-        dropped: totals.dropped,
-        dropped_full: totals.dropped_full,
-        lossless: inst.lossless,
-        wait_timeouts: totals.wait_timeouts,
-        calls: totals.calls,
-        unmatched_returns: totals.unmatched_returns,
-        abandoned: totals.abandoned,
-        lib_counters: totals.lib_counters.iter().copied().collect(),
-        open_calls: totals.open_calls,
-        output_dropped: totals.output_dropped,
-        output_errors: totals.output_errors,
-        corrupt: totals.corrupt,
-        install_pause_ms: inst.pause.as_secs_f64() * 1e3,
-        prepare_pause_ms: inst.prepare_pause.as_secs_f64() * 1e3,
-        install_pause: inst.pause_parts,
-        prepare_pause: inst.prepare_parts,
-        ring_bytes: inst.ring_len,
-        trampoline_bytes: inst.areas.iter().map(|a| a.1).sum(),
-        ring_reserve_ms: inst.reserve_time.as_secs_f64() * 1e3,
-        remove_pause_ms: removal.map(|r| r.pause.as_secs_f64() * 1e3),
-        restored: removal.map(|r| r.restored),
-        unmapped: removal.map(|r| r.unmapped),
-        threads: inst.threads,
-        otlp: export,
-    };
-    for s in summary.sites.iter().filter(|s| s.entries + s.returns > 0 || !s.verdict.starts_with("refused")) {
-        eprintln!("inject: {:<50} {:>10} calls {:>10} returns", s.name, s.entries, s.returns);
-    }
-    eprintln!(
-        "inject: {} records, {} dropped, {} corrupt; stopped: {}{}",
-        summary.records,
-        summary.dropped,
-        summary.corrupt,
-        summary.stop,
-        match removal {
-            Some(r) => format!(
-                "; restored {} patches in {:.2} ms{}",
-                r.restored,
-                r.pause.as_secs_f64() * 1e3,
-                if r.unmapped { ", unmapped trampolines and ring" } else { "" }
-            ),
-            None => String::new(),
-        }
-    );
-    if let Some(e) = export {
-        eprintln!(
-            "inject: OTLP {} {}: {} spans exported in {} requests, {} dropped ({} queue full, {} export failed), {} sampled out{}",
-            e.protocol,
-            e.endpoint,
-            e.exported,
-            e.requests,
-            e.dropped(),
-            e.dropped_queue_full,
-            e.dropped_export_failed,
-            e.sampled_out,
-            match &e.last_error {
-                Some(err) if e.failed_requests > 0 => format!("; {} requests failed, last: {err}", e.failed_requests),
-                _ => String::new(),
-            }
-        );
-    }
-    if let Some(path) = &args.summary_json {
-        let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        serde_json::to_writer_pretty(f, &summary)?;
-    }
-    Ok(())
 }
 
 fn print_verdicts(sites: &[ProbeSite]) -> Result<()> {

@@ -103,3 +103,13 @@ fn load_bias(pid: i32, data: &[u8]) -> Option<u64> {
         Some(start - first)
     })
 }
+
+/// The file exec(2) would run for `program`, searching PATH as execvp does.
+pub fn resolve(program: &str) -> std::path::PathBuf {
+    if program.contains('/') {
+        return program.into();
+    }
+    std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(program)).find(|c| c.is_file()))
+        .unwrap_or_else(|| program.into())
+}

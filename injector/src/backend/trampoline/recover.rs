@@ -12,8 +12,9 @@ use std::os::unix::fs::FileExt;
 use anyhow::{Context, Result, bail, ensure};
 use ring_abi::{header, journal};
 
-use crate::ptrace::Session;
-use crate::ptrace::pad::is_landing_pad;
+use super::ptrace::Session;
+use super::ptrace::pad::is_landing_pad;
+use super::window::{PadSite, keep_looking, let_run_between_looks};
 
 /// A ring an inject left behind, as found in the target's memory.
 #[derive(Debug)]
@@ -146,12 +147,6 @@ pub fn leftovers(pid: i32) -> Result<Vec<Leftover>> {
     Ok(out)
 }
 
-/// Where injected syscalls run from in a process, and the executable's bytes there.
-pub struct PadSite {
-    pub addr: u64,
-    pub original: Vec<u8>,
-}
-
 /// Puts back every byte dead injects left patched in `pid` and unmaps their memory (or
 /// leaves it mapped, emptied, while a thread is still inside). A byte that is neither
 /// inject's nor the original is someone else's (a debugger's breakpoint): nothing is
@@ -203,7 +198,7 @@ pub fn clean(pid: i32, pad: &PadSite) -> Result<Cleaned> {
         let mut unmapped = false;
         let looking = std::time::Instant::now();
         let mut attempt = 0;
-        while crate::install::keep_looking(attempt, looking) {
+        while keep_looking(attempt, looking) {
             let mut busy = false;
             for tid in s.threads() {
                 let rip = s.regs(tid)?.rip;
@@ -227,7 +222,7 @@ pub fn clean(pid: i32, pad: &PadSite) -> Result<Cleaned> {
                 unmapped = true;
                 break;
             }
-            crate::install::let_run_between_looks(&mut s, attempt)?;
+            let_run_between_looks(&mut s, attempt)?;
             attempt += 1;
         }
         if !unmapped {

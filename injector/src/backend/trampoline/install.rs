@@ -15,33 +15,16 @@ use ring_abi::{Layout, header};
 use trampolines::codegen::{entry_trampoline, return_trampoline};
 use trampolines::{Redirect, RingAddrs};
 
+use super::ptrace::Session;
+use super::window::{keep_looking, let_run_between_looks, syscall_pad};
+use crate::backend::{Installed, PauseParts, Removal};
 use crate::plan::ProbeSite;
-use crate::ptrace::Session;
-use crate::ptrace::pad::PAD_LEN;
 use crate::ring::RingReader;
 
 const PAGE: u64 = 4096;
 /// Keep everything within this distance of the code it serves (rel32 and RIP-relative
 /// operands reach ±2 GiB; stay well inside).
 const REACH: u64 = (1 << 31) - (64 << 20);
-/// How long to keep letting the world run and looking again when a thread sits where we
-/// may not write (a patch site, a signal handler), and the fewest looks before giving up.
-const SAFE_POINT_BUDGET: Duration = Duration::from_secs(3);
-const SAFE_POINT_ATTEMPTS: usize = 50;
-
-/// Lets the world run before the next look, for 0.3 to 2.3 ms, varied: with a fixed
-/// period the looks can lock onto a periodic signal (SIGPROF at 1000 Hz is one) and find
-/// the same thread in its handler every time.
-pub fn let_run_between_looks(s: &mut Session, attempt: usize) -> Result<(), crate::ptrace::SessionError> {
-    let jitter = (attempt as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 53; // 0..2047
-    s.resume_briefly(Duration::from_micros(300 + jitter))
-}
-
-/// Whether to look again after `attempt` looks that began at `started`.
-pub fn keep_looking(attempt: usize, started: Instant) -> bool {
-    attempt < SAFE_POINT_ATTEMPTS || started.elapsed() < SAFE_POINT_BUDGET
-}
-
 /// One overwritten piece of the target's code.
 #[derive(Debug, Clone)]
 pub struct Patch {
@@ -51,31 +34,6 @@ pub struct Patch {
     /// Bytes no thread may be executing inside of when this patch is written (the
     /// interior of the overwritten instructions).
     pub interior: std::ops::Range<u64>,
-}
-
-/// Where a window's stopped time went.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct PauseParts {
-    /// Seizing every thread and waiting for each to stop (under CPU contention a thread
-    /// must be scheduled to stop).
-    pub stop_ms: f64,
-    /// The window's own work: injected syscalls, or checks and writes.
-    pub work_ms: f64,
-    /// Times the world ran on for a millisecond because a thread was inside a patch site
-    /// or a signal handler.
-    pub retries: usize,
-    /// Letting every thread go.
-    pub resume_ms: f64,
-}
-
-impl PauseParts {
-    /// One line for users when a pause was long.
-    pub fn describe(&self) -> String {
-        format!(
-            "stopping threads {:.1} ms, work {:.1} ms ({} retries), resuming {:.1} ms",
-            self.stop_ms, self.work_ms, self.retries, self.resume_ms
-        )
-    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -93,21 +51,8 @@ pub struct Installation {
     pub patches: Vec<Patch>,
     pub ring_map: MmapMut,
     pub layout: Layout,
-    /// Sites actually installed (by id), with how many exits are probed.
-    pub installed: Vec<(u32, usize)>,
-    pub threads: usize,
-    /// How long the world stood still to write the trampolines and redirects.
-    pub pause: Duration,
-    /// Where that time went, and where the earlier window's went.
-    pub pause_parts: PauseParts,
-    pub prepare_parts: PauseParts,
-    /// Writers wait for room in a full ring.
-    pub lossless: bool,
-    /// Allocating the ring's pages (the target runs meanwhile).
-    pub reserve_time: Duration,
-    /// How long the world stood still earlier, to create the memory.
-    pub prepare_pause: Duration,
     pub pad: u64,
+    pub summary: Installed,
 }
 
 impl Installation {
@@ -118,33 +63,6 @@ impl Installation {
         // until the reader is done.
         unsafe { RingReader::new(self.ring_map.as_mut_ptr(), self.ring_map.len(), self.layout, data_len) }
     }
-}
-
-/// Where injected syscalls run from (unbiased): the start of `runtime.rt0_go`, the
-/// program's start-up code, which runs once and never again. A landing pad is written there
-/// for each call and the bytes put back before any thread runs (see `ptrace::pad`): should
-/// inject die in between, nothing executes what it left there, and the next inject puts the
-/// bytes back ([`crate::recover`]).
-pub fn syscall_pad(bin: &GoBinary<'_>) -> Result<u64> {
-    let f = bin
-        .pclntab
-        .funcs()
-        .filter_map(Result::ok)
-        .find(|f| f.name == "runtime.rt0_go")
-        .context("no runtime.rt0_go in the function table (not a Go executable?)")?;
-    ensure!(
-        bin.pclntab.code_end(&f) - f.entry >= PAD_LEN as u64,
-        "runtime.rt0_go is {} bytes, too short for a {PAD_LEN}-byte landing pad",
-        bin.pclntab.code_end(&f) - f.entry
-    );
-    Ok(f.entry)
-}
-
-/// [`syscall_pad`] in the live process, with the executable's bytes there.
-pub fn pad_site(bin: &GoBinary<'_>, bias: u64) -> Result<crate::recover::PadSite> {
-    let at = syscall_pad(bin)?;
-    let original = bin.elf.read(at, PAD_LEN).context("runtime.rt0_go outside the file")?.to_vec();
-    Ok(crate::recover::PadSite { addr: at + bias, original })
 }
 
 /// The address ranges mapped in the target.
@@ -360,24 +278,19 @@ pub fn install(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite], rin
     pause_parts.resume_ms = ms(resuming.elapsed());
     let pause = started.elapsed();
     result?;
-    Ok(Installation {
-        pid,
-        areas,
-        ring_addr,
-        ring_len,
-        patches,
-        ring_map,
-        layout,
-        installed,
+    let summary = Installed {
+        sites: installed,
         threads,
         pause,
         pause_parts,
+        prepare_pause,
         prepare_parts,
         lossless: ring.wait_spins > 0,
+        ring_bytes: ring_len,
+        code_bytes: areas.iter().map(|a| a.1).sum(),
         reserve_time,
-        prepare_pause,
-        pad,
-    })
+    };
+    Ok(Installation { pid, areas, ring_addr, ring_len, patches, ring_map, layout, pad, summary })
 }
 
 /// Punned jumps whose trampolines can share one area: the intersection of their 16 MiB
@@ -659,14 +572,6 @@ fn take_fd(pid: i32, fd: i32) -> Result<OwnedFd> {
     }
     // SAFETY: a fresh descriptor we own.
     Ok(unsafe { OwnedFd::from_raw_fd(local as i32) })
-}
-
-/// What removal achieved.
-#[derive(Debug)]
-pub struct Removal {
-    pub restored: usize,
-    pub unmapped: bool,
-    pub pause: Duration,
 }
 
 /// Restores every original byte; unmaps trampolines and ring when no thread can be using

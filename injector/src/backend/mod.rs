@@ -1,0 +1,102 @@
+//! Backends put probes into a live process, take them out again, and hand the collector
+//! the records the probes write. The trampoline backend (ptrace windows, patched jumps to
+//! generated trampolines, a shared-memory ring) is [`trampoline`]; BPF uprobes will be its
+//! sibling behind the same [`Backend`] and [`Probes`] traits. Nothing above this module
+//! knows how a probe gets in.
+
+pub mod trampoline;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use go_abi::GoBinary;
+use trampolines::RingAddrs;
+
+use crate::plan::ProbeSite;
+use crate::ring::RingReader;
+
+/// A way of putting probes into a live process.
+pub trait Backend {
+    /// Undoes what an instance of this backend that died (`kill -9`) left in `pid`, before
+    /// anything else is done to it; a line for users when there was something to undo.
+    fn recover(&self, pid: i32, bin: &GoBinary<'_>, bias: u64) -> Result<Option<String>>;
+    /// Puts `sites` into `pid`, with records going to a ring shaped like `ring`. On error
+    /// nothing of it stays in the process.
+    fn install(
+        &self,
+        pid: i32,
+        bin: &GoBinary<'_>,
+        bias: u64,
+        sites: &[ProbeSite],
+        ring: RingAddrs,
+    ) -> Result<Box<dyn Probes>>;
+}
+
+/// Probes that are in a process.
+pub trait Probes {
+    /// What installing did, for the summary.
+    fn installed(&self) -> &Installed;
+    /// A reader of the records; `data_len[site]` is how many copied bytes its entry and
+    /// its return records carry. The probes must outlive the reader.
+    fn reader(&mut self, data_len: Vec<[usize; 2]>) -> RingReader;
+    /// Takes every probe out, leaving the process as it was.
+    fn remove(&self) -> Result<Removal>;
+    /// Writes back anything buffered in our view of the records (before the summary).
+    fn flush(&self);
+}
+
+/// Where a window's stopped time went.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct PauseParts {
+    /// Seizing every thread and waiting for each to stop (under CPU contention a thread
+    /// must be scheduled to stop).
+    pub stop_ms: f64,
+    /// The window's own work: injected syscalls, or checks and writes.
+    pub work_ms: f64,
+    /// Times the world ran on for a millisecond because a thread was inside a patch site
+    /// or a signal handler.
+    pub retries: usize,
+    /// Letting every thread go.
+    pub resume_ms: f64,
+}
+
+impl PauseParts {
+    /// One line for users when a pause was long.
+    pub fn describe(&self) -> String {
+        format!(
+            "stopping threads {:.1} ms, work {:.1} ms ({} retries), resuming {:.1} ms",
+            self.stop_ms, self.work_ms, self.retries, self.resume_ms
+        )
+    }
+}
+
+/// What installing did.
+#[derive(Debug, Clone)]
+pub struct Installed {
+    /// Sites actually installed (by id), with how many exits are probed.
+    pub sites: Vec<(u32, usize)>,
+    pub threads: usize,
+    /// How long the world stood still to put the probes in.
+    pub pause: Duration,
+    /// Where that time went.
+    pub pause_parts: PauseParts,
+    /// How long the world stood still earlier, to create memory, and where that went.
+    pub prepare_pause: Duration,
+    pub prepare_parts: PauseParts,
+    /// Writers wait for room in a full ring.
+    pub lossless: bool,
+    /// Memory added to the process: the ring (allocated up front and charged to inject)
+    /// and the probes' code.
+    pub ring_bytes: u64,
+    pub code_bytes: u64,
+    /// Allocating the ring's pages (the process runs meanwhile).
+    pub reserve_time: Duration,
+}
+
+/// What removal achieved.
+#[derive(Debug)]
+pub struct Removal {
+    pub restored: usize,
+    pub unmapped: bool,
+    pub pause: Duration,
+}

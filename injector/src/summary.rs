@@ -1,0 +1,175 @@
+//! The exit summary: per-function counts, drops, pauses and what removal did, on stderr
+//! and as JSON (`--summary-json`), with every number exact.
+
+use anyhow::{Context, Result};
+
+use crate::backend::{Installed, Removal};
+use crate::collect;
+use crate::otlp::ExportTotals;
+use crate::plan::ProbeSite;
+
+#[derive(serde::Serialize)]
+struct SiteSummary<'a> {
+    name: &'a str,
+    verdict: String,
+    entries: u64,
+    returns: u64,
+    /// Records of this function the target dropped (ring full).
+    dropped: u64,
+    /// Where the jumps go (entry first, then exits), for matching against profiles and
+    /// disassembly.
+    jumps: Vec<JumpSummary>,
+}
+
+#[derive(serde::Serialize)]
+struct JumpSummary {
+    at: u64,
+    /// The original byte the jump's displacement ends with (a punned jump), if any.
+    pinned: Option<u8>,
+}
+
+impl JumpSummary {
+    fn of(site: &ProbeSite) -> Vec<JumpSummary> {
+        let Ok(entry) = &site.entry_patch else { return Vec::new() };
+        let exits = site.returns.as_deref().unwrap_or_default().iter().map(|r| &r.redirect);
+        std::iter::once(&entry.redirect).chain(exits).map(|r| JumpSummary { at: r.at, pinned: r.pinned }).collect()
+    }
+}
+
+#[derive(serde::Serialize)]
+struct Summary<'a> {
+    stop: String,
+    sites: Vec<SiteSummary<'a>>,
+    records: u64,
+    tickets: u64,
+    consumed: u64,
+    unpublished: u64,
+    dropped: u64,
+    dropped_full: u64,
+    /// Lossless mode was on (the program waited for room rather than drop).
+    lossless: bool,
+    wait_timeouts: u64,
+    corrupt: u64,
+    calls: u64,
+    unmatched_returns: u64,
+    abandoned: u64,
+    /// Library counters (`http_injected`, `http_panics`), flattened into the summary.
+    #[serde(flatten)]
+    lib_counters: std::collections::BTreeMap<&'static str, u64>,
+    open_calls: u64,
+    output_dropped: u64,
+    output_errors: u64,
+    install_pause_ms: f64,
+    prepare_pause_ms: f64,
+    install_pause: crate::backend::PauseParts,
+    prepare_pause: crate::backend::PauseParts,
+    /// Memory inject added to the target: the ring (all of it allocated before the
+    /// probes go in, charged to inject) and the trampoline areas.
+    ring_bytes: u64,
+    trampoline_bytes: u64,
+    ring_reserve_ms: f64,
+    remove_pause_ms: Option<f64>,
+    restored: Option<usize>,
+    unmapped: Option<bool>,
+    threads: usize,
+    otlp: Option<&'a ExportTotals>,
+}
+
+/// What a session's summary is made of.
+pub struct Facts<'a> {
+    pub sites: &'a [ProbeSite],
+    pub installed: &'a Installed,
+    pub totals: &'a collect::Totals,
+    pub export: Option<&'a ExportTotals>,
+    pub removal: Option<&'a Removal>,
+}
+
+/// Prints the exit summary on stderr and writes it to `json` (`--summary-json`); `stop`
+/// says why the session ended.
+pub fn report(facts: &Facts<'_>, stop: String, json: Option<&std::path::Path>) -> Result<()> {
+    let Facts { sites, installed: inst, totals, export, removal } = *facts;
+    let summary = Summary {
+        stop,
+        sites: sites
+            .iter()
+            .zip(&totals.sites)
+            .map(|(s, c)| SiteSummary {
+                name: &s.name,
+                verdict: s.verdict(),
+                entries: c.entries,
+                returns: c.returns,
+                dropped: c.dropped,
+                jumps: JumpSummary::of(s),
+            })
+            .collect(),
+        records: totals.records,
+        tickets: totals.tickets,
+        consumed: totals.consumed,
+        unpublished: totals.unpublished,
+        dropped: totals.dropped,
+        dropped_full: totals.dropped_full,
+        lossless: inst.lossless,
+        wait_timeouts: totals.wait_timeouts,
+        calls: totals.calls,
+        unmatched_returns: totals.unmatched_returns,
+        abandoned: totals.abandoned,
+        lib_counters: totals.lib_counters.iter().copied().collect(),
+        open_calls: totals.open_calls,
+        output_dropped: totals.output_dropped,
+        output_errors: totals.output_errors,
+        corrupt: totals.corrupt,
+        install_pause_ms: inst.pause.as_secs_f64() * 1e3,
+        prepare_pause_ms: inst.prepare_pause.as_secs_f64() * 1e3,
+        install_pause: inst.pause_parts,
+        prepare_pause: inst.prepare_parts,
+        ring_bytes: inst.ring_bytes,
+        trampoline_bytes: inst.code_bytes,
+        ring_reserve_ms: inst.reserve_time.as_secs_f64() * 1e3,
+        remove_pause_ms: removal.map(|r| r.pause.as_secs_f64() * 1e3),
+        restored: removal.map(|r| r.restored),
+        unmapped: removal.map(|r| r.unmapped),
+        threads: inst.threads,
+        otlp: export,
+    };
+    for s in summary.sites.iter().filter(|s| s.entries + s.returns > 0 || !s.verdict.starts_with("refused")) {
+        eprintln!("inject: {:<50} {:>10} calls {:>10} returns", s.name, s.entries, s.returns);
+    }
+    eprintln!(
+        "inject: {} records, {} dropped, {} corrupt; stopped: {}{}",
+        summary.records,
+        summary.dropped,
+        summary.corrupt,
+        summary.stop,
+        match removal {
+            Some(r) => format!(
+                "; restored {} patches in {:.2} ms{}",
+                r.restored,
+                r.pause.as_secs_f64() * 1e3,
+                if r.unmapped { ", unmapped trampolines and ring" } else { "" }
+            ),
+            None => String::new(),
+        }
+    );
+    if let Some(e) = export {
+        eprintln!(
+            "inject: OTLP {} {}: {} spans exported in {} requests, {} dropped ({} queue full, {} export failed), {} sampled out{}",
+            e.protocol,
+            e.endpoint,
+            e.exported,
+            e.requests,
+            e.dropped(),
+            e.dropped_queue_full,
+            e.dropped_export_failed,
+            e.sampled_out,
+            match &e.last_error {
+                Some(err) if e.failed_requests > 0 => format!("; {} requests failed, last: {err}", e.failed_requests),
+                _ => String::new(),
+            }
+        );
+    }
+    if let Some(path) = json {
+        let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        serde_json::to_writer_pretty(f, &summary)?;
+    }
+    Ok(())
+}
