@@ -1,0 +1,356 @@
+//! Trampoline code. Rules (DESIGN.md): no stack at all, every register preserved but R12,
+//! R13 and the flags, DF untouched, X15 untouched, never block (a full or contended ring
+//! drops the record and counts it), never fault (only ring memory and `[R14+goid]` are
+//! dereferenced; R14 is the current g at every ABIInternal entry and return).
+
+use iced_x86::code_asm::*;
+use iced_x86::{BlockEncoderOptions, Code, FlowControl, IcedError, Instruction, MemoryOperand, Register};
+use ring_abi::{CtxState, Kind, ParentKind, ctx, header, slot, span_ids};
+
+use crate::site::{EntryPatch, ReturnPatch};
+
+mod capture;
+mod ops;
+
+use capture::emit_capture;
+
+/// A RIP-relative memory operand at an absolute address.
+fn rip_mem(addr: u64) -> MemoryOperand {
+    MemoryOperand::with_base_displ(Register::RIP, addr as i64)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodegenError {
+    #[error("cannot encode trampoline at {at:#x}: {reason}")]
+    Encode { at: u64, reason: String },
+    #[error("ring at {ring:#x} is out of RIP-relative reach of trampoline at {at:#x}")]
+    Reach { ring: u64, at: u64 },
+    #[error("the instructions to relocate for the trampoline at {at:#x} do not end with the function's RET")]
+    NoRet { at: u64 },
+}
+
+impl CodegenError {
+    fn encode(at: u64, e: IcedError) -> Self {
+        CodegenError::Encode { at, reason: e.to_string() }
+    }
+}
+
+/// Where the ring lives in the target, and its shape.
+#[derive(Debug, Clone, Copy)]
+pub struct RingAddrs {
+    /// Address of the ring mapping (global header page first).
+    pub base: u64,
+    pub layout: ring_abi::Layout,
+    /// Offset of `goid` in `runtime.g`.
+    pub goid_offset: u32,
+    /// Offset of `stack.hi` in `runtime.g`: records carry `stack.hi - SP`, which stays the
+    /// same when the runtime copies a goroutine's stack to grow it.
+    pub stack_hi_offset: u32,
+    /// How a writer picks its sub-ring.
+    pub select: RingSelect,
+    /// `PAUSE` rounds a writer waits for room in a full sub-ring while the ring's
+    /// LOSSLESS word is set; 0 emits no wait at all.
+    pub wait_spins: u32,
+}
+
+/// Which sub-ring a writer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingSelect {
+    /// The id of the P its thread holds (`g.m.p.id`, from R14): only one thread holds a
+    /// P at a time, so writers of one sub-ring never run at once. Offsets into
+    /// `runtime.g`, `runtime.m` and `runtime.p`.
+    ByP { g_m: u32, m_p: u32, p_id: u32 },
+    /// The CPU (`LSL` on Linux's per-CPU segment): for runtimes whose layout is not known.
+    /// Much slower under virtualisation.
+    ByCpu,
+}
+
+impl RingAddrs {
+    fn enabled(&self) -> u64 {
+        self.base + header::ENABLED as u64
+    }
+    fn lossless(&self) -> u64 {
+        self.base + header::LOSSLESS as u64
+    }
+    fn first_ring(&self) -> u64 {
+        self.base + self.layout.ring_offset(0) as u64
+    }
+    /// The drop counter of `site`, if the layout has one.
+    fn site_drops(&self, site: u32) -> Option<u64> {
+        (site < self.layout.sites).then(|| self.base + (self.layout.site_drops_offset() + 8 * site as usize) as u64)
+    }
+}
+
+/// Linux's per-CPU GDT segment: `LSL` on this selector yields `node << 12 | cpu` in any
+/// register (what the vDSO's getcpu uses). Where it is missing, `LSL` leaves the register
+/// unchanged and every writer uses one sub-ring: still correct, only less scalable.
+const CPUNODE_SELECTOR: u32 = 15 * 8 + 3;
+
+/// Which registers a probe records, and which bytes arguments point to. Unrecorded
+/// registers cost nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CapturePlan {
+    /// Bit i: integer register i of the ABI order (RAX, RBX, RCX, RDI, RSI, R8..R11).
+    pub ints: u16,
+    /// Bit i: X<i> (low 64 bits), i < 8.
+    pub floats: u8,
+    /// Bounded copies of the bytes (pointer, length) register pairs point to: strings,
+    /// byte slices.
+    pub copies: Vec<ByteCopy>,
+    /// Reads through typed pointers and trace-context work, after the registers are saved.
+    pub ops: Vec<Op>,
+    /// Record nothing at this point (a probe that only matters at its other end).
+    pub off: bool,
+    /// Record only when this holds (checked before a slot is taken, with R12/R13 only).
+    pub guard: Option<Guard>,
+    /// Run `ops` without taking a slot or saving anything: only where every register
+    /// they use (RAX, RDI, R8, R11) is dead, such as the entry of a function without
+    /// parameters. Only [`Op::Forget`] can run this way.
+    pub bare: bool,
+}
+
+/// A cheap test that decides whether a probe records at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Guard {
+    /// The (pointer, length) string in these registers is non-empty and its first byte,
+    /// ASCII-lowercased, is one of `first`.
+    FirstByte { ptr: u8, len: u8, first: Vec<u8> },
+    /// The register holds a key present in the request context table.
+    InRequests { key: u8 },
+}
+
+/// Reads a field through a chain of typed pointers: the register's value, then each `path`
+/// offset loaded as a pointer, then the field at `off`. Every pointer is nil-checked, and
+/// the caller guarantees (from DWARF or the offset table) that each is a Go pointer to the
+/// struct the offsets belong to, so every load is of live memory: it cannot fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldCopy {
+    pub reg: u8,
+    pub path: Vec<i32>,
+    pub off: i32,
+    pub fetch: Fetch,
+    pub dest: u16,
+}
+
+/// What a [`FieldCopy`] stores at `dest`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetch {
+    /// The 8-byte word (0 when a pointer on the way is nil).
+    Word,
+    /// A Go string or slice header at the field: its length (u64, 0 when a pointer on the
+    /// way is nil), then up to `max` of its bytes.
+    Str { max: u16 },
+}
+
+/// A trampoline operation beyond saving registers. Trace-context operations use the
+/// context tables of the ring mapping (`ring_abi::ctx`); see DESIGN.md, "Trace context".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Field(FieldCopy),
+    /// The (pointer, length) registers hold a header line: if it is a W3C `traceparent`
+    /// of version 00, it becomes the goroutine's pending incoming context.
+    StashTraceparent {
+        ptr: u8,
+        len: u8,
+    },
+    /// The goroutine exits: forget its context.
+    Forget,
+    /// An HTTP/2 header field, decoded (name and value strings in registers): a
+    /// `traceparent` becomes the goroutine's pending context.
+    StashTraceparentField {
+        name_ptr: u8,
+        name_len: u8,
+        value_ptr: u8,
+        value_len: u8,
+    },
+    /// The goroutine's pending context moves to the request table under the key in the
+    /// register (an HTTP/2 headers frame, passed to another goroutine).
+    PendingToRequest {
+        key: u8,
+    },
+    /// The pending context filed under the key in the register becomes this goroutine's.
+    PendingFromRequest {
+        key: u8,
+    },
+    /// The goroutine's pending context, if any, is dropped.
+    ClearPending,
+    /// A server span begins: continue the goroutine's pending context or start a trace,
+    /// make a span id, make it the goroutine's active span, and write the ids at `dest`
+    /// (`ring_abi::span_ids`).
+    ServerBegin {
+        dest: u16,
+    },
+    /// The goroutine's server span ends: forget its context.
+    ServerEnd,
+    /// A client span begins: child of the goroutine's active span (or a new trace); its ids
+    /// go to `dest` and to the request table under the header map found at
+    /// `[reg] + header_off`, for [`Op::InjectTraceparent`].
+    ClientBegin {
+        req: u8,
+        header_off: i32,
+        dest: u16,
+    },
+    /// About to write the header map in register `map` to the `io.Writer` (`itab`, `data`):
+    /// when the map has an outgoing span and the writer is a `*bufio.Writer` (its itab's
+    /// first method is `write_fn`) with room, append a `traceparent` line to its buffer.
+    /// `dest` gets 1 and the span id when it did, else 0.
+    InjectTraceparent {
+        map: u8,
+        itab: u8,
+        data: u8,
+        write_fn: u64,
+        buf_off: i32,
+        n_off: i32,
+        dest: u16,
+    },
+    /// The register holds a new `g`: it inherits its creator's active context.
+    Inherit {
+        g: u8,
+        goid_off: i32,
+        parent_goid_off: i32,
+    },
+}
+
+impl Op {
+    fn data_end(&self) -> usize {
+        match self {
+            Op::Field(f) => f.dest as usize + 8 + if let Fetch::Str { max } = f.fetch { max as usize } else { 0 },
+            Op::ServerBegin { dest } | Op::ClientBegin { dest, .. } => *dest as usize + ring_abi::span_ids::LEN,
+            Op::InjectTraceparent { dest, .. } => *dest as usize + 24,
+            Op::StashTraceparent { .. }
+            | Op::StashTraceparentField { .. }
+            | Op::PendingToRequest { .. }
+            | Op::PendingFromRequest { .. }
+            | Op::ClearPending
+            | Op::ServerEnd
+            | Op::Forget
+            | Op::Inherit { .. } => 0,
+        }
+    }
+}
+
+/// Copy `min(len, max)` bytes from the pointer in integer register `ptr` (ABI index) to
+/// `dest` bytes into the slot's data area, when the length in register `len` is positive
+/// and the pointer non-nil. A Go string or slice of positive length always points to that
+/// many readable bytes, and the copy reads exactly those: it cannot fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteCopy {
+    pub ptr: u8,
+    pub len: u8,
+    pub max: u16,
+    pub dest: u16,
+}
+
+impl CapturePlan {
+    pub fn all() -> CapturePlan {
+        CapturePlan { ints: 0x1ff, floats: 0xff, ..CapturePlan::default() }
+    }
+
+    /// Bytes of slot data area the copies and operations need.
+    pub fn data_len(&self) -> usize {
+        let copies = self.copies.iter().map(|c| c.dest as usize + c.max as usize);
+        copies.chain(self.ops.iter().map(Op::data_end)).max().unwrap_or(0)
+    }
+}
+
+/// A generated trampoline: code to place at `at`.
+#[derive(Debug, Clone)]
+pub struct Trampoline {
+    pub at: u64,
+    pub code: Vec<u8>,
+}
+
+fn check_reach(at: u64, ring: &RingAddrs) -> Result<(), CodegenError> {
+    let far = |x: u64| (x as i64).wrapping_sub(at as i64).unsigned_abs() > (1 << 31) - (1 << 24);
+    if far(ring.base) || far(ring.base + ring.layout.total_len() as u64) {
+        return Err(CodegenError::Reach { ring: ring.base, at });
+    }
+    Ok(())
+}
+
+/// Assembles a trampoline for `at`: `body` emits its instructions.
+fn assemble(
+    at: u64,
+    ring: &RingAddrs,
+    body: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Result<Trampoline, CodegenError> {
+    check_reach(at, ring)?;
+    let build = || -> Result<Vec<u8>, IcedError> {
+        let mut a = CodeAssembler::new(64)?;
+        body(&mut a)?;
+        Ok(a.assemble_options(at, BlockEncoderOptions::NONE)?.inner.code_buffer)
+    };
+    let code = build().map_err(|e| CodegenError::encode(at, e))?;
+    Ok(Trampoline { at, code })
+}
+
+/// The entry trampoline for `patch`, to be placed at `at`.
+pub fn entry_trampoline(
+    patch: &EntryPatch,
+    site: u32,
+    entry_plan: &CapturePlan,
+    return_plan: &CapturePlan,
+    ring: &RingAddrs,
+    at: u64,
+) -> Result<Trampoline, CodegenError> {
+    if patch.whole_body {
+        ends_with_ret(&patch.stolen, at)?;
+    }
+    assemble(at, ring, |a| {
+        if patch.stack_check {
+            // The original check first: when it fails it branches to the function's own
+            // morestack block, which grows the stack and jumps back to the entry.
+            for i in &patch.stolen {
+                a.add_instruction(*i)?;
+            }
+            emit_capture(a, ring, site, Kind::Entry, entry_plan)?;
+        } else if patch.whole_body {
+            // The body, the return record, then the function's own RET.
+            emit_capture(a, ring, site, Kind::Entry, entry_plan)?;
+            for i in &patch.stolen {
+                if i.flow_control() == FlowControl::Return {
+                    emit_capture(a, ring, site, Kind::Return, return_plan)?;
+                }
+                a.add_instruction(*i)?;
+            }
+            return Ok(());
+        } else {
+            emit_capture(a, ring, site, Kind::Entry, entry_plan)?;
+            for i in &patch.stolen {
+                a.add_instruction(*i)?;
+            }
+        }
+        // Back to the instruction after the last relocated one.
+        a.jmp(patch.stolen.last().map_or(patch.redirect.at, |i| i.next_ip()))
+    })
+}
+
+/// The return trampoline for `patch`: re-executes the epilogue instructions the jump
+/// replaced, records the results, and returns.
+pub fn return_trampoline(
+    patch: &ReturnPatch,
+    site: u32,
+    plan: &CapturePlan,
+    ring: &RingAddrs,
+    at: u64,
+) -> Result<Trampoline, CodegenError> {
+    ends_with_ret(&patch.insns, at)?;
+    assemble(at, ring, |a| {
+        for i in &patch.insns {
+            if i.flow_control() == FlowControl::Return {
+                emit_capture(a, ring, site, Kind::Return, plan)?;
+            }
+            a.add_instruction(*i)?;
+        }
+        Ok(())
+    })
+}
+
+/// A trampoline that returns itself must end with the RET it relocates (and have no other).
+fn ends_with_ret(insns: &[Instruction], at: u64) -> Result<(), CodegenError> {
+    let rets = insns.iter().filter(|i| i.flow_control() == FlowControl::Return).count();
+    match insns.last() {
+        Some(last) if rets == 1 && last.flow_control() == FlowControl::Return => Ok(()),
+        _ => Err(CodegenError::NoRet { at }),
+    }
+}
