@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod backend;
 mod benchcmd;
+mod clidoc;
 mod collect;
 mod inspect;
 mod launch;
@@ -41,6 +42,9 @@ enum Command {
     /// Measure the collector's drain rate (used by `cargo xtask bench collector`).
     #[command(hide = true)]
     BenchCollector(benchcmd::BenchArgs),
+    /// Print the command-line reference (docs/cli.md) rendered from this CLI's definition.
+    #[command(hide = true)]
+    CliDocs,
 }
 
 fn main() -> ExitCode {
@@ -57,6 +61,10 @@ fn main() -> ExitCode {
         Some(Command::Info(a)) => inspect::info(&a),
         Some(Command::Detach(a)) => run::detach(&a),
         Some(Command::BenchCollector(a)) => benchcmd::bench_collector(&a),
+        Some(Command::CliDocs) => {
+            print!("{}", clidoc::render(&mut <Cli as clap::CommandFactory>::command()));
+            Ok(())
+        }
         None if !cli.run.command.is_empty() && !cli.run.dry_run => {
             return match launch::launch(&cli.run.with_env_funcs()) {
                 Ok(code) => ExitCode::from(code),

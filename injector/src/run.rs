@@ -64,7 +64,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS")]
     pub duration: Option<f64>,
     /// Slots in the shared ring, split into one sub-ring per CPU (256 bytes each; probes
-    /// that copy more get as many fewer, larger slots) [default: 2^19 (128 MiB, ~100 ms of
+    /// that copy more get as many fewer, larger slots) [default: 2^19 (128 MiB, ~86 ms of
     /// records at the fastest rate inject drains them), at most an eighth of inject's
     /// cgroup memory limit].
     #[arg(long, value_name = "N")]

@@ -30,7 +30,9 @@ cargo xtask <command>
                     SIGKILL endings) on the oldest and newest Go, default and PIE; prints a table
   offsets [--check] regenerate go-abi/src/offsets.rs (struct offsets by Go release) from
                     the DWARF of every Go of go-versions.toml; --check fails on a difference
-  bench [NAME]      run benchmarks (attach-100, attach-under-load, call-overhead, collector, export, launch, http, functions-100mb; all by default)
+  docs [--check]    write docs/cli.md, the command-line reference, from inject's CLI definition;
+                    --check fails when the file differs
+  bench [NAME]      run benchmarks (attach-100, attach-under-load, call-overhead, collector, drain, export, launch, http, functions-100mb; all by default)
 ";
 
 fn main() -> ExitCode {
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         },
         Some("offsets") => xtask::offsets::listed_toolchains()
             .and_then(|tcs| xtask::offsets::run(&tcs, args.iter().any(|a| a == "--check"))),
+        Some("docs") => docs(args.iter().any(|a| a == "--check")),
         Some("help" | "--help" | "-h") | None => {
             print!("{HELP}");
             Ok(())
@@ -134,5 +137,20 @@ fn test(matrix: bool) -> Result<()> {
     if !t.status()?.success() {
         bail!("tests failed");
     }
+    Ok(())
+}
+
+/// `docs [--check]`: docs/cli.md from `inject cli-docs`.
+fn docs(check: bool) -> Result<()> {
+    let rendered = xtask::output(Command::new(xtask::inject_binary()?).arg("cli-docs"))?;
+    let path = xtask::workspace_root().join("docs/cli.md");
+    let current = std::fs::read_to_string(&path).unwrap_or_default();
+    if check {
+        anyhow::ensure!(current == rendered, "{} is out of date: run `cargo xtask docs`", path.display());
+        println!("docs: {} matches the CLI", path.display());
+        return Ok(());
+    }
+    std::fs::write(&path, rendered)?;
+    println!("docs: wrote {}", path.display());
     Ok(())
 }
