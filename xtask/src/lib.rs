@@ -2,7 +2,6 @@
 //! toolchains we support (go-versions.toml), installing them, and building fixtures with
 //! a toolchain and a build flavor, cached under `target/fixtures/`.
 
-pub mod offsets;
 pub mod support;
 
 use std::fs;

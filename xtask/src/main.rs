@@ -28,8 +28,9 @@ cargo xtask <command>
   soak [CYCLES]     attach/detach CYCLES times (default 1000) to stressed programs (full ring,
                     GC, stack growth, SIGPROF/SIGURG storms, HTTP load; SIGINT, --duration or
                     SIGKILL endings) on the oldest and newest Go, default and PIE; prints a table
-  offsets [--check] regenerate go-abi/src/offsets.rs (struct offsets by Go release) from
-                    the DWARF of every Go of go-versions.toml; --check fails on a difference
+  offsets [ARGS]    run offset-tool: regenerate go-abi/src/offsets.rs (struct offsets by Go
+                    release and by library version, per offset-tool/modules.toml) from the
+                    DWARF of probe builds; --check fails on a difference (--help: the rest)
   docs [--check]    write docs/cli.md, the command-line reference, from inject's CLI definition;
                     --check fails when the file differs
   bench [NAME]      run benchmarks (attach-100, attach-under-load, call-overhead, collector, drain, export, launch, http, functions-100mb; all by default)
@@ -53,8 +54,7 @@ fn main() -> ExitCode {
             Ok(cycles) => soak(cycles.unwrap_or(1000)),
             Err(e) => Err(anyhow::Error::from(e).context("soak CYCLES must be a whole number")),
         },
-        Some("offsets") => xtask::offsets::listed_toolchains()
-            .and_then(|tcs| xtask::offsets::run(&tcs, args.iter().any(|a| a == "--check"))),
+        Some("offsets") => offsets(&args[1..]),
         Some("docs") => docs(args.iter().any(|a| a == "--check")),
         Some("help" | "--help" | "-h") | None => {
             print!("{HELP}");
@@ -78,6 +78,15 @@ fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(workspace_root());
     c
+}
+
+/// `cargo xtask offsets`: offset-tool is its own crate (it depends on this one), so run it.
+fn offsets(args: &[String]) -> Result<()> {
+    let status = cargo().args(["run", "--quiet", "-p", "offset-tool", "--"]).args(args).status()?;
+    if !status.success() {
+        bail!("offset-tool failed");
+    }
+    Ok(())
 }
 
 fn go(all: bool) -> Result<()> {
