@@ -153,6 +153,10 @@ fn probes_in_and_out_fifty_times() -> Result<()> {
                         "main.worker".into(),
                         "--duration".into(),
                         "0.02".into(),
+                        // The ring of earlier defaults: 200 cycles of a larger one only
+                        // format more lines in a debug build.
+                        "--ring-slots".into(),
+                        "131072".into(),
                         "--summary-json".into(),
                         summary.display().to_string(),
                     ],

@@ -588,6 +588,7 @@ pub fn remove(inst: &Installation) -> Result<Removal> {
     inst.ring_header_store(inst.layout.journal_offset() + ring_abi::journal::PATCHES, 0);
     let mut unmapped = false;
     let in_tramp = |rip: u64| inst.areas.iter().any(|&(a, l)| (a..a + l).contains(&rip));
+    let mut world_stopped = None;
     let looking = Instant::now();
     let mut attempt = 0;
     while keep_looking(attempt, looking) {
@@ -600,7 +601,11 @@ pub fn remove(inst: &Installation) -> Result<Removal> {
             }
         }
         if !busy {
+            // No thread can reach our memory any more: the rest run on while one unmaps it
+            // (tearing down a large ring's page tables takes milliseconds).
             let tid = *s.threads().first().context("no threads")?;
+            s.detach_all_but(tid)?;
+            world_stopped = Some(started.elapsed());
             for &(addr, len) in &inst.areas {
                 s.syscall(tid, inst.pad, libc::SYS_munmap, [addr, len, 0, 0, 0, 0])?;
             }
@@ -616,7 +621,8 @@ pub fn remove(inst: &Installation) -> Result<Removal> {
         // Left mapped for safety: mark it as no longer owned, so a later inject may attach.
         inst.ring_header_store(header::OWNER, 0);
     }
-    let pause = started.elapsed();
+    // The world stood still until every thread but the unmapping one ran again.
+    let pause = world_stopped.unwrap_or_else(|| started.elapsed());
     Ok(Removal { restored: inst.patches.len(), unmapped, pause })
 }
 

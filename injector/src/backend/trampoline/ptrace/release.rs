@@ -68,6 +68,19 @@ impl Session {
         }
     }
 
+    /// Lets every thread but `keep` go for good (detached, held signals handed back), so
+    /// that slow work in `keep` (unmapping memory) does not stop the world. Landing pads stay
+    /// written until the session ends: pick bytes no thread executes.
+    pub fn detach_all_but(&mut self, keep: i32) -> Result<(), SessionError> {
+        self.stopped(keep)?;
+        for tid in self.threads() {
+            if tid != keep {
+                self.release(tid, true)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Lets every thread go: held signals are handed back, nothing stays traced.
     pub fn detach(mut self) -> Result<(), SessionError> {
         self.release_all()
