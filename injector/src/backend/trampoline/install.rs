@@ -22,6 +22,23 @@ use crate::plan::ProbeSite;
 use crate::ring::RingReader;
 
 const PAGE: u64 = 4096;
+/// Bytes kept free at the end of the main trampoline area for the memfd's name.
+const NAME_ROOM: u64 = 256;
+
+/// The ring memfd's name, `inject-ring.PID.ADDR+LEN...`: the inject that made it and the
+/// trampoline areas it mapped (hex), so that a later inject can unmap those even when this
+/// one dies before writing its journal. As many areas as fit in a memfd name (249 bytes).
+pub fn ring_name(owner: u32, areas: &[(u64, u64)]) -> String {
+    let mut name = format!("{}.{owner}", ring_abi::MEMFD_NAME);
+    for (addr, len) in areas {
+        let part = format!(".{addr:x}+{len:x}");
+        if name.len() + part.len() > 249 {
+            break;
+        }
+        name.push_str(&part);
+    }
+    name
+}
 /// Keep everything within this distance of the code it serves (rel32 and RIP-relative
 /// operands reach ±2 GiB; stay well inside).
 const REACH: u64 = (1 << 31) - (64 << 20);
@@ -228,7 +245,7 @@ pub fn install(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite], rin
     let Generated { code, mut patches, installed } = generate(sites, &addrs, &bases, &groups)?;
     write_journal(&mut ring_map, &layout, &areas, &patches, bin, bias)?;
     for (c, &(at, len)) in code.iter().zip(&areas) {
-        ensure!(c.len() as u64 <= len - if at == tramp_addr { 64 } else { 0 }, "trampolines outgrew their area");
+        ensure!(c.len() as u64 <= len - if at == tramp_addr { NAME_ROOM } else { 0 }, "trampolines outgrew their area");
     }
 
     // Window 2: code and redirects. If the target is gone, nothing of ours is in use.
@@ -365,8 +382,8 @@ fn create_memory(
     }
     let &(tramp_addr, tramp_len) = areas.first().context("no trampoline area")?;
     // The memfd's name goes at the end of the trampoline area (it is only read once).
-    let name_addr = tramp_addr + tramp_len - 64;
-    let mut name = format!("{}.{}", ring_abi::MEMFD_NAME, std::process::id()).into_bytes();
+    let name_addr = tramp_addr + tramp_len - NAME_ROOM;
+    let mut name = ring_name(std::process::id(), areas).into_bytes();
     name.push(0);
     s.write(name_addr, &name)?;
     let fd = syscall(s, tid, pad, libc::SYS_memfd_create, [name_addr, libc::MFD_CLOEXEC as u64, 0, 0, 0, 0])

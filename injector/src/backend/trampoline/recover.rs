@@ -36,6 +36,8 @@ pub struct Cleaned {
     pub restored: usize,
     /// A landing pad a dead inject left was overwritten with the executable's bytes.
     pub pad_restored: bool,
+    /// Ring descriptors a dead inject left open in the process, closed.
+    pub fds_closed: usize,
     /// Owners of the rings cleaned (dead injects).
     pub owners: Vec<u32>,
     /// Trampoline areas and rings left mapped because a thread was still inside one.
@@ -53,9 +55,60 @@ pub fn alive(pid: u32) -> bool {
     pid != 0 && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "inject")
 }
 
-/// The inject rings mapped in `pid`, from /proc/PID/maps: (start, end, the pid of the inject
-/// that made it, from the memfd's name) of each.
-fn rings(pid: i32) -> Result<Vec<(u64, u64, u32)>> {
+/// An inject ring mapped in a process, as /proc/PID/maps names it.
+struct MappedRing {
+    start: u64,
+    end: u64,
+    /// The pid of the inject that made it, and the trampoline areas it mapped first (both
+    /// from the memfd's name, see `install::ring_name`).
+    maker: u32,
+    areas: Vec<(u64, u64)>,
+}
+
+/// `PID.ADDR+LEN.ADDR+LEN...` after the memfd name's prefix.
+fn parse_ring_name(rest: &str) -> (u32, Vec<(u64, u64)>) {
+    let mut parts = rest.split('.');
+    let maker = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let areas = parts
+        .filter_map(|p| {
+            let (a, l) = p.split_once('+')?;
+            Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(l, 16).ok()?))
+        })
+        .collect();
+    (maker, areas)
+}
+
+/// Descriptors of inject rings open in `pid` whose inject is gone: one killed between
+/// creating the memfd and closing it (after mapping it) left it open. (fd, areas its name
+/// lists.)
+fn orphan_ring_fds(pid: i32) -> Vec<(u64, Vec<(u64, u64)>)> {
+    let prefix = format!("/memfd:{}", ring_abi::MEMFD_NAME);
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let fd: u64 = e.file_name().to_str()?.parse().ok()?;
+        let link = std::fs::read_link(e.path()).ok()?;
+        let rest = link.to_str()?.strip_prefix(&prefix)?.strip_prefix('.')?;
+        let (maker, areas) = parse_ring_name(rest.split_whitespace().next()?);
+        (!alive(maker)).then_some((fd, areas))
+    })
+    .collect()
+}
+
+/// Whether `[addr, addr+len)` is still exactly one anonymous executable mapping, as a
+/// trampoline area is: memory the target mapped there since is never unmapped by us.
+fn area_still_ours(maps: &str, addr: u64, len: u64) -> bool {
+    maps.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let range = f.first().and_then(|r| r.split_once('-'));
+        let bounds =
+            range.and_then(|(a, b)| Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?)));
+        f.len() == 5 && f[1].starts_with("r-x") && bounds == Some((addr, addr + len))
+    })
+}
+
+/// The inject rings mapped in `pid`, from /proc/PID/maps.
+fn rings(pid: i32) -> Result<Vec<MappedRing>> {
     let maps =
         std::fs::read_to_string(format!("/proc/{pid}/maps")).with_context(|| format!("reading /proc/{pid}/maps"))?;
     let prefix = format!("/memfd:{}", ring_abi::MEMFD_NAME);
@@ -63,9 +116,15 @@ fn rings(pid: i32) -> Result<Vec<(u64, u64, u32)>> {
         .lines()
         .filter_map(|l| {
             let (_, name) = l.split_once(&prefix)?;
-            let owner = name.strip_prefix('.').and_then(|n| n.split_whitespace().next()?.parse().ok()).unwrap_or(0);
+            let rest = name.strip_prefix('.').and_then(|n| n.split_whitespace().next()).unwrap_or("");
+            let (maker, areas) = parse_ring_name(rest);
             let (a, b) = l.split_whitespace().next()?.split_once('-')?;
-            Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?, owner))
+            Some(MappedRing {
+                start: u64::from_str_radix(a, 16).ok()?,
+                end: u64::from_str_radix(b, 16).ok()?,
+                maker,
+                areas,
+            })
         })
         .collect())
 }
@@ -75,11 +134,10 @@ fn rings(pid: i32) -> Result<Vec<(u64, u64, u32)>> {
 pub fn leftovers(pid: i32) -> Result<Vec<Leftover>> {
     let mem = File::open(format!("/proc/{pid}/mem")).with_context(|| format!("opening /proc/{pid}/mem"))?;
     let mut out = Vec::new();
-    for (start, end, maker) in rings(pid)? {
+    for MappedRing { start, end, maker, areas: named_areas } in rings(pid)? {
         if word(&mem, start + header::MAGIC as u64)? != ring_abi::MAGIC {
             // Mapped, not yet set up: either its inject is still attaching, or it died then
-            // (before any patch). Only the ring is known (its trampoline areas stay mapped:
-            // a few pages nothing executes).
+            // (before any patch). The ring's name says which trampoline areas it mapped.
             if alive(maker) {
                 bail!("pid {pid} is being instrumented by another inject (pid {maker}); stop that one first");
             }
@@ -87,7 +145,7 @@ pub fn leftovers(pid: i32) -> Result<Vec<Leftover>> {
                 ring: (start, end - start),
                 journal: 0,
                 owner: maker,
-                areas: Vec::new(),
+                areas: named_areas,
                 patches: Vec::new(),
             });
             continue;
@@ -110,12 +168,12 @@ pub fn leftovers(pid: i32) -> Result<Vec<Leftover>> {
         let at = start + word(&mem, start + header::JOURNAL as u64)?;
         if !(start..end).contains(&at) || word(&mem, at)? != journal::MAGIC {
             // It died before writing its journal, which goes in before any patch: nothing
-            // to undo but the ring (its trampoline area, unknown, stays: never executed).
+            // to undo but the ring and the areas its name lists.
             out.push(Leftover {
                 ring: (start, end - start),
                 journal: 0,
                 owner,
-                areas: Vec::new(),
+                areas: named_areas,
                 patches: Vec::new(),
             });
             continue;
@@ -159,7 +217,8 @@ pub fn clean(pid: i32, pad: &PadSite) -> Result<Cleaned> {
     mem.read_exact_at(&mut cur_pad, pad.addr)
         .with_context(|| format!("reading the target's code at {:#x}", pad.addr))?;
     let pad_left = cur_pad != pad.original && is_landing_pad(&cur_pad);
-    if found.is_empty() && !pad_left {
+    let fds = orphan_ring_fds(pid);
+    if found.is_empty() && !pad_left && fds.is_empty() {
         return Ok(done);
     }
     let mut s = Session::attach(pid)?;
@@ -202,7 +261,11 @@ pub fn clean(pid: i32, pad: &PadSite) -> Result<Cleaned> {
             let mut busy = false;
             for tid in s.threads() {
                 let rip = s.regs(tid)?.rip;
-                let inside = found.iter().flat_map(|l| &l.areas).any(|&(a, n)| (a..a + n).contains(&rip));
+                let inside = found
+                    .iter()
+                    .flat_map(|l| &l.areas)
+                    .chain(fds.iter().flat_map(|f| &f.1))
+                    .any(|&(a, n)| (a..a + n).contains(&rip));
                 if inside || pad_range.contains(&rip) || s.in_signal_handler(tid)? {
                     busy = true;
                     break;
@@ -214,10 +277,23 @@ pub fn clean(pid: i32, pad: &PadSite) -> Result<Cleaned> {
                     done.pad_restored = true;
                 }
                 let tid = *s.threads().first().context("no threads")?;
+                let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
                 for l in &found {
-                    for &(addr, len) in l.areas.iter().chain([&l.ring]) {
-                        s.syscall(tid, pad.addr, libc::SYS_munmap, [addr, len, 0, 0, 0, 0])?;
+                    for &(addr, len) in &l.areas {
+                        if area_still_ours(&maps, addr, len) {
+                            s.syscall(tid, pad.addr, libc::SYS_munmap, [addr, len, 0, 0, 0, 0])?;
+                        }
                     }
+                    s.syscall(tid, pad.addr, libc::SYS_munmap, [l.ring.0, l.ring.1, 0, 0, 0, 0])?;
+                }
+                for (fd, areas) in &fds {
+                    for &(addr, len) in areas {
+                        if area_still_ours(&maps, addr, len) {
+                            s.syscall(tid, pad.addr, libc::SYS_munmap, [addr, len, 0, 0, 0, 0])?;
+                        }
+                    }
+                    s.syscall(tid, pad.addr, libc::SYS_close, [*fd, 0, 0, 0, 0, 0])?;
+                    done.fds_closed += 1;
                 }
                 unmapped = true;
                 break;
@@ -238,10 +314,17 @@ impl Cleaned {
     /// One line for users, or None when there was nothing to clean.
     pub fn describe(&self, pid: i32) -> Option<String> {
         if self.rings == 0 {
-            return self.pad_restored.then(|| {
+            let mut what = Vec::new();
+            if self.pad_restored {
+                what.push("put back the start-up code it ran system calls from".to_string());
+            }
+            if self.fds_closed > 0 {
+                what.push(format!("closed {} ring descriptor(s) and unmapped their memory", self.fds_closed));
+            }
+            return (!what.is_empty()).then(|| {
                 format!(
-                    "inject: put back the start-up code a previous inject (killed during a system call it ran in the \
-                     process) left changed in pid {pid}"
+                    "inject: cleaned up after a previous inject killed while attaching to pid {pid}: {}",
+                    what.join("; ")
                 )
             });
         }
@@ -255,5 +338,35 @@ impl Cleaned {
                 if self.left_mapped > 0 { "; its memory stays mapped, a thread was still inside" } else { "" }
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_exact_anonymous_executable_mapping_is_ours() {
+        let maps = "5d400000-5d402000 r-xp 00000000 00:00 0 \n\
+                    5d500000-5d501000 rw-p 00000000 00:00 0 \n\
+                    00400000-00500000 r-xp 00000000 fe:00 42        /bin/prog\n";
+        assert!(area_still_ours(maps, 0x5d40_0000, 0x2000));
+        assert!(!area_still_ours(maps, 0x5d40_0000, 0x1000));
+        assert!(!area_still_ours(maps, 0x5d50_0000, 0x1000));
+        assert!(!area_still_ours(maps, 0x40_0000, 0x10_0000));
+    }
+
+    #[test]
+    fn ring_names_carry_owner_and_areas() {
+        let areas = [(0x7f00_1234_5000, 0x3000), (0x5d40_0000, 0x1000)];
+        let name = super::super::install::ring_name(4321, &areas);
+        assert_eq!(name, "inject-ring.4321.7f0012345000+3000.5d400000+1000");
+        let rest = name.strip_prefix("inject-ring.").unwrap();
+        assert_eq!(parse_ring_name(rest), (4321, areas.to_vec()));
+        assert_eq!(parse_ring_name("99"), (99, Vec::new()));
+        assert_eq!(parse_ring_name("x.zz+1"), (0, Vec::new()));
+        // Never longer than a memfd name may be.
+        let many: Vec<(u64, u64)> = (0..40).map(|i| (0x7fff_0000_0000 + i * 0x10000, 0x1000)).collect();
+        assert!(super::super::install::ring_name(u32::MAX, &many).len() <= 249);
     }
 }
