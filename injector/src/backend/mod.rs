@@ -53,7 +53,7 @@ pub struct PauseParts {
     pub stop_ms: f64,
     /// The window's own work: injected syscalls, or checks and writes.
     pub work_ms: f64,
-    /// Times the world ran on for a millisecond because a thread was inside a patch site
+    /// Times the world ran on briefly (0.3-2.3 ms) because a thread was inside a patch site
     /// or a signal handler.
     pub retries: usize,
     /// Letting every thread go.
