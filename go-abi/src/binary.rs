@@ -150,6 +150,92 @@ impl<'a> GoBinary<'a> {
         self.elf.read_pointer(itab.checked_add(8)?).filter(|t| *t != 0)
     }
 
+    /// The link-time address of the itab the linker made for concrete type `concrete`
+    /// (`*google.golang.org/grpc/internal/status.Error`) as interface `iface` (`error`,
+    /// `net.Addr`): the value an interface's first word has exactly when its dynamic type
+    /// is `concrete`. From `.symtab`; else (stripped, or Go 1.27, whose itabs have no
+    /// symbols) from the module's list of itabs, named by their type descriptors (package
+    /// names, not paths), and only when exactly one matches. None when the program never
+    /// converts the type to the interface.
+    pub fn itab(&self, concrete: &str, iface: &str) -> Option<u64> {
+        use object::{Object, ObjectSymbol};
+        let names = [format!("go:itab.{concrete},{iface}"), format!("go.itab.{concrete},{iface}")];
+        // Go 1.27 links itabs into one region without symbols of their own.
+        for s in self.elf.file.symbols() {
+            if s.name().is_ok_and(|n| names.iter().any(|w| w == n)) {
+                return Some(s.address());
+            }
+        }
+        let types = self.types_base()?;
+        let short = |full: &str| -> String {
+            let (star, rest) = full.strip_prefix('*').map_or(("", full), |r| ("*", r));
+            let tail = rest.rsplit_once('/').map_or(rest, |(_, t)| t);
+            format!("{star}{tail}")
+        };
+        let (want_type, want_iface) = (short(concrete), short(iface));
+        let mut found = None;
+        for itab in self.itabs()? {
+            let (Some(inter), Some(ty)) = (self.elf.read_pointer(itab), self.itab_type(itab)) else { continue };
+            if self.type_name(types, ty).is_some_and(|n| n == want_type)
+                && self.type_name(types, inter).is_some_and(|n| n == want_iface)
+            {
+                if found.is_some() {
+                    return None;
+                }
+                found = Some(itab);
+            }
+        }
+        found
+    }
+
+    /// The link-time addresses of the itabs the linker made: `moduledata.itablinks` before
+    /// Go 1.27, the `itaboffset`/`itabsize` region after `types` from 1.27 on.
+    pub fn itabs(&self) -> Option<Vec<u64>> {
+        const MAX: u64 = 1 << 20;
+        let header = self.elf.bytes_at(self.pclntab_vaddr)?;
+        let md = find_moduledata(&self.elf, header, self.pclntab_vaddr)?;
+        let types = self.elf.read_pointer(md.checked_add(MD_TYPES)?)?;
+        let mut out = Vec::new();
+        if (self.version.major, self.version.minor) < (1, 27) {
+            // types, etypes, rodata, gofunc, [epclntab from 1.26], then the slices
+            // textsectmap, typelinks and itablinks: the layout whose three slices are the
+            // linker's (length = capacity) is the one.
+            let slice = |at: u64| -> Option<(u64, u64)> {
+                let (ptr, len, cap) =
+                    (self.elf.read_pointer(at)?, self.elf.read_u64(at + 8)?, self.elf.read_u64(at + 16)?);
+                (len == cap && len <= MAX && (ptr != 0 || len == 0)).then_some((ptr, len))
+            };
+            let (ptr, len) = [0u64, 8].into_iter().find_map(|extra| {
+                let base = md.checked_add(MD_TYPES + 4 * 8 + extra)?;
+                slice(base)?;
+                slice(base + 24)?;
+                let links = slice(base + 48)?;
+                // Every itab starts with a pointer to an interface type descriptor.
+                let first = if links.1 > 0 { self.elf.read_pointer(links.0)? } else { 0 };
+                (links.1 == 0 || self.elf.read_pointer(first).is_some_and(|t| t >= types)).then_some(links)
+            })?;
+            for i in 0..len {
+                out.push(self.elf.read_pointer(ptr.checked_add(8 * i)?)?);
+            }
+        } else {
+            // types, typedesclen, etypes, itaboffset, itabsize.
+            let off = self.elf.read_u64(md.checked_add(MD_TYPES + 3 * 8)?)?;
+            let size = self.elf.read_u64(md.checked_add(MD_TYPES + 4 * 8)?)?;
+            let (mut p, end) = (types.checked_add(off)?, types.checked_add(off)?.checked_add(size)?);
+            while p < end && (out.len() as u64) < MAX {
+                out.push(p);
+                // 32 bytes with one method word; more words for each further method of the
+                // interface (its method slice's length), none if fun[0] is 0.
+                let inter = self.elf.read_pointer(p)?;
+                let fun0 = self.elf.read_pointer(p.checked_add(24)?)?;
+                let methods = self.elf.read_u64(inter.checked_add(64)?)?;
+                let extra = if fun0 == 0 || methods == 0 { 0 } else { methods.checked_sub(1)?.min(MAX) * 8 };
+                p = p.checked_add(32 + extra)?;
+            }
+        }
+        Some(out)
+    }
+
     /// A build setting such as `-race`, `CGO_ENABLED`, `-buildmode`.
     pub fn setting(&self, key: &str) -> Option<&str> {
         self.build_info.setting(key)

@@ -116,12 +116,17 @@ impl<'d> FieldOffsets<'d> {
         }
         table_offset(self.release, key).or_else(|| {
             // The module owning the key: the longest dependency path the key's package is in.
-            let (path, version) = self
+            let owner = self
                 .modules
                 .iter()
                 .filter(|(path, _)| key.strip_prefix(path.as_str()).is_some_and(|rest| rest.starts_with(['.', '/'])))
                 .max_by_key(|(path, _)| path.len())?;
-            module_offset(path, version, key)
+            if crate::offsets::TABLE.iter().any(|r| r.module == owner.0) {
+                return module_offset(&owner.0, &owner.1, key);
+            }
+            // A module without rows of its own (genproto's status message) is read in the
+            // rows of the library that requires it.
+            self.modules.iter().find_map(|(path, version)| module_offset(path, version, key))
         })
     }
 }
@@ -237,11 +242,11 @@ mod tests {
             replace: None,
         };
         let mut replaced = dep("google.golang.org/grpc", "v1.0.0");
-        replaced.replace = Some(Box::new(dep("google.golang.org/grpc", "v1.58.3")));
+        replaced.replace = Some(Box::new(dep("google.golang.org/grpc", "v1.60.1")));
         let mut offsets =
             FieldOffsets::new(None, (1, 21)).with_modules(&[dep("google.golang.org/grpc/x", "v9.0.0"), replaced]);
         let key = "google.golang.org/grpc.ClientConn.target";
-        assert_eq!(offsets.get(key), module_offset("google.golang.org/grpc", "v1.58.3", key));
+        assert_eq!(offsets.get(key), module_offset("google.golang.org/grpc", "v1.60.1", key));
         assert!(offsets.get(key).is_some());
         assert_eq!(offsets.get("runtime.g.goid"), Some(152));
         assert_eq!(FieldOffsets::new(None, (1, 21)).get(key), None, "no module version known");
@@ -252,9 +257,9 @@ mod tests {
         let grpc = "google.golang.org/grpc";
         let method = "google.golang.org/grpc/internal/transport.Stream.method";
         let server_st = "google.golang.org/grpc/internal/transport.ServerStream.st";
-        assert!(module_offset(grpc, "v1.58.3", method).is_some());
-        assert_eq!(module_offset(grpc, "v1.57.0", method), None, "before the first listed version");
-        assert_eq!(module_offset(grpc, "v1.70.0", method), module_offset(grpc, "v1.64.1", method));
+        assert!(module_offset(grpc, "v1.60.1", method).is_some());
+        assert_eq!(module_offset(grpc, "v1.59.0", method), None, "before the first listed version");
+        assert_eq!(module_offset(grpc, "v1.70.0", method), module_offset(grpc, "v1.69.4", method));
         assert_eq!(module_offset(grpc, "v1.64.1", server_st), None, "one Stream type before the split");
         assert!(module_offset(grpc, "v1.85.0", server_st).is_some());
         assert_eq!(module_offset("std", "v1.21.0", "runtime.g.goid"), None, "std is keyed by Go release");

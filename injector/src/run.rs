@@ -349,22 +349,37 @@ pub fn plan_sites(bin: &GoBinary<'_>, args: &RunArgs, bias: u64, ctx: &plan::Pla
     if !args.no_libs {
         let funcs = bin.functions()?;
         let release = offsets_release(bin, args);
-        for (i, lib) in libs::LIBRARIES.iter().enumerate() {
+        let mut any_lib = false;
+        // Support parts (goroutine lineage) last: they go with any library planned.
+        let order = libs::LIBRARIES
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.support())
+            .chain(libs::LIBRARIES.iter().enumerate().filter(|(_, l)| l.support()));
+        for (i, lib) in order {
             let named = args.libs.iter().any(|l| l == lib.name());
-            if !args.libs.is_empty() && !named {
+            if lib.support() {
+                if !any_lib {
+                    continue;
+                }
+            } else if !args.libs.is_empty() && !named {
                 continue;
             }
             let cx =
                 libs::PlanCx { bin, funcs: &funcs, bias, ctx, release, first_id: sites.len() as u32, lib: i as u8 };
             let planned = lib.plan(&cx);
             if planned.sites.is_empty() && named {
+                if planned.skipped.is_empty() {
+                    bail!("--lib {0}: the target does not use {0}", lib.name());
+                }
                 bail!(
-                    "--lib {0}: the target does not use {0} (or its probes were refused: {1})",
+                    "--lib {0}: the target does not use {0}, or its probes were refused: {1}",
                     lib.name(),
                     planned.skipped.join("; ")
                 );
             }
             if !planned.sites.is_empty() {
+                any_lib = true;
                 for why in &planned.skipped {
                     eprintln!("inject: {}: left out {why}", lib.name());
                 }

@@ -150,8 +150,16 @@ impl OpenSpans for Spans<'_> {
         true
     }
 
+    fn release(&mut self, lib: u8, key: u64, end: Record) -> bool {
+        let Some(mut call) = self.pairer.held.remove(&(lib, key)) else { return false };
+        call.ret = Some(end);
+        self.out.push(call);
+        true
+    }
+
     fn spawned(&mut self, child: u64, parent: u64) {
         let p = &mut *self.pairer;
+        p.spawns.push((child, parent));
         if !p.funcs {
             return;
         }
@@ -226,6 +234,11 @@ pub struct Pairer {
     pub abandoned: u64,
     /// Each library's own state (what its events said), by library index.
     libs: Vec<Box<dyn LibState>>,
+    /// Goroutines created during the event being handled, for every library's state.
+    spawns: Vec<(u64, u64)>,
+    /// Library spans whose call returned but whose work goes on (a client stream), by
+    /// (library, the key its state chose), until an event releases them.
+    held: HashMap<(u8, u64), Call>,
     /// The span each goroutine was created under (trace, span), for spans of named
     /// functions that begin on it with nothing open (library spans carry their own).
     lineage: GoidMap<(u128, u64)>,
@@ -249,6 +262,8 @@ impl Pairer {
             unmatched_returns: 0,
             abandoned: 0,
             libs: libs::states(),
+            spawns: Vec::new(),
+            held: HashMap::new(),
             lineage: GoidMap::default(),
             funcs,
         }
@@ -260,6 +275,41 @@ impl Pairer {
 
     /// Feeds one record (in time order per goroutine); finished calls go to `out`.
     pub fn push(&mut self, rec: Record, out: &mut Vec<Call>) {
+        let before = out.len();
+        self.push_inner(rec, out);
+        if out.len() > before {
+            self.hold(before, out);
+        }
+    }
+
+    /// Moves the library spans from `from` on that their library keeps open to `held`.
+    fn hold(&mut self, from: usize, out: &mut Vec<Call>) {
+        let mut i = from;
+        while i < out.len() {
+            let c = &out[i];
+            let key = match (self.sites.get(c.site as usize).map(|m| m.role), c.ret.as_ref()) {
+                (Some(Role::Lib(p)), Some(ret)) => {
+                    self.libs.get_mut(usize::from(p.lib)).and_then(|l| l.hold(p.probe, ret)).map(|k| (p.lib, k))
+                }
+                _ => None,
+            };
+            match key {
+                Some(k) => {
+                    if self.held.len() >= SIDE_TABLE_MAX {
+                        // Never released (an interceptor's wrapper hid the stream): out as they are.
+                        out.extend(self.held.drain().map(|(_, c)| c));
+                    }
+                    let call = out.remove(i);
+                    if let Some(old) = self.held.insert(k, call) {
+                        out.push(old);
+                    }
+                }
+                None => i += 1,
+            }
+        }
+    }
+
+    fn push_inner(&mut self, rec: Record, out: &mut Vec<Call>) {
         let Some(meta) = self.sites.get(rec.site as usize) else { return };
         let entry_only = meta.entry_only;
         let role = meta.role;
@@ -374,6 +424,11 @@ impl Pairer {
         if let Some(state) = states.get_mut(usize::from(probe.lib)) {
             state.event(probe, rec, &mut Spans { pairer: self, out });
         }
+        for (child, parent) in self.spawns.drain(..) {
+            for state in states.iter_mut() {
+                state.spawned(child, parent);
+            }
+        }
         self.libs = states;
     }
 
@@ -461,6 +516,8 @@ impl Pairer {
             }
         }
         self.flush_expired(out);
+        // Spans kept open that nothing released: they end where their call returned.
+        out.extend(self.held.drain().map(|(_, c)| c));
     }
 
     /// Calls still open (they began but have not returned yet).

@@ -1,4 +1,4 @@
-//! `offset-tool [--check] [--toolchains all|oldest-newest] [--no-modules]`: regenerates
+//! `offset-tool [--check] [--toolchains all|oldest-newest] [--no-modules | --module-ends]`: regenerates
 //! go-abi/src/offsets.rs from modules.toml (`cargo xtask offsets` runs it).
 
 use std::process::ExitCode;
@@ -18,8 +18,11 @@ struct Args {
     #[arg(long, value_enum, default_value_t = Toolchains::All)]
     toolchains: Toolchains,
     /// Keep the library rows as they are (no module downloads or probe builds).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "module_ends")]
     no_modules: bool,
+    /// Regenerate only each library's oldest and newest listed version (what CI tests).
+    #[arg(long)]
+    module_ends: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -45,5 +48,10 @@ fn run(args: Args) -> Result<()> {
         Toolchains::All => xtask::go_versions()?.iter().map(|v| xtask::toolchain(v)).collect::<Result<Vec<_>>>()?,
         Toolchains::OldestNewest => xtask::oldest_and_newest()?,
     };
-    offset_tool::run(&offset_tool::Options { toolchains, modules: !args.no_modules, check: args.check })
+    offset_tool::run(&offset_tool::Options {
+        toolchains,
+        modules: !args.no_modules,
+        module_ends: args.module_ends,
+        check: args.check,
+    })
 }

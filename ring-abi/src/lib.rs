@@ -149,6 +149,20 @@ pub mod ctx {
     /// a pending incoming context, or an outgoing request's client span.
     pub const SPAN: usize = 48;
     pub const LEN: usize = (GOROUTINES + REQUESTS) * ENTRY;
+    /// Bit set in a goroutine-table key (with the goid) for the client span a goroutine
+    /// started and has not yet queued (a gRPC call before its headers are handed over).
+    pub const CLIENT_TAG_BIT: u32 = 62;
+    /// Bit set in a goroutine-table key for the client span whose HTTP/2 headers the
+    /// goroutine writes next. Goids never reach these bits; tagged keys fall in the
+    /// goroutine's own set.
+    pub const OUT_TAG_BIT: u32 = 61;
+    /// Bit set in a goroutine-table key for a `traceparent` to append after the frame the
+    /// goroutine is writing reaches its writer's buffer; the entry's state word holds
+    /// the framer.
+    pub const AFTER_TAG_BIT: u32 = 60;
+    /// Bytes of the HPACK field `traceparent: 00-<32>-<16>-01` as a literal without
+    /// indexing, new name, neither string Huffman-coded.
+    pub const H2_FIELD: usize = 1 + 1 + 11 + 1 + 55;
 }
 
 /// State of a context table entry.

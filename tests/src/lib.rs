@@ -318,3 +318,20 @@ pub fn build_with_go_1_19(dir: &Path, main_go: &str) -> Result<Option<std::path:
     )?;
     Ok(Some(exe))
 }
+
+/// The port of a `host:port` address (-1 when it has none).
+pub fn port(addr: &str) -> i64 {
+    addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(-1)
+}
+
+/// Fails unless span `s` has each attribute of `want` with that value (strings and ints).
+pub fn check_attrs(s: &otlp::Received, want: &[(&str, serde_json::Value)]) -> Result<()> {
+    for (k, v) in want {
+        let got = match v {
+            serde_json::Value::String(_) => s.attr_str(k).map(serde_json::Value::from),
+            _ => s.attr_i64(k).map(serde_json::Value::from),
+        };
+        anyhow::ensure!(got.as_ref() == Some(v), "{} {}: {k} is {got:?}, want {v}", s.span.name, s.span_id());
+    }
+    Ok(())
+}

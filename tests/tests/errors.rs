@@ -136,7 +136,8 @@ fn nothing_to_probe_without_a_library_or_a_function() -> Result<()> {
     expect_error(&["--dry-run", "--exe", tree], None, 1, "nothing to probe")?;
     expect_error(&["--dry-run", "--exe", tree, "--lib", "net/http"], None, 1, "does not use net/http")?;
     expect_error(&["--dry-run", "--exe", tree, "--no-libs"], None, 1, "--no-libs and no --func")?;
-    expect_error(&["--dry-run", "--exe", tree, "--lib", "grpc"], None, 2, "grpc")?;
+    expect_error(&["--dry-run", "--exe", tree, "--lib", "grpc"], None, 1, "does not use grpc")?;
+    expect_error(&["--dry-run", "--exe", tree, "--lib", "kafka"], None, 2, "kafka")?;
     let server = build_fixture("httpserver", tc, Flavor::Stripped)?;
     let out = Command::new(inject_binary()?).args(["--dry-run", "--exe"]).arg(&server).output()?;
     let text = String::from_utf8_lossy(&out.stdout);

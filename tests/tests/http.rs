@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use tests::otlp::{Received, Receiver, Transport};
-use tests::{Proc, require_ptrace, scratch, start_fixture, start_inject_env};
+use tests::{Proc, check_attrs, port, require_ptrace, scratch, start_fixture, start_inject_env};
 use xtask::{Flavor, GoToolchain, build_fixture, test_toolchains};
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -90,21 +90,6 @@ fn load(tc: &GoToolchain, args: &[&str]) -> Result<LoadResult> {
 
 fn of_service<'a>(spans: &'a [Received], name: &str) -> Vec<&'a Received> {
     spans.iter().filter(|s| s.resource_str("service.name").as_deref() == Some(name)).collect()
-}
-
-fn port(addr: &str) -> i64 {
-    addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(-1)
-}
-
-fn check_attrs(s: &Received, want: &[(&str, Value)]) -> Result<()> {
-    for (k, v) in want {
-        let got = match v {
-            Value::String(_) => s.attr_str(k).map(Value::from),
-            _ => s.attr_i64(k).map(Value::from),
-        };
-        ensure!(got.as_ref() == Some(v), "{} {}: {k} is {got:?}, want {v}", s.span.name, s.span_id());
-    }
-    Ok(())
 }
 
 #[test]
@@ -221,7 +206,12 @@ fn normalised(spans: &[&Received]) -> Vec<String> {
                 .span
                 .attributes
                 .iter()
-                .filter(|kv| !matches!(kv.key.as_str(), "server.port" | "client.port" | "go.goroutine.id" | "url.full"))
+                .filter(|kv| {
+                    !matches!(
+                        kv.key.as_str(),
+                        "server.port" | "client.port" | "network.peer.port" | "go.goroutine.id" | "url.full"
+                    )
+                })
                 .map(|kv| format!("{}={:?}", kv.key, kv.value.as_ref().and_then(|v| v.value.as_ref())))
                 .collect();
             attrs.sort();

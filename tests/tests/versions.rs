@@ -10,10 +10,15 @@ use xtask::{Flavor, build_fixture, inject_binary, test_toolchains};
 
 #[test]
 fn offset_table_matches_the_dwarf_of_the_toolchains_under_test() -> Result<()> {
-    // Regenerates the std rows of the oldest and newest Go, and the rows of every listed
-    // library version (built with the newest Go), and compares (every Go:
-    // `cargo xtask offsets --check`).
-    offset_tool::run(&offset_tool::Options { toolchains: test_toolchains()?, modules: true, check: true })
+    // Regenerates the std rows of the oldest and newest Go, and the rows of each library's
+    // oldest and newest listed version (built with the newest Go), and compares (every
+    // row: `cargo xtask offsets --check`).
+    offset_tool::run(&offset_tool::Options {
+        toolchains: test_toolchains()?,
+        modules: true,
+        module_ends: true,
+        check: true,
+    })
 }
 
 /// A stripped build whose build info claims a Go release newer than the table.

@@ -496,8 +496,15 @@ fn trace_context_operations() {
             Op::ServerBegin { dest: 0 },
             Op::ClientBegin { req: 2, header_off: 8, dest: 80 },
             Op::InjectTraceparent { map: 3, itab: 4, data: 5, write_fn, buf_off: 16, n_off: 40, dest: 160 },
-            Op::Field(FieldCopy { reg: 2, path: vec![0], off: 8, fetch: Fetch::Str { max: 4 }, dest: 200 }),
-            Op::Field(FieldCopy { reg: 2, path: vec![16], off: 0, fetch: Fetch::Word, dest: 220 }),
+            Op::Field(FieldCopy {
+                reg: 2,
+                path: vec![0],
+                off: 8,
+                fetch: Fetch::Str { max: 4 },
+                dest: 200,
+                when: Vec::new(),
+            }),
+            Op::Field(FieldCopy { reg: 2, path: vec![16], off: 0, fetch: Fetch::Word, dest: 220, when: Vec::new() }),
         ],
         ..CapturePlan::default()
     };
@@ -565,6 +572,151 @@ fn trace_context_operations() {
     assert_eq!(d2(80 + ids::TRACE, 32), d2(ids::TRACE, 32));
     assert_eq!(u64::from_le_bytes(m[s + slot::DATA + 160..][..8].try_into().unwrap()), 0, "no room: no line");
     assert_eq!(bw[5], 80);
+}
+
+/// A gRPC-shaped call: a client span started on the calling goroutine, handed over with its
+/// queued header item, taken up by the writer, and its `traceparent` appended as an HPACK
+/// literal to a HEADERS frame in a `Framer`-shaped buffer, only where that is safe.
+#[test]
+fn h2_field_appended_only_to_the_end_of_a_header_block_with_room() {
+    use ring_abi::span_ids as ids;
+    use trampolines::codegen::Op;
+    let plan = CapturePlan {
+        ints: 0x1ff,
+        ops: vec![
+            Op::ServerBegin { dest: 0 },
+            Op::ClientBeginHere { dest: 80 },
+            Op::ClientToRequest { key: 2 },
+            Op::OutgoingFromRequest { key: 2, deref: None },
+            Op::InjectH2 { framer: 3, wbuf_off: 8, after: None, dest: 160 },
+        ],
+        ..CapturePlan::default()
+    };
+    let r = rig_with_plans(64, leaf_function, false, &plan, &CapturePlan { off: true, ..CapturePlan::default() });
+    let item = Box::new([0u64; 4]);
+    // A frame: 9-byte header (length 0, type, flags, stream 1), then a 4-byte block.
+    let frame = |ty: u8, flags: u8| {
+        let mut b = vec![0u8, 0, 0, ty, flags, 0, 0, 0, 1, 0x82, 0x86, 0x84, 0x41];
+        b.resize(200, b'.');
+        b
+    };
+    let call = |buf: &mut Vec<u8>, cap: u64| -> (u64, String, String) {
+        // Framer: 8 bytes of something, then wbuf (ptr, len, cap).
+        let framer = Box::new([7u64, buf.as_mut_ptr() as u64, 13, cap]);
+        let mut regs = regs_for(&r);
+        regs[2] = item.as_ptr() as u64;
+        regs[3] = framer.as_ptr() as u64;
+        let before = regs;
+        // SAFETY: the item, the framer and its buffer are live test memory of `cap` bytes.
+        unsafe { call_with(&mut regs) };
+        assert_eq!(regs[1..12], before[1..12], "registers preserved");
+        let m = r.ring.bytes();
+        let s = *published(&r).last().unwrap();
+        let d = |off: usize, n: usize| std::str::from_utf8(&m[s + slot::DATA + off..][..n]).unwrap().to_string();
+        assert_eq!(d(80 + ids::TRACE, 32), d(ids::TRACE, 32), "client in the server's trace");
+        assert_eq!(d(80 + ids::PARENT, 16), d(ids::SPAN, 16));
+        let word = u64::from_le_bytes(m[s + slot::DATA + 160..][..8].try_into().unwrap());
+        (framer[2], d(80 + ids::TRACE, 32), if word == 1 { d(168, 16) } else { word.to_string() })
+    };
+
+    let mut buf = frame(1, 4);
+    let (len, trace, span) = call(&mut buf, 200);
+    assert_eq!(len, 13 + 69, "len grew by the field");
+    let mut want = vec![0x00, 11];
+    want.extend_from_slice(b"traceparent");
+    want.push(55);
+    want.extend_from_slice(format!("00-{trace}-{span}-01").as_bytes());
+    assert_eq!(&buf[13..82], &want[..], "an HPACK literal without indexing");
+    assert_eq!(&buf[..13], &frame(1, 4)[..13], "the frame before it untouched");
+    assert!(buf[82..].iter().all(|&b| b == b'.'), "nothing past it");
+
+    // The last CONTINUATION of a block gets it too; a HEADERS frame without END_HEADERS,
+    // a padded one, a DATA frame, or one without 69 bytes of room does not.
+    let mut buf = frame(9, 4);
+    assert_eq!(call(&mut buf, 200).0, 82);
+    for (ty, flags, cap, why) in
+        [(1, 0, 200, "block continues"), (1, 4 | 8, 200, "padded"), (0, 4, 200, "DATA"), (1, 4, 81, "no room")]
+    {
+        let mut buf = frame(ty, flags);
+        let (len, _, outcome) = call(&mut buf, cap);
+        assert_eq!(len, 13, "{why}: len unchanged");
+        assert!(buf[13..].iter().all(|&b| b == b'.'), "{why}: buffer untouched");
+        assert_eq!(outcome, if why == "no room" { "2" } else { "0" }, "{why}");
+    }
+}
+
+/// Without room in the frame buffer, the field goes after the frame once the framer's
+/// writer has it: the frame's length grows by 69, the writer's fill index too; a writer of
+/// another type, or one whose buffer no longer ends with the frame (flushed), is left alone.
+#[test]
+fn h2_field_appended_after_the_write_when_the_frame_buffer_is_full() {
+    use trampolines::codegen::{AfterWrite, Op};
+    const ITAB: u64 = 0x7777_0000;
+    let after = AfterWrite { w_off: 32, itab: ITAB, buf_off: 8, buf_indirect: false, fill_off: 32 };
+    let entry = CapturePlan {
+        ints: 0x1ff,
+        ops: vec![
+            Op::ServerBegin { dest: 0 },
+            Op::ClientBeginHere { dest: 80 },
+            Op::ClientToRequest { key: 2 },
+            Op::OutgoingFromRequest { key: 2, deref: None },
+            Op::InjectH2 { framer: 3, wbuf_off: 8, after: Some(after), dest: 160 },
+        ],
+        ..CapturePlan::default()
+    };
+    let ret = CapturePlan { ops: vec![Op::InjectH2After { wbuf_off: 8, after, dest: 0 }], ..CapturePlan::default() };
+    let r = rig_with_plans(64, go_function_leafless, true, &entry, &ret);
+    let item = Box::new([0u64; 4]);
+    let mut frame = vec![0u8, 0, 4, 1, 4, 0, 0, 0, 3, 0x82, 0x86, 0x84, 0x41];
+    let run = |frame: &mut Vec<u8>, itab: u64, flushed: bool| -> (Vec<u8>, u64, Vec<u8>, Vec<u8>) {
+        // The writer: 8 bytes, buf (ptr, len, cap), fill; 20 bytes already in it, then the frame.
+        let mut wb = vec![b'-'; 20];
+        wb.extend_from_slice(frame);
+        let fill = if flushed { 0 } else { wb.len() as u64 };
+        wb.resize(4096, b'.');
+        let writer = Box::new([0u64, wb.as_mut_ptr() as u64, 4096, 4096, fill]);
+        // The framer: 8 bytes, wbuf (ptr, len = cap), w (itab, data).
+        let framer = Box::new([7u64, frame.as_mut_ptr() as u64, 13, 13, itab, writer.as_ptr() as u64]);
+        let mut regs = regs_for(&r);
+        regs[2] = item.as_ptr() as u64;
+        regs[3] = framer.as_ptr() as u64;
+        // SAFETY: the item, framer, frame and writer buffer are live test memory.
+        unsafe { call_with(&mut regs) };
+        let m = r.ring.bytes();
+        let recs = published(&r);
+        let (e, x) = (recs[recs.len() - 2], recs[recs.len() - 1]);
+        (wb, writer[4], m[e + slot::DATA..][..240].to_vec(), m[x + slot::DATA..][..24].to_vec())
+    };
+    let (wb, fill, e, x) = run(&mut frame, ITAB, false);
+    assert_eq!(u64::from_le_bytes(e[160..168].try_into().unwrap()), 3, "deferred to the return");
+    assert_eq!(u64::from_le_bytes(x[..8].try_into().unwrap()), 1, "appended at the return");
+    assert_eq!(fill, 20 + 13 + 69);
+    assert_eq!(&wb[20..23], &[0, 0, 4 + 69], "frame length grown");
+    assert_eq!(&wb[23..33], &frame[3..13], "the rest of the frame untouched");
+    let trace = std::str::from_utf8(&e[ring_abi::span_ids::TRACE..][..32]).unwrap();
+    let span = std::str::from_utf8(&e[80 + ring_abi::span_ids::SPAN..][..16]).unwrap();
+    assert_eq!(&x[8..24], span.as_bytes());
+    let mut want = vec![0x00, 11];
+    want.extend_from_slice(b"traceparent");
+    want.push(55);
+    want.extend_from_slice(format!("00-{trace}-{span}-01").as_bytes());
+    assert_eq!(&wb[33..102], &want[..]);
+    assert!(wb[102..].iter().all(|&b| b == b'.'));
+    for (itab, flushed, why) in [(ITAB + 8, false, "another writer"), (ITAB, true, "flushed")] {
+        let (wb, fill, e, x) = run(&mut frame, itab, flushed);
+        assert_eq!(u64::from_le_bytes(e[160..168].try_into().unwrap()), if flushed { 3 } else { 2 }, "{why}");
+        assert_eq!(u64::from_le_bytes(x[..8].try_into().unwrap()), if flushed { 2 } else { 0 }, "{why}");
+        assert_eq!(fill, if flushed { 0 } else { 33 }, "{why}");
+        assert_eq!(&wb[20..22], &[0, 0], "{why}");
+        assert_eq!(wb[22], 4, "{why}");
+        assert!(wb[33..].iter().all(|&b| b == b'.'), "{why}");
+    }
+}
+
+/// A Go-shaped function with a frame (so its exits are probed), of which only the shape
+/// matters here.
+fn go_function_leafless(at: u64) -> Vec<u8> {
+    go_function(at, 24)
 }
 
 /// A guard decides before a slot is taken: lines not starting with `t` or `u` (any case),

@@ -219,12 +219,14 @@ impl Flavor {
     }
 }
 
-/// Fixture program names (directories of fixtures/).
+/// The programs of the fixtures module (directories of fixtures/ without a go.mod).
 pub fn fixture_names() -> Result<Vec<String>> {
     let mut v: Vec<String> = fs::read_dir(workspace_root().join("fixtures"))?
         .filter_map(|e| e.ok())
         .filter(|e| {
+            // A directory with a go.mod of its own is a module fixture (build_module_fixture).
             e.path().is_dir()
+                && !e.path().join("go.mod").is_file()
                 && e.path()
                     .read_dir()
                     .is_ok_and(|mut d| d.any(|f| f.is_ok_and(|f| f.path().extension().is_some_and(|x| x == "go"))))
@@ -271,6 +273,105 @@ pub fn build_fixture(name: &str, tc: &GoToolchain, flavor: Flavor) -> Result<Pat
     c.arg(format!("./{name}"));
     run(&mut c).with_context(|| format!("building fixture {name} with Go {} ({})", tc.version, flavor.name()))?;
     fs::rename(&tmp, &out)?;
+    Ok(out)
+}
+
+/// The oldest grpc-go inject supports, and the newest each Go builds (its go.mod's `go`
+/// line), for the gRPC fixture.
+pub const GRPC_OLDEST: &str = "v1.60.1";
+pub fn grpc_newest(go: &str) -> &'static str {
+    let minor: u32 = go.split('.').nth(1).and_then(|m| m.parse().ok()).unwrap_or(0);
+    match minor {
+        ..=21 => "v1.67.3",
+        22 => "v1.71.1",
+        23 => "v1.75.1",
+        24 => "v1.80.0",
+        25 => "v1.84.0",
+        _ => "v1.85.0",
+    }
+}
+
+/// Builds `fixtures/<name>`, a module of its own (its `go.mod` requires one library),
+/// against `version` of its module `module` instead of the one its `go.mod` names: the
+/// sources go to a scratch module whose `go.mod` requires exactly that version, `go mod
+/// tidy` resolves the rest through the module proxy, and the binary is cached as
+/// `target/fixtures/<go>/<flavor>/<name>@<version>` like [`build_fixture`]'s.
+pub fn build_module_fixture(
+    name: &str,
+    module: &str,
+    version: &str,
+    tc: &GoToolchain,
+    flavor: Flavor,
+) -> Result<PathBuf> {
+    build_module_fixture_with(name, None, module, version, tc, flavor)
+}
+
+/// [`build_module_fixture`] with the `.go` files of `fixtures/<overlay>` added and built
+/// with the build tag named like the overlay's last `-` part (`grpcsvc-otel`: `otel`):
+/// the same program with OpenTelemetry's compile-time instrumentation, cached as
+/// `<overlay>@<version>`.
+pub fn build_module_fixture_with(
+    name: &str,
+    overlay: Option<&str>,
+    module: &str,
+    version: &str,
+    tc: &GoToolchain,
+    flavor: Flavor,
+) -> Result<PathBuf> {
+    let root = workspace_root();
+    let src = root.join("fixtures").join(name);
+    ensure!(src.join("go.mod").is_file(), "fixture {name} is not a module of its own");
+    let extra = overlay.map(|o| root.join("fixtures").join(o));
+    let out_dir = root.join("target/fixtures").join(&tc.version).join(flavor.name());
+    let out = out_dir.join(format!("{}@{version}", overlay.unwrap_or(name)));
+    let newest = newest_source_mtime(&src).max(extra.as_deref().map_or(std::time::UNIX_EPOCH, newest_source_mtime));
+    let fresh = fs::metadata(&out).and_then(|m| m.modified()).is_ok_and(|built| built > newest);
+    if fresh {
+        return Ok(out);
+    }
+    let tag = format!("{}.{:?}", std::process::id(), std::thread::current().id());
+    let scratch = out_dir.join(format!(".{}@{version}.{tag}.src", overlay.unwrap_or(name)));
+    let _ = fs::remove_dir_all(&scratch);
+    fs::create_dir_all(&scratch)?;
+    for dir in std::iter::once(&src).chain(extra.as_ref()) {
+        for entry in fs::read_dir(dir)? {
+            let p = entry?.path();
+            if p.extension().is_some_and(|x| x == "go") {
+                fs::copy(&p, scratch.join(p.file_name().unwrap_or_default()))?;
+            }
+        }
+    }
+    let go_mod = fs::read_to_string(src.join("go.mod"))?;
+    let mut replaced = false;
+    let go_mod: String = go_mod
+        .lines()
+        .map(|l| match l.trim().strip_prefix("require ").and_then(|r| r.split_whitespace().next()) {
+            Some(m) if m == module => {
+                replaced = true;
+                format!("require {module} {version}\n")
+            }
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    ensure!(replaced, "fixtures/{name}/go.mod has no one-line `require {module} ...`");
+    fs::write(scratch.join("go.mod"), go_mod)?;
+    let what = || format!("fixture {name} with {module}@{version}, Go {} ({})", tc.version, flavor.name());
+    // `go mod tidy` may raise the go line to what the library needs; never the toolchain.
+    run(tc.command().current_dir(&scratch).args(["mod", "tidy"]))
+        .with_context(|| format!("go mod tidy for {}", what()))?;
+    let resolved = output(tc.command().current_dir(&scratch).args(["list", "-m", "-f", "{{.Version}}", module]))?;
+    ensure!(resolved.trim() == version, "{}: the build list has {module} {}", what(), resolved.trim());
+    let tmp = out_dir.join(format!(".{}@{version}.{tag}", overlay.unwrap_or(name)));
+    let mut c = tc.command();
+    c.current_dir(&scratch).arg("build").arg("-o").arg(&tmp);
+    if let Some(o) = overlay {
+        c.arg(format!("-tags={}", o.rsplit('-').next().unwrap_or(o)));
+    }
+    flavor.apply(&mut c);
+    c.arg(".");
+    run(&mut c).with_context(|| format!("building {}", what()))?;
+    fs::rename(&tmp, &out)?;
+    let _ = fs::remove_dir_all(&scratch);
     Ok(out)
 }
 

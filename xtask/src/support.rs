@@ -7,7 +7,11 @@
 //! - attach/detach: `inject --pid` on a running copy sees calls, then restores every patch
 //!   and unmaps its memory, and the program finishes normally;
 //! - net/http: the httpserver fixture launched under inject with no flags gives server and
-//!   client spans joined by W3C trace context, across goroutines, with routes.
+//!   client spans joined by W3C trace context, across goroutines, with routes;
+//! - gRPC (two more columns, the oldest grpc-go inject supports and the newest that Go
+//!   builds): the grpcsvc server launched under inject with no flags; its warm-up call to
+//!   itself gives a client span and a server span joined by the `traceparent` field inject
+//!   appended to the call's HTTP/2 headers.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -164,6 +168,40 @@ fn http(inject: &std::path::Path, tc: &GoToolchain, flavor: Flavor) -> Result<()
     result
 }
 
+/// gRPC spans with no flags: the grpcsvc server (grpc-go `version`) launched under inject;
+/// its warm-up Check, a call to itself, must give a CLIENT and a SERVER span, the server
+/// span the child of the client span through the traceparent inject wrote.
+fn grpc(inject: &std::path::Path, tc: &GoToolchain, flavor: Flavor, version: &str) -> Result<()> {
+    let exe = crate::build_module_fixture("grpcsvc", "google.golang.org/grpc", version, tc, flavor)?;
+    let jsonl = scratch("grpc.jsonl")?;
+    let mut run = Command::new(inject)
+        .args(["--output", "jsonl", "--output-file"])
+        .arg(&jsonl)
+        .arg("--")
+        .arg(&exe)
+        .args(["-mode", "server"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(run.stdout.take().context("stdout")?).lines();
+    line_with(&mut lines, "READY")?;
+    // SAFETY: kill(2) on our own child; inject forwards it and exits with the server.
+    unsafe { kill(run.id() as i32, 15) };
+    let out = run.wait_with_output()?;
+    ensure!(out.status.success(), "inject exit {}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&jsonl)?;
+    let spans: Vec<serde_json::Value> = text.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let find = |kind: &str| spans.iter().find(|s| s["name"] == "grpc.health.v1.Health/Check" && s["kind"] == kind);
+    let client = find("CLIENT").context("no client span")?;
+    let server = find("SERVER").context("no server span")?;
+    ensure!(
+        server["parent_span_id"] == client["span_id"] && server["trace_id"] == client["trace_id"],
+        "the server span is not the client span's child"
+    );
+    ensure!(server["attributes"]["rpc.response.status_code"] == "OK", "status {}", server["attributes"]);
+    Ok(())
+}
+
 unsafe extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }
@@ -181,20 +219,34 @@ pub fn cell(inject: &std::path::Path, tc: &GoToolchain, flavor: Flavor) -> Resul
 pub fn run() -> Result<()> {
     let inject = inject_binary()?;
     let flavors = [Flavor::Default, Flavor::Stripped, Flavor::Pie];
-    let mut table = String::from("| Go | default | stripped (`-s -w`) | PIE |\n|---|---|---|---|\n");
+    let mut table = String::from(
+        "| Go | default | stripped (`-s -w`) | PIE | grpc-go v1.60.1 (default / stripped / PIE) | newest grpc-go it builds |\n|---|---|---|---|---|---|\n",
+    );
     let mut failures = 0;
+    let mut mark = |r: Result<()>, what: &str| -> String {
+        match r {
+            Ok(()) => "✓".into(),
+            Err(e) => {
+                failures += 1;
+                eprintln!("support: {what}: {e:#}");
+                format!("✗ {}", format!("{e:#}").lines().next().unwrap_or("").replace('|', "/"))
+            }
+        }
+    };
     for v in crate::go_versions()? {
         let tc = toolchain(&v)?;
         let mut row = format!("| {v} |");
         for flavor in flavors {
-            match cell(&inject, &tc, flavor) {
-                Ok(()) => row.push_str(" ✓ |"),
-                Err(e) => {
-                    failures += 1;
-                    eprintln!("support: go{v} {}: {e:#}", flavor.name());
-                    row.push_str(&format!(" ✗ {} |", format!("{e:#}").lines().next().unwrap_or("").replace('|', "/")));
-                }
-            }
+            let m = mark(cell(&inject, &tc, flavor), &format!("go{v} {}", flavor.name()));
+            row.push_str(&format!(" {m} |"));
+        }
+        for version in [crate::GRPC_OLDEST, crate::grpc_newest(&v)] {
+            let cells: Vec<String> = flavors
+                .iter()
+                .map(|&f| mark(grpc(&inject, &tc, f, version), &format!("go{v} {} grpc-go {version}", f.name())))
+                .collect();
+            let label = if version == crate::GRPC_OLDEST { String::new() } else { format!("{version}: ") };
+            row.push_str(&format!(" {label}{} |", cells.join(" / ")));
         }
         println!("{row}");
         table.push_str(&row);
@@ -202,7 +254,7 @@ pub fn run() -> Result<()> {
     }
     println!("\n{table}");
     println!(
-        "✓: functions listed, calls traced at launch with their arguments (raw registers when stripped), attach and detach with every patch restored, net/http server and client spans joined by trace context."
+        "✓: functions listed, calls traced at launch with their arguments (raw registers when stripped), attach and detach with every patch restored, net/http server and client spans joined by trace context; gRPC client and server spans joined by the traceparent inject wrote."
     );
     if failures > 0 {
         bail!("{failures} cells failed");

@@ -6,15 +6,19 @@
 //! (planning, installing, collecting, pairing, exporting) names no library: it goes through
 //! [`LIBRARIES`]. A new library is a new module here and one line in that list.
 
+pub mod goroutines;
+pub mod grpc;
 pub mod http;
 
 use go_abi::{Func, GoBinary};
+use trampolines::codegen::{AfterWrite, CapturePlan, Guard, Op};
 
-use crate::plan::{PlanContext, ProbeSite};
+use crate::plan::{PlanContext, ProbeSite, Role};
 use crate::ring::Record;
+use crate::values::Side;
 
 /// Every library inject instruments, in the order their probes are planned.
-pub static LIBRARIES: &[&dyn Library] = &[&http::NetHttp];
+pub static LIBRARIES: &[&dyn Library] = &[&http::NetHttp, &grpc::Grpc, &goroutines::Goroutines];
 
 pub use crate::plan::LibProbe;
 
@@ -54,6 +58,11 @@ pub struct Planned {
 pub trait Library: Sync {
     /// The library as users know it (`net/http`).
     fn name(&self) -> &'static str;
+    /// A part every library needs (goroutine lineage) rather than one users pick: planned
+    /// whenever another library is, never named by `--lib`.
+    fn support(&self) -> bool {
+        false
+    }
     /// The OpenTelemetry instrumentation scope of its spans.
     fn scope(&self) -> &'static str;
     /// Its probe sites in this binary (none when the binary does not use the library).
@@ -82,6 +91,14 @@ pub trait LibState: Send {
     fn event(&mut self, probe: LibProbe, rec: Record, spans: &mut dyn OpenSpans);
     /// Counters for the exit summary, by the name they have there.
     fn counters(&self) -> Vec<(&'static str, u64)>;
+    /// Goroutine `child` was created by `parent` (what it knows may move along).
+    fn spawned(&mut self, _child: u64, _parent: u64) {}
+    /// A span of `probe` whose call returned (`ret`) but whose work goes on (a stream it
+    /// opened): the key to keep it open under until an event calls
+    /// [`OpenSpans::release`], or None to end it now.
+    fn hold(&mut self, _probe: u8, _ret: &Record) -> Option<u64> {
+        None
+    }
 }
 
 /// What events may do to the spans open on goroutines.
@@ -95,6 +112,9 @@ pub trait OpenSpans {
     /// `child` was created by `parent`: named functions that begin on it with nothing open
     /// continue the context open on `parent`.
     fn spawned(&mut self, child: u64, parent: u64);
+    /// Ends the span library `lib` kept open under `key` ([`LibState::hold`]) at `end`,
+    /// which its description then reads as the span's end. False when none is kept.
+    fn release(&mut self, lib: u8, key: u64, end: Record) -> bool;
 }
 
 /// What events add to a span before it ends: attributes (first or last writer wins, as the
@@ -189,9 +209,92 @@ pub fn span_ids(data: &[u8]) -> Option<SpanIds> {
     })
 }
 
-/// The names of every library, for `--lib` and messages.
+/// The names of every library users pick, for `--lib` and messages.
 pub fn names() -> Vec<&'static str> {
-    LIBRARIES.iter().map(|l| l.name()).collect()
+    LIBRARIES.iter().filter(|l| !l.support()).map(|l| l.name()).collect()
+}
+
+/// Plans a library's probes: for each `(probe, function)` candidate the binary has, the
+/// entry and return capture plans `plans` gives (or the missing offset that rules the
+/// probe out). A probe whose return plan is off leaves the function's exits alone; one
+/// whose exits are needed but cannot be patched is left out, with the reason.
+pub fn plan_candidates(
+    cx: &PlanCx<'_>,
+    candidates: &[(u8, &str)],
+    mut plans: impl FnMut(u8) -> Result<(CapturePlan, CapturePlan), String>,
+) -> Planned {
+    let mut out = Planned::default();
+    let by_name: std::collections::HashMap<&str, &Func<'_>> = cx.funcs.iter().map(|f| (f.name.as_ref(), f)).collect();
+    for &(probe, name) in candidates {
+        let Some(f) = by_name.get(name) else { continue };
+        let (entry, ret) = match plans(probe) {
+            Ok(p) => p,
+            Err(missing) => {
+                out.skipped.push(format!("{name}: no offset for {missing} in this build"));
+                continue;
+            }
+        };
+        let id = cx.first_id + out.sites.len() as u32;
+        let role = Role::Lib(LibProbe { lib: cx.lib, probe });
+        let mut site = crate::plan::analyse_as(cx.bin, f, id, cx.bias, cx.ctx, role);
+        let needs_exit = !ret.off;
+        site.on_entry = Side { plan: entry, values: Vec::new() };
+        site.on_return = Side { plan: ret, values: Vec::new() };
+        if let Err(e) = &site.entry_patch {
+            out.skipped.push(format!("{name}: {e}"));
+            continue;
+        }
+        if !needs_exit {
+            // Nothing to record at the exits: leave them alone.
+            site.returns = Ok(Vec::new());
+        } else if let Err(e) = &site.returns {
+            out.skipped.push(format!("{name}: its exits are needed and cannot be probed: {e}"));
+            continue;
+        }
+        out.sites.push(site);
+    }
+    out
+}
+
+/// The plans of an HTTP/2 framer's `endWrite` (frame buffer at `wbuf_off`, the framer in
+/// RAX): the entry appends the goroutine's outgoing `traceparent` field when the frame
+/// buffer has room, or (with `after`) leaves it to the return, which appends it after the
+/// frame in the writer's buffer. Both only run on a goroutine with work for them.
+pub fn h2_inject_plans(wbuf_off: i32, after: Option<AfterWrite>) -> (CapturePlan, CapturePlan) {
+    use ring_abi::ctx::{AFTER_TAG_BIT, OUT_TAG_BIT};
+    let entry = CapturePlan {
+        ops: vec![Op::InjectH2 { framer: 0, wbuf_off, after, dest: 0 }],
+        guard: Some(Guard::Tagged { bit: OUT_TAG_BIT }),
+        ..CapturePlan::default()
+    };
+    let ret = match after {
+        Some(after) => CapturePlan {
+            ops: vec![Op::InjectH2After { wbuf_off, after, dest: 0 }],
+            guard: Some(Guard::Tagged { bit: AFTER_TAG_BIT }),
+            ..CapturePlan::default()
+        },
+        None => CapturePlan { off: true, ..CapturePlan::default() },
+    };
+    (entry, ret)
+}
+
+/// The version of module `path` the binary was built with (a replacement's, if any).
+pub fn module_version<'b>(bin: &'b GoBinary<'_>, path: &str) -> Option<&'b str> {
+    bin.build_info
+        .deps
+        .iter()
+        .find(|m| m.path == path)
+        .map(|m| m.replace.as_deref().unwrap_or(m))
+        .map(|m| m.version.as_str())
+        .filter(|v| !v.is_empty())
+}
+
+/// `v1.60.1` as (1, 60, 1); pre-release and build suffixes are ignored.
+pub fn semver(v: &str) -> Option<(u32, u32, u32)> {
+    let v = v.strip_prefix('v')?;
+    let end = v.find(['-', '+']).unwrap_or(v.len());
+    let mut parts = v[..end].split('.').map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??, parts.next()??))
 }
 
 /// A fresh collector-side state for every library.

@@ -117,6 +117,10 @@ pub enum Guard {
     FirstByte { ptr: u8, len: u8, first: Vec<u8> },
     /// The register holds a key present in the request context table.
     InRequests { key: u8 },
+    /// The goroutine has an entry under its goid with this bit set
+    /// (`ring_abi::ctx::CLIENT_TAG_BIT`: a client span not yet handed over;
+    /// `OUT_TAG_BIT`: one whose HTTP/2 headers it writes next).
+    Tagged { bit: u32 },
 }
 
 /// Reads a field through a chain of typed pointers: the register's value, then each `path`
@@ -130,6 +134,27 @@ pub struct FieldCopy {
     pub off: i32,
     pub fetch: Fetch,
     pub dest: u16,
+    /// Read only when each of these holds: the itabs that make an interface's data word a
+    /// pointer to the struct the offsets belong to.
+    pub when: Vec<When>,
+}
+
+/// A word equals a value: the register's, or after following `path` (pointers, each
+/// nil-checked) the word at `off`. For an interface (itab, data), `equals` is the itab
+/// of the dynamic type a read assumes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct When {
+    pub reg: u8,
+    pub path: Vec<i32>,
+    pub off: Option<i32>,
+    pub equals: u64,
+}
+
+impl When {
+    /// The register holds `itab`.
+    pub fn reg(reg: u8, itab: u64) -> When {
+        When { reg, path: Vec::new(), off: None, equals: itab }
+    }
 }
 
 /// What a [`FieldCopy`] stores at `dest`.
@@ -209,6 +234,61 @@ pub enum Op {
         goid_off: i32,
         parent_goid_off: i32,
     },
+    /// A client span begins whose request is not a header map (a gRPC call): child of the
+    /// goroutine's active span (or a new trace); its ids go to `dest` and wait on the
+    /// goroutine (`ring_abi::ctx::CLIENT_TAG`) for [`Op::ClientToRequest`].
+    ClientBeginHere {
+        dest: u16,
+    },
+    /// The goroutine's waiting client span, if still there, is dropped (its call returned).
+    ClientEndHere,
+    /// The goroutine queues the request of its waiting client span for another goroutine
+    /// to write: the span moves to the request table under the key in the register.
+    ClientToRequest {
+        key: u8,
+    },
+    /// This goroutine writes the HTTP/2 headers of the request whose key is in register
+    /// `key` (or at `[key] + deref`): its client span, if it has one, becomes the one the
+    /// goroutine's next [`Op::InjectH2`] names. An earlier one left over is dropped.
+    OutgoingFromRequest {
+        key: u8,
+        deref: Option<i32>,
+    },
+    /// About to finish an HTTP/2 frame in the `Framer` in register `framer` (its frame
+    /// buffer, a byte slice, at `wbuf_off`): when the goroutine has an outgoing client span
+    /// and the frame ends a request's header block, a `traceparent` field (an HPACK literal
+    /// without indexing, so the decoder's table is untouched) is appended to the frame:
+    /// in the frame buffer when its capacity has room, before the frame length is computed
+    /// from it; else, with `after`, once the frame is in the writer's buffer
+    /// ([`Op::InjectH2After`], at the function's return). `dest` gets 1 and the span id
+    /// when it was appended, 3 when it waits for the return, 2 when there was no room.
+    InjectH2 {
+        framer: u8,
+        wbuf_off: i32,
+        after: Option<AfterWrite>,
+        dest: u16,
+    },
+    /// At the return of the function [`Op::InjectH2`] deferred: the frame the framer
+    /// wrote (still in its frame buffer) is the last bytes of the writer's buffer, unless
+    /// that was flushed; then the field goes after it there, within the buffer's length,
+    /// and the frame's length field grows by 69. `dest` gets 1 and the span id, or 2.
+    InjectH2After {
+        wbuf_off: i32,
+        after: AfterWrite,
+        dest: u16,
+    },
+}
+
+/// Where a `Framer` writes: its `io.Writer` field, which must hold a writer of one known
+/// type (its itab), and that writer's buffer (a byte slice, or with `buf_indirect` a
+/// pointer to one) and fill index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AfterWrite {
+    pub w_off: i32,
+    pub itab: u64,
+    pub buf_off: i32,
+    pub buf_indirect: bool,
+    pub fill_off: i32,
 }
 
 impl Op {
@@ -216,7 +296,10 @@ impl Op {
         match self {
             Op::Field(f) => f.dest as usize + 8 + if let Fetch::Str { max } = f.fetch { max as usize } else { 0 },
             Op::ServerBegin { dest } | Op::ClientBegin { dest, .. } => *dest as usize + ring_abi::span_ids::LEN,
-            Op::InjectTraceparent { dest, .. } => *dest as usize + 24,
+            Op::InjectTraceparent { dest, .. } | Op::InjectH2 { dest, .. } | Op::InjectH2After { dest, .. } => {
+                *dest as usize + 24
+            }
+            Op::ClientBeginHere { dest } => *dest as usize + ring_abi::span_ids::LEN,
             Op::StashTraceparent { .. }
             | Op::StashTraceparentField { .. }
             | Op::PendingToRequest { .. }
@@ -224,7 +307,10 @@ impl Op {
             | Op::ClearPending
             | Op::ServerEnd
             | Op::Forget
-            | Op::Inherit { .. } => 0,
+            | Op::Inherit { .. }
+            | Op::ClientEndHere
+            | Op::ClientToRequest { .. }
+            | Op::OutgoingFromRequest { .. } => 0,
         }
     }
 }

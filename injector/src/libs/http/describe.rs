@@ -129,9 +129,13 @@ pub(super) fn describe(
             attrs.extend(port.map(|p| ("server.port", Attr::I(p))));
         }
         if let Some(r) = text(&er, Val::Remote) {
+            // RemoteAddr is the socket's peer: the client, and the network peer (which
+            // otelhttp reports too).
             let (host, port) = split_host_port(r);
-            attrs.push(("client.address", Attr::S(host)));
+            attrs.push(("client.address", Attr::S(host.clone())));
             attrs.extend(port.map(|p| ("client.port", Attr::I(p))));
+            attrs.push(("network.peer.address", Attr::S(host)));
+            attrs.extend(port.map(|p| ("network.peer.port", Attr::I(p))));
         }
         if let Some(v) = text(&er, Val::Proto).and_then(protocol_version) {
             attrs.push(("network.protocol.version", Attr::S(v)));

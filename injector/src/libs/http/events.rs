@@ -1,8 +1,7 @@
 //! What net/http's event probes tell the collector: header values on their way to the
 //! server span they belong to (HTTP/1 on the reading goroutine; HTTP/2 from the
 //! connection's reader through the headers frame and the serve loop to the handler's
-//! goroutine), the status and route a handler's span ends with, a handler's panic, and
-//! goroutines being created (context lineage).
+//! goroutine), the status and route a handler's span ends with and a handler's panic.
 
 use std::collections::HashMap;
 
@@ -29,6 +28,8 @@ pub(super) struct HttpState {
     injected: u64,
     /// Server spans ended by a handler's panic.
     panics: u64,
+    /// HTTP/2 requests whose header block had no room for a traceparent field.
+    no_room: u64,
 }
 
 impl LibState for HttpState {
@@ -100,29 +101,32 @@ impl LibState for HttpState {
                     self.panics += 1;
                 }
             }
-            Probe::Spawn => {
-                let word =
-                    |i: usize| rec.data.get(i..i + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
-                let (Some(child), Some(parent)) = (word(0), word(8)) else { return };
-                // An HTTP/2 handler's goroutine gets the header values its serve loop holds.
-                if let Some(n) = self.serving.get(&parent) {
-                    let n = n.clone();
-                    self.headers.insert(child, n);
-                }
-                spans.spawned(child, parent);
-            }
             Probe::Inject => {
                 if rec.data.first() == Some(&1) {
                     self.injected += 1;
                 }
             }
             // goexit1's probe records nothing (it runs bare); the side tables are bounded.
-            Probe::Exit | Probe::Server | Probe::Client => {}
+            // 1: a traceparent field appended, 2: no room for it, 3: left to the return.
+            Probe::H2Write => match rec.data.first() {
+                Some(1) => self.injected += 1,
+                Some(2) => self.no_room += 1,
+                _ => {}
+            },
+            Probe::Server | Probe::Client | Probe::H2Encode => {}
         }
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
-        vec![("http_injected", self.injected), ("http_panics", self.panics)]
+        vec![("http_injected", self.injected), ("http_panics", self.panics), ("http_inject_no_room", self.no_room)]
+    }
+
+    /// An HTTP/2 handler's goroutine gets the header values its serve loop holds.
+    fn spawned(&mut self, child: u64, parent: u64) {
+        if let Some(n) = self.serving.get(&parent) {
+            let n = n.clone();
+            self.headers.insert(child, n);
+        }
     }
 }
 

@@ -8,11 +8,14 @@
 //!   the reading goroutine's pending context;
 //! - `serverHandler.ServeHTTP` continues it or starts a trace, and makes the server span
 //!   the goroutine's active context (cleared when it returns);
-//! - `runtime.newproc1` copies the creator's active context to each new goroutine;
+//! - each new goroutine inherits its creator's active context (`super::goroutines`);
 //! - `(*Transport).roundTrip` makes the client span a child of the active context and
 //!   files it under the request's header map;
 //! - `Header.writeSubset` for that map appends a `traceparent` line to the connection's
-//!   `bufio.Writer`, when it has room, before the request's own headers.
+//!   `bufio.Writer`, when it has room, before the request's own headers;
+//! - over HTTP/2, `encodeAndWriteHeaders` hands that span to the goroutine, and the
+//!   framer's `endWrite` appends a `traceparent` field to the header block (as for gRPC,
+//!   `super::grpc`).
 //!
 //! Records carry the ids the target made, so the spans exported are the ones on the wire.
 
@@ -41,18 +44,20 @@ pub enum Probe {
     Route,
     /// A deferred recover after a handler: a server span still open there panicked.
     Unwind,
-    /// A goroutine is created (return of `runtime.newproc1`).
-    Spawn,
     /// Request headers are written (entry of `Header.writeSubset`).
     Inject,
-    /// A goroutine exits (entry of `runtime.goexit1`): its context is forgotten.
-    Exit,
     /// An HTTP/2 header field decoded (the HPACK decoder's emit closure).
     H2Field,
     /// An HTTP/2 headers frame read (return of `readMetaFrame`) on the connection's reader.
     H2Frame,
     /// The serve loop takes a headers frame (`processHeaders`) and starts its handler.
     H2Process,
+    /// An HTTP/2 client stream's headers are encoded and written (`encodeAndWriteHeaders`):
+    /// the request's client span is the one the goroutine's next headers frame carries.
+    H2Encode,
+    /// The HTTP/2 framer finishes a frame (`endWrite`): a request's header block gets its
+    /// `traceparent` field.
+    H2Write,
 }
 
 impl Probe {
@@ -63,19 +68,19 @@ impl Probe {
         Probe::Status,
         Probe::Route,
         Probe::Unwind,
-        Probe::Spawn,
         Probe::Inject,
-        Probe::Exit,
         Probe::H2Field,
         Probe::H2Frame,
         Probe::H2Process,
+        Probe::H2Encode,
+        Probe::H2Write,
     ];
 
     pub fn is_span(self) -> bool {
         matches!(self, Probe::Server | Probe::Client)
     }
 
-    fn from_u8(p: u8) -> Option<Probe> {
+    pub(super) fn from_u8(p: u8) -> Option<Probe> {
         Probe::ALL.get(usize::from(p)).copied()
     }
 }

@@ -1,15 +1,12 @@
 //! Which net/http functions are probed in a binary, and what each probe captures.
 
-use std::collections::HashMap;
-
 use go_abi::Func;
 use ring_abi::span_ids;
-use trampolines::codegen::{ByteCopy, CapturePlan, Fetch, FieldCopy, Guard, Op};
+use trampolines::codegen::{AfterWrite, ByteCopy, CapturePlan, Fetch, FieldCopy, Guard, Op};
 
 use super::{H2_NAME_MAX, HEADER_LINE_MAX, Probe, ROUTE_MAX};
 use crate::libs::{LibProbe, PlanCx, Planned};
-use crate::plan::{self, Role};
-use crate::values::Side;
+use crate::plan::Role;
 
 /// Argument registers, in ABI order.
 const RAX: u8 = 0;
@@ -110,15 +107,17 @@ const CANDIDATES: &[(Probe, &str)] = &[
     (Probe::Unwind, "net/http.(*conn).serve.func1"),
     (Probe::Unwind, "net/http.(*http2serverConn).runHandler.func1"),
     (Probe::Unwind, "net/http/internal/http2.(*serverConn).runHandler.func1"),
-    (Probe::Spawn, "runtime.newproc1"),
     (Probe::Inject, "net/http.Header.writeSubset"),
-    (Probe::Exit, "runtime.goexit1"),
     (Probe::H2Field, "net/http.(*http2Framer).readMetaFrame.func1"),
     (Probe::H2Field, "net/http/internal/http2.(*Framer).readMetaFrame.func1"),
     (Probe::H2Frame, "net/http.(*http2Framer).readMetaFrame"),
     (Probe::H2Frame, "net/http/internal/http2.(*Framer).readMetaFrame"),
     (Probe::H2Process, "net/http.(*http2serverConn).processHeaders"),
     (Probe::H2Process, "net/http/internal/http2.(*serverConn).processHeaders"),
+    (Probe::H2Encode, "net/http.(*http2clientStream).encodeAndWriteHeaders"),
+    (Probe::H2Encode, "net/http/internal/http2.(*clientStream).encodeAndWriteHeaders"),
+    (Probe::H2Write, "net/http.(*http2Framer).endWrite"),
+    (Probe::H2Write, "net/http/internal/http2.(*Framer).endWrite"),
 ];
 
 /// Whether the binary has a net/http server or client to instrument.
@@ -128,43 +127,22 @@ fn linked(funcs: &[Func<'_>]) -> bool {
 
 /// Plans the net/http probes (none when the binary has neither a server nor a client).
 pub(super) fn plan(cx: &PlanCx<'_>) -> Planned {
-    let mut out = Planned::default();
     if !linked(cx.funcs) {
-        return out;
+        return Planned::default();
     }
     let mut offsets = Offsets(go_abi::runtime::FieldOffsets::new(cx.ctx.dwarf.as_ref(), cx.release));
-    let by_name: HashMap<&str, &Func<'_>> = cx.funcs.iter().map(|f| (f.name.as_ref(), f)).collect();
-    let write_fn = by_name.get("bufio.(*Writer).Write").map(|f| f.entry + cx.bias);
-    let role = |p: Probe| Role::Lib(LibProbe { lib: cx.lib, probe: p as u8 });
-    for &(probe, name) in CANDIDATES {
-        let Some(f) = by_name.get(name) else { continue };
-        let plans = match plans(probe, &mut offsets, write_fn) {
-            Ok(p) => p,
-            Err(missing) => {
-                out.skipped.push(format!("{name}: no offset for {missing} in this Go release"));
-                continue;
-            }
-        };
-        let id = cx.first_id + out.sites.len() as u32;
-        let mut site = plan::analyse_as(cx.bin, f, id, cx.bias, cx.ctx, role(probe));
-        let (entry, ret) = plans;
-        let needs_exit = !ret.off;
-        site.on_entry = Side { plan: entry, values: Vec::new() };
-        site.on_return = Side { plan: ret, values: Vec::new() };
-        if let Err(e) = &site.entry_patch {
-            out.skipped.push(format!("{name}: {e}"));
-            continue;
-        }
-        if !needs_exit {
-            // Nothing to record at the exits: leave them alone.
-            site.returns = Ok(Vec::new());
-        } else if let Err(e) = &site.returns {
-            out.skipped.push(format!("{name}: its exits are needed and cannot be probed: {e}"));
-            continue;
-        }
-        out.sites.push(site);
-    }
-    if !out.sites.iter().any(|s| s.role == role(Probe::Server) || s.role == role(Probe::Client)) {
+    let write_fn = cx.funcs.iter().find(|f| f.name == "bufio.(*Writer).Write").map(|f| f.entry + cx.bias);
+    let bufio_itab = cx.bin.itab("*bufio.Writer", "io.Writer").map(|a| a + cx.bias);
+    // Go 1.27 moved HTTP/2 into net/http/internal/http2.
+    let internal = cx.funcs.iter().any(|f| f.name.starts_with("net/http/internal/http2."));
+    let h2 = H2 { bufio_itab, internal };
+    let candidates: Vec<(u8, &str)> = CANDIDATES.iter().map(|&(p, n)| (p as u8, n)).collect();
+    let mut out = crate::libs::plan_candidates(cx, &candidates, |p| {
+        let probe = Probe::from_u8(p).ok_or_else(|| format!("probe {p}"))?;
+        plans(probe, &mut offsets, write_fn, &h2)
+    });
+    let span = |s: &crate::plan::ProbeSite| matches!(s.role, Role::Lib(LibProbe { probe, .. }) if probe == Probe::Server as u8 || probe == Probe::Client as u8);
+    if !out.sites.iter().any(span) {
         out.sites.clear();
     }
     out
@@ -177,14 +155,27 @@ fn specs_ops(probe: Probe, ret: bool, reg: u8, offsets: &mut Offsets<'_>) -> Res
         .map(|(sp, dest)| {
             let off = offsets.get(sp.field).ok_or(sp.field)?;
             let path = if sp.via_url { vec![url.ok_or("net/http.Request.URL")?] } else { Vec::new() };
-            Ok(Op::Field(FieldCopy { reg, path, off, fetch: sp.fetch, dest }))
+            Ok(Op::Field(FieldCopy { reg, path, off, fetch: sp.fetch, dest, when: Vec::new() }))
         })
         .collect::<Result<Vec<Op>, &str>>()
         .map_err(str::to_string)
 }
 
+/// What the HTTP/2 client's probes need.
+struct H2 {
+    /// The itab of `*bufio.Writer` as an `io.Writer`: the framer's writer.
+    bufio_itab: Option<u64>,
+    /// HTTP/2 lives in net/http/internal/http2 (Go 1.27 on).
+    internal: bool,
+}
+
 /// The entry and return capture plans of a probe.
-fn plans(probe: Probe, offsets: &mut Offsets<'_>, write_fn: Option<u64>) -> Result<(CapturePlan, CapturePlan), String> {
+fn plans(
+    probe: Probe,
+    offsets: &mut Offsets<'_>,
+    write_fn: Option<u64>,
+    h2: &H2,
+) -> Result<(CapturePlan, CapturePlan), String> {
     let off = CapturePlan { off: true, ..CapturePlan::default() };
     let need = |offsets: &mut Offsets<'_>, key: &str| offsets.get(key).ok_or_else(|| key.to_string());
     Ok(match probe {
@@ -242,15 +233,30 @@ fn plans(probe: Probe, offsets: &mut Offsets<'_>, write_fn: Option<u64>) -> Resu
             CapturePlan { ops: vec![Op::PendingFromRequest { key: RBX }], ..CapturePlan::default() },
             CapturePlan { ops: vec![Op::ClearPending], ..CapturePlan::default() },
         ),
-        // goexit1 has no parameters: the registers Forget uses hold nothing at its entry.
-        Probe::Exit => (CapturePlan { ops: vec![Op::Forget], bare: true, ..CapturePlan::default() }, off),
-        Probe::Spawn => {
-            let goid_off = need(offsets, "runtime.g.goid")?;
-            let parent_goid_off = need(offsets, "runtime.g.parentGoid")?;
-            let word = |off, dest| Op::Field(FieldCopy { reg: RAX, path: Vec::new(), off, fetch: Fetch::Word, dest });
-            let ops =
-                vec![Op::Inherit { g: RAX, goid_off, parent_goid_off }, word(goid_off, 0), word(parent_goid_off, 8)];
-            (off.clone(), CapturePlan { ops, ..CapturePlan::default() })
+        // encodeAndWriteHeaders(req): the request (1.27: its ClientRequest copy, with the
+        // same header map) in RBX.
+        Probe::H2Encode => {
+            let header =
+                if h2.internal { "net/http/internal/http2.ClientRequest.Header" } else { "net/http.Request.Header" };
+            let deref = Some(need(offsets, header)?);
+            (CapturePlan { ops: vec![Op::OutgoingFromRequest { key: RBX, deref }], ..CapturePlan::default() }, off)
+        }
+        // (f *Framer) endWrite(): the frame is f.wbuf, written to f.w, the connection's
+        // *bufio.Writer (where the field goes after the frame when wbuf has no room).
+        Probe::H2Write => {
+            let framer = if h2.internal { "net/http/internal/http2.Framer" } else { "net/http.http2Framer" };
+            let wbuf_off = need(offsets, &format!("{framer}.wbuf"))?;
+            let after = match h2.bufio_itab {
+                Some(itab) => Some(AfterWrite {
+                    w_off: need(offsets, &format!("{framer}.w"))?,
+                    itab,
+                    buf_off: need(offsets, "bufio.Writer.buf")?,
+                    buf_indirect: false,
+                    fill_off: need(offsets, "bufio.Writer.n")?,
+                }),
+                None => None,
+            };
+            crate::libs::h2_inject_plans(wbuf_off, after)
         }
         Probe::Inject => {
             let write_fn = write_fn.ok_or("bufio.(*Writer).Write")?;
