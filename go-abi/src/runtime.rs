@@ -40,11 +40,11 @@ pub fn table_offset(release: (u32, u32), field: &str) -> Option<u64> {
 }
 
 /// A library field offset (`"google.golang.org/grpc.ClientConn.target"`) for a version of
-/// its module (`"v1.60.1"`, as build info records it), from the generated table.
-/// A version between two listed ones uses the nearest lower listed row: the table lists
-/// the versions whose layout was read, and a library's structs rarely change between
-/// them (each new version listed is one regenerate). None before the first listed
-/// version, past the minor series of the last, or for a field the row lacks.
+/// its module (`"v1.60.1"`, as build info records it), from the generated table: the row
+/// whose range holds the version. A row covers the minor series of the version it was
+/// read from, from that patch on (or, for a module offset-tool/modules.toml marks
+/// `lower_row`, up to the next listed version). None outside every row, or for a field
+/// the row lacks: no offset rather than a guess.
 /// Pre-release and pseudo-version suffixes are ignored (`v1.60.0-dev` counts as v1.60.0).
 /// `std` is not a module here: its rows are keyed by Go release ([`table_offset`]).
 pub fn module_offset(module: &str, version: &str, field: &str) -> Option<u64> {
@@ -259,7 +259,9 @@ mod tests {
         let server_st = "google.golang.org/grpc/internal/transport.ServerStream.st";
         assert!(module_offset(grpc, "v1.60.1", method).is_some());
         assert_eq!(module_offset(grpc, "v1.59.0", method), None, "before the first listed version");
-        assert_eq!(module_offset(grpc, "v1.70.0", method), module_offset(grpc, "v1.69.4", method));
+        assert!(module_offset(grpc, "v1.70.0", method).is_some(), "every minor release has its row");
+        assert_eq!(module_offset(grpc, "v1.69.0", method), None, "a patch before the one read has none");
+        assert_eq!(module_offset(grpc, "v1.86.0", method), None, "past the last minor series");
         assert_eq!(module_offset(grpc, "v1.64.1", server_st), None, "one Stream type before the split");
         assert!(module_offset(grpc, "v1.85.0", server_st).is_some());
         assert_eq!(module_offset("std", "v1.21.0", "runtime.g.goid"), None, "std is keyed by Go release");

@@ -34,6 +34,12 @@ pub struct StdConfig {
     pub fixture: String,
     #[serde(default)]
     pub required: Vec<String>,
+    /// A version between two listed ones uses the lower row (for a module whose structs
+    /// were checked, in its history, not to change between the rows). Otherwise a row
+    /// covers its own minor series only, and other versions have no offsets: better no
+    /// probe than a read at a wrong offset.
+    #[serde(default)]
+    pub lower_row: bool,
     pub structs: BTreeMap<String, Vec<String>>,
 }
 
@@ -47,6 +53,12 @@ pub struct ModuleConfig {
     pub probe: String,
     #[serde(default)]
     pub required: Vec<String>,
+    /// A version between two listed ones uses the lower row (for a module whose structs
+    /// were checked, in its history, not to change between the rows). Otherwise a row
+    /// covers its own minor series only, and other versions have no offsets: better no
+    /// probe than a read at a wrong offset.
+    #[serde(default)]
+    pub lower_row: bool,
     pub structs: BTreeMap<String, Vec<String>>,
 }
 
@@ -271,15 +283,22 @@ pub fn module_row(config: &ModuleConfig, version: &str, tc: &GoToolchain) -> Res
     result
 }
 
-/// The generated source of `table`.
-pub fn render(table: &Table) -> String {
+/// The modules whose rows reach to the next listed version ([`ModuleConfig::lower_row`]).
+pub fn lower_row_modules(config: &Config) -> BTreeSet<String> {
+    config.modules.iter().filter(|m| m.lower_row).map(|m| m.path.clone()).collect()
+}
+
+/// The generated source of `table`; rows of `lower_row` modules reach to the next listed
+/// version, other rows to the next minor release.
+pub fn render(table: &Table, lower_row: &BTreeSet<String>) -> String {
     let mut s = String::from(HEADER);
     let keys: Vec<&RowKey> = table.keys().collect();
     for (i, (key, row)) in table.iter().enumerate() {
         let (a, b, c) = key.from;
         let next_minor = (a, b + 1, 0);
         let until = match keys.get(i + 1) {
-            Some(next) if key.library && next.module == key.module => next.from,
+            Some(next) if key.library && next.module == key.module && lower_row.contains(&key.module) => next.from,
+            Some(next) if key.library && next.module == key.module => next.from.min(next_minor),
             _ => next_minor,
         };
         let _ = writeln!(
@@ -420,7 +439,7 @@ pub fn run(options: &Options) -> Result<()> {
         }
     }
     let path = table_path();
-    let text = render(&new);
+    let text = render(&new, &lower_row_modules(&config));
     if options.check {
         let on_disk = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let differences = diff(&old, &new);
@@ -466,7 +485,7 @@ mod tests {
     }
 
     #[test]
-    fn render_ends_library_ranges_at_the_next_listed_version() {
+    fn render_ends_library_ranges_at_the_next_minor_or_listed_version() {
         let row = |g: &str, n: u64| Row { generator: g.into(), fields: [("p.T.f".to_string(), n)].into() };
         let lib = |from| RowKey { library: true, module: "example.com/m".into(), from };
         let table: Table = [
@@ -476,16 +495,27 @@ mod tests {
             (lib((1, 9, 0)), row("go1.27.3", 4)),
         ]
         .into();
-        let text = render(&table);
-        let untils: Vec<&str> = text.lines().filter(|l| l.trim_start().starts_with("until:")).map(str::trim).collect();
-        assert_eq!(untils, ["until: (1, 22, 0),", "until: (1, 24, 0),", "until: (1, 9, 0),", "until: (1, 10, 0),"]);
-        assert!(text.contains("(\"p.T.f\", 4),"));
+        let untils = |lower: &[&str]| -> Vec<String> {
+            let text = render(&table, &lower.iter().map(|s| s.to_string()).collect());
+            text.lines().filter(|l| l.trim_start().starts_with("until:")).map(|l| l.trim().to_string()).collect()
+        };
+        // A lower-row module's row reaches to the next listed version; any other row
+        // covers its own minor series.
+        assert_eq!(
+            untils(&["example.com/m"]),
+            ["until: (1, 22, 0),", "until: (1, 24, 0),", "until: (1, 9, 0),", "until: (1, 10, 0),"]
+        );
+        assert_eq!(
+            untils(&[]),
+            ["until: (1, 22, 0),", "until: (1, 24, 0),", "until: (1, 3, 0),", "until: (1, 10, 0),"]
+        );
+        assert!(render(&table, &BTreeSet::new()).contains("(\"p.T.f\", 4),"));
     }
 
     #[test]
     fn the_checked_in_table_is_in_the_generated_form() {
         let on_disk = std::fs::read_to_string(table_path()).unwrap();
-        assert_eq!(render(&current_table()), on_disk);
+        assert_eq!(render(&current_table(), &lower_row_modules(&load_config().unwrap())), on_disk);
     }
 
     #[test]

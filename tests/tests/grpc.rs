@@ -4,7 +4,8 @@
 //! over HTTP/2. Every request must give one connected trace of nine spans, with the
 //! attributes otelgrpc gives, on the oldest and newest Go, in default, stripped and PIE
 //! builds, with grpc-go v1.60.1 on the oldest Go and the newest grpc-go on the newest
-//! (`INJECT_GO_MATRIX=all`: both on every Go).
+//! (`INJECT_GO_MATRIX=all`: both on every Go; `INJECT_GRPC_VERSIONS=oldest,newest`: both,
+//! every flavor, on the Go under test).
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -25,8 +26,19 @@ const REQUESTS: u64 = 40;
 
 /// The grpc-go releases a Go builds the fixture with: the oldest supported on the oldest
 /// Go, the newest that Go builds on the others; both on every Go with the matrix.
+/// `INJECT_GRPC_VERSIONS=oldest,newest` (or versions) picks them for every Go instead.
 fn grpc_versions(tc: &GoToolchain) -> Vec<&'static str> {
     let newest = grpc_newest(&tc.version);
+    if let Ok(list) = std::env::var("INJECT_GRPC_VERSIONS") {
+        return list
+            .split(',')
+            .map(|v| match v.trim() {
+                "oldest" => GRPC_OLDEST,
+                "newest" => newest,
+                other => Box::leak(other.to_string().into_boxed_str()),
+            })
+            .collect();
+    }
     if std::env::var("INJECT_GO_MATRIX").is_ok_and(|v| v == "all") {
         vec![GRPC_OLDEST, newest]
     } else if tc.version.starts_with("1.21.") {
@@ -99,7 +111,8 @@ fn http_to_grpc_to_http2_is_one_connected_trace_per_request() -> Result<()> {
     let _serial = tests::exclusive();
     for tc in test_toolchains()? {
         for version in grpc_versions(&tc) {
-            let flavors: &[Flavor] = if grpc_versions(&tc).len() > 1 && version == GRPC_OLDEST {
+            let matrix = std::env::var("INJECT_GRPC_VERSIONS").is_err() && grpc_versions(&tc).len() > 1;
+            let flavors: &[Flavor] = if matrix && version == GRPC_OLDEST {
                 &[Flavor::Default]
             } else {
                 &[Flavor::Default, Flavor::Stripped, Flavor::Pie]

@@ -87,7 +87,8 @@ fn a_release_outside_the_table_is_refused_unless_assumed() -> Result<()> {
     Ok(())
 }
 
-/// The cells of `cargo xtask support` (which covers every Go) for the oldest and newest.
+/// The cells of `cargo xtask support` (which covers every Go) for the oldest and newest,
+/// with the gRPC cell for the grpc-go tests/grpc.rs builds on each (its binaries).
 #[test]
 fn core_checks_pass_for_default_stripped_and_pie() -> Result<()> {
     if !require_ptrace()? {
@@ -95,9 +96,12 @@ fn core_checks_pass_for_default_stripped_and_pie() -> Result<()> {
     }
     let inject = inject_binary()?;
     for tc in test_toolchains()? {
+        let grpc = if tc.version.starts_with("1.21.") { xtask::GRPC_OLDEST } else { xtask::grpc_newest(&tc.version) };
         for flavor in [Flavor::Default, Flavor::Stripped, Flavor::Pie] {
             xtask::support::cell(&inject, &tc, flavor)
                 .with_context(|| format!("go{} {}", tc.version, flavor.name()))?;
+            xtask::support::grpc(&inject, &tc, flavor, grpc)
+                .with_context(|| format!("go{} {} grpc-go {grpc}", tc.version, flavor.name()))?;
         }
     }
     Ok(())

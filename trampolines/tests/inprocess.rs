@@ -748,6 +748,36 @@ fn guards_skip_records() {
     assert_eq!(published(&r).len(), 3, "user-agent, traceparent and tracestate recorded");
 }
 
+/// `Guard::Own` records only on a goroutine with an entry of its own (a pending or active
+/// context), and `Guard::Tagged` only with an entry under its tagged key.
+#[test]
+fn goroutine_guards_follow_the_context_table() {
+    use trampolines::codegen::Guard;
+    let goid = 4242u64;
+    for (guard, key) in [(Guard::Own, goid), (Guard::Tagged { bit: ring_abi::ctx::OUT_TAG_BIT }, goid | 1 << 61)] {
+        let plan = CapturePlan { ints: 0b1, guard: Some(guard.clone()), ..CapturePlan::default() };
+        let mut r =
+            rig_with_plans(64, leaf_function, false, &plan, &CapturePlan { off: true, ..CapturePlan::default() });
+        let call = |r: &Rig| {
+            let mut regs = regs_for(r);
+            // SAFETY: the guard reads the goroutine's set of the context table only.
+            unsafe { call_with(&mut regs) };
+        };
+        call(&r);
+        assert_eq!(published(&r).len(), 0, "{guard:?}: no entry, no record");
+        // An entry in the goroutine's set (its low bits pick the set), in the last way.
+        let sets = ring_abi::ctx::GOROUTINES / ring_abi::ctx::WAYS;
+        let set = (goid as usize & (sets - 1)) * ring_abi::ctx::ENTRY * ring_abi::ctx::WAYS;
+        let at = r.layout.ctx_offset() + set + 3 * ring_abi::ctx::ENTRY;
+        r.ring.bytes_mut()[at..at + 8].copy_from_slice(&key.to_le_bytes());
+        call(&r);
+        assert_eq!(published(&r).len(), 1, "{guard:?}: an entry, a record");
+        r.ring.bytes_mut()[at..at + 8].copy_from_slice(&(key ^ 1).to_le_bytes());
+        call(&r);
+        assert_eq!(published(&r).len(), 1, "{guard:?}: another goroutine's entry, no record");
+    }
+}
+
 fn atomic_at(r: &Rig, off: usize) -> &std::sync::atomic::AtomicU64 {
     assert!(off + 8 <= r.ring.len && off.is_multiple_of(8));
     // SAFETY: an aligned word of the rig's ring mapping, shared with the trampolines only

@@ -38,6 +38,7 @@ const BENCHMARKS: &[&str] = &[
     "export",
     "launch",
     "http",
+    "grpc",
 ];
 
 pub fn run(name: Option<&str>) -> Result<()> {
@@ -52,6 +53,7 @@ pub fn run(name: Option<&str>) -> Result<()> {
             crate::bench_export::export()?;
             bench_probe::launch()?;
             crate::bench_http::http()?;
+            crate::bench_grpc::grpc()?;
             functions_100mb()
         }
         Some("functions-100mb") => functions_100mb(),
@@ -63,6 +65,7 @@ pub fn run(name: Option<&str>) -> Result<()> {
         Some("export") => crate::bench_export::export(),
         Some("launch") => bench_probe::launch(),
         Some("http") => crate::bench_http::http(),
+        Some("grpc") => crate::bench_grpc::grpc(),
         Some(other) => bail!("unknown benchmark {other:?}; known: {}", BENCHMARKS.join(", ")),
     }
 }

@@ -1,7 +1,9 @@
 //! `cargo xtask demo`: builds two fixtures with the newest supported Go (stripped, as
 //! production binaries are), starts them, shows what inject reads from a live process,
 //! and traces calls live for a few seconds, arguments and results included; then two HTTP
-//! services, each with its own inject and no flags, give connected traces.
+//! services, each with its own inject and no flags, give connected traces; then an HTTP
+//! front end calling a gRPC service that calls an HTTPS backend over HTTP/2 gives one trace
+//! across the three processes.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -63,7 +65,8 @@ pub fn run() -> Result<()> {
         let _ = c.wait();
     }
     result?;
-    http_demo(&tc)
+    http_demo(&tc)?;
+    grpc_demo(&tc)
 }
 
 /// Starts a fixture and returns it with the address from its `LISTEN` line.
@@ -82,6 +85,26 @@ fn start_listening(exe: &std::path::Path, args: &[&str]) -> Result<(Child, Strin
     Ok((child, addr.context("no LISTEN line")?))
 }
 
+/// Attaches an inject to each `(name, pid)` for 3 s, no flags, waiting until its probes
+/// are in; then `drive` runs, and the injects are waited for (they print their spans).
+fn traced(services: &[(&str, u32)], drive: impl FnOnce() -> Result<()>) -> Result<()> {
+    let mut injects = Vec::new();
+    for (name, pid) in services {
+        println!("== inject --pid {pid} --service-name {name} --duration 3");
+        let mut c = Command::new(inject_binary()?)
+            .args(["--pid", &pid.to_string(), "--service-name", name, "--duration", "3"])
+            .stderr(Stdio::piped())
+            .spawn()?;
+        xtask::wait_for_line(&mut c, false, "inject: probing")?;
+        injects.push(c);
+    }
+    drive()?;
+    for mut c in injects {
+        c.wait()?;
+    }
+    Ok(())
+}
+
 /// Two HTTP services, each with its own inject and no flags: the front's `/fanout` calls
 /// the back from three goroutines; one trace per request spans both processes.
 fn http_demo(tc: &xtask::GoToolchain) -> Result<()> {
@@ -90,29 +113,49 @@ fn http_demo(tc: &xtask::GoToolchain) -> Result<()> {
     let (back, back_addr) = start_listening(&server, &[])?;
     let (front, front_addr) = start_listening(&server, &["-backend", &format!("http://{back_addr}/hello")])?;
     let mut children = vec![back, front];
-    let result = (|| -> Result<()> {
-        println!("\n== net/http with no flags: an inject on each of two services (front calls back)");
-        let mut injects = Vec::new();
-        for (name, pid) in [("back", children[0].id()), ("front", children[1].id())] {
-            println!("== inject --pid {pid} --service-name {name} --duration 3");
-            let mut c = Command::new(inject_binary()?)
-                .args(["--pid", &pid.to_string(), "--service-name", name, "--duration", "3"])
-                .stderr(Stdio::piped())
-                .spawn()?;
-            xtask::wait_for_line(&mut c, false, "inject: probing")?;
-            injects.push(c);
-        }
+    println!("\n== net/http with no flags: an inject on each of two services (front calls back)");
+    let result = traced(&[("back", children[0].id()), ("front", children[1].id())], || {
         let urls = format!("http://{front_addr}/fanout,http://{front_addr}/items/42");
         println!(
             "== load -url {urls} -n 2 -c 1   (the front's SERVER span, its 3 CLIENT spans, the back's 3 SERVER spans: one trace)"
         );
         let out = Command::new(&load).args(["-url", &urls, "-n", "2", "-c", "1"]).output()?;
         print!("{}", String::from_utf8_lossy(&out.stdout));
-        for mut c in injects {
-            c.wait()?;
-        }
         Ok(())
-    })();
+    });
+    for c in &mut children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    result
+}
+
+/// HTTP front end -> gRPC service (unary, server stream, an error status) -> HTTPS backend
+/// over HTTP/2, three processes, an inject on each, no flags: one trace per request.
+fn grpc_demo(tc: &xtask::GoToolchain) -> Result<()> {
+    let version = xtask::grpc_newest(&tc.version);
+    let svc = xtask::build_module_fixture("grpcsvc", "google.golang.org/grpc", version, tc, Flavor::Stripped)?;
+    let server = build_fixture("httpserver", tc, Flavor::Stripped)?;
+    let load = build_fixture("load", tc, Flavor::Default)?;
+    let (back, back_addr) = start_listening(&server, &["-tls"])?;
+    let backend = format!("https://{back_addr}/hello");
+    let (grpc, grpc_addr) = start_listening(&svc, &["-mode", "server", "-backend", &backend])?;
+    let (front, front_addr) = start_listening(&svc, &["-mode", "front", "-target", &grpc_addr])?;
+    let mut children = vec![back, grpc, front];
+    println!(
+        "\n== gRPC (grpc-go {version}) with no flags: front (HTTP) calls grpc (gRPC), which calls back (HTTPS, HTTP/2)"
+    );
+    let services = [("back", children[0].id()), ("grpc", children[1].id()), ("front", children[2].id())];
+    let result = traced(&services, || {
+        let url = format!("http://{front_addr}/chain");
+        println!(
+            "== load -url {url} -n 1 -c 1   (front: SERVER GET /chain and 3 gRPC CLIENT spans; grpc: 3 SERVER spans \
+                 and an HTTP/2 CLIENT span; back: SERVER GET /hello: one trace)"
+        );
+        let out = Command::new(&load).args(["-url", &url, "-n", "1", "-c", "1"]).output()?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        Ok(())
+    });
     for c in &mut children {
         let _ = c.kill();
         let _ = c.wait();

@@ -171,7 +171,7 @@ fn http(inject: &std::path::Path, tc: &GoToolchain, flavor: Flavor) -> Result<()
 /// gRPC spans with no flags: the grpcsvc server (grpc-go `version`) launched under inject;
 /// its warm-up Check, a call to itself, must give a CLIENT and a SERVER span, the server
 /// span the child of the client span through the traceparent inject wrote.
-fn grpc(inject: &std::path::Path, tc: &GoToolchain, flavor: Flavor, version: &str) -> Result<()> {
+pub fn grpc(inject: &std::path::Path, tc: &GoToolchain, flavor: Flavor, version: &str) -> Result<()> {
     let exe = crate::build_module_fixture("grpcsvc", "google.golang.org/grpc", version, tc, flavor)?;
     let jsonl = scratch("grpc.jsonl")?;
     let mut run = Command::new(inject)

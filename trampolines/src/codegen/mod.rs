@@ -121,6 +121,8 @@ pub enum Guard {
     /// (`ring_abi::ctx::CLIENT_TAG_BIT`: a client span not yet handed over;
     /// `OUT_TAG_BIT`: one whose HTTP/2 headers it writes next).
     Tagged { bit: u32 },
+    /// The goroutine has an entry under its own goid (a pending or active context).
+    Own,
 }
 
 /// Reads a field through a chain of typed pointers: the register's value, then each `path`

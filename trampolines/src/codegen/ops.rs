@@ -759,7 +759,7 @@ pub(super) fn emit_guard(a: &mut CodeAssembler, ring: &RingAddrs, g: &Guard, ski
             a.jmp(skip)?;
             a.set_label(&mut pass)?;
         }
-        Guard::Tagged { bit } => {
+        Guard::Tagged { .. } | Guard::Own => {
             let mut pass = a.create_label();
             let sets = ctx::GOROUTINES / ctx::WAYS;
             let goid = qword_ptr(r14 + ring.goid_offset as i32);
@@ -769,7 +769,9 @@ pub(super) fn emit_guard(a: &mut CodeAssembler, ring: &RingAddrs, g: &Guard, ski
             a.mov(r12, ring.base + ring.layout.ctx_offset() as u64)?;
             a.add(r12, r13)?;
             a.mov(r13, goid)?;
-            a.bts(r13, *bit)?;
+            if let Guard::Tagged { bit } = g {
+                a.bts(r13, *bit)?;
+            }
             for way in 0..ctx::WAYS {
                 a.cmp(qword_ptr(r12 + (way * ctx::ENTRY + ctx::KEY) as i32), r13)?;
                 a.je(pass)?;

@@ -274,14 +274,22 @@ fn plans(probe: Probe, b: &mut Build<'_, '_>) -> Result<(CapturePlan, CapturePla
             ];
             (CapturePlan { ints: 0b1111, copies, ops: vec![op], guard, ..CapturePlan::default() }, off)
         }
+        // Only a frame that brought a context (the reader goroutine has it pending)
+        // records; likewise operateHeaders, for a frame with one.
         Probe::H2Frame => {
             let key = if b.frame_iface { RBX } else { RAX };
-            (off, CapturePlan { ints: 1 << key, ops: vec![Op::PendingToRequest { key }], ..CapturePlan::default() })
+            let ops = vec![Op::PendingToRequest { key }];
+            (off, CapturePlan { ints: 1 << key, ops, guard: Some(Guard::Own), ..CapturePlan::default() })
         }
         // operateHeaders(ctx, frame, handle): the frame in RDI.
         Probe::Headers => (
-            CapturePlan { ints: 1 << RDI, ops: vec![Op::PendingFromRequest { key: RDI }], ..CapturePlan::default() },
-            plan(vec![Op::ClearPending]),
+            CapturePlan {
+                ints: 1 << RDI,
+                ops: vec![Op::PendingFromRequest { key: RDI }],
+                guard: Some(Guard::InRequests { key: RDI }),
+                ..CapturePlan::default()
+            },
+            CapturePlan { ops: vec![Op::ClearPending], guard: Some(Guard::Own), ..CapturePlan::default() },
         ),
         // executeAndPut(f, it cbItem): the item's data word in RDI. Only a goroutine with
         // a client span waiting for its headers records (the first item it queues then).
@@ -302,7 +310,7 @@ fn plans(probe: Probe, b: &mut Build<'_, '_>) -> Result<(CapturePlan, CapturePla
             let wbuf_off = b.get("golang.org/x/net/http2.Framer.wbuf")?;
             let after = match b.buf_writer_itab {
                 Some(itab) => {
-                    // The buffer: a slice until v1.85, a pointer to one (pooled) since.
+                    // The buffer: a slice before v1.84, a pointer to one (pooled) since.
                     let (buf_off, buf_indirect) = match b.get(&format!("{TRANSPORT}.bufWriter.buf")) {
                         Ok(o) => (o, false),
                         Err(_) => (b.get(&format!("{TRANSPORT}.bufWriter.bufHandle"))?, true),
