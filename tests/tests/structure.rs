@@ -1,5 +1,5 @@
 //! The shape of the source, checked rather than hoped for: every source file says what it
-//! owns (a `//!` comment first), none is over 800 lines outside tests, and the modules of
+//! owns (a `//!` comment first), none is over 800 lines outside tests (generated tables aside), and the modules of
 //! each directory do not import each other in a cycle (`crate::`, `super::` and `self::`
 //! paths, `use` groups included), so that the layering the README draws holds.
 
@@ -158,7 +158,9 @@ fn check_crate(src: &Path) -> Result<Checked> {
             checked.undocumented.push(rel.display().to_string());
         }
         let code_lines = text.lines().take_while(|l| !l.starts_with("#[cfg(test)]")).count();
-        if code_lines > MAX_LINES {
+        // A generated table (go-abi's offsets, one row per release) is data, not code.
+        let generated = text.lines().take(10).any(|l| l.contains("do not edit by hand"));
+        if code_lines > MAX_LINES && !generated {
             checked.long.push(format!("{} ({code_lines} lines)", rel.display()));
         }
         let path = module_path(&rel);
