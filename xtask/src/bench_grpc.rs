@@ -113,17 +113,23 @@ pub fn grpc() -> Result<()> {
         load(&plain, &addr, service, &[])?;
         load(&plain, &otel_addr, service, &[])?;
         let (mut base, mut inj, mut off) = (Vec::new(), Vec::new(), Vec::new());
+        let mut dropped = 0;
         let spans0 = rx.spans()?;
         for round in 0..ROUNDS {
             base.push(load(&plain, &addr, service, &[server.id()])?);
+            let summary = xtask::workspace_root().join("target/bench/grpc-summary.json");
+            std::fs::create_dir_all(summary.parent().context("parent")?)?;
             let mut c = Command::new(&inject)
-                .args(["--pid", &server.id().to_string()])
+                .args(["--pid", &server.id().to_string(), "--summary-json"])
+                .arg(&summary)
                 .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
                 .stderr(Stdio::piped())
                 .spawn()?;
             xtask::wait_for_line(&mut c, false, "inject: probing")?;
             inj.push(load(&plain, &addr, service, &[server.id(), c.id()])?);
             stop(c)?;
+            let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
+            dropped += s["dropped"].as_u64().context("dropped in the summary")?;
             off.push(load(&plain, &otel_addr, service, &[otel_server.id()])?);
             eprintln!(
                 "  {service} round {}: baseline {:.0}, inject {:.0}, otelgrpc {:.0} RPCs/s",
@@ -161,7 +167,10 @@ pub fn grpc() -> Result<()> {
             oc - bc,
             o / b
         );
-        println!("  spans exported: {exported} (inject's and otelgrpc's)");
+        println!(
+            "  spans exported: {exported} (inject's and otelgrpc's); records inject dropped: {dropped}{}",
+            if dropped > 0 { " (the inject figures were measured while records were dropped)" } else { "" }
+        );
         if service == "work" {
             goal = Some((i / b, ic - bc, oc - bc));
         }
