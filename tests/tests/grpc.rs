@@ -370,7 +370,9 @@ fn oracle_run(tc: &GoToolchain, otel: bool, n: u64) -> Result<Run> {
         grpc.detach()?;
     }
     // Every trace with the front's /chain span (the otel build also traces its warm-ups).
-    std::thread::sleep(Duration::from_millis(500));
+    // Eight spans per request from the front and the gRPC service (the backend is not
+    // traced here); both sides flushed before their process or inject exited.
+    rx.wait_spans(8 * n, LIMIT).context("spans")?;
     let spans = rx.spans();
     let mut traces: HashMap<String, Vec<Received>> = HashMap::new();
     for s in spans {
