@@ -11,13 +11,13 @@ use super::plan::at;
 use crate::libs::{Attr, Described, Notes, SpanKind};
 use crate::ring::Record;
 
-fn word(data: &[u8], at: u16) -> Option<u64> {
+pub(super) fn word(data: &[u8], at: u16) -> Option<u64> {
     let at = usize::from(at);
     data.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
 }
 
 /// A Go string a field copy stored at `at` (length, then at most `max` bytes).
-fn string(data: &[u8], at: u16, max: u16) -> Option<String> {
+pub(super) fn string(data: &[u8], at: u16, max: u16) -> Option<String> {
     let n = usize::try_from(word(data, at)?).ok()?.min(usize::from(max));
     let start = usize::from(at) + 8;
     let bytes = data.get(start..start + n)?;

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use ring_abi::Kind;
 
 use super::Probe;
+use super::describe::{string, word};
 use super::plan::{H2_NAME_MAX, at};
 use crate::libs::{Attr, LibProbe, LibState, Notes, OpenSpans};
 use crate::ring::Record;
@@ -52,18 +53,11 @@ impl LibState for GrpcState {
         let Some(p) = Probe::from_u8(probe.probe) else { return };
         match p {
             Probe::Status => {
-                let word = |a: u16| {
-                    rec.data
-                        .get(usize::from(a)..usize::from(a) + 8)
-                        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
-                };
                 let Some(n) = spans.notes(goid, server) else { return };
                 // Code is an int32: the word's upper half is padding.
-                n.set(CODE, Attr::I(i64::from(word(at::CODE).unwrap_or(0) as u32)));
-                let len = word(at::MESSAGE).unwrap_or(0).min(u64::from(at::MESSAGE_MAX)) as usize;
-                let start = usize::from(at::MESSAGE) + 8;
-                if let Some(m) = rec.data.get(start..start + len).filter(|m| !m.is_empty()) {
-                    n.set(MESSAGE, Attr::S(String::from_utf8_lossy(m).into_owned()));
+                n.set(CODE, Attr::I(i64::from(word(&rec.data, at::CODE).unwrap_or(0) as u32)));
+                if let Some(m) = string(&rec.data, at::MESSAGE, at::MESSAGE_MAX) {
+                    n.set(MESSAGE, Attr::S(m));
                 }
             }
             Probe::H2Field => {
