@@ -5,9 +5,8 @@
 //! `server.port`; status Error on a server for the codes that mean a server fault, on a
 //! client for any code but OK, with the status message.
 
-use super::Probe;
-use super::events::{CODE, MESSAGE};
 use super::plan::at;
+use super::{CODE, MESSAGE, Probe};
 use crate::libs::{Attr, Described, Notes, SpanKind};
 use crate::ring::Record;
 

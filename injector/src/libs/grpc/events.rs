@@ -7,15 +7,11 @@ use std::collections::HashMap;
 
 use ring_abi::Kind;
 
-use super::Probe;
 use super::describe::{string, word};
 use super::plan::{H2_NAME_MAX, at};
+use super::{CODE, MESSAGE, Probe};
 use crate::libs::{Attr, LibProbe, LibState, Notes, OpenSpans};
 use crate::ring::Record;
-
-/// Notes a server span carries until it is described (not attributes themselves).
-pub(super) const CODE: &str = "grpc.code";
-pub(super) const MESSAGE: &str = "grpc.message";
 
 /// Entries kept in each side table before it is forgotten: goroutines end without telling us.
 const SIDE_TABLE_MAX: usize = 1 << 16;

@@ -23,6 +23,10 @@ mod plan;
 use super::{Described, LibState, Library, Notes, PlanCx, Planned};
 use crate::ring::Record;
 
+/// Notes a server span carries until it is described (not attributes themselves).
+pub(super) const CODE: &str = "grpc.code";
+pub(super) const MESSAGE: &str = "grpc.message";
+
 /// What each gRPC probe is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
