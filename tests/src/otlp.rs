@@ -310,6 +310,52 @@ impl TraceService for Grpc {
     }
 }
 
+/// The spans in an encoded `ExportTraceServiceRequest`, from its wire format alone
+/// (resource_spans = 1 → scope_spans = 2 → spans = 2); None when it is malformed.
+fn count_spans(body: &[u8]) -> Option<u64> {
+    fn varint(b: &[u8], at: &mut usize) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *b.get(*at)?;
+            *at += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    /// Calls `f` with each length-delimited field `want` of a message; skips the rest.
+    fn fields(b: &[u8], want: u64, f: &mut dyn FnMut(&[u8]) -> Option<()>) -> Option<()> {
+        let mut at = 0;
+        while at < b.len() {
+            let key = varint(b, &mut at)?;
+            match key & 7 {
+                0 => drop(varint(b, &mut at)?),
+                1 => at += 8,
+                5 => at += 4,
+                2 => {
+                    let len = usize::try_from(varint(b, &mut at)?).ok()?;
+                    let field = b.get(at..at.checked_add(len)?)?;
+                    at += len;
+                    if key >> 3 == want {
+                        f(field)?;
+                    }
+                }
+                _ => return None,
+            }
+        }
+        (at == b.len()).then_some(())
+    }
+    let mut n = 0;
+    let mut span = |_: &[u8]| {
+        n += 1;
+        Some(())
+    };
+    fields(body, 1, &mut |rs| fields(rs, 2, &mut |ss| fields(ss, 2, &mut span)))?;
+    Some(n)
+}
+
 /// One keep-alive HTTP/1.1 connection: POSTs of protobuf or JSON bodies.
 fn http_connection(stream: TcpStream, shared: &Shared) -> Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -348,6 +394,29 @@ fn http_connection(stream: TcpStream, shared: &Shared) -> Result<()> {
             flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut d)?;
             body = d;
         }
+        if shared.count_only && !json {
+            // Counted on the wire: a full decode costs the bench's shared cores more than
+            // a collector on another machine would cost the traced service.
+            let (status, reply) = match count_spans(&body) {
+                Some(n) => {
+                    shared.spans.fetch_add(n, Ordering::Relaxed);
+                    ("200 OK", ExportTraceServiceResponse { partial_success: None }.encode_to_vec())
+                }
+                None => {
+                    shared.bad.fetch_add(1, Ordering::Relaxed);
+                    ("400 Bad Request", Vec::new())
+                }
+            };
+            let mut msg = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/x-protobuf\r\ncontent-length: {}\r\n\r\n",
+                reply.len()
+            )
+            .into_bytes();
+            msg.extend_from_slice(&reply);
+            out.write_all(&msg)?;
+            out.flush()?;
+            continue;
+        }
         let decoded = if json {
             serde_json::from_slice::<ExportTraceServiceRequest>(&body).map_err(anyhow::Error::from)
         } else {
@@ -373,5 +442,29 @@ fn http_connection(stream: TcpStream, shared: &Shared) -> Result<()> {
         msg.extend_from_slice(&reply);
         out.write_all(&msg)?;
         out.flush()?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+    use prost::Message;
+
+    #[test]
+    fn spans_are_counted_on_the_wire_as_decoding_counts_them() {
+        let span = |n: u8| Span { name: format!("s{n}"), trace_id: vec![n; 16], ..Span::default() };
+        let scope = |k: u8| ScopeSpans { spans: (0..k).map(span).collect(), ..ScopeSpans::default() };
+        let req = ExportTraceServiceRequest {
+            resource_spans: vec![
+                ResourceSpans { scope_spans: vec![scope(3), scope(0), scope(5)], ..ResourceSpans::default() },
+                ResourceSpans { scope_spans: vec![scope(1)], ..ResourceSpans::default() },
+            ],
+        };
+        let body = req.encode_to_vec();
+        assert_eq!(super::count_spans(&body), Some(9));
+        assert_eq!(super::count_spans(&[]), Some(0));
+        assert_eq!(super::count_spans(&body[..body.len() - 1]), None, "a cut body is malformed");
+        assert_eq!(super::count_spans(&[0x0f]), None, "wire type 7 does not exist");
     }
 }
