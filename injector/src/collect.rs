@@ -72,8 +72,20 @@ const SETTLE: Duration = Duration::from_millis(2);
 
 /// A poll that returns this many records means the writers are busy: poll again at once.
 const BUSY_BATCH: usize = 1024;
-/// Otherwise, how long to let records gather before the next poll.
-const GATHER: Duration = Duration::from_millis(2);
+/// Otherwise, the longest to let records gather before the next poll, busy or idle: each
+/// wake costs ~20 µs of CPU on a virtual machine (timer programming, the switches), so
+/// waking every 2 ms cost an idle inject 1% of a core.
+const GATHER: Duration = Duration::from_millis(16);
+/// Records a second one P can publish into its sub-ring (`cargo xtask bench drain`
+/// measured 6.1 million with both cores of a 2-core machine writing), with headroom: no
+/// sleep is longer than a quarter of a sub-ring takes to fill at this rate, so a burst
+/// that starts while the reader sleeps finds room.
+const WRITE_RATE_MAX: f64 = 4e6;
+
+/// The longest sleep between polls for sub-rings of `capacity` slots.
+fn gather_for(capacity: u64) -> Duration {
+    GATHER.min(Duration::from_secs_f64(capacity as f64 / 4.0 / WRITE_RATE_MAX)).max(Duration::from_micros(50))
+}
 
 /// Batches of finished calls in flight to the output thread.
 const QUEUE: usize = 4096;
@@ -162,6 +174,7 @@ pub fn run(
     let settle_ticks = (clock.lock().map_or(3e9, |c| c.hz()) * SETTLE.as_secs_f64()) as u64;
     // One sub-ring is already in order.
     let single_ring = reader.rings() == 1;
+    let gather = gather_for(reader.capacity());
     let mut idle = Duration::from_micros(50);
     let mut last_poll = Instant::now();
     let mut stopping_since: Option<Instant> = None;
@@ -298,11 +311,11 @@ pub fn run(
         if n > 0 {
             idle = Duration::from_micros(50);
             let quarter = since_last_poll.mul_f64(reader.capacity() as f64 / 4.0 / n as f64);
-            std::thread::sleep(GATHER.min(quarter));
+            std::thread::sleep(gather.min(quarter));
             continue;
         }
         std::thread::sleep(idle);
-        idle = (idle * 2).min(Duration::from_millis(2));
+        idle = (idle * 2).min(gather);
     }
     totals.tickets = reader.head();
     totals.consumed = reader.consumed();
