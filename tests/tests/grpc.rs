@@ -59,7 +59,11 @@ struct Traced {
 
 impl Traced {
     fn start(exe: &std::path::Path, args: &[&str]) -> Result<Traced> {
-        let proc = start_fixture(exe, args, &[])?;
+        Traced::start_env(exe, args, &[])
+    }
+
+    fn start_env(exe: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Result<Traced> {
+        let proc = start_fixture(exe, args, env)?;
         let addr = proc.value("LISTEN ").context("LISTEN line")?;
         Ok(Traced { proc, addr, inject: None, summary: Default::default() })
     }
@@ -325,6 +329,25 @@ fn shapes(run: &Run, trace: &[Received]) -> Vec<Shape> {
     out
 }
 
+/// Starts the HTTPS backend, the gRPC server `svc` calling it, and the front end calling
+/// that, each gRPC process with the environment `env` gives its name.
+fn start_chain(
+    svc: &std::path::Path,
+    backend_exe: &std::path::Path,
+    env: impl Fn(&str) -> Vec<(&'static str, String)>,
+) -> Result<(Traced, Traced, Traced)> {
+    let start = |args: &[&str], name: &str| {
+        let e = env(name);
+        let e: Vec<(&str, &str)> = e.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Traced::start_env(svc, args, &e)
+    };
+    let back = Traced::start(backend_exe, &["-tls"])?;
+    let backend = format!("https://{}/hello", back.addr);
+    let grpc = start(&["-mode", "server", "-backend", &backend], "grpc")?;
+    let front = start(&["-mode", "front", "-target", &grpc.addr], "front")?;
+    Ok((back, grpc, front))
+}
+
 /// Runs the three services, `traced` deciding how each gRPC service process is traced
 /// (inject attached, or its own otel build), and makes `n` requests.
 fn oracle_run(tc: &GoToolchain, otel: bool, n: u64) -> Result<Run> {
@@ -337,20 +360,13 @@ fn oracle_run(tc: &GoToolchain, otel: bool, n: u64) -> Result<Run> {
     let backend_exe = build_fixture("httpserver", tc, Flavor::Default)?;
     let rx = Receiver::start(Transport::Http)?;
     let endpoint = rx.endpoint();
-    let env = |name: &'static str| {
-        vec![("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()), ("OTEL_SERVICE_NAME", name.to_string())]
-    };
-    let start = |args: &[&str], name: &'static str| -> Result<Traced> {
-        let e = env(name);
-        let e: Vec<(&str, &str)> = if otel { e.iter().map(|(k, v)| (*k, v.as_str())).collect() } else { Vec::new() };
-        let proc = start_fixture(&svc, args, &e)?;
-        let addr = proc.value("LISTEN ").context("LISTEN line")?;
-        Ok(Traced { proc, addr, inject: None, summary: Default::default() })
-    };
-    let back = Traced::start(&backend_exe, &["-tls"])?;
-    let backend = format!("https://{}/hello", back.addr);
-    let mut grpc = start(&["-mode", "server", "-backend", &backend], "grpc")?;
-    let mut front = start(&["-mode", "front", "-target", &grpc.addr], "front")?;
+    let (back, mut grpc, mut front) = start_chain(&svc, &backend_exe, |name| {
+        if otel {
+            vec![("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()), ("OTEL_SERVICE_NAME", name.into())]
+        } else {
+            vec![]
+        }
+    })?;
     if !otel {
         grpc.attach("grpc", &rx)?;
         front.attach("front", &rx)?;
@@ -443,5 +459,81 @@ fn spans_match_otelgrpc_and_otelhttp() -> Result<()> {
         }
     }
     eprintln!("attributes only otel emits: {only_official:#?}\nattributes only inject emits: {only_ours:#?}");
+    Ok(())
+}
+
+/// An application that propagates context itself (here the otelgrpc/otelhttp build) keeps
+/// its own `traceparent`: inject's client spans stand down rather than add a second field
+/// to its gRPC and HTTP/2 requests, and inject's server spans continue the application's
+/// context, joining its traces.
+#[test]
+fn an_instrumented_application_keeps_its_own_traceparent() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    let tc = test_toolchains()?.pop().context("no Go")?;
+    let version = grpc_newest(&tc.version);
+    let svc = xtask::build_module_fixture_with("grpcsvc", Some("grpcsvc-otel"), GRPC, version, &tc, Flavor::Default)?;
+    let backend_exe = build_fixture("httpserver", &tc, Flavor::Default)?;
+    let rx = Receiver::start(Transport::Http)?;
+    let endpoint = rx.endpoint();
+    // The application's own exporter waits for its shutdown (after inject is gone): its
+    // requests to the receiver would otherwise be client spans of inject's too.
+    let (_back, mut grpc, mut front) = start_chain(&svc, &backend_exe, |name| {
+        vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()),
+            ("OTEL_SERVICE_NAME", name.into()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "600000".into()),
+        ]
+    })?;
+    grpc.attach("grpc-inject", &rx)?;
+    front.attach("front-inject", &rx)?;
+    let n = 5u64;
+    let load = build_fixture("load", &tc, Flavor::Default)?;
+    let url = format!("http://{}/chain", front.addr);
+    let out = Command::new(&load).args(["-url", &url, "-n", &n.to_string(), "-c", "1"]).output()?;
+    ensure!(out.status.success(), "load: {}", String::from_utf8_lossy(&out.stdout));
+    let (fs, gs) = (front.detach()?, grpc.detach()?);
+    // Three gRPC calls per request from the front, one HTTP/2 fetch from the gRPC server:
+    // each carried the application's traceparent and none of inject's.
+    ensure!(
+        fs["grpc_app_traceparent"] == 3 * n && fs["grpc_injected"] == 0,
+        "front: {} stood down, {} injected",
+        fs["grpc_app_traceparent"],
+        fs["grpc_injected"]
+    );
+    ensure!(
+        gs["http_app_traceparent"] == n && gs["http_injected"] == 0,
+        "grpc: {} stood down, {} injected",
+        gs["http_app_traceparent"],
+        gs["http_injected"]
+    );
+    for p in [&mut front.proc, &mut grpc.proc] {
+        p.signal(15);
+        ensure!(p.wait(LIMIT)?.success(), "{}", p.transcript());
+    }
+    // inject's 3n gRPC server spans each continue an otelgrpc client span of the front.
+    rx.wait_spans(16 * n, LIMIT).context("spans")?;
+    let spans = rx.spans();
+    let of = |service: &str, kind: i32| -> Vec<&Received> {
+        spans
+            .iter()
+            .filter(|s| s.resource_str("service.name").as_deref() == Some(service) && s.span.kind == kind)
+            .filter(|s| s.span.name.starts_with("grpc.health.v1.Health/"))
+            .collect()
+    };
+    let app_calls: std::collections::HashSet<String> = of("front", CLIENT).iter().map(|s| s.span_id()).collect();
+    let handlers = of("grpc-inject", SERVER);
+    ensure!(handlers.len() as u64 == 3 * n, "{} inject server spans for {} calls", handlers.len(), 3 * n);
+    for h in handlers {
+        ensure!(
+            h.parent_id().is_some_and(|p| app_calls.contains(&p)),
+            "{} {}: parent {:?} is not one of the application's client spans",
+            h.span.name,
+            h.span_id(),
+            h.parent_id()
+        );
+    }
     Ok(())
 }

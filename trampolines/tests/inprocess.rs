@@ -645,6 +645,50 @@ fn h2_field_appended_only_to_the_end_of_a_header_block_with_room() {
     }
 }
 
+/// A `traceparent` the application encodes itself makes the goroutine's outgoing client
+/// span stand down: the frame then goes out with the application's field alone.
+#[test]
+fn an_application_traceparent_stands_the_injection_down() {
+    use trampolines::codegen::Op;
+    let plan = CapturePlan {
+        ints: 0x1ff,
+        ops: vec![
+            Op::ServerBegin { dest: 0 },
+            Op::ClientBeginHere { dest: 80 },
+            Op::ClientToRequest { key: 2 },
+            Op::OutgoingFromRequest { key: 2, deref: None },
+            Op::StandDown { name_ptr: 4, name_len: 5, dest: 160 },
+            Op::InjectH2 { framer: 3, wbuf_off: 8, after: None, dest: 168 },
+        ],
+        ..CapturePlan::default()
+    };
+    let r = rig_with_plans(64, leaf_function, false, &plan, &CapturePlan { off: true, ..CapturePlan::default() });
+    let item = Box::new([0u64; 4]);
+    for (name, stood_down) in
+        [(&b"traceparent"[..], true), (b"tracestate", false), (b"traceparenz", false), (b"", false)]
+    {
+        let mut buf = vec![0u8, 0, 0, 1, 4, 0, 0, 0, 1, 0x82, 0x86, 0x84, 0x41];
+        buf.resize(200, b'.');
+        let framer = Box::new([7u64, buf.as_mut_ptr() as u64, 13, 200]);
+        let mut regs = regs_for(&r);
+        regs[2] = item.as_ptr() as u64;
+        regs[3] = framer.as_ptr() as u64;
+        regs[4] = name.as_ptr() as u64;
+        regs[5] = name.len() as u64;
+        let before = regs;
+        // SAFETY: the item, the framer, its buffer and the name are live test memory.
+        unsafe { call_with(&mut regs) };
+        assert_eq!(regs[1..12], before[1..12], "registers preserved");
+        let m = r.ring.bytes();
+        let s = *published(&r).last().unwrap();
+        let word = |off: usize| u64::from_le_bytes(m[s + slot::DATA + off..][..8].try_into().unwrap());
+        let name = String::from_utf8_lossy(name);
+        assert_eq!(word(160), u64::from(stood_down), "{name}: stood down");
+        assert_eq!(word(168), if stood_down { 0 } else { 1 }, "{name}: appended");
+        assert_eq!(framer[2], if stood_down { 13 } else { 13 + 69 }, "{name}: frame length");
+    }
+}
+
 /// Without room in the frame buffer, the field goes after the frame once the framer's
 /// writer has it: the frame's length grows by 69, the writer's fill index too; a writer of
 /// another type, or one whose buffer no longer ends with the frame (flushed), is left alone.
@@ -720,17 +764,19 @@ fn go_function_leafless(at: u64) -> Vec<u8> {
 }
 
 /// A guard decides before a slot is taken: lines not starting with `t` or `u` (any case),
-/// and empty or nil strings, leave no record and no trace in the registers.
+/// shorter than its minimum (`te`), empty or nil leave no record and no trace in the
+/// registers.
 #[test]
 fn guards_skip_records() {
     use trampolines::codegen::Guard;
     let plan = CapturePlan {
         ints: 0b11,
-        guard: Some(Guard::FirstByte { ptr: 0, len: 1, first: b"tu".to_vec() }),
+        guard: Some(Guard::FirstByte { ptr: 0, len: 1, min_len: 10, first: b"tu".to_vec() }),
         ..CapturePlan::default()
     };
     let r = rig_with_plans(64, leaf_function, false, &plan, &CapturePlan { off: true, ..CapturePlan::default() });
-    let lines: [&[u8]; 6] = [b"User-Agent: x", b"Host: y", b"traceparent: z", b"", b"Accept: */*", b"TRACESTATE: a=b"];
+    let lines: [&[u8]; 8] =
+        [b"User-Agent: x", b"Host: y", b"traceparent: z", b"", b"Accept: */*", b"TRACESTATE: a=b", b"te", b"tracestat"];
     for line in lines {
         let mut regs = regs_for(&r);
         regs[0] = line.as_ptr() as u64;

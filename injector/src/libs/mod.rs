@@ -278,6 +278,19 @@ pub fn h2_inject_plans(wbuf_off: i32, after: Option<AfterWrite>) -> (CapturePlan
     (entry, ret)
 }
 
+/// The plans of an HPACK encoder's `WriteField(f HeaderField)` (the field's name in
+/// RBX/RCX): a `traceparent` the application writes itself makes the goroutine's outgoing
+/// client span stand down, so a request never carries two. Only names that may be one
+/// (`t`, 11 bytes or more) leave a record: its first word is 1 when a span stood down.
+pub fn h2_stand_down_plans() -> (CapturePlan, CapturePlan) {
+    let entry = CapturePlan {
+        ops: vec![Op::StandDown { name_ptr: 1, name_len: 2, dest: 0 }],
+        guard: Some(Guard::FirstByte { ptr: 1, len: 2, min_len: 11, first: b"t".to_vec() }),
+        ..CapturePlan::default()
+    };
+    (entry, CapturePlan { off: true, ..CapturePlan::default() })
+}
+
 /// The version of module `path` the binary was built with (a replacement's, if any).
 pub fn module_version<'b>(bin: &'b GoBinary<'_>, path: &str) -> Option<&'b str> {
     bin.build_info

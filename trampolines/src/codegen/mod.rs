@@ -112,9 +112,9 @@ pub struct CapturePlan {
 /// A cheap test that decides whether a probe records at all.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Guard {
-    /// The (pointer, length) string in these registers is non-empty and its first byte,
-    /// ASCII-lowercased, is one of `first`.
-    FirstByte { ptr: u8, len: u8, first: Vec<u8> },
+    /// The (pointer, length) string in these registers is at least `min_len` (and 1) bytes
+    /// long and its first byte, ASCII-lowercased, is one of `first`.
+    FirstByte { ptr: u8, len: u8, min_len: u8, first: Vec<u8> },
     /// The register holds a key present in the request context table.
     InRequests { key: u8 },
     /// The goroutine has an entry under its goid with this bit set
@@ -279,6 +279,15 @@ pub enum Op {
         after: AfterWrite,
         dest: u16,
     },
+    /// The goroutine encodes an HTTP/2 header field (name in registers): if it is a
+    /// `traceparent` the application set itself, the outgoing client span waiting for the
+    /// goroutine's next [`Op::InjectH2`] is dropped, so the request carries the
+    /// application's context alone. `dest` gets 1 when one was dropped, else 0.
+    StandDown {
+        name_ptr: u8,
+        name_len: u8,
+        dest: u16,
+    },
 }
 
 /// Where a `Framer` writes: its `io.Writer` field, which must hold a writer of one known
@@ -301,6 +310,7 @@ impl Op {
             Op::InjectTraceparent { dest, .. } | Op::InjectH2 { dest, .. } | Op::InjectH2After { dest, .. } => {
                 *dest as usize + 24
             }
+            Op::StandDown { dest, .. } => *dest as usize + 8,
             Op::ClientBeginHere { dest } => *dest as usize + ring_abi::span_ids::LEN,
             Op::StashTraceparent { .. }
             | Op::StashTraceparentField { .. }

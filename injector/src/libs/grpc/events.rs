@@ -29,6 +29,8 @@ pub(super) struct GrpcState {
     /// want of room in the framer's buffer.
     injected: u64,
     no_room: u64,
+    /// Outgoing client spans that stood down for the application's own `traceparent`.
+    stood_down: u64,
 }
 
 fn insert(map: &mut HashMap<u64, Notes>, k: u64, n: Notes) {
@@ -95,12 +97,21 @@ impl LibState for GrpcState {
             Probe::Finish => {
                 spans.release(probe.lib, rec.ints[0], rec);
             }
+            Probe::Encode => {
+                if rec.data.first() == Some(&1) {
+                    self.stood_down += 1;
+                }
+            }
             Probe::Server | Probe::Client | Probe::Stream | Probe::Queue | Probe::Writer => {}
         }
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
-        vec![("grpc_injected", self.injected), ("grpc_inject_no_room", self.no_room)]
+        vec![
+            ("grpc_injected", self.injected),
+            ("grpc_inject_no_room", self.no_room),
+            ("grpc_app_traceparent", self.stood_down),
+        ]
     }
 
     /// A stream NewStream opened (no error) stays open until its `finish`, keyed by the

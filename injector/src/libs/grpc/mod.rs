@@ -53,10 +53,13 @@ pub enum Probe {
     Stream,
     /// A client stream finishes (`(*clientStream).finish`): its span ends.
     Finish,
+    /// x/net's HPACK encoder writes a header field (`WriteField`): the application's own
+    /// `traceparent` makes inject's stand down.
+    Encode,
 }
 
 impl Probe {
-    const ALL: [Probe; 11] = [
+    const ALL: [Probe; 12] = [
         Probe::Server,
         Probe::Client,
         Probe::Status,
@@ -68,6 +71,7 @@ impl Probe {
         Probe::FrameWrite,
         Probe::Stream,
         Probe::Finish,
+        Probe::Encode,
     ];
 
     pub(super) fn from_u8(p: u8) -> Option<Probe> {

@@ -63,6 +63,7 @@ const CANDIDATES: &[(Probe, &str)] = &[
     (Probe::FrameWrite, "golang.org/x/net/http2.(*Framer).endWrite"),
     (Probe::Stream, "google.golang.org/grpc.(*ClientConn).NewStream"),
     (Probe::Finish, "google.golang.org/grpc.(*clientStream).finish"),
+    (Probe::Encode, "golang.org/x/net/http2/hpack.(*Encoder).WriteField"),
 ];
 
 const TRANSPORT: &str = "google.golang.org/grpc/internal/transport";
@@ -267,7 +268,7 @@ fn plans(probe: Probe, b: &mut Build<'_, '_>) -> Result<(CapturePlan, CapturePla
         Probe::H2Field => {
             let op = Op::StashTraceparentField { name_ptr: RAX, name_len: RBX, value_ptr: RCX, value_len: RDI };
             // traceparent (used in the trampoline) and tracestate (kept by the collector).
-            let guard = Some(Guard::FirstByte { ptr: RAX, len: RBX, first: b"t".to_vec() });
+            let guard = Some(Guard::FirstByte { ptr: RAX, len: RBX, min_len: 10, first: b"t".to_vec() });
             let copies = vec![
                 ByteCopy { ptr: RAX, len: RBX, max: H2_NAME_MAX, dest: 0 },
                 ByteCopy { ptr: RCX, len: RDI, max: H2_VALUE_MAX, dest: H2_NAME_MAX },
@@ -327,6 +328,7 @@ fn plans(probe: Probe, b: &mut Build<'_, '_>) -> Result<(CapturePlan, CapturePla
             };
             crate::libs::h2_inject_plans(wbuf_off, after)
         }
+        Probe::Encode => crate::libs::h2_stand_down_plans(),
     })
 }
 

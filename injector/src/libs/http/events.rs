@@ -30,6 +30,8 @@ pub(super) struct HttpState {
     panics: u64,
     /// HTTP/2 requests whose header block had no room for a traceparent field.
     no_room: u64,
+    /// HTTP/2 requests that carried the application's own `traceparent`, not inject's.
+    stood_down: u64,
 }
 
 impl LibState for HttpState {
@@ -113,12 +115,22 @@ impl LibState for HttpState {
                 Some(2) => self.no_room += 1,
                 _ => {}
             },
+            Probe::H2Own => {
+                if rec.data.first() == Some(&1) {
+                    self.stood_down += 1;
+                }
+            }
             Probe::Server | Probe::Client | Probe::H2Encode => {}
         }
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
-        vec![("http_injected", self.injected), ("http_panics", self.panics), ("http_inject_no_room", self.no_room)]
+        vec![
+            ("http_injected", self.injected),
+            ("http_panics", self.panics),
+            ("http_inject_no_room", self.no_room),
+            ("http_app_traceparent", self.stood_down),
+        ]
     }
 
     /// An HTTP/2 handler's goroutine gets the header values its serve loop holds.

@@ -58,10 +58,13 @@ pub enum Probe {
     /// The HTTP/2 framer finishes a frame (`endWrite`): a request's header block gets its
     /// `traceparent` field.
     H2Write,
+    /// The HPACK encoder writes a request header field (`WriteField`): the application's
+    /// own `traceparent` makes inject's stand down.
+    H2Own,
 }
 
 impl Probe {
-    const ALL: [Probe; 12] = [
+    const ALL: [Probe; 13] = [
         Probe::Server,
         Probe::Client,
         Probe::HeaderLine,
@@ -74,6 +77,7 @@ impl Probe {
         Probe::H2Process,
         Probe::H2Encode,
         Probe::H2Write,
+        Probe::H2Own,
     ];
 
     pub fn is_span(self) -> bool {

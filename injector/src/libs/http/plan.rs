@@ -118,6 +118,7 @@ const CANDIDATES: &[(Probe, &str)] = &[
     (Probe::H2Encode, "net/http/internal/http2.(*clientStream).encodeAndWriteHeaders"),
     (Probe::H2Write, "net/http.(*http2Framer).endWrite"),
     (Probe::H2Write, "net/http/internal/http2.(*Framer).endWrite"),
+    (Probe::H2Own, "vendor/golang.org/x/net/http2/hpack.(*Encoder).WriteField"),
 ];
 
 /// Whether the binary has a net/http server or client to instrument.
@@ -202,7 +203,7 @@ fn plans(
             let copies = vec![ByteCopy { ptr: RAX, len: RBX, max: HEADER_LINE_MAX, dest: 0 }];
             let ops = vec![Op::StashTraceparent { ptr: RAX, len: RBX }];
             // Only traceparent, tracestate and user-agent matter: other lines cost nothing.
-            let guard = Some(Guard::FirstByte { ptr: RAX, len: RBX, first: b"tu".to_vec() });
+            let guard = Some(Guard::FirstByte { ptr: RAX, len: RBX, min_len: 12, first: b"tu".to_vec() });
             (off.clone(), CapturePlan { ints: 0b11, copies, ops, guard, ..CapturePlan::default() })
         }
         Probe::Status => (CapturePlan { ints: 0b10, ..CapturePlan::default() }, off),
@@ -218,8 +219,9 @@ fn plans(
         // goroutine, which inherits it.
         Probe::H2Field => {
             let op = Op::StashTraceparentField { name_ptr: RAX, name_len: RBX, value_ptr: RCX, value_len: RDI };
-            // traceparent, tracestate, user-agent: the collector keeps the last two.
-            let guard = Some(Guard::FirstByte { ptr: RAX, len: RBX, first: b"tu".to_vec() });
+            // traceparent, tracestate, user-agent (10 bytes or more: not `te`): the collector
+            // keeps the last two.
+            let guard = Some(Guard::FirstByte { ptr: RAX, len: RBX, min_len: 10, first: b"tu".to_vec() });
             let copies = vec![
                 ByteCopy { ptr: RAX, len: RBX, max: H2_NAME_MAX, dest: 0 },
                 ByteCopy { ptr: RCX, len: RDI, max: HEADER_LINE_MAX, dest: H2_NAME_MAX },
@@ -258,6 +260,7 @@ fn plans(
             };
             crate::libs::h2_inject_plans(wbuf_off, after)
         }
+        Probe::H2Own => crate::libs::h2_stand_down_plans(),
         Probe::Inject => {
             let write_fn = write_fn.ok_or("bufio.(*Writer).Write")?;
             let buf_off = need(offsets, "bufio.Writer.buf")?;
