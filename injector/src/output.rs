@@ -58,6 +58,15 @@ fn clock_time(unix_ns: u128) -> String {
 }
 
 impl Sink {
+    /// How the spans the trampolines begin decide their sampled flag: as the exporter's
+    /// sampler does (everything is kept for the console and JSON lines).
+    pub fn sampling(&self) -> trampolines::codegen::Sampling {
+        match self {
+            Sink::Otlp { sampler, .. } => sampler.rule(),
+            _ => trampolines::codegen::Sampling::default(),
+        }
+    }
+
     pub fn text(format: Format, out: Box<dyn Write + Send>) -> Sink {
         Sink::Text { format, out }
     }
@@ -165,8 +174,10 @@ impl Sink {
         if let Sink::None = self {
             return Ok(());
         }
+        // The flag the trampoline sent is the decision; the sampler's own for spans
+        // whose ids the collector made.
         if let Sink::Otlp { sampler, spans, .. } = self
-            && !sampler.sample(call.trace_id, call.remote_parent.then_some(true))
+            && !call.sampled.unwrap_or_else(|| sampler.sample(call.trace_id, call.remote_parent.then_some(true)))
         {
             spans.sampled_out();
             return Ok(());

@@ -513,6 +513,7 @@ fn start_tracing(
         stack_hi_offset: layout.stack_hi,
         select,
         wait_spins: if lossless { wait_spins(LOSSLESS_WAIT) } else { 0 },
+        sampling: sink.sampling(),
     };
     let mut inst = backend.install(pid, bin, exe.bias, &sites, ring)?;
     let done = inst.installed().clone();

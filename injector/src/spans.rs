@@ -61,6 +61,9 @@ pub struct Call {
     pub parent: Option<u64>,
     /// The parent is in another process (an incoming `traceparent`).
     pub remote_parent: bool,
+    /// The sampled flag the trampoline gave the span (and sent with its context), when
+    /// it made the span's ids: the exporter keeps exactly the spans it says.
+    pub sampled: Option<bool>,
     /// What a library's events added to its span.
     pub notes: Option<Box<Notes>>,
 }
@@ -86,6 +89,7 @@ struct Open {
     span_id: u64,
     parent: Option<u64>,
     remote_parent: bool,
+    sampled: Option<bool>,
     notes: Option<Box<Notes>>,
 }
 
@@ -101,6 +105,7 @@ impl Open {
             span_id: self.span_id,
             parent: self.parent,
             remote_parent: self.remote_parent,
+            sampled: self.sampled,
             notes: self.notes,
         }
     }
@@ -350,6 +355,7 @@ impl Pairer {
                     None => self.lineage.get(&rec.goid).map_or((0, None), |&(t, s)| (t, Some(s))),
                 };
                 let mut remote_parent = false;
+                let mut sampled = None;
                 let mut notes = None;
                 let mut span_id = 0;
                 if let Role::Lib(p) = role {
@@ -358,6 +364,7 @@ impl Pairer {
                         open = (ids.trace, ids.parent);
                         span_id = ids.span;
                         remote_parent = ids.remote;
+                        sampled = ids.sampled;
                     }
                     notes =
                         self.libs.get_mut(usize::from(p.lib)).and_then(|l| l.span_start(p.probe, &rec)).map(Box::new);
@@ -371,7 +378,7 @@ impl Pairer {
                 if span_id == 0 {
                     span_id = self.ids.next();
                 }
-                let open = Open { entry: rec, trace_id, span_id, parent, remote_parent, notes };
+                let open = Open { entry: rec, trace_id, span_id, parent, remote_parent, sampled, notes };
                 // Finished at once: its return came early, or no exit is probed.
                 if early.is_some() || entry_only {
                     let depth = stack.len();

@@ -135,7 +135,7 @@ pub mod ctx {
     pub const GOROUTINES: usize = 1 << 14;
     /// Entries of the request table (sets indexed by a hash of the request's header map).
     pub const REQUESTS: usize = 1 << 13;
-    pub const ENTRY: usize = 64;
+    pub const ENTRY: usize = 128;
     /// Entries per set: a key may be in any entry of the set its hash picks (four-way
     /// set-associative, so live keys that collide keep their context).
     pub const WAYS: usize = 4;
@@ -148,6 +148,9 @@ pub mod ctx {
     /// A span id, 16 hex digits: the goroutine's current server span, the remote parent of
     /// a pending incoming context, or an outgoing request's client span.
     pub const SPAN: usize = 48;
+    /// The trace flags, two lowercase hex digits as traceparent writes them (`01`:
+    /// sampled), in the first two bytes of a u64.
+    pub const FLAGS: usize = 64;
     pub const LEN: usize = (GOROUTINES + REQUESTS) * ENTRY;
     /// Bit set in a goroutine-table key (with the goid) for the client span a goroutine
     /// started and has not yet queued (a gRPC call before its headers are handed over).
@@ -184,7 +187,10 @@ pub mod span_ids {
     pub const PARENT: usize = 48;
     /// [`super::ParentKind`] (u64).
     pub const PARENT_KIND: usize = 64;
-    pub const LEN: usize = 72;
+    /// The span's trace flags as it propagates them (see `ctx::FLAGS`): whether it is
+    /// sampled was decided where its trace began, or by the sampler at its root here.
+    pub const FLAGS: usize = 72;
+    pub const LEN: usize = 80;
 }
 
 /// Where an HTTP span's parent came from.

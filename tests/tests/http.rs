@@ -438,3 +438,46 @@ fn attach_and_detach_under_load_fail_no_request() -> Result<()> {
     }
     Ok(())
 }
+
+/// A caller that did not sample its trace is followed: inject's spans under it are not
+/// exported, and the requests they make carry the unsampled flag on, so the next process
+/// does not export its spans either; a sampled caller's trace is exported whole.
+#[test]
+fn an_unsampled_callers_decision_is_followed_downstream() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    let tc = test_toolchains()?.pop().context("no Go")?;
+    let rx = Receiver::start(Transport::Http)?;
+    let mut back = Service::start(&tc, Flavor::Default, "back", &[], &rx)?;
+    let backend = format!("http://{}/hello", back.addr);
+    let mut front = Service::start(&tc, Flavor::Default, "front", &["-backend", &backend], &rx)?;
+    let url = format!("http://{}/fanout", front.addr);
+    const N: u64 = 10;
+    const UNSAMPLED: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    for (trace, flags) in [(UNSAMPLED, "00"), (REMOTE_TRACE, "01")] {
+        let header = format!("traceparent: 00-{trace}-{REMOTE_PARENT}-{flags}");
+        let r = load(&tc, &["-url", &url, "-n", &N.to_string(), "-c", "2", "-header", &header])?;
+        ensure!(r.success && r.get("ok") == N, "{flags}: {:?} {:?}", r.fields, r.lines);
+    }
+    let (fs, bs) = (front.detach()?, back.detach()?);
+    // Per request: the front's server span and three client spans, three back server spans.
+    rx.wait_spans(7 * N, LIMIT).context("spans")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let spans = rx.spans();
+    let traces: std::collections::BTreeSet<String> = spans.iter().map(|s| s.trace_id()).collect();
+    ensure!(
+        spans.len() as u64 == 7 * N && traces.iter().eq([REMOTE_TRACE]),
+        "{} spans in traces {traces:?}",
+        spans.len()
+    );
+    let sampled_out = |s: &Value| s["otlp"]["sampled_out"].as_u64().unwrap_or(u64::MAX);
+    ensure!(
+        sampled_out(&fs) == 4 * N && sampled_out(&bs) == 3 * N,
+        "sampled out: front {}, back {}",
+        sampled_out(&fs),
+        sampled_out(&bs)
+    );
+    Ok(())
+}

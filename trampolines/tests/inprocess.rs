@@ -14,6 +14,7 @@ const GOID_OFF: u32 = 152;
 thread_local! {
     /// The lossless wait the next rig on this thread is built with (0: none).
     static WAIT_SPINS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    static SAMPLING: std::cell::Cell<trampolines::codegen::Sampling> = std::cell::Cell::new(Default::default());
 }
 
 struct Mem {
@@ -191,6 +192,7 @@ fn rig_with_plans(
         stack_hi_offset: 8,
         select: RingSelect::ByP { g_m: 48, m_p: 208, p_id: 0 },
         wait_spins: WAIT_SPINS.with(|w| w.get()),
+        sampling: SAMPLING.with(|s| s.get()),
     };
     let next = std::cell::Cell::new(func + 0x1000);
     let punned = std::cell::RefCell::new(Vec::new());
@@ -489,25 +491,19 @@ fn trace_context_operations() {
     use ring_abi::span_ids as ids;
     use trampolines::codegen::{Fetch, FieldCopy, Op};
     let write_fn = 0x4455_6677u64;
-    let plan = CapturePlan {
-        ints: 0x1ff,
-        ops: vec![
-            Op::StashTraceparent { ptr: 0, len: 1 },
-            Op::ServerBegin { dest: 0 },
-            Op::ClientBegin { req: 2, header_off: 8, dest: 80 },
-            Op::InjectTraceparent { map: 3, itab: 4, data: 5, write_fn, buf_off: 16, n_off: 40, dest: 160 },
-            Op::Field(FieldCopy {
-                reg: 2,
-                path: vec![0],
-                off: 8,
-                fetch: Fetch::Str { max: 4 },
-                dest: 200,
-                when: Vec::new(),
-            }),
-            Op::Field(FieldCopy { reg: 2, path: vec![16], off: 0, fetch: Fetch::Word, dest: 220, when: Vec::new() }),
-        ],
-        ..CapturePlan::default()
-    };
+    let mut ops = http_server_to_client(write_fn);
+    ops.extend([
+        Op::Field(FieldCopy {
+            reg: 2,
+            path: vec![0],
+            off: 8,
+            fetch: Fetch::Str { max: 4 },
+            dest: 200,
+            when: Vec::new(),
+        }),
+        Op::Field(FieldCopy { reg: 2, path: vec![16], off: 0, fetch: Fetch::Word, dest: 220, when: Vec::new() }),
+    ]);
+    let plan = CapturePlan { ints: 0x1ff, ops, ..CapturePlan::default() };
     let r = rig_with_plans(64, leaf_function, false, &plan, &CapturePlan { off: true, ..CapturePlan::default() });
     let line = b"Traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let map = Box::new([0u64; 8]);
@@ -572,6 +568,93 @@ fn trace_context_operations() {
     assert_eq!(d2(80 + ids::TRACE, 32), d2(ids::TRACE, 32));
     assert_eq!(u64::from_le_bytes(m[s + slot::DATA + 160..][..8].try_into().unwrap()), 0, "no room: no line");
     assert_eq!(bw[5], 80);
+}
+
+/// An HTTP server span from a header line (RAX, RBX), its client span for the request in
+/// RCX (header map at +8), and the `traceparent` line written for the map in RDI to the
+/// `bufio.Writer`-shaped writer (itab RSI, data R8); ids at 0 and 80, the outcome at 160.
+fn http_server_to_client(write_fn: u64) -> Vec<trampolines::codegen::Op> {
+    use trampolines::codegen::Op;
+    vec![
+        Op::StashTraceparent { ptr: 0, len: 1 },
+        Op::ServerBegin { dest: 0 },
+        Op::ClientBegin { req: 2, header_off: 8, dest: 80 },
+        Op::InjectTraceparent { map: 3, itab: 4, data: 5, write_fn, buf_off: 16, n_off: 40, dest: 160 },
+    ]
+}
+
+/// The sampled flag: an incoming context's flags go on to the server span, its client span
+/// and the `traceparent` it sends, for a parent-based sampler; a root, or any span for
+/// another sampler, gets the sampler's decision on its trace id; flags that are not two
+/// hex digits make the header invalid.
+#[test]
+fn sampled_flags_follow_the_parent_and_the_sampler() {
+    use ring_abi::span_ids as ids;
+    use trampolines::codegen::Sampling;
+    let write_fn = 0x4455_6677u64;
+    let plan = CapturePlan { ints: 0x1ff, ops: http_server_to_client(write_fn), ..CapturePlan::default() };
+    // One request through a rig built for `sampling`: (trace id, server flags, client
+    // flags, the flags of the line sent).
+    let run = |sampling: Sampling, line: &[u8]| -> (String, String, String, String) {
+        SAMPLING.with(|s| s.set(sampling));
+        let r = rig_with_plans(64, leaf_function, false, &plan, &CapturePlan { off: true, ..CapturePlan::default() });
+        SAMPLING.with(|s| s.set(Sampling::default()));
+        let map = Box::new([0u64; 8]);
+        let req = Box::new([0u64, map.as_ptr() as u64, 0]);
+        let itab = Box::new([0u64, 0, 0, write_fn]);
+        let mut buf = vec![b'.'; 128];
+        let bw = Box::new([0u64, 0, buf.as_mut_ptr() as u64, 128, 128, 0]);
+        let mut regs = regs_for(&r);
+        regs[0] = line.as_ptr() as u64;
+        regs[1] = line.len() as u64;
+        regs[2] = req.as_ptr() as u64;
+        regs[3] = map.as_ptr() as u64;
+        regs[4] = itab.as_ptr() as u64;
+        regs[5] = bw.as_ptr() as u64;
+        // SAFETY: every pointer handed to the trampoline is to live test memory.
+        unsafe { call_with(&mut regs) };
+        let m = r.ring.bytes();
+        let s = *published(&r).last().unwrap();
+        let d = |off: usize, n: usize| String::from_utf8_lossy(&m[s + slot::DATA + off..][..n]).into_owned();
+        assert_eq!(bw[5], 70, "the line sent");
+        let sent = String::from_utf8_lossy(&buf[..70]).into_owned();
+        assert_eq!(&sent[..16], "traceparent: 00-");
+        assert_eq!(&sent[65..], format!("-{}\r\n", &sent[66..68]), "{sent}");
+        assert_eq!(d(80 + ids::FLAGS + 2, 6), "\0\0\0\0\0\0", "two digits in a word");
+        (d(ids::TRACE, 32), d(ids::FLAGS, 2), d(80 + ids::FLAGS, 2), sent[66..68].to_string())
+    };
+    let header = |trace: &str, flags: &str| format!("traceparent: 00-{trace}-b7ad6b7169203331-{flags}");
+    let t = "0af7651916cd43dd8448eb211c80319c";
+    let parent_based = Sampling::default();
+    for flags in ["00", "01", "03"] {
+        let (trace, server, client, sent) = run(parent_based, header(t, flags).as_bytes());
+        assert_eq!((trace.as_str(), server.as_str(), client.as_str(), sent.as_str()), (t, flags, flags, flags));
+    }
+    // Not hex: the header is ignored, a new (sampled) trace begins.
+    let (trace, server, _, sent) = run(parent_based, header(t, "0g").as_bytes());
+    assert_ne!(trace, t);
+    assert_eq!((server.as_str(), sent.as_str()), ("01", "01"));
+    // parentbased_always_off: a root is not sampled, a sampled parent's child is.
+    let off = Sampling { parent_based: true, root_below: 0 };
+    assert_eq!(run(off, b"User-Agent: x").3, "00");
+    assert_eq!(run(off, header(t, "01").as_bytes()).3, "01");
+    // always_off ignores the parent.
+    assert_eq!(run(Sampling { parent_based: false, root_below: 0 }, header(t, "01").as_bytes()).3, "00");
+    // traceidratio 0.5 (below 2^62): decided by the trace id's low 64 bits, shifted once.
+    let half = Sampling { parent_based: false, root_below: 1 << 62 };
+    let low = |trace: &str| u64::from_str_radix(&trace[16..], 16).unwrap();
+    for (trace, want) in [("0af7651916cd43dd0000000000000001", "01"), ("0af7651916cd43dd8000000000000000", "00")] {
+        assert_eq!(run(half, header(trace, "00").as_bytes()).3, want, "{trace}");
+        assert_eq!((low(trace) >> 1) < 1 << 62, want == "01", "the rule the collector applies");
+    }
+    let mut seen = [false; 2];
+    for _ in 0..64 {
+        let (trace, server, client, sent) = run(half, b"User-Agent: x");
+        let want = if (low(&trace) >> 1) < 1 << 62 { "01" } else { "00" };
+        assert_eq!((server.as_str(), client.as_str(), sent.as_str()), (want, want, want), "{trace}");
+        seen[usize::from(want == "01")] = true;
+    }
+    assert_eq!(seen, [true, true], "both decisions among 64 roots");
 }
 
 /// A gRPC-shaped call: a client span started on the calling goroutine, handed over with its

@@ -186,6 +186,8 @@ pub struct SpanIds {
     pub span: u64,
     pub parent: Option<u64>,
     pub remote: bool,
+    /// From the trace flags (bit 0), when the trampoline wrote them.
+    pub sampled: Option<bool>,
 }
 
 fn hex(bytes: &[u8]) -> Option<u128> {
@@ -201,11 +203,13 @@ pub fn span_ids(data: &[u8]) -> Option<SpanIds> {
     let span = hex(&d[span_ids::SPAN..span_ids::SPAN + 16]).filter(|s| *s != 0)? as u64;
     let kind = u64::from_le_bytes(d[span_ids::PARENT_KIND..][..8].try_into().ok()?);
     let parent = if kind == 0 { None } else { hex(&d[span_ids::PARENT..span_ids::PARENT + 16]).map(|p| p as u64) };
+    let flags = hex(&d[span_ids::FLAGS..span_ids::FLAGS + 2]);
     Some(SpanIds {
         trace,
         span,
         parent: parent.filter(|p| *p != 0),
         remote: kind == ring_abi::ParentKind::Remote as u64,
+        sampled: flags.map(|f| f & 1 == 1),
     })
 }
 

@@ -109,12 +109,36 @@ impl RootSampler {
 /// low 8 bytes of the trace id against the ratio, so every span of a trace, in every
 /// process, gets the same verdict.
 fn ratio_sample(ratio: f64, trace_id: u128) -> bool {
-    let x = (trace_id as u64) >> 1;
-    let bound = (ratio.clamp(0.0, 1.0) * (1u64 << 63) as f64) as u64;
-    x < bound
+    ((trace_id as u64) >> 1) < ratio_bound(ratio)
+}
+
+fn ratio_bound(ratio: f64) -> u64 {
+    (ratio.clamp(0.0, 1.0) * (1u64 << 63) as f64) as u64
+}
+
+impl RootSampler {
+    fn below(self) -> u64 {
+        match self {
+            RootSampler::AlwaysOn => u64::MAX,
+            RootSampler::AlwaysOff => 0,
+            RootSampler::Ratio(r) => ratio_bound(r),
+        }
+    }
 }
 
 impl Sampler {
+    /// The same decisions for the spans the trampolines begin, which must send the flag
+    /// before the collector sees them.
+    pub fn rule(&self) -> trampolines::codegen::Sampling {
+        use trampolines::codegen::Sampling;
+        match *self {
+            Sampler::AlwaysOn => Sampling { parent_based: false, root_below: u64::MAX },
+            Sampler::AlwaysOff => Sampling { parent_based: false, root_below: 0 },
+            Sampler::Ratio(r) => Sampling { parent_based: false, root_below: RootSampler::Ratio(r).below() },
+            Sampler::ParentBased(root) => Sampling { parent_based: true, root_below: root.below() },
+        }
+    }
+
     /// `remote_parent`: the sampled flag of a parent from another process, if any.
     pub fn sample(&self, trace_id: u128, remote_parent: Option<bool>) -> bool {
         match *self {

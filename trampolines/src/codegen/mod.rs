@@ -51,6 +51,27 @@ pub struct RingAddrs {
     /// `PAUSE` rounds a writer waits for room in a full sub-ring while the ring's
     /// LOSSLESS word is set; 0 emits no wait at all.
     pub wait_spins: u32,
+    /// The sampler the spans the trampolines begin follow, so that the flag they send is
+    /// the decision the collector exports by.
+    pub sampling: Sampling,
+}
+
+/// A span's sampled flag, decided where its trace enters the process and inherited by
+/// every span under it there (as OpenTelemetry's samplers decide).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sampling {
+    /// Continue a remote parent's flags (`parentbased_*`); else decide by `root_below`.
+    pub parent_based: bool,
+    /// TraceIdRatioBased: sampled when the trace id's low 64 bits, shifted right once,
+    /// are below this (`u64::MAX`: always, 0: never).
+    pub root_below: u64,
+}
+
+impl Default for Sampling {
+    /// `parentbased_always_on`, OpenTelemetry's default.
+    fn default() -> Self {
+        Sampling { parent_based: true, root_below: u64::MAX }
+    }
 }
 
 /// Which sub-ring a writer uses.

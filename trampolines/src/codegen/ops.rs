@@ -107,8 +107,9 @@ impl Ops<'_> {
                 self.copy(a, (rdi, ctx::TRACE as i32), (r8, 16), 32)?;
                 a.mov(byte_ptr(r8 + 48), u32::from(b'-'))?;
                 self.copy(a, (rdi, ctx::SPAN as i32), (r8, 49), 16)?;
-                a.mov(dword_ptr(r8 + 65), u32::from_le_bytes(*b"-01\r"))?;
-                a.mov(byte_ptr(r8 + 69), u32::from(b'\n'))?;
+                a.mov(byte_ptr(r8 + 65), u32::from(b'-'))?;
+                self.write_flags(a, 66)?;
+                a.mov(word_ptr(r8 + 68), u32::from(u16::from_le_bytes(*b"\r\n")))?;
                 a.mov(qword_ptr(rsi + *n_off), rax)?;
                 // One request, one line: a later request with the same map gets its own.
                 a.mov(qword_ptr(rdi + ctx::KEY as i32), 0)?;
@@ -233,6 +234,13 @@ impl Ops<'_> {
         self.copy(a, (rdi, ctx::TRACE as i32), (r12, self.dest(dest, span_ids::TRACE)), 32)?;
         self.copy(a, (rdi, ctx::SPAN as i32), (r12, self.dest(dest, span_ids::PARENT)), 16)?;
         a.mov(self.data(dest, span_ids::PARENT_KIND), kind as i32)?;
+        if state == CtxState::Active || self.ring.sampling.parent_based {
+            // A local parent decided already; a remote one decides for parent-based samplers.
+            self.copy(a, (rdi, ctx::FLAGS as i32), (r12, self.dest(dest, span_ids::FLAGS)), 8)?;
+        } else {
+            self.trace_low(a, (rdi, ctx::TRACE as i32 + 16))?;
+            self.decide(a, dest)?;
+        }
         a.jmp(span)?;
         a.set_label(&mut fresh)?;
         self.new_trace(a, dest)?;
@@ -371,17 +379,71 @@ impl Ops<'_> {
         a.mov(qword_ptr(rdi + ctx::KEY as i32), r11)?;
         a.mov(qword_ptr(rdi + ctx::STATE as i32), CtxState::Active as i32)?;
         self.copy(a, (r12, self.dest(dest, span_ids::TRACE)), (rdi, ctx::TRACE as i32), 32)?;
-        self.copy(a, (r12, self.dest(dest, span_ids::SPAN)), (rdi, ctx::SPAN as i32), 16)
+        self.copy(a, (r12, self.dest(dest, span_ids::SPAN)), (rdi, ctx::SPAN as i32), 16)?;
+        self.copy(a, (r12, self.dest(dest, span_ids::FLAGS)), (rdi, ctx::FLAGS as i32), 8)
     }
 
     fn new_trace(&self, a: &mut CodeAssembler, dest: u16) -> Result<(), IcedError> {
         self.random(a)?;
         self.hex(a, self.dest(dest, span_ids::TRACE))?;
         self.random(a)?;
+        // The low 64 bits of the trace id: the root's sampling decision.
+        a.mov(rcx, rax)?;
+        self.decide(a, dest)?;
         self.hex(a, self.dest(dest, span_ids::TRACE + 16))?;
         a.mov(self.data(dest, span_ids::PARENT), 0)?;
         a.mov(self.data(dest, span_ids::PARENT + 8), 0)?;
         a.mov(self.data(dest, span_ids::PARENT_KIND), ParentKind::None as i32)
+    }
+
+    /// Writes the span's flags at `dest` as the sampler decides for a trace id whose low
+    /// 64 bits are in RCX. Clobbers RCX, R8.
+    fn decide(&self, a: &mut CodeAssembler, dest: u16) -> Result<(), IcedError> {
+        let flags = |f: &[u8; 2]| i32::from(u16::from_le_bytes(*f));
+        let below = self.ring.sampling.root_below;
+        if below == u64::MAX || below == 0 {
+            return a.mov(self.data(dest, span_ids::FLAGS), flags(if below == 0 { b"00" } else { b"01" }));
+        }
+        let (mut out, mut end) = (a.create_label(), a.create_label());
+        a.shr(rcx, 1)?;
+        a.mov(r8, below)?;
+        a.cmp(rcx, r8)?;
+        a.jae(out)?;
+        a.mov(self.data(dest, span_ids::FLAGS), flags(b"01"))?;
+        a.jmp(end)?;
+        a.set_label(&mut out)?;
+        a.mov(self.data(dest, span_ids::FLAGS), flags(b"00"))?;
+        a.set_label(&mut end)
+    }
+
+    /// RCX = the 16 lowercase hex digits at `[from]` (a trace id's low half), read.
+    /// Clobbers R8, R9.
+    fn trace_low(&self, a: &mut CodeAssembler, from: (AsmRegister64, i32)) -> Result<(), IcedError> {
+        a.xor(ecx, ecx)?;
+        for i in 0..16 {
+            // '0'-'9' (0x3_) and 'a'-'f' (0x6_): the low nibble, plus 9 for letters.
+            a.movzx(r8d, byte_ptr(from.0 + from.1 + i))?;
+            a.mov(r9d, r8d)?;
+            a.shr(r9d, 6)?;
+            a.lea(r9d, dword_ptr(r9 + r9 * 8))?;
+            a.and(r8d, 15)?;
+            a.add(r8d, r9d)?;
+            a.shl(rcx, 4)?;
+            a.or(rcx, r8)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the entry at RDI's flags, two hex digits, at `[R8 + at]` (`01` for an
+    /// entry that has none). Clobbers R9.
+    fn write_flags(&self, a: &mut CodeAssembler, at: i32) -> Result<(), IcedError> {
+        let mut set = a.create_label();
+        a.movzx(r9d, word_ptr(rdi + ctx::FLAGS as i32))?;
+        a.test(r9d, r9d)?;
+        a.jne(set)?;
+        a.mov(r9d, u32::from(u16::from_le_bytes(*b"01")))?;
+        a.set_label(&mut set)?;
+        a.mov(word_ptr(r8 + at), r9w)
     }
 
     fn new_span(&self, a: &mut CodeAssembler, dest: u16) -> Result<(), IcedError> {
@@ -533,13 +595,27 @@ impl Ops<'_> {
             a.cmp(byte_ptr(rax + at), i32::from(b'-'))?;
             a.jne(done)?;
         }
+        // The flags are two lowercase hex digits: sent on as they came.
+        for at in [53, 54] {
+            let mut digit = a.create_label();
+            a.movzx(r9d, byte_ptr(rax + at))?;
+            a.lea(r8d, dword_ptr(r9 - i32::from(b'0')))?;
+            a.cmp(r8d, 9)?;
+            a.jbe(digit)?;
+            a.lea(r8d, dword_ptr(r9 - i32::from(b'a')))?;
+            a.cmp(r8d, 5)?;
+            a.ja(done)?;
+            a.set_label(&mut digit)?;
+        }
         a.mov(rsi, rax)?;
         self.goid(a)?;
         self.place(a, Table::Goroutines, None)?;
         a.mov(qword_ptr(rdi + ctx::KEY as i32), r11)?;
         a.mov(qword_ptr(rdi + ctx::STATE as i32), CtxState::Pending as i32)?;
         self.copy(a, (rsi, 3), (rdi, ctx::TRACE as i32), 32)?;
-        self.copy(a, (rsi, 36), (rdi, ctx::SPAN as i32), 16)
+        self.copy(a, (rsi, 36), (rdi, ctx::SPAN as i32), 16)?;
+        a.movzx(r9d, word_ptr(rsi + 53))?;
+        a.mov(qword_ptr(rdi + ctx::FLAGS as i32), r9)
     }
 }
 

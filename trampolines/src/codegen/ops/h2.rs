@@ -98,7 +98,7 @@ impl Ops<'_> {
     }
 
     /// Writes the 69-byte field at R8 from the entry at RDI: 0x00 (literal, not indexed,
-    /// new name), 11, "traceparent", 55, `00-<trace>-<span>-01`. Clobbers R9.
+    /// new name), 11, "traceparent", 55, `00-<trace>-<span>-<flags>`. Clobbers R9.
     pub(super) fn write_field(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
         a.mov(word_ptr(r8), u32::from(u16::from_le_bytes([0x00, 11])))?;
         a.mov(r9, u64::from_le_bytes(*b"tracepar"))?;
@@ -110,8 +110,8 @@ impl Ops<'_> {
         self.copy(a, (rdi, ctx::TRACE as i32), (r8, 17), 32)?;
         a.mov(byte_ptr(r8 + 49), u32::from(b'-'))?;
         self.copy(a, (rdi, ctx::SPAN as i32), (r8, 50), 16)?;
-        a.mov(word_ptr(r8 + 66), u32::from(u16::from_le_bytes(*b"-0")))?;
-        a.mov(byte_ptr(r8 + 68), u32::from(b'1'))
+        a.mov(byte_ptr(r8 + 66), u32::from(b'-'))?;
+        self.write_flags(a, 67)
     }
 
     /// See [`Op::InjectH2After`]. The frame buffer still holds the frame (`len` bytes,
