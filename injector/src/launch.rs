@@ -6,16 +6,20 @@
 //! before the Go runtime has run at all. We turn that ptrace stop into a plain SIGSTOP
 //! group-stop, install the probes exactly as `--pid` does (one thread, nothing running, so
 //! the window is trivially safe), and SIGCONT it. From then on we forward signals, reap
-//! orphans when we are PID 1, and exit with the program's status.
+//! orphans when we are PID 1, and exit with the program's status. When `--duration` runs
+//! out first, the probes come out and the program runs on, still supervised.
 //!
 //! Fail-open: when instrumentation cannot be set up (not Go, an unsupported Go, ptrace
 //! refused by seccomp, bad configuration), the program runs untraced and we say why;
 //! `--strict` makes that an error instead.
 
+use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::SignalFd;
 
@@ -84,16 +88,28 @@ pub fn launch(args: &RunArgs) -> Result<u8> {
         // SAFETY: kill(2) on our own stopped child.
         unsafe { libc::kill(pid, libc::SIGCONT) };
     }
-    let status = supervise(pid, &sigfd)?;
-    // The program's status is what we exit with, whatever happens to our own reporting.
-    if let Some(t) = tracing {
-        if let Err(e) = t.finish(StopReason::TargetExited(Some(status)), None, args) {
-            eprintln!("inject: error: {e:#}");
-        }
-        if let Some(how) = run::died(Some(status)) {
-            eprintln!("inject: {program} {how} while probes were in");
-        }
-    }
+    let deadline = args.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
+    let status = match tracing {
+        Some(t) => match supervise(pid, &sigfd, deadline)? {
+            // The program's status is what we exit with, whatever happens to our reporting.
+            Some(status) => {
+                if let Err(e) = t.finish(StopReason::TargetExited(Some(status)), None, args) {
+                    eprintln!("inject: error: {e:#}");
+                }
+                if let Some(how) = run::died(Some(status)) {
+                    eprintln!("inject: {program} {how} while probes were in");
+                }
+                status
+            }
+            None => {
+                if let Err(e) = t.remove_and_finish(StopReason::Duration, args) {
+                    eprintln!("inject: error: {e:#}");
+                }
+                supervise(pid, &sigfd, None)?.context("the program outlived supervision")?
+            }
+        },
+        None => supervise(pid, &sigfd, None)?.context("the program outlived supervision")?,
+    };
     Ok(exit_code(status))
 }
 
@@ -173,7 +189,9 @@ fn instrument(pid: i32, args: &RunArgs) -> Result<Option<run::Tracing>> {
 }
 
 /// Forwards signals and reaps children until the program exits; returns its wait status.
-fn supervise(pid: i32, sigfd: &SignalFd) -> Result<i32> {
+/// Forwards signals to the program and reaps orphans until it exits (its wait status), or
+/// until `deadline` (None).
+fn supervise(pid: i32, sigfd: &SignalFd, deadline: Option<Instant>) -> Result<Option<i32>> {
     loop {
         // Reap first: the program may have exited before we started waiting.
         loop {
@@ -181,10 +199,22 @@ fn supervise(pid: i32, sigfd: &SignalFd) -> Result<i32> {
             // SAFETY: waitpid(2) on any child: the program, or orphans given to PID 1.
             let r = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
             if r == pid {
-                return Ok(status);
+                return Ok(Some(status));
             }
             if r <= 0 {
                 break;
+            }
+        }
+        if let Some(d) = deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            let timeout = PollTimeout::try_from(left.as_millis().min(60_000) as i32 + 1).unwrap_or(PollTimeout::MAX);
+            match poll(&mut [PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)], timeout) {
+                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) => {}
+                Err(e) => return Err(e).context("poll"),
             }
         }
         match sigfd.read_signal() {

@@ -570,6 +570,12 @@ fn start_tracing(
 
 impl Tracing {
     /// Stops collecting (after the ring is drained), flushes the export and reports.
+    /// Takes the probes out of a target that lives on, then reports.
+    pub fn remove_and_finish(self, reason: StopReason, args: &RunArgs) -> Result<()> {
+        let removal = self.inst.remove();
+        self.finish(reason, Some(removal), args)
+    }
+
     pub fn finish(self, reason: StopReason, removal: Option<Result<Removal>>, args: &RunArgs) -> Result<()> {
         self.stop.store(true, Ordering::Release);
         let mut totals = self.collector.join().map_err(|_| anyhow::anyhow!("collector thread panicked"))?;

@@ -261,3 +261,54 @@ fn programs_that_cannot_be_traced_still_run_unless_strict() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// `--duration` in launch mode: when it runs out the probes come out (every patch
+/// restored, the summary written), and the program runs on under inject to its own end,
+/// whose status inject exits with.
+#[test]
+fn duration_takes_the_probes_out_and_the_program_runs_on() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    let tc = &test_toolchains()?[0];
+    let exe = build_fixture("tree", tc, Flavor::Default)?.display().to_string();
+    let summary = scratch("launch-duration.json");
+    // 30 requests of two 50 ms queries: ~3 s, of which the first second is traced.
+    let args: Vec<String> = [
+        "--duration",
+        "1",
+        "--func",
+        "main.handle",
+        "--output",
+        "jsonl",
+        "--summary-json",
+        &summary.display().to_string(),
+        "--",
+        &exe,
+        "-n",
+        "30",
+        "-sleep",
+        "50ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let started = Instant::now();
+    let mut p = tests::start_inject(&args, false)?;
+    let st = p.wait(LIMIT)?;
+    let took = started.elapsed();
+    ensure!(st.code() == Some(0), "exit {st}\n{}", p.transcript());
+    ensure!(p.value("REQUESTS ").as_deref() == Some("30"), "the program ran to its end:\n{}", p.transcript());
+    ensure!(took >= Duration::from_millis(2800), "inject exited after {took:?}, before the program's ~3 s");
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
+    let _ = std::fs::remove_file(&summary);
+    ensure!(s["stop"] == "duration", "stop: {}", s["stop"]);
+    ensure!(s["restored"].as_u64().is_some_and(|n| n > 0), "patches restored: {}", s["restored"]);
+    // JSON lines go to inject's stderr (the transcript marks it "! "), the program's
+    // stdout stays its own.
+    let calls =
+        p.transcript().lines().filter(|l| l.starts_with("! {") && l.contains("\"name\":\"main.handle\"")).count();
+    ensure!((3..20).contains(&calls), "{calls} of 30 calls traced in the first second of ~3\n{}", p.transcript());
+    Ok(())
+}
