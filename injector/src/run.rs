@@ -598,6 +598,15 @@ impl Tracing {
         if let Some(Err(e)) = removal {
             return Err(e.context("removing probes"));
         }
+        // A session whose spans all went nowhere failed, whatever else went well.
+        if let Some(e) = export.as_ref().filter(|e| e.exported == 0 && e.dropped() > 0) {
+            bail!(
+                "no span reached {} ({} dropped){}; is the collector running? (OTEL_EXPORTER_OTLP_ENDPOINT)",
+                e.endpoint,
+                e.dropped(),
+                e.last_error.as_ref().map(|m| format!(", last error: {m}")).unwrap_or_default()
+            );
+        }
         Ok(())
     }
 }

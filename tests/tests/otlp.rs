@@ -300,6 +300,55 @@ fn an_endpoint_outage_costs_only_counted_drops() -> Result<()> {
     Ok(())
 }
 
+/// An endpoint nobody listens on, all session long: inject says so while it runs, gives
+/// up at once when stopped (the user is waiting), and exits with an error naming the
+/// endpoint, every dropped span counted.
+#[test]
+fn an_endpoint_that_never_answers_fails_the_session_quickly() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    let tc = &test_toolchains()?[0];
+    let exe = build_fixture("tree", tc, Flavor::Default)?;
+    // A port that was just free: connections to it are refused.
+    let endpoint = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        format!("http://{}", l.local_addr()?)
+    };
+    let mut fx = start_fixture(&exe, &["-wait", "-until-stdin", "-pause", "1ms", "-sleep", "100us"], &[])?;
+    let summary = scratch("otlp-never.json");
+    let mut inj = start_inject_env(
+        &inject_args(fx.pid(), &[], &summary),
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")],
+        true,
+    )?;
+    fx.send_line("go")?;
+    std::thread::sleep(Duration::from_millis(2500));
+    let stopping = Instant::now();
+    inj.signal(15);
+    let st = inj.wait(LIMIT)?;
+    let took = stopping.elapsed();
+    fx.send_line("stop")?;
+    ensure!(fx.wait(LIMIT)?.success(), "fixture failed");
+    let t = inj.transcript();
+    ensure!(st.code() == Some(1), "exit {st}:\n{t}");
+    ensure!(t.contains("failed") && t.contains("retrying"), "no warning while it ran:\n{t}");
+    ensure!(t.contains(&format!("no span reached {endpoint}")), "no error naming the endpoint:\n{t}");
+    ensure!(took < Duration::from_secs(3), "{took:?} from SIGTERM to exit");
+    let s: Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
+    let _ = std::fs::remove_file(&summary);
+    let o = &s["otlp"];
+    let dropped = o["dropped_queue_full"].as_u64().unwrap_or(0) + o["dropped_export_failed"].as_u64().unwrap_or(0);
+    ensure!(o["exported"] == 0 && dropped > 0, "{o}");
+    ensure!(
+        s["calls"].as_u64() == Some(dropped + o["sampled_out"].as_u64().unwrap_or(0)),
+        "calls {} vs {o}",
+        s["calls"]
+    );
+    Ok(())
+}
+
 #[test]
 fn bad_configuration_is_refused_before_attaching() -> Result<()> {
     if !require_ptrace()? {

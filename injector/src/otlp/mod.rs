@@ -539,7 +539,10 @@ fn export_loop(client: &Client, rx: &SpanRx, first: Vec<Queued>, config: &OtelCo
                     *last = Some(e);
                 }
                 let since = *failing_since.get_or_insert_with(Instant::now);
-                let out_of_time = closing.is_some_and(|t| t.elapsed() >= shutdown_window);
+                // At exit, an endpoint that was already failing a second before gets this
+                // one more try, not the whole window: the user waits on us.
+                let out_of_time =
+                    closing.is_some_and(|t| t.elapsed() >= shutdown_window || since + Duration::from_secs(1) < t);
                 if since.elapsed() >= GIVE_UP_AFTER || out_of_time {
                     stats.dropped_export_failed.fetch_add(n, Ordering::Relaxed);
                     batch.clear();
