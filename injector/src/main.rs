@@ -84,7 +84,7 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("inject: error: {e:#}");
-            ExitCode::from(1)
+            ExitCode::from(if e.downcast_ref::<run::UsageError>().is_some() { 2 } else { 1 })
         }
     }
 }

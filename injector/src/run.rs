@@ -176,13 +176,24 @@ fn cgroup_memory_limit() -> Option<u64> {
 /// Stop-the-world pauses longer than this are explained on stderr.
 const LONG_PAUSE_MS: u64 = 10;
 
+/// A command line that asks for nothing inject can do: exit code 2, as clap's own.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
 pub fn run(args: &RunArgs) -> Result<()> {
     let planning_a_program = args.dry_run && !args.command.is_empty();
     if args.pid.is_none() && args.exe.is_none() && !planning_a_program {
-        bail!("nothing to do: give --pid PID --func PATTERN, or -- PROGRAM ARGS... (or a subcommand; see --help)");
+        return Err(UsageError(
+            "nothing to do: give --pid PID --func PATTERN, or -- PROGRAM ARGS... (or a subcommand; see --help)".into(),
+        )
+        .into());
     }
     if args.funcs.is_empty() && args.no_libs {
-        bail!("--no-libs and no --func: nothing to probe (list candidates with `inject functions`)");
+        return Err(UsageError(
+            "--no-libs and no --func: nothing to probe (list candidates with `inject functions`)".into(),
+        )
+        .into());
     }
     if args.dry_run {
         let exe = args.exe.clone().or_else(|| args.command.first().map(|p| crate::target::resolve(p)));
@@ -201,6 +212,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     mask.thread_block().context("blocking SIGINT/SIGTERM")?;
     let sigfd = SignalFd::new(&mask).context("signalfd")?;
+    crate::target::process_dir(pid)?;
     let pidfd = pidfd_open(pid)?;
     let Some(tracing) = start(pid, args, Mode::Attach)? else { return Ok(()) };
     let deadline = args.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));

@@ -51,7 +51,8 @@ fn open_file(path: &Path) -> Result<Executable> {
     Ok(Executable { path: path.to_path_buf(), pid: None, map: map.into(), bias: 0 })
 }
 
-fn open_pid(pid: i32) -> Result<Executable> {
+/// `/proc/PID` of a process that exists, or the one error every command gives for it.
+pub fn process_dir(pid: i32) -> Result<PathBuf> {
     if pid <= 0 {
         bail!("invalid pid {pid}");
     }
@@ -59,6 +60,11 @@ fn open_pid(pid: i32) -> Result<Executable> {
     if !proc_dir.exists() {
         bail!("no process with pid {pid}");
     }
+    Ok(proc_dir)
+}
+
+fn open_pid(pid: i32) -> Result<Executable> {
+    let proc_dir = process_dir(pid)?;
     let exe_link = proc_dir.join("exe");
     let shown = std::fs::read_link(&exe_link).unwrap_or_else(|_| exe_link.clone());
     let file = match File::open(&exe_link) {

@@ -92,7 +92,9 @@ fn no_such_pid() -> Result<()> {
     let max: i64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")?.trim().parse()?;
     let pid = (max + 1).to_string();
     expect_error(&["functions", "--pid", &pid], None, 1, &format!("no process with pid {pid}"))?;
-    expect_error(&["info", "--pid", &pid], None, 1, "no process")?;
+    expect_error(&["info", "--pid", &pid], None, 1, &format!("no process with pid {pid}"))?;
+    // Attaching says it the same way.
+    expect_error(&["--pid", &pid, "--func", "main.main"], None, 1, &format!("no process with pid {pid}"))?;
     expect_error(&["info", "--pid", "-5"], None, 2, "")?;
     Ok(())
 }
@@ -102,6 +104,8 @@ fn usage_errors_exit_2() -> Result<()> {
     expect_error(&["functions"], None, 2, "--exe")?;
     expect_error(&["info", "--exe", "/bin/ls", "--pid", "1"], None, 2, "cannot be used")?;
     expect_error(&["frobnicate"], None, 2, "frobnicate")?;
+    // Nothing asked for at all.
+    expect_error(&[], None, 2, "nothing to do")?;
     Ok(())
 }
 
@@ -135,7 +139,7 @@ fn nothing_to_probe_without_a_library_or_a_function() -> Result<()> {
     let tree = tree.to_str().context("path")?;
     expect_error(&["--dry-run", "--exe", tree], None, 1, "nothing to probe")?;
     expect_error(&["--dry-run", "--exe", tree, "--lib", "net/http"], None, 1, "does not use net/http")?;
-    expect_error(&["--dry-run", "--exe", tree, "--no-libs"], None, 1, "--no-libs and no --func")?;
+    expect_error(&["--dry-run", "--exe", tree, "--no-libs"], None, 2, "--no-libs and no --func")?;
     expect_error(&["--dry-run", "--exe", tree, "--lib", "grpc"], None, 1, "does not use grpc")?;
     expect_error(&["--dry-run", "--exe", tree, "--lib", "kafka"], None, 2, "kafka")?;
     let server = build_fixture("httpserver", tc, Flavor::Stripped)?;
