@@ -27,8 +27,25 @@ fn start(exe: &std::path::Path, args: &[&str]) -> Result<Child> {
     Ok(child)
 }
 
+/// `args` as a shell reads them back: words with characters it would act on quoted.
+fn shell_words(args: &[String]) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c);
+    args.iter()
+        .map(
+            |a| {
+                if !a.is_empty() && a.chars().all(plain) {
+                    a.clone()
+                } else {
+                    format!("'{}'", a.replace('\'', r"'\''"))
+                }
+            },
+        )
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn inject(args: &[String]) -> Result<()> {
-    println!("\n== inject {}", args.join(" "));
+    println!("\n== inject {}", shell_words(args));
     let status = Command::new(inject_binary()?).args(args).status()?;
     if !status.success() {
         bail!("inject {} failed", args.join(" "));
@@ -161,4 +178,22 @@ fn grpc_demo(tc: &xtask::GoToolchain) -> Result<()> {
         let _ = c.wait();
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    /// What the demo prints can be pasted into a shell: run through `sh`, the words come
+    /// back as they were.
+    #[test]
+    fn echoed_commands_paste_back_into_a_shell() {
+        let args: Vec<String> = ["--func", "inject.test/fixtures/funcs/store.(*Store).Get", "it's", "a b", "", "x=1,y"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let line = super::shell_words(&args);
+        let out =
+            std::process::Command::new("sh").args(["-c", &format!("printf '%s\\n' {line}")]).output().expect("sh");
+        let back: Vec<&str> = std::str::from_utf8(&out.stdout).expect("utf-8").lines().collect();
+        assert_eq!(back, args, "{line}");
+    }
 }
