@@ -29,8 +29,9 @@ pub const MEMFD_NAME: &str = "inject-ring";
 
 /// `b"INJRING1"` little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"INJRING1");
-/// 2: sequence words start at zero (version 1 numbered every slot first).
-pub const VERSION: u32 = 2;
+/// 2: sequence words start at zero (version 1 numbered every slot first). 3: context
+/// entries of 128 bytes (with the trace flags), which moves the journal.
+pub const VERSION: u32 = 3;
 pub const PAGE: usize = 4096;
 
 /// Offsets in the global header (the first page). Each word written at run time has its
