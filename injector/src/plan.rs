@@ -77,11 +77,20 @@ impl ProbeSite {
 
     /// The verdict as users read it in `--dry-run` and warnings.
     pub fn verdict(&self) -> String {
+        self.verdict_as("installed")
+    }
+
+    /// What `--dry-run` says: the same verdict, for a probe not installed.
+    pub fn planned_verdict(&self) -> String {
+        self.verdict_as("would install")
+    }
+
+    fn verdict_as(&self, done: &str) -> String {
         match (&self.entry_patch, &self.returns) {
             (Err(e), _) => format!("refused: {e}"),
-            (Ok(e), Ok(_)) if e.whole_body => "installed: entry and exit (whole straight-line body relocated)".into(),
-            (Ok(_), Ok(r)) => format!("installed: entry and {} exit{}", r.len(), if r.len() == 1 { "" } else { "s" }),
-            (Ok(_), Err(e)) => format!("installed entry-only: {e}"),
+            (Ok(e), Ok(_)) if e.whole_body => format!("{done}: entry and exit (whole straight-line body relocated)"),
+            (Ok(_), Ok(r)) => format!("{done}: entry and {} exit{}", r.len(), if r.len() == 1 { "" } else { "s" }),
+            (Ok(_), Err(e)) => format!("{done} entry-only: {e}"),
         }
     }
 }

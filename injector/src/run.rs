@@ -723,7 +723,7 @@ fn print_verdicts(sites: &[ProbeSite]) -> Result<()> {
     use std::io::Write;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for s in sites {
-        writeln!(out, "{:#018x}  {:<50} {}", s.entry, s.name, s.verdict())?;
+        writeln!(out, "{:#018x}  {:<50} {}", s.entry, s.name, s.planned_verdict())?;
     }
     out.flush()?;
     Ok(())

@@ -397,7 +397,7 @@ fn dry_run_and_refusals() -> Result<()> {
     let mut p = run(&["--dry-run", "--func", "main.priceOf", "--func", "runtime.mallocgc", "--func", "main.First"])?;
     ensure!(p.child.wait()?.success());
     let t = p.transcript();
-    ensure!(t.contains("main.priceOf") && t.contains("installed: entry and"), "{t}");
+    ensure!(t.contains("main.priceOf") && t.contains("would install: entry and"), "{t}");
     ensure!(t.contains("runtime.mallocgc") && t.contains("refused: runtime"), "{t}");
     ensure!(t.contains("main.First") && t.contains("refused"), "{t}");
     let mut p = run(&["--func", "runtime.mallocgc"])?;

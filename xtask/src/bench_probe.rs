@@ -356,7 +356,7 @@ pub fn launch() -> Result<()> {
         xtask::output(Command::new(&inject).args(["--dry-run", "--no-libs", "--func", "net/http.*", "--"]).arg(&exe))?;
     let names: Vec<String> = dry
         .lines()
-        .filter(|l| l.contains(" installed: entry and"))
+        .filter(|l| l.contains(" would install: entry and"))
         .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
         .take(20)
         .collect();
