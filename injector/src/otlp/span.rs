@@ -178,6 +178,14 @@ fn attr_value(s: &Shown) -> Value {
         serde_json::Value::Number(n) if n.is_i64() => Value::I64(n.as_i64().unwrap_or_default()),
         serde_json::Value::Number(n) if n.is_f64() => Value::F64(n.as_f64().unwrap_or_default()),
         serde_json::Value::String(v) => Value::String(v.clone().into()),
+        // A byte slice copied whole and valid UTF-8: its text, as a string's (not quoted).
+        serde_json::Value::Object(o)
+            if o.get("hex").is_none()
+                && o.get("value").and_then(|v| v.as_str()).map(|v| v.len() as u64)
+                    == o.get("len").and_then(|l| l.as_u64()) =>
+        {
+            Value::String(o["value"].as_str().unwrap_or_default().to_string().into())
+        }
         _ => Value::String(s.text.clone().into()),
     }
 }
@@ -212,4 +220,25 @@ pub fn call_span(
         attributes.push(KeyValue::new("inject.entry_only", true));
     }
     span_data(call, clock, (meta.name.clone(), SpanKind::Internal, TraceState::NONE), attributes, status, scope)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shown(text: &str, json: serde_json::Value) -> Shown {
+        Shown { name: "b".into(), text: text.into(), json }
+    }
+
+    /// A whole UTF-8 byte slice is a plain string attribute, as a string is; a cut or
+    /// non-UTF-8 one keeps its quoted text, which says so.
+    #[test]
+    fn byte_slices_become_plain_strings_when_exact() {
+        let whole = shown("\"hello-bytes\"", serde_json::json!({"value": "hello-bytes", "len": 11}));
+        assert_eq!(attr_value(&whole), Value::String("hello-bytes".into()));
+        let cut = shown("\"hello\"...", serde_json::json!({"value": "hello", "len": 11}));
+        assert_eq!(attr_value(&cut), Value::String("\"hello\"...".into()));
+        let binary = shown("\"\\xff\"", serde_json::json!({"value": "\u{fffd}", "len": 1, "hex": "ff"}));
+        assert_eq!(attr_value(&binary), Value::String("\"\\xff\"".into()));
+    }
 }
