@@ -115,10 +115,12 @@ pub fn matches_exact_or_glob(pattern: &str, name: &str) -> bool {
     if pattern.contains(['*', '?']) { matches(pattern, name) } else { pattern == name }
 }
 
-/// Runtime internals a user rarely means; listed only with --all or a pattern.
+/// Runtime internals a user rarely means, and the C helpers a cgo build links (`_cgo_*`,
+/// `crosscall1`: no package path); listed only with --all or a pattern.
 fn is_internal(f: &Func<'_>) -> bool {
     let n = &f.name;
     f.is_asm()
+        || !n.contains('.')
         || n.starts_with("runtime.")
         || n.starts_with("internal/")
         || n.starts_with("runtime/internal/")

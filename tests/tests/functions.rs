@@ -102,3 +102,20 @@ flavor_tests! {
     functions_match_nm_cgo => Flavor::Cgo,
     functions_match_nm_race => Flavor::Race,
 }
+
+/// Without --all, the listing is the program's own Go code: no runtime internals and none
+/// of the C helpers a cgo build links.
+#[test]
+fn the_default_listing_leaves_out_runtime_and_cgo_helpers() -> Result<()> {
+    let tc = &test_toolchains()?[0];
+    let exe = build_fixture("funcs", tc, Flavor::Cgo)?;
+    let all = output(Command::new(inject_binary()?).args(["functions", "--all", "--exe"]).arg(&exe))?;
+    ensure!(all.lines().any(|l| l.contains("crosscall") || l.contains("_cgo_")), "no cgo helpers at all:\n{all}");
+    let out = output(Command::new(inject_binary()?).args(["functions", "--exe"]).arg(&exe))?;
+    let names: Vec<&str> = out.lines().skip(1).filter_map(|l| l.split_whitespace().nth(3)).collect();
+    ensure!(names.iter().any(|n| n.starts_with("main.")), "no main.* listed:\n{out}");
+    let internal: Vec<&&str> =
+        names.iter().filter(|n| !n.contains('.') || n.starts_with("runtime.") || n.starts_with("_cgo_")).collect();
+    ensure!(internal.is_empty(), "listed without --all: {internal:?}");
+    Ok(())
+}
