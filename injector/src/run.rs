@@ -18,7 +18,7 @@ use trampolines::codegen::RingSelect;
 use crate::backend::{Backend, Probes, Removal, trampoline::Trampolines};
 use crate::otlp::{Exporting, OtelArgs, OtelConfig};
 use crate::output::{Format, Sink};
-use crate::plan::{self, ProbeSite};
+use crate::plan::{self, ProbeSite, Role};
 use crate::spans::{Clock, Pairer, SiteMeta};
 use crate::target::TargetArgs;
 use crate::{collect, libs};
@@ -175,6 +175,11 @@ fn cgroup_memory_limit() -> Option<u64> {
 
 /// Stop-the-world pauses longer than this are explained on stderr.
 const LONG_PAUSE_MS: u64 = 10;
+
+/// `n thing` or `n things`.
+pub fn count(n: usize, thing: &str) -> String {
+    format!("{n} {thing}{}", if n == 1 { "" } else { "s" })
+}
 
 /// A command line that asks for nothing inject can do: exit code 2, as clap's own.
 #[derive(Debug, thiserror::Error)]
@@ -529,13 +534,39 @@ fn start_tracing(
     };
     let mut inst = backend.install(pid, bin, exe.bias, &sites, ring)?;
     let done = inst.installed().clone();
-    let exits: usize = done.sites.iter().map(|(_, e)| e).sum();
+    // The functions the user named, then the libraries' own probes as one figure each.
+    let role = |id: u32| sites.iter().find(|s| s.id == id).map(|s| s.role);
+    let (funcs, exits) =
+        done.sites.iter().filter(|(id, _)| role(*id) == Some(Role::Func)).fold((0, 0), |(n, x), (_, e)| (n + 1, x + e));
+    let mut libs: Vec<&str> = Vec::new();
+    for (id, _) in &done.sites {
+        if let Some(Role::Lib(p)) = role(*id)
+            && !crate::libs::library(p).support()
+            && !libs.contains(&crate::libs::library(p).name())
+        {
+            libs.push(crate::libs::library(p).name());
+        }
+    }
+    let lib_sites = done.sites.len() - funcs;
     eprintln!(
-        "inject: probing {} function{} ({} exits) in pid {pid}; {} threads stopped for {:.2} ms (and {:.2} ms to map memory)",
-        done.sites.len(),
-        if done.sites.len() == 1 { "" } else { "s" },
-        exits,
-        done.threads,
+        "inject: probing {}{} in pid {pid}; {} stopped for {:.2} ms (and {:.2} ms to map memory)",
+        if funcs > 0 || libs.is_empty() {
+            format!("{} ({})", count(funcs, "function"), count(exits, "exit"))
+        } else {
+            String::new()
+        },
+        if libs.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "{}{} ({} {})",
+                if funcs > 0 { " and " } else { "" },
+                libs.join(", "),
+                lib_sites,
+                if lib_sites == 1 { "probe" } else { "probes" }
+            )
+        },
+        count(done.threads, "thread"),
         done.pause.as_secs_f64() * 1e3,
         done.prepare_pause.as_secs_f64() * 1e3
     );

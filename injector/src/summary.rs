@@ -131,8 +131,32 @@ pub fn report(facts: &Facts<'_>, stop: String, json: Option<&std::path::Path>) -
         threads: inst.threads,
         otlp: export,
     };
-    for s in summary.sites.iter().filter(|s| s.entries + s.returns > 0 || !s.verdict.starts_with("refused")) {
-        eprintln!("inject: {:<50} {:>10} calls {:>10} returns", s.name, s.entries, s.returns);
+    // The functions the user named one by one; a library's probes as one line (their
+    // records), its support probes (goroutine lineage) under the library that needs them.
+    let mut libs: Vec<(&str, usize, u64)> = Vec::new();
+    for (s, site) in summary.sites.iter().zip(sites) {
+        match site.role {
+            crate::plan::Role::Func => {
+                if s.entries + s.returns > 0 || !s.verdict.starts_with("refused") {
+                    eprintln!("inject: {:<50} {:>10} calls {:>10} returns", s.name, s.entries, s.returns);
+                }
+            }
+            crate::plan::Role::Lib(p) => {
+                let lib = crate::libs::library(p);
+                let name = if lib.support() { "libraries' goroutine lineage" } else { lib.name() };
+                match libs.iter_mut().find(|l| l.0 == name) {
+                    Some(l) => {
+                        l.1 += 1;
+                        l.2 += s.entries + s.returns;
+                    }
+                    None => libs.push((name, 1, s.entries + s.returns)),
+                }
+            }
+        }
+    }
+    for (name, probes, records) in libs {
+        let probes = crate::run::count(probes, "probe");
+        eprintln!("inject: {name:<50} {records:>10} records from {probes}");
     }
     eprintln!(
         "inject: {} records, {} dropped, {} corrupt; stopped: {}{}",
