@@ -133,6 +133,7 @@ impl Sink {
                     "start_time_unix_nano": start as u64,
                     "args": obj(&args),
                     "results": obj(&results),
+                    "error": crate::otlp::span::returned_error(meta, &results),
                 });
                 json_end(&mut o, start, dur);
                 if dur.is_none() {
@@ -259,8 +260,8 @@ impl Sink {
                     "parent_remote": call.remote_parent,
                     "goroutine": call.goid,
                     "start_time_unix_nano": start as u64,
+                    "error": json_error(&d),
                     "attributes": attributes,
-                    "error": d.error,
                 });
                 json_end(&mut o, start, dur);
                 serde_json::to_writer(&mut *out, &o)?;
@@ -277,6 +278,20 @@ impl Sink {
         }
         Ok(())
     }
+}
+
+/// A JSON line's `error`: null unless the span's status is Error, then its description, or
+/// (a 5xx has none) what `error.type` says.
+fn json_error(d: &crate::libs::Described) -> Option<String> {
+    let e = d.error.as_ref()?;
+    if !e.is_empty() {
+        return Some(e.clone());
+    }
+    let ty = d.attrs.iter().find(|(k, _)| *k == "error.type").map(|(_, v)| match v {
+        Attr::S(s) => s.clone(),
+        Attr::I(i) => i.to_string(),
+    });
+    Some(ty.map_or_else(|| "error".into(), |t| format!("error.type {t}")))
 }
 
 /// A JSON line's end time and duration, for a call that returned.

@@ -481,3 +481,60 @@ fn an_unsampled_callers_decision_is_followed_downstream() -> Result<()> {
     );
     Ok(())
 }
+
+/// JSON lines have one `error` field, whatever made the line: null unless the span's
+/// status is Error, else a string saying why (a function's returned error, a library
+/// span's description or, for a 5xx that has none, its `error.type`).
+#[test]
+fn json_lines_say_error_one_way() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    let tc = test_toolchains()?.pop().context("no Go")?;
+    let exe = build_fixture("httpserver", &tc, Flavor::Default)?;
+    // A backend nobody listens on: every /fanout worker returns an error, the request 502.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        format!("http://{}/hello", l.local_addr()?)
+    };
+    let server = start_fixture(&exe, &["-backend", &dead], &[])?;
+    let addr = server.value("LISTEN ").context("LISTEN line")?;
+    let jsonl = scratch(&format!("http-errors-{}.jsonl", server.pid()));
+    let args: Vec<String> = [
+        "--pid",
+        &server.pid().to_string(),
+        "--func",
+        "main.(*server).worker",
+        "--output",
+        "jsonl",
+        "--output-file",
+        &jsonl.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut inject = tests::start_inject(&args, true)?;
+    for (path, expect) in [("/fanout", "502"), ("/hello", "200")] {
+        let url = format!("http://{addr}{path}");
+        let r = load(&tc, &["-url", &url, "-n", "1", "-c", "1", "-expect", expect])?;
+        ensure!(r.success && r.get("ok") == 1, "{path}: {:?} {:?}", r.fields, r.lines);
+    }
+    inject.signal(15);
+    ensure!(inject.wait(LIMIT)?.success(), "inject:\n{}", inject.transcript());
+    let lines: Vec<Value> =
+        std::fs::read_to_string(&jsonl)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let _ = std::fs::remove_file(&jsonl);
+    ensure!(lines.iter().all(|l| l.get("error").is_some()), "a line without `error`: {lines:#?}");
+    let error = |name: &str| -> Vec<String> {
+        lines.iter().filter(|l| l["name"] == name).map(|l| l["error"].as_str().unwrap_or("null").to_string()).collect()
+    };
+    let workers = error("main.(*server).worker");
+    ensure!(
+        workers.len() == 3 && workers.iter().all(|e| e.starts_with("returned error *fmt.wrapError")),
+        "workers: {workers:?}"
+    );
+    ensure!(error("GET /fanout") == ["error.type 502"], "fanout: {:?}", error("GET /fanout"));
+    ensure!(error("GET /hello") == ["null"], "hello: {:?}", error("GET /hello"));
+    Ok(())
+}

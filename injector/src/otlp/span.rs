@@ -190,6 +190,16 @@ fn attr_value(s: &Shown) -> Value {
     }
 }
 
+/// A call's error status: its last non-nil `error` result, as the span's description.
+pub fn returned_error(meta: &SiteMeta, results: &[Shown]) -> Option<String> {
+    results
+        .iter()
+        .zip(&meta.ret.values)
+        .rev()
+        .find(|(r, spec)| spec.type_name == "error" && r.text != "nil")
+        .map(|(r, _)| format!("returned error {}", r.text))
+}
+
 /// Builds the span of one call. `args`/`results` are the formatted values.
 pub fn call_span(
     call: &Call,
@@ -209,13 +219,10 @@ pub fn call_span(
     for a in args {
         attributes.push(KeyValue::new(format!("go.arg.{}", a.name), attr_value(a)));
     }
-    let mut status = Status::Unset;
-    for (r, spec) in results.iter().zip(&meta.ret.values) {
+    for r in results {
         attributes.push(KeyValue::new(format!("go.result.{}", r.name), attr_value(r)));
-        if spec.type_name == "error" && r.text != "nil" {
-            status = Status::error(format!("returned error {}", r.text));
-        }
     }
+    let status = returned_error(meta, results).map_or(Status::Unset, Status::error);
     if call.ret.is_none() {
         attributes.push(KeyValue::new("inject.entry_only", true));
     }
