@@ -141,7 +141,7 @@ pub fn analyse_as(bin: &GoBinary<'_>, f: &Func<'_>, id: u32, bias: u64, ctx: &Pl
         }
     };
     let sig = ctx.dwarf.as_ref().and_then(|d| d.function_by_entry(f.entry)).and_then(|d| signature(d, f.args));
-    (site.on_entry, site.on_return) = values::sides(sig.as_ref(), ctx.max_string);
+    (site.on_entry, site.on_return) = values::sides(sig.as_ref(), ctx.max_string, &ctx.error_itabs);
     site.typed = sig.is_some();
     // Without a locals pointer map the runtime never preempts the function asynchronously,
     // nor its own functions: no goroutine can be parked inside them.
@@ -171,6 +171,22 @@ pub fn analyse_as(bin: &GoBinary<'_>, f: &Func<'_>, id: u32, bias: u64, ctx: &Pl
 pub struct PlanContext {
     pub dwarf: Option<go_abi::dwarf::DwarfInfo>,
     pub max_string: u16,
+    /// Run-time itabs (as `error`) of the error types whose first field is their message.
+    pub error_itabs: Vec<u64>,
+}
+
+impl PlanContext {
+    pub fn new(bin: &GoBinary<'_>, bias: u64, max_string: u16) -> PlanContext {
+        PlanContext { dwarf: bin.dwarf().ok().flatten(), max_string, error_itabs: error_itabs(bin, bias) }
+    }
+}
+
+/// `errors.New`'s, `fmt.Errorf`'s with one `%w` and with several: structs whose first
+/// field is the message string, so a probe can show an error's text, not a pointer.
+pub const MESSAGE_FIRST_ERRORS: [&str; 3] = ["*errors.errorString", "*fmt.wrapError", "*fmt.wrapErrors"];
+
+fn error_itabs(bin: &GoBinary<'_>, bias: u64) -> Vec<u64> {
+    MESSAGE_FIRST_ERRORS.iter().filter_map(|t| bin.itab(t, "error")).map(|a| a + bias).collect()
 }
 
 pub fn plan(bin: &GoBinary<'_>, patterns: &[String], bias: u64, ctx: &PlanContext) -> anyhow::Result<Vec<ProbeSite>> {

@@ -205,7 +205,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         let target = TargetArgs { pid: if exe.is_some() { None } else { args.pid }, exe };
         let exe = target.open()?;
         let bin = GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())?;
-        let ctx = plan::PlanContext { dwarf: bin.dwarf().ok().flatten(), max_string: args.max_string };
+        let ctx = plan::PlanContext::new(&bin, exe.bias, args.max_string);
         return print_verdicts(&plan_sites(&bin, args, exe.bias, &ctx)?);
     }
     let pid = args.pid.context("--pid")?;
@@ -465,8 +465,7 @@ pub fn start(pid: i32, args: &RunArgs, mode: Mode) -> Result<Option<Tracing>> {
     let exe = TargetArgs { exe: None, pid: Some(pid) }.open()?;
     let bin = GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())?;
     let assumed = check_go_version(&bin, args.assume_go_version.as_deref())?;
-    let dwarf = bin.dwarf().ok().flatten();
-    let ctx = plan::PlanContext { dwarf, max_string: args.max_string };
+    let ctx = plan::PlanContext::new(&bin, exe.bias, args.max_string);
     let sites = plan_sites(&bin, args, exe.bias, &ctx)?;
     check_installable(&sites)?;
     libs::http::QUERY_ON_SERVER.store(args.http_query, std::sync::atomic::Ordering::Relaxed);

@@ -7,7 +7,7 @@ use std::fmt::Write;
 use go_abi::abi::{Location, Reg};
 use go_abi::signature::{Scalar, Signature, Value};
 use trampolines::CapturePlan;
-use trampolines::codegen::ByteCopy;
+use trampolines::codegen::{ByteCopy, Fetch, FieldCopy, Op, When};
 
 use crate::ring::Record;
 
@@ -21,6 +21,9 @@ pub struct ValueSpec {
     pub copy: Option<(u16, u16)>,
     /// An interface: `Some(empty)` (see `go_abi::signature::Value::interface`).
     pub interface: Option<bool>,
+    /// An `error`: where the message of each message-first error type (by its itab) was
+    /// copied.
+    pub messages: Vec<(u64, u16)>,
     pub scalar: Option<Scalar>,
 }
 
@@ -43,14 +46,19 @@ fn has_bytes(type_name: &str) -> bool {
     type_name == "string" || type_name == "[]uint8" || type_name == "[]byte"
 }
 
+/// Bytes of an error's message kept.
+const MESSAGE_MAX: u16 = 120;
+
 /// Plans the capture of `values` (parameters or results), copying up to `max_string`
-/// bytes of each string and byte slice held in registers.
-pub fn side(values: &[Value], max_string: u16) -> Side {
+/// bytes of each string and byte slice held in registers, and the message of an `error`
+/// whose dynamic type is one of `error_itabs` (checked by its itab before any read).
+pub fn side(values: &[Value], max_string: u16, error_itabs: &[u64]) -> Side {
     let mut plan = CapturePlan::default();
     let mut specs = Vec::new();
     let mut dest = 0u16;
     for v in values {
         let mut copy = None;
+        let mut messages = Vec::new();
         if let Location::Registers(pieces) = &v.location {
             for p in pieces {
                 match p.reg {
@@ -71,6 +79,24 @@ pub fn side(values: &[Value], max_string: u16) -> Side {
                 copy = Some((dest, max_string));
                 dest += max_string.next_multiple_of(8);
             }
+            if v.type_name == "error"
+                && v.interface == Some(false)
+                && let (Some(itab_reg), Some(data_reg)) =
+                    (pieces.first().and_then(|p| int_index(p.reg)), pieces.get(1).and_then(|p| int_index(p.reg)))
+            {
+                for &itab in error_itabs {
+                    plan.ops.push(Op::Field(FieldCopy {
+                        reg: data_reg,
+                        path: Vec::new(),
+                        off: 0,
+                        fetch: Fetch::Str { max: MESSAGE_MAX },
+                        dest,
+                        when: vec![When::reg(itab_reg, itab)],
+                    }));
+                    messages.push((itab, dest));
+                    dest += 8 + MESSAGE_MAX;
+                }
+            }
         }
         specs.push(ValueSpec {
             name: v.name.clone(),
@@ -78,6 +104,7 @@ pub fn side(values: &[Value], max_string: u16) -> Side {
             location: v.location.clone(),
             copy,
             interface: v.interface,
+            messages,
             scalar: v.scalar,
         });
     }
@@ -86,9 +113,9 @@ pub fn side(values: &[Value], max_string: u16) -> Side {
 
 /// Entry and return sides from a signature; without one (stripped binaries) every
 /// argument register is recorded and shown raw.
-pub fn sides(sig: Option<&Signature>, max_string: u16) -> (Side, Side) {
+pub fn sides(sig: Option<&Signature>, max_string: u16, error_itabs: &[u64]) -> (Side, Side) {
     match sig {
-        Some(s) => (side(&s.params, max_string), side(&s.results, max_string)),
+        Some(s) => (side(&s.params, max_string, error_itabs), side(&s.results, max_string, error_itabs)),
         None => {
             let raw = Side { plan: CapturePlan { ints: 0x1ff, ..CapturePlan::default() }, values: Vec::new() };
             (raw.clone(), raw)
@@ -174,12 +201,22 @@ pub fn show(spec: &ValueSpec, rec: &Record, types: &mut TypeNamer<'_>) -> Shown 
         if word == 0 {
             ("nil".to_string(), serde_json::Value::Null)
         } else {
-            match types(word, empty) {
-                Some(name) => {
+            let message = spec.messages.iter().find(|m| m.0 == word).and_then(|&(_, at)| {
+                let at = usize::from(at);
+                let len = u64::from_le_bytes(rec.data.get(at..at + 8)?.try_into().ok()?);
+                let n = (len as usize).min(usize::from(MESSAGE_MAX));
+                Some((rec.data.get(at + 8..at + 8 + n)?, len > u64::from(MESSAGE_MAX)))
+            });
+            match (types(word, empty), message) {
+                (Some(name), Some((bytes, cut))) => (
+                    format!("{name}({})", quote(bytes, cut)),
+                    serde_json::json!({"type": name, "message": String::from_utf8_lossy(bytes), "truncated": cut}),
+                ),
+                (Some(name), None) => {
                     (format!("{name}({data:#x})"), serde_json::json!({"type": name, "data": format!("{data:#x}")}))
                 }
                 // A type or itab the runtime made on the heap: not in the file.
-                None => (
+                (None, _) => (
                     format!("{t}{{{word:#x}, {data:#x}}}"),
                     serde_json::json!({"word": format!("{word:#x}"), "data": format!("{data:#x}")}),
                 ),

@@ -232,7 +232,7 @@ fn overload_drops_are_counted_and_harmless() -> Result<()> {
 
 /// Interface arguments show their dynamic type, named from the executable's type
 /// descriptors: through the type word of `any`, and through the itab of `error` and
-/// `fmt.Stringer`.
+/// `fmt.Stringer`; an error made by `errors.New` shows its message too.
 #[test]
 fn interface_values_name_their_dynamic_type() -> Result<()> {
     if !require_ptrace()? {
@@ -265,12 +265,23 @@ fn interface_values_name_their_dynamic_type() -> Result<()> {
             )?;
             ensure!(inject.wait(LIMIT)?.success(), "inject failed:\n{}", inject.transcript());
             let mut seen = HashMap::new();
+            let mut messages = std::collections::HashSet::new();
             for line in std::fs::read_to_string(&jsonl)?.lines() {
                 let v: Value = serde_json::from_str(line)?;
                 let name = v["name"].as_str().context("name")?.to_string();
                 let arg = v["args"].as_object().and_then(|a| a.values().next().cloned()).context("arg")?;
+                if let Some(m) = arg["message"].as_str() {
+                    messages.insert(format!("{name}: {m}"));
+                }
                 seen.insert(name, arg["type"].as_str().unwrap_or_default().to_string());
             }
+            // An error of a message-first type (errors.New here) shows its message.
+            ensure!(
+                messages.contains("main.ErrText: boom"),
+                "Go {} {}: error messages {messages:?}",
+                tc.version,
+                flavor.name()
+            );
             let want = [
                 ("main.Describe", "main.Point"),
                 ("main.ErrText", "*errors.errorString"),

@@ -531,7 +531,10 @@ fn json_lines_say_error_one_way() -> Result<()> {
     };
     let workers = error("main.(*server).worker");
     ensure!(
-        workers.len() == 3 && workers.iter().all(|e| e.starts_with("returned error *fmt.wrapError")),
+        workers.len() == 3
+            && workers
+                .iter()
+                .all(|e| e.starts_with("returned error *fmt.wrapError(\"worker ") && e.contains("refused")),
         "workers: {workers:?}"
     );
     ensure!(error("GET /fanout") == ["error.type 502"], "fanout: {:?}", error("GET /fanout"));
