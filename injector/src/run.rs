@@ -206,6 +206,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
         let exe = target.open()?;
         let bin = GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())?;
         let ctx = plan::PlanContext::new(&bin, exe.bias, args.max_string);
+        if let Some(why) = target.pid.and_then(|pid| Trampolines.held(pid)) {
+            eprintln!("inject: warning: {why} (a real attach would be refused)");
+        }
         return print_verdicts(&plan_sites(&bin, args, exe.bias, &ctx)?);
     }
     let pid = args.pid.context("--pid")?;

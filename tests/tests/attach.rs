@@ -210,6 +210,14 @@ fn detach_leaves_no_trace_and_second_inject_is_refused() -> Result<()> {
         let mut second = start_inject(&probe(&["--duration", "1"]), false)?;
         ensure!(second.wait(MINUTE)?.code() == Some(1), "second inject was not refused:\n{}", second.transcript());
         ensure!(second.transcript().contains("already instrumented"), "{}", second.transcript());
+        // A dry run installs nothing, but says a real attach would be refused.
+        let mut dry = start_inject(&probe(&["--dry-run"]), false)?;
+        ensure!(dry.wait(MINUTE)?.success(), "dry run:\n{}", dry.transcript());
+        ensure!(
+            dry.transcript().contains("already instrumented") && dry.transcript().contains("would be refused"),
+            "dry run on a held pid:\n{}",
+            dry.transcript()
+        );
         first.signal(2);
         ensure!(first.wait(MINUTE)?.success(), "first inject:\n{}", first.transcript());
         ensure!(first.transcript().contains("unmapped trampolines and ring"), "{}", first.transcript());

@@ -20,6 +20,9 @@ pub trait Backend {
     /// Undoes what an instance of this backend that died (`kill -9`) left in `pid`, before
     /// anything else is done to it; a line for users when there was something to undo.
     fn recover(&self, pid: i32, bin: &GoBinary<'_>, bias: u64) -> Result<Option<String>>;
+    /// Why installing into `pid` would be refused because another running inject holds
+    /// it, if it would (for `--dry-run`, which installs nothing).
+    fn held(&self, pid: i32) -> Option<String>;
     /// Puts `sites` into `pid`, with records going to a ring shaped like `ring`. On error
     /// nothing of it stays in the process.
     fn install(

@@ -28,6 +28,10 @@ impl Backend for Trampolines {
         Ok(cleaned.describe(pid))
     }
 
+    fn held(&self, pid: i32) -> Option<String> {
+        recover::leftovers(pid).err().map(|e| e.to_string()).filter(|m| m.contains("another inject"))
+    }
+
     fn install(
         &self,
         pid: i32,
