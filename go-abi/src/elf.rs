@@ -40,7 +40,10 @@ impl<'a> Elf<'a> {
         if data.len() < 4 || &data[..4] != b"\x7fELF" {
             return Err(ElfError::NotElf);
         }
-        if data.len() < 20 || data[4] != 2 || data[5] != 1 {
+        if data.len() < 64 {
+            return Err(ElfError::Malformed { reason: format!("{} bytes, shorter than an ELF header", data.len()) });
+        }
+        if data[4] != 2 || data[5] != 1 {
             return Err(ElfError::Unsupported { what: "not 64-bit little-endian".into() });
         }
         let file = object::File::parse(data).map_err(|e| ElfError::Malformed { reason: e.to_string() })?;

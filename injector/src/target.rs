@@ -42,8 +42,12 @@ impl TargetArgs {
 
 fn open_file(path: &Path) -> Result<Executable> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    if file.metadata()?.is_dir() {
+    let meta = file.metadata()?;
+    if meta.is_dir() {
         bail!("{} is a directory, not an executable", path.display());
+    }
+    if !meta.is_file() {
+        bail!("{} is not a regular file, so not an executable", path.display());
     }
     // SAFETY: the map is read-only; a binary truncated underneath us would fault, which
     // is the same exposure as any tool reading a file through mmap.

@@ -61,6 +61,10 @@ fn random_bytes_and_empty_files() -> Result<()> {
     expect_error(&["functions", "--exe"], Some(&p), 1, "ELF")?;
     expect_error(&["functions", "--exe"], Some(Path::new("/nonexistent/x")), 1, "cannot open")?;
     expect_error(&["functions", "--exe"], Some(Path::new("/tmp")), 1, "directory")?;
+    expect_error(&["functions", "--exe"], Some(Path::new("/dev/null")), 1, "/dev/null is not a regular file")?;
+    // ELF magic and nothing much after it: said to be cut short, not of another kind.
+    std::fs::write(&p, b"\x7fELF\x02\x01\x01\0\0\0")?;
+    expect_error(&["info", "--exe"], Some(&p), 1, "10 bytes, shorter than an ELF header")?;
     std::fs::remove_file(&p)?;
     Ok(())
 }
