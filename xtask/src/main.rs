@@ -125,6 +125,7 @@ fn soak(cycles: u64) -> Result<()> {
 
 /// The README's test command: everything a fresh machine needs, then the checks.
 fn test(matrix: bool) -> Result<()> {
+    let started = std::time::Instant::now();
     deps::ensure()?;
     let tcs = if matrix { all_toolchains()? } else { oldest_and_newest()? };
     for tc in &tcs {
@@ -140,14 +141,43 @@ fn test(matrix: bool) -> Result<()> {
     }
     eprintln!("xtask: cargo test");
     let mut t = cargo();
-    t.args(["test", "--workspace", "--no-fail-fast"]);
+    // No doc tests: the crates have none, and their empty blocks buried the verdict.
+    t.args(["test", "--workspace", "--no-fail-fast", "--lib", "--bins", "--tests"]);
     if matrix {
         t.env("INJECT_GO_MATRIX", "all");
     }
-    if !t.status()?.success() {
+    let mut child = t.stdout(std::process::Stdio::piped()).spawn()?;
+    let mut totals = [0u64; 3];
+    let out = std::io::BufReader::new(child.stdout.take().context("test output")?);
+    for line in std::io::BufRead::lines(out) {
+        let line = line?;
+        println!("{line}");
+        if let Some(counts) = test_counts(&line) {
+            totals.iter_mut().zip(counts).for_each(|(t, c)| *t += c);
+        }
+    }
+    let ok = child.wait()?.success();
+    let [passed, failed, ignored] = totals;
+    eprintln!(
+        "xtask: {} in {:.1} min: fmt and clippy clean, {passed} tests passed, {failed} failed, {ignored} ignored",
+        if ok { "PASS" } else { "FAIL" },
+        started.elapsed().as_secs_f64() / 60.0
+    );
+    if !ok {
         bail!("tests failed");
     }
     Ok(())
+}
+
+/// (passed, failed, ignored) from libtest's `test result: ...` line.
+fn test_counts(line: &str) -> Option<[u64; 3]> {
+    let rest = line.strip_prefix("test result: ")?;
+    let count = |what: &str| {
+        rest.split(';')
+            .find_map(|p| p.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(what))
+            .and_then(|n| n.trim().parse().ok())
+    };
+    Some([count(" passed")?, count(" failed")?, count(" ignored")?])
 }
 
 /// `docs [--check]`: docs/cli.md from `inject cli-docs`.
@@ -163,4 +193,16 @@ fn docs(check: bool) -> Result<()> {
     std::fs::write(&path, rendered)?;
     println!("docs: wrote {}", path.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn libtest_result_lines_are_counted() {
+        let ok = "test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.44s";
+        assert_eq!(super::test_counts(ok), Some([12, 0, 1]));
+        let bad = "test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.18s";
+        assert_eq!(super::test_counts(bad), Some([1, 2, 0]));
+        assert_eq!(super::test_counts("running 3 tests"), None);
+    }
 }
