@@ -179,13 +179,12 @@ fn attr_value(s: &Shown) -> Value {
         serde_json::Value::Number(n) if n.is_f64() => Value::F64(n.as_f64().unwrap_or_default()),
         serde_json::Value::String(v) => Value::String(v.clone().into()),
         // A byte slice copied whole and valid UTF-8: its text, as a string's (not quoted).
-        serde_json::Value::Object(o)
-            if o.get("hex").is_none()
-                && o.get("value").and_then(|v| v.as_str()).map(|v| v.len() as u64)
-                    == o.get("len").and_then(|l| l.as_u64()) =>
-        {
-            Value::String(o["value"].as_str().unwrap_or_default().to_string().into())
-        }
+        serde_json::Value::Object(o) => match (o.get("value").and_then(|v| v.as_str()), o.get("len")) {
+            (Some(v), Some(len)) if o.get("hex").is_none() && len.as_u64() == Some(v.len() as u64) => {
+                Value::String(v.to_string().into())
+            }
+            _ => Value::String(s.text.clone().into()),
+        },
         _ => Value::String(s.text.clone().into()),
     }
 }
@@ -247,5 +246,13 @@ mod tests {
         assert_eq!(attr_value(&cut), Value::String("\"hello\"...".into()));
         let binary = shown("\"\\xff\"", serde_json::json!({"value": "\u{fffd}", "len": 1, "hex": "ff"}));
         assert_eq!(attr_value(&binary), Value::String("\"\\xff\"".into()));
+        // Other objects (an interface's type and data, an error's message) keep their text.
+        let iface = shown("*http.response(0x1)", serde_json::json!({"type": "*http.response", "data": "0x1"}));
+        assert_eq!(attr_value(&iface), Value::String("*http.response(0x1)".into()));
+        let err = shown(
+            "*errors.errorString(\"boom\")",
+            serde_json::json!({"type": "*errors.errorString", "message": "boom"}),
+        );
+        assert_eq!(attr_value(&err), Value::String("*errors.errorString(\"boom\")".into()));
     }
 }
