@@ -176,11 +176,6 @@ fn cgroup_memory_limit() -> Option<u64> {
 /// Stop-the-world pauses longer than this are explained on stderr.
 const LONG_PAUSE_MS: u64 = 10;
 
-/// `n thing` or `n things`.
-pub fn count(n: usize, thing: &str) -> String {
-    format!("{n} {thing}{}", if n == 1 { "" } else { "s" })
-}
-
 /// A command line that asks for nothing inject can do: exit code 2, as clap's own.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -553,7 +548,7 @@ fn start_tracing(
     eprintln!(
         "inject: probing {}{} in pid {pid}; {} stopped for {:.2} ms (and {:.2} ms to map memory)",
         if funcs > 0 || libs.is_empty() {
-            format!("{} ({})", count(funcs, "function"), count(exits, "exit"))
+            format!("{} ({})", crate::summary::count(funcs, "function"), crate::summary::count(exits, "exit"))
         } else {
             String::new()
         },
@@ -568,7 +563,7 @@ fn start_tracing(
                 if lib_sites == 1 { "probe" } else { "probes" }
             )
         },
-        count(done.threads, "thread"),
+        crate::summary::count(done.threads, "thread"),
         done.pause.as_secs_f64() * 1e3,
         done.prepare_pause.as_secs_f64() * 1e3
     );

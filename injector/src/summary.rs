@@ -86,6 +86,11 @@ pub struct Facts<'a> {
 
 /// Prints the exit summary on stderr and writes it to `json` (`--summary-json`); `stop`
 /// says why the session ended.
+/// `n thing` or `n things`.
+pub fn count(n: usize, thing: &str) -> String {
+    format!("{n} {thing}{}", if n == 1 { "" } else { "s" })
+}
+
 pub fn report(facts: &Facts<'_>, stop: String, json: Option<&std::path::Path>) -> Result<()> {
     let Facts { sites, installed: inst, totals, export, removal } = *facts;
     let summary = Summary {
@@ -155,7 +160,7 @@ pub fn report(facts: &Facts<'_>, stop: String, json: Option<&std::path::Path>) -
         }
     }
     for (name, probes, records) in libs {
-        let probes = crate::run::count(probes, "probe");
+        let probes = count(probes, "probe");
         eprintln!("inject: {name:<50} {records:>10} records from {probes}");
     }
     eprintln!(
