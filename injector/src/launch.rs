@@ -105,10 +105,10 @@ pub fn launch(args: &RunArgs) -> Result<u8> {
                 if let Err(e) = t.remove_and_finish(StopReason::Duration, args) {
                     eprintln!("inject: error: {e:#}");
                 }
-                supervise(pid, &sigfd, None)?.context("the program outlived supervision")?
+                supervise_to_end(pid, &sigfd)?
             }
         },
-        None => supervise(pid, &sigfd, None)?.context("the program outlived supervision")?,
+        None => supervise_to_end(pid, &sigfd)?,
     };
     Ok(exit_code(status))
 }
@@ -188,7 +188,11 @@ fn instrument(pid: i32, args: &RunArgs) -> Result<Option<run::Tracing>> {
     run::start(pid, args, run::Mode::Launch)
 }
 
-/// Forwards signals and reaps children until the program exits; returns its wait status.
+/// [`supervise`] without a deadline: the program's wait status.
+fn supervise_to_end(pid: i32, sigfd: &SignalFd) -> Result<i32> {
+    supervise(pid, sigfd, None)?.context("supervision ended before the program")
+}
+
 /// Forwards signals to the program and reaps orphans until it exits (its wait status), or
 /// until `deadline` (None).
 fn supervise(pid: i32, sigfd: &SignalFd, deadline: Option<Instant>) -> Result<Option<i32>> {

@@ -183,7 +183,7 @@ impl PlanContext {
 
 /// `errors.New`'s, `fmt.Errorf`'s with one `%w` and with several: structs whose first
 /// field is the message string, so a probe can show an error's text, not a pointer.
-pub const MESSAGE_FIRST_ERRORS: [&str; 3] = ["*errors.errorString", "*fmt.wrapError", "*fmt.wrapErrors"];
+const MESSAGE_FIRST_ERRORS: [&str; 3] = ["*errors.errorString", "*fmt.wrapError", "*fmt.wrapErrors"];
 
 fn error_itabs(bin: &GoBinary<'_>, bias: u64) -> Vec<u64> {
     MESSAGE_FIRST_ERRORS.iter().filter_map(|t| bin.itab(t, "error")).map(|a| a + bias).collect()

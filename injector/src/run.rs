@@ -184,16 +184,12 @@ pub struct UsageError(pub String);
 pub fn run(args: &RunArgs) -> Result<()> {
     let planning_a_program = args.dry_run && !args.command.is_empty();
     if args.pid.is_none() && args.exe.is_none() && !planning_a_program {
-        return Err(UsageError(
-            "nothing to do: give --pid PID --func PATTERN, or -- PROGRAM ARGS... (or a subcommand; see --help)".into(),
-        )
-        .into());
+        bail!(UsageError(
+            "nothing to do: give --pid PID --func PATTERN, or -- PROGRAM ARGS... (or a subcommand; see --help)".into()
+        ));
     }
     if args.funcs.is_empty() && args.no_libs {
-        return Err(UsageError(
-            "--no-libs and no --func: nothing to probe (list candidates with `inject functions`)".into(),
-        )
-        .into());
+        bail!(UsageError("--no-libs and no --func: nothing to probe (list candidates with `inject functions`)".into()));
     }
     if args.dry_run {
         let exe = args.exe.clone().or_else(|| args.command.first().map(|p| crate::target::resolve(p)));
@@ -215,7 +211,6 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     mask.thread_block().context("blocking SIGINT/SIGTERM")?;
     let sigfd = SignalFd::new(&mask).context("signalfd")?;
-    crate::target::process_dir(pid)?;
     let pidfd = pidfd_open(pid)?;
     let Some(tracing) = start(pid, args, Mode::Attach)? else { return Ok(()) };
     let deadline = args.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
@@ -556,11 +551,10 @@ fn start_tracing(
             String::new()
         } else {
             format!(
-                "{}{} ({} {})",
+                "{}{} ({})",
                 if funcs > 0 { " and " } else { "" },
                 libs.join(", "),
-                lib_sites,
-                if lib_sites == 1 { "probe" } else { "probes" }
+                crate::summary::count(lib_sites, "probe")
             )
         },
         crate::summary::count(done.threads, "thread"),
@@ -609,13 +603,13 @@ fn start_tracing(
 }
 
 impl Tracing {
-    /// Stops collecting (after the ring is drained), flushes the export and reports.
     /// Takes the probes out of a target that lives on, then reports.
     pub fn remove_and_finish(self, reason: StopReason, args: &RunArgs) -> Result<()> {
         let removal = self.inst.remove();
         self.finish(reason, Some(removal), args)
     }
 
+    /// Stops collecting (after the ring is drained), flushes the export and reports.
     pub fn finish(self, reason: StopReason, removal: Option<Result<Removal>>, args: &RunArgs) -> Result<()> {
         self.stop.store(true, Ordering::Release);
         let mut totals = self.collector.join().map_err(|_| anyhow::anyhow!("collector thread panicked"))?;
@@ -712,7 +706,12 @@ fn pidfd_open(pid: i32) -> Result<OwnedFd> {
     // SAFETY: a raw syscall with integer arguments; the result is checked.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("pidfd_open({pid})"));
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ESRCH) {
+            // Gone: said as every other command says it.
+            crate::target::process_dir(pid)?;
+        }
+        return Err(e).with_context(|| format!("pidfd_open({pid})"));
     }
     // SAFETY: a fresh descriptor we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })

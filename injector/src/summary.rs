@@ -84,13 +84,13 @@ pub struct Facts<'a> {
     pub removal: Option<&'a Removal>,
 }
 
-/// Prints the exit summary on stderr and writes it to `json` (`--summary-json`); `stop`
-/// says why the session ended.
 /// `n thing` or `n things`.
 pub fn count(n: usize, thing: &str) -> String {
     format!("{n} {thing}{}", if n == 1 { "" } else { "s" })
 }
 
+/// Prints the exit summary on stderr and writes it to `json` (`--summary-json`); `stop`
+/// says why the session ended.
 pub fn report(facts: &Facts<'_>, stop: String, json: Option<&std::path::Path>) -> Result<()> {
     let Facts { sites, installed: inst, totals, export, removal } = *facts;
     let summary = Summary {

@@ -103,6 +103,15 @@ impl RootSampler {
             RootSampler::Ratio(r) => ratio_sample(r, trace_id),
         }
     }
+
+    /// The bound the trace id's shifted low half is held to (see [`ratio_sample`]).
+    fn below(self) -> u64 {
+        match self {
+            RootSampler::AlwaysOn => u64::MAX,
+            RootSampler::AlwaysOff => 0,
+            RootSampler::Ratio(r) => ratio_bound(r),
+        }
+    }
 }
 
 /// The specification's TraceIdRatioBased rule (as the Go and Java SDKs apply it): the
@@ -116,27 +125,17 @@ fn ratio_bound(ratio: f64) -> u64 {
     (ratio.clamp(0.0, 1.0) * (1u64 << 63) as f64) as u64
 }
 
-impl RootSampler {
-    fn below(self) -> u64 {
-        match self {
-            RootSampler::AlwaysOn => u64::MAX,
-            RootSampler::AlwaysOff => 0,
-            RootSampler::Ratio(r) => ratio_bound(r),
-        }
-    }
-}
-
 impl Sampler {
     /// The same decisions for the spans the trampolines begin, which must send the flag
     /// before the collector sees them.
     pub fn rule(&self) -> trampolines::codegen::Sampling {
-        use trampolines::codegen::Sampling;
-        match *self {
-            Sampler::AlwaysOn => Sampling { parent_based: false, root_below: u64::MAX },
-            Sampler::AlwaysOff => Sampling { parent_based: false, root_below: 0 },
-            Sampler::Ratio(r) => Sampling { parent_based: false, root_below: RootSampler::Ratio(r).below() },
-            Sampler::ParentBased(root) => Sampling { parent_based: true, root_below: root.below() },
-        }
+        let (parent_based, root) = match *self {
+            Sampler::AlwaysOn => (false, RootSampler::AlwaysOn),
+            Sampler::AlwaysOff => (false, RootSampler::AlwaysOff),
+            Sampler::Ratio(r) => (false, RootSampler::Ratio(r)),
+            Sampler::ParentBased(root) => (true, root),
+        };
+        trampolines::codegen::Sampling { parent_based, root_below: root.below() }
     }
 
     /// `remote_parent`: the sampled flag of a parent from another process, if any.

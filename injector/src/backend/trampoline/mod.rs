@@ -29,7 +29,7 @@ impl Backend for Trampolines {
     }
 
     fn held(&self, pid: i32) -> Option<String> {
-        recover::leftovers(pid).err().map(|e| e.to_string()).filter(|m| m.contains("another inject"))
+        recover::leftovers(pid).err()?.downcast_ref::<recover::Held>().map(ToString::to_string)
     }
 
     fn install(

@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use ring_abi::{header, journal};
 
 use super::ptrace::Session;
@@ -129,8 +129,17 @@ fn rings(pid: i32) -> Result<Vec<MappedRing>> {
         .collect())
 }
 
+/// Another running inject holds the process: nothing may go in beside its probes.
+#[derive(Debug, thiserror::Error)]
+#[error("pid {pid} is {what} by another inject (pid {owner}); stop that one first")]
+pub struct Held {
+    pub pid: i32,
+    pub owner: u32,
+    what: &'static str,
+}
+
 /// Rings of injects that are no longer running, with their journals. A ring whose owner
-/// still runs is an error naming it.
+/// still runs is a [`Held`] error naming it.
 pub fn leftovers(pid: i32) -> Result<Vec<Leftover>> {
     let mem = File::open(format!("/proc/{pid}/mem")).with_context(|| format!("opening /proc/{pid}/mem"))?;
     let mut out = Vec::new();
@@ -139,7 +148,7 @@ pub fn leftovers(pid: i32) -> Result<Vec<Leftover>> {
             // Mapped, not yet set up: either its inject is still attaching, or it died then
             // (before any patch). The ring's name says which trampoline areas it mapped.
             if alive(maker) {
-                bail!("pid {pid} is being instrumented by another inject (pid {maker}); stop that one first");
+                return Err(Held { pid, owner: maker, what: "being instrumented" }.into());
             }
             out.push(Leftover {
                 ring: (start, end - start),
@@ -152,7 +161,7 @@ pub fn leftovers(pid: i32) -> Result<Vec<Leftover>> {
         }
         let owner = word(&mem, start + header::OWNER as u64)? as u32;
         if alive(owner) {
-            bail!("pid {pid} is already instrumented by another inject (pid {owner}); stop that one first");
+            return Err(Held { pid, owner, what: "already instrumented" }.into());
         }
         let version = word(&mem, start + header::VERSION as u64)? as u32;
         // Left mapped by an inject that detached cleanly (a thread was inside): nothing to
