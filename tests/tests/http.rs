@@ -461,10 +461,10 @@ fn an_unsampled_callers_decision_is_followed_downstream() -> Result<()> {
         let r = load(&tc, &["-url", &url, "-n", &N.to_string(), "-c", "2", "-header", &header])?;
         ensure!(r.success && r.get("ok") == N, "{flags}: {:?} {:?}", r.fields, r.lines);
     }
+    // Both injects have exported everything they will before they exit.
     let (fs, bs) = (front.detach()?, back.detach()?);
     // Per request: the front's server span and three client spans, three back server spans.
     rx.wait_spans(7 * N, LIMIT).context("spans")?;
-    std::thread::sleep(Duration::from_millis(300));
     let spans = rx.spans();
     let traces: std::collections::BTreeSet<String> = spans.iter().map(|s| s.trace_id()).collect();
     ensure!(

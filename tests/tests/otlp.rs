@@ -324,7 +324,9 @@ fn an_endpoint_that_never_answers_fails_the_session_quickly() -> Result<()> {
         true,
     )?;
     fx.send_line("go")?;
-    std::thread::sleep(Duration::from_millis(2500));
+    inj.wait_for("inject: warning: OTLP export to", LIMIT)?;
+    // Failing for over a second before the stop: the case where inject gives up at once.
+    std::thread::sleep(Duration::from_millis(1500));
     let stopping = Instant::now();
     inj.signal(15);
     let st = inj.wait(LIMIT)?;
