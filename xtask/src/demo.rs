@@ -102,24 +102,34 @@ fn start_listening(exe: &std::path::Path, args: &[&str]) -> Result<(Child, Strin
     Ok((child, addr.context("no LISTEN line")?))
 }
 
-/// Attaches an inject to each `(name, pid)` for 3 s, no flags, waiting until its probes
-/// are in; then `drive` runs, and the injects are waited for (they print their spans).
-fn traced(services: &[(&str, u32)], drive: impl FnOnce() -> Result<()>) -> Result<()> {
-    let mut injects = Vec::new();
-    for (name, pid) in services {
-        println!("== inject --pid {pid} --service-name {name} --duration 3");
-        let mut c = Command::new(inject_binary()?)
-            .args(["--pid", &pid.to_string(), "--service-name", name, "--duration", "3"])
-            .stderr(Stdio::piped())
-            .spawn()?;
-        xtask::wait_for_line(&mut c, false, "inject: probing")?;
-        injects.push(c);
+/// Attaches an inject (no flags, 3 s) to each named service, runs the load fixture on
+/// `url` `n` times once they are probing, prints what it says, and stops the services.
+fn traced(services: Vec<(&str, Child)>, load: &std::path::Path, url: &str, n: &str, what: &str) -> Result<()> {
+    let result = (|| -> Result<()> {
+        let mut injects = Vec::new();
+        for (name, c) in &services {
+            let pid = c.id();
+            println!("== inject --pid {pid} --service-name {name} --duration 3");
+            let mut c = Command::new(inject_binary()?)
+                .args(["--pid", &pid.to_string(), "--service-name", name, "--duration", "3"])
+                .stderr(Stdio::piped())
+                .spawn()?;
+            xtask::wait_for_line(&mut c, false, "inject: probing")?;
+            injects.push(c);
+        }
+        println!("== load -url {url} -n {n} -c 1   ({what})");
+        let out = Command::new(load).args(["-url", url, "-n", n, "-c", "1"]).output()?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        for mut c in injects {
+            c.wait()?;
+        }
+        Ok(())
+    })();
+    for (_, mut c) in services {
+        let _ = c.kill();
+        let _ = c.wait();
     }
-    drive()?;
-    for mut c in injects {
-        c.wait()?;
-    }
-    Ok(())
+    result
 }
 
 /// Two HTTP services, each with its own inject and no flags: the front's `/fanout` calls
@@ -129,22 +139,10 @@ fn http_demo(tc: &xtask::GoToolchain) -> Result<()> {
     let load = build_fixture("load", tc, Flavor::Default)?;
     let (back, back_addr) = start_listening(&server, &[])?;
     let (front, front_addr) = start_listening(&server, &["-backend", &format!("http://{back_addr}/hello")])?;
-    let mut children = vec![back, front];
     println!("\n== net/http with no flags: an inject on each of two services (front calls back)");
-    let result = traced(&[("back", children[0].id()), ("front", children[1].id())], || {
-        let urls = format!("http://{front_addr}/fanout,http://{front_addr}/items/42");
-        println!(
-            "== load -url {urls} -n 2 -c 1   (the front's SERVER span, its 3 CLIENT spans, the back's 3 SERVER spans: one trace)"
-        );
-        let out = Command::new(&load).args(["-url", &urls, "-n", "2", "-c", "1"]).output()?;
-        print!("{}", String::from_utf8_lossy(&out.stdout));
-        Ok(())
-    });
-    for c in &mut children {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    result
+    let urls = format!("http://{front_addr}/fanout,http://{front_addr}/items/42");
+    let what = "the front's SERVER span, its 3 CLIENT spans, the back's 3 SERVER spans: one trace";
+    traced(vec![("back", back), ("front", front)], &load, &urls, "2", what)
 }
 
 /// HTTP front end -> gRPC service (unary, server stream, an error status) -> HTTPS backend
@@ -158,26 +156,13 @@ fn grpc_demo(tc: &xtask::GoToolchain) -> Result<()> {
     let backend = format!("https://{back_addr}/hello");
     let (grpc, grpc_addr) = start_listening(&svc, &["-mode", "server", "-backend", &backend])?;
     let (front, front_addr) = start_listening(&svc, &["-mode", "front", "-target", &grpc_addr])?;
-    let mut children = vec![back, grpc, front];
     println!(
         "\n== gRPC (grpc-go {version}) with no flags: front (HTTP) calls grpc (gRPC), which calls back (HTTPS, HTTP/2)"
     );
-    let services = [("back", children[0].id()), ("grpc", children[1].id()), ("front", children[2].id())];
-    let result = traced(&services, || {
-        let url = format!("http://{front_addr}/chain");
-        println!(
-            "== load -url {url} -n 1 -c 1   (front: SERVER GET /chain and 3 gRPC CLIENT spans; grpc: 3 SERVER spans \
-                 and an HTTP/2 CLIENT span; back: SERVER GET /hello: one trace)"
-        );
-        let out = Command::new(&load).args(["-url", &url, "-n", "1", "-c", "1"]).output()?;
-        print!("{}", String::from_utf8_lossy(&out.stdout));
-        Ok(())
-    });
-    for c in &mut children {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    result
+    let what = "front: SERVER GET /chain and 3 gRPC CLIENT spans; grpc: 3 SERVER spans and an HTTP/2 CLIENT span; \
+                back: SERVER GET /hello: one trace";
+    let url = format!("http://{front_addr}/chain");
+    traced(vec![("back", back), ("grpc", grpc), ("front", front)], &load, &url, "1", what)
 }
 
 #[cfg(test)]
