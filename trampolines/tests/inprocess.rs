@@ -657,6 +657,27 @@ fn sampled_flags_follow_the_parent_and_the_sampler() {
     assert_eq!(seen, [true, true], "both decisions among 64 roots");
 }
 
+/// A gRPC-shaped client call up to its writer: a server span (ids at 0), the call's client
+/// span on the goroutine (ids at 80), handed over with the header item in RCX and taken up
+/// by this same goroutine as the writer of the item's HEADERS frame.
+fn call_to_writer() -> Vec<trampolines::codegen::Op> {
+    use trampolines::codegen::Op;
+    vec![
+        Op::ServerBegin { dest: 0 },
+        Op::ClientBeginHere { dest: 80 },
+        Op::ClientToRequest { key: 2 },
+        Op::OutgoingFromRequest { key: 2, deref: None },
+    ]
+}
+
+/// A frame in a 200-byte buffer: 9-byte header (length 0, type, flags, stream 1), a 4-byte
+/// block, then dots.
+fn frame(ty: u8, flags: u8) -> Vec<u8> {
+    let mut b = vec![0u8, 0, 0, ty, flags, 0, 0, 0, 1, 0x82, 0x86, 0x84, 0x41];
+    b.resize(200, b'.');
+    b
+}
+
 /// A gRPC-shaped call: a client span started on the calling goroutine, handed over with its
 /// queued header item, taken up by the writer, and its `traceparent` appended as an HPACK
 /// literal to a HEADERS frame in a `Framer`-shaped buffer, only where that is safe.
@@ -664,25 +685,11 @@ fn sampled_flags_follow_the_parent_and_the_sampler() {
 fn h2_field_appended_only_to_the_end_of_a_header_block_with_room() {
     use ring_abi::span_ids as ids;
     use trampolines::codegen::Op;
-    let plan = CapturePlan {
-        ints: 0x1ff,
-        ops: vec![
-            Op::ServerBegin { dest: 0 },
-            Op::ClientBeginHere { dest: 80 },
-            Op::ClientToRequest { key: 2 },
-            Op::OutgoingFromRequest { key: 2, deref: None },
-            Op::InjectH2 { framer: 3, wbuf_off: 8, after: None, dest: 160 },
-        ],
-        ..CapturePlan::default()
-    };
+    let mut ops = call_to_writer();
+    ops.push(Op::InjectH2 { framer: 3, wbuf_off: 8, after: None, dest: 160 });
+    let plan = CapturePlan { ints: 0x1ff, ops, ..CapturePlan::default() };
     let r = rig_with_plans(64, leaf_function, false, &plan, &CapturePlan { off: true, ..CapturePlan::default() });
     let item = Box::new([0u64; 4]);
-    // A frame: 9-byte header (length 0, type, flags, stream 1), then a 4-byte block.
-    let frame = |ty: u8, flags: u8| {
-        let mut b = vec![0u8, 0, 0, ty, flags, 0, 0, 0, 1, 0x82, 0x86, 0x84, 0x41];
-        b.resize(200, b'.');
-        b
-    };
     let call = |buf: &mut Vec<u8>, cap: u64| -> (u64, String, String) {
         // Framer: 8 bytes of something, then wbuf (ptr, len, cap).
         let framer = Box::new([7u64, buf.as_mut_ptr() as u64, 13, cap]);
@@ -733,25 +740,16 @@ fn h2_field_appended_only_to_the_end_of_a_header_block_with_room() {
 #[test]
 fn an_application_traceparent_stands_the_injection_down() {
     use trampolines::codegen::Op;
-    let plan = CapturePlan {
-        ints: 0x1ff,
-        ops: vec![
-            Op::ServerBegin { dest: 0 },
-            Op::ClientBeginHere { dest: 80 },
-            Op::ClientToRequest { key: 2 },
-            Op::OutgoingFromRequest { key: 2, deref: None },
-            Op::StandDown { name_ptr: 4, name_len: 5, dest: 160 },
-            Op::InjectH2 { framer: 3, wbuf_off: 8, after: None, dest: 168 },
-        ],
-        ..CapturePlan::default()
-    };
+    let mut ops = call_to_writer();
+    ops.push(Op::StandDown { name_ptr: 4, name_len: 5, dest: 160 });
+    ops.push(Op::InjectH2 { framer: 3, wbuf_off: 8, after: None, dest: 168 });
+    let plan = CapturePlan { ints: 0x1ff, ops, ..CapturePlan::default() };
     let r = rig_with_plans(64, leaf_function, false, &plan, &CapturePlan { off: true, ..CapturePlan::default() });
     let item = Box::new([0u64; 4]);
     for (name, stood_down) in
         [(&b"traceparent"[..], true), (b"tracestate", false), (b"traceparenz", false), (b"", false)]
     {
-        let mut buf = vec![0u8, 0, 0, 1, 4, 0, 0, 0, 1, 0x82, 0x86, 0x84, 0x41];
-        buf.resize(200, b'.');
+        let mut buf = frame(1, 4);
         let framer = Box::new([7u64, buf.as_mut_ptr() as u64, 13, 200]);
         let mut regs = regs_for(&r);
         regs[2] = item.as_ptr() as u64;
@@ -780,17 +778,9 @@ fn h2_field_appended_after_the_write_when_the_frame_buffer_is_full() {
     use trampolines::codegen::{AfterWrite, Op};
     const ITAB: u64 = 0x7777_0000;
     let after = AfterWrite { w_off: 32, itab: ITAB, buf_off: 8, buf_indirect: false, fill_off: 32 };
-    let entry = CapturePlan {
-        ints: 0x1ff,
-        ops: vec![
-            Op::ServerBegin { dest: 0 },
-            Op::ClientBeginHere { dest: 80 },
-            Op::ClientToRequest { key: 2 },
-            Op::OutgoingFromRequest { key: 2, deref: None },
-            Op::InjectH2 { framer: 3, wbuf_off: 8, after: Some(after), dest: 160 },
-        ],
-        ..CapturePlan::default()
-    };
+    let mut ops = call_to_writer();
+    ops.push(Op::InjectH2 { framer: 3, wbuf_off: 8, after: Some(after), dest: 160 });
+    let entry = CapturePlan { ints: 0x1ff, ops, ..CapturePlan::default() };
     let ret = CapturePlan { ops: vec![Op::InjectH2After { wbuf_off: 8, after, dest: 0 }], ..CapturePlan::default() };
     let r = rig_with_plans(64, go_function_leafless, true, &entry, &ret);
     let item = Box::new([0u64; 4]);
