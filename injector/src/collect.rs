@@ -139,12 +139,17 @@ pub fn output(
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
         }
+        if sink.tick().is_err() {
+            errors += 1;
+        }
         if last_flush.elapsed() > Duration::from_millis(200) {
             let _ = sink.flush();
             last_flush = Instant::now();
         }
     }
-    let _ = sink.flush();
+    if sink.finish().is_err() {
+        errors += 1;
+    }
     errors
 }
 

@@ -19,6 +19,7 @@ mod run;
 mod spans;
 mod summary;
 mod target;
+mod tree;
 mod values;
 
 #[derive(Debug, Parser)]

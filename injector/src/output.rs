@@ -1,7 +1,8 @@
-//! Where finished calls go: a live console view for debugging sessions, JSON lines, or
-//! spans over OTLP.
+//! Where finished calls go: a live console view for debugging sessions (a tree per trace,
+//! or plain lines), JSON lines, or spans over OTLP.
 
 use std::io::Write;
+use std::time::Instant;
 
 use anyhow::Result;
 
@@ -11,12 +12,20 @@ use crate::libs::{Attr, LibProbe};
 use crate::otlp::SpanSender;
 use crate::otlp::config::Sampler;
 use crate::spans::{Call, Clock, SiteMeta, call_values};
+use crate::tree::{Node, Tree};
 use crate::values::TypeNamer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
-    /// One readable line per finished call, indented by depth.
+    /// Each trace as an indented tree once its root returns: children under their parents
+    /// in start order, with their `+offset` from the root's start. A call with no parent
+    /// prints at once; a child that ends after its tree was printed, as a late line naming
+    /// its parent; spans whose root runs on, without it after 1 s with nothing new (or
+    /// 5 s), saying so.
     Console,
+    /// One line per call the moment it returns (children above their parents), indented
+    /// by stack depth: nothing is held back.
+    Lines,
     /// One JSON object per finished call (span), for files and tools.
     Jsonl,
     /// Spans to an OpenTelemetry endpoint (the default when one is configured).
@@ -29,6 +38,8 @@ pub enum Sink {
     Text {
         format: Format,
         out: Box<dyn Write + Send>,
+        /// The console's spans waiting for their root.
+        tree: Box<Tree>,
     },
     Otlp {
         spans: SpanSender,
@@ -39,22 +50,37 @@ pub enum Sink {
     None,
 }
 
-fn duration(ns: f64) -> String {
-    if ns < 1e3 {
-        format!("{ns:.0}ns")
-    } else if ns < 1e6 {
-        format!("{:.1}µs", ns / 1e3)
-    } else if ns < 1e9 {
-        format!("{:.2}ms", ns / 1e6)
-    } else {
-        format!("{:.3}s", ns / 1e9)
+/// A console node: the call's place in its trace, its times and its text.
+fn node(
+    call: &Call,
+    (start_ns, dur_ns): (u128, Option<f64>),
+    head: String,
+    name_len: usize,
+    attrs: Option<String>,
+) -> Node {
+    Node {
+        trace_id: call.trace_id,
+        span_id: call.span_id,
+        parent: call.parent,
+        remote_parent: call.remote_parent,
+        goid: call.goid,
+        depth: call.depth,
+        start_ns,
+        dur_ns,
+        head,
+        name_len,
+        attrs,
     }
 }
 
-fn clock_time(unix_ns: u128) -> String {
-    let secs = (unix_ns / 1_000_000_000) as u64;
-    let micros = (unix_ns / 1000 % 1_000_000) as u64;
-    format!("{:02}:{:02}:{:02}.{micros:06}", secs / 3600 % 24, secs / 60 % 60, secs % 60)
+/// A console node: printed now (lines), or given to the tree.
+fn show(format: Format, out: &mut Box<dyn Write + Send>, tree: &mut Tree, node: Node) -> Result<()> {
+    if format == Format::Lines {
+        writeln!(out, "{}", node.line())?;
+    } else {
+        tree.add(node, Instant::now(), out.as_mut())?;
+    }
+    Ok(())
 }
 
 impl Sink {
@@ -68,7 +94,7 @@ impl Sink {
     }
 
     pub fn text(format: Format, out: Box<dyn Write + Send>) -> Sink {
-        Sink::Text { format, out }
+        Sink::Text { format, out, tree: Box::default() }
     }
 
     pub fn write(&mut self, call: &Call, sites: &[SiteMeta], clock: &Clock, types: &mut TypeNamer<'_>) -> Result<()> {
@@ -76,7 +102,7 @@ impl Sink {
         if let crate::plan::Role::Lib(probe) = meta.role {
             return self.write_lib(probe, call, clock, types);
         }
-        let (format, out) = match self {
+        let (format, out, tree) = match self {
             Sink::None => return Ok(()),
             Sink::Otlp { spans, sampler, scopes } => {
                 // Sampling first: an unsampled call costs no formatting.
@@ -88,36 +114,24 @@ impl Sink {
                 spans.send(crate::otlp::span::call_span(call, meta, clock, &args, &results, &scopes[0]));
                 return Ok(());
             }
-            Sink::Text { format, out } => (*format, out),
+            Sink::Text { format, out, tree } => (*format, out, tree),
         };
         let (start, dur) = call.times(clock);
         let (args, results) = call_values(meta, call, types);
         match format {
             Format::Otlp | Format::None => {}
-            Format::Console => {
+            Format::Console | Format::Lines => {
                 let args: Vec<String> = args.iter().map(|a| format!("{}={}", a.name, a.text)).collect();
-                let mut line = format!(
-                    "{} g{:<5} {:indent$}{}({})",
-                    clock_time(start),
-                    call.goid,
-                    "",
-                    meta.name,
-                    args.join(", "),
-                    indent = 2 * call.depth
-                );
+                let mut head = format!("{}({})", meta.name, args.join(", "));
                 match results.len() {
                     0 => {}
-                    1 => line.push_str(&format!(" = {}", results[0].text)),
+                    1 => head.push_str(&format!(" = {}", results[0].text)),
                     _ => {
                         let r: Vec<&str> = results.iter().map(|r| r.text.as_str()).collect();
-                        line.push_str(&format!(" = ({})", r.join(", ")));
+                        head.push_str(&format!(" = ({})", r.join(", ")));
                     }
                 }
-                match dur {
-                    Some(ns) => line.push_str(&format!("  {}", duration(ns))),
-                    None => line.push_str("  (entry only)"),
-                }
-                writeln!(out, "{line}")?;
+                show(format, out, tree, node(call, (start, dur), head, meta.name.len(), None))?;
             }
             Format::Jsonl => {
                 let obj = |v: &[crate::values::Shown]| -> serde_json::Map<String, serde_json::Value> {
@@ -149,11 +163,11 @@ impl Sink {
     /// Marks calls the target could not record (ring full): a line on the console, a
     /// record in JSON lines. OTLP has the counts in the exit summary.
     pub fn gap(&mut self, by_site: &[(u32, u64)], sites: &[SiteMeta]) -> Result<()> {
-        let Sink::Text { format, out } = self else { return Ok(()) };
+        let Sink::Text { format, out, .. } = self else { return Ok(()) };
         let name = |i: u32| sites.get(i as usize).map_or("?", |m| m.name.as_str());
         let total: u64 = by_site.iter().map(|s| s.1).sum();
         match format {
-            Format::Console => {
+            Format::Console | Format::Lines => {
                 let parts: Vec<String> = by_site.iter().map(|&(i, n)| format!("{} {n}", name(i))).collect();
                 writeln!(out, "--- {total} records dropped here (ring full): {} ---", parts.join(", "))?;
             }
@@ -184,14 +198,16 @@ impl Sink {
             return Ok(());
         }
         let mut namer = |itab: u64| types(itab, false);
-        let d = crate::libs::library(probe).describe(
+        let Some(d) = crate::libs::library(probe).describe(
             probe.probe,
             &call.entry,
             call.ret.as_ref(),
             call.notes.as_deref(),
             &mut namer,
-        );
-        let (format, out) = match self {
+        ) else {
+            return Ok(());
+        };
+        let (format, out, tree) = match self {
             Sink::None => return Ok(()),
             Sink::Otlp { spans, scopes, .. } => {
                 let scope = 1 + usize::from(probe.lib);
@@ -202,12 +218,12 @@ impl Sink {
                 }
                 return Ok(());
             }
-            Sink::Text { format, out } => (*format, out),
+            Sink::Text { format, out, tree } => (*format, out, tree),
         };
         let (start, dur) = call.times(clock);
         let kind = d.kind.as_str();
         match format {
-            Format::Console => {
+            Format::Console | Format::Lines => {
                 let attrs: Vec<String> = d
                     .attrs
                     .iter()
@@ -216,28 +232,14 @@ impl Sink {
                         Attr::I(i) => format!("{k}={i}"),
                     })
                     .collect();
-                let mut line = format!(
-                    "{} g{:<5} {:indent$}{kind} {} [trace {:032x} span {:016x}{}] {}",
-                    clock_time(start),
-                    call.goid,
-                    "",
-                    d.name,
-                    call.trace_id,
-                    call.span_id,
-                    call.parent.map_or(String::new(), |p| format!(
-                        " parent {p:016x}{}",
-                        if call.remote_parent { " (remote)" } else { "" }
-                    )),
-                    attrs.join(" "),
-                    indent = 2 * call.depth
-                );
-                if let Some(e) = &d.error {
-                    line.push_str(&format!(" ERROR {e}"));
+                let mut attrs = attrs.join(" ");
+                // The same words as JSON lines' `error` (a 5xx has no description).
+                if let Some(e) = json_error(&d) {
+                    attrs.push_str(&format!(" ERROR {e}"));
                 }
-                if let Some(ns) = dur {
-                    line.push_str(&format!("  {}", duration(ns)));
-                }
-                writeln!(out, "{line}")?;
+                let head = format!("{kind} {}", d.name);
+                let name_len = head.len();
+                show(format, out, tree, node(call, (start, dur), head, name_len, Some(attrs)))?;
             }
             Format::Jsonl => {
                 let attributes: serde_json::Map<String, serde_json::Value> = d
@@ -270,6 +272,23 @@ impl Sink {
             Format::Otlp | Format::None => {}
         }
         Ok(())
+    }
+
+    /// Prints the console's spans that have waited too long for their root (called a
+    /// few times a second, whether or not calls come).
+    pub fn tick(&mut self) -> Result<()> {
+        if let Sink::Text { format: Format::Console, out, tree } = self {
+            tree.tick(Instant::now(), out.as_mut())?;
+        }
+        Ok(())
+    }
+
+    /// At the end: prints every span still waiting for its root, then flushes.
+    pub fn finish(&mut self) -> Result<()> {
+        if let Sink::Text { format: Format::Console, out, tree } = self {
+            tree.finish(out.as_mut())?;
+        }
+        self.flush()
     }
 
     pub fn flush(&mut self) -> Result<()> {

@@ -51,6 +51,11 @@ pub struct ProbeSite {
     pub code: Option<(String, u32)>,
     /// A user's function (a span per call) or a library probe.
     pub role: Role,
+    /// Instruction starts under a jump's bytes where a goroutine could have been parked by
+    /// async preemption (run-time addresses): the install writes the jump only once no
+    /// goroutine is parked at one (`ParkedScan`). Empty for the usual patches, whose jumps
+    /// leave every such PC intact.
+    pub parked_pcs: Vec<u64>,
 }
 
 /// What a probe is for.
@@ -86,6 +91,18 @@ impl ProbeSite {
     }
 
     fn verdict_as(&self, done: &str) -> String {
+        let v = self.verdict_alone(done);
+        match self.parked_pcs.len() {
+            0 => v,
+            n if self.installable() => format!(
+                "{v}, once no goroutine is parked at the {n} instruction{} its jumps cover",
+                if n == 1 { "" } else { "s" }
+            ),
+            _ => v,
+        }
+    }
+
+    fn verdict_alone(&self, done: &str) -> String {
         match (&self.entry_patch, &self.returns) {
             (Err(e), _) => format!("refused: {e}"),
             (Ok(e), Ok(_)) if e.whole_body => format!("{done}: entry and exit (whole straight-line body relocated)"),
@@ -121,6 +138,7 @@ pub fn analyse_as(bin: &GoBinary<'_>, f: &Func<'_>, id: u32, bias: u64, ctx: &Pl
         typed: false,
         role,
         code: bin.pclntab.line(f, f.entry).map(|(file, line)| (file.into_owned(), line.max(0) as u32)),
+        parked_pcs: Vec::new(),
     };
     if f.is_asm() {
         return site;
@@ -148,13 +166,32 @@ pub fn analyse_as(bin: &GoBinary<'_>, f: &Func<'_>, id: u32, bias: u64, ctx: &Pl
     let preemptible = bin.pclntab.has_funcdata(f, 1) && !(role != Role::Func && is_runtime(&f.name));
     let unsafe_point =
         |pc| if preemptible { bin.pclntab.unsafe_point(f, pc - bias) } else { go_abi::pclntab::UNSAFE_POINT_UNSAFE };
-    site.entry_patch = entry_patch(&decoded, unsafe_point).map_err(FuncRefusal::Code);
+    let resumable = |pc| !matches!(unsafe_point(pc), UNSAFE_POINT_UNSAFE | UNSAFE_POINT_RESTART_AT_ENTRY);
+    // Where a jump can only go over an instruction a parked goroutine could resume at, a
+    // user's function may still be probed when the install can look for parked goroutines:
+    // planned as if none could be parked there, and those PCs checked at install.
+    let scan = ctx.allgs.is_some() && role == Role::Func && preemptible;
+    let never_parked = |_| UNSAFE_POINT_UNSAFE;
+    site.entry_patch = match entry_patch(&decoded, unsafe_point) {
+        Err(Refusal::ResumableInterior { .. }) if scan => entry_patch(&decoded, never_parked)
+            .inspect(|e| site.parked_pcs.extend(parked_starts(&decoded, e.redirect.at, &resumable))),
+        r => r,
+    }
+    .map_err(FuncRefusal::Code);
     if site.entry_patch.as_ref().is_ok_and(|e| e.whole_body) {
         // The entry trampoline runs the whole body and records the return itself.
         site.returns = Ok(Vec::new());
         return site;
     }
-    site.returns = return_patches(&decoded, unsafe_point).and_then(|rets| {
+    let returns = match return_patches(&decoded, unsafe_point) {
+        Err(Refusal::ExitUnpatchable { .. }) if scan => return_patches(&decoded, never_parked).inspect(|rets| {
+            for r in rets {
+                site.parked_pcs.extend(parked_starts(&decoded, r.redirect.at, &resumable));
+            }
+        }),
+        r => r,
+    };
+    site.returns = returns.and_then(|rets| {
         // An exit inside the entry's stolen bytes would be patched twice.
         let entry_end =
             site.entry_patch.as_ref().map_or(site.entry, |e| e.stolen.last().map_or(site.entry, |i| i.next_ip()));
@@ -173,12 +210,58 @@ pub struct PlanContext {
     pub max_string: u16,
     /// Run-time itabs (as `error`) of the error types whose first field is their message.
     pub error_itabs: Vec<u64>,
+    /// Run-time address of `runtime.allgs`, when found: the install can then check that no
+    /// goroutine is parked inside a jump's bytes, and planning may use such jumps.
+    pub allgs: Option<u64>,
 }
 
 impl PlanContext {
     pub fn new(bin: &GoBinary<'_>, bias: u64, max_string: u16) -> PlanContext {
-        PlanContext { dwarf: bin.dwarf().ok().flatten(), max_string, error_itabs: error_itabs(bin, bias) }
+        PlanContext {
+            dwarf: bin.dwarf().ok().flatten(),
+            max_string,
+            error_itabs: error_itabs(bin, bias),
+            allgs: allgs_address(bin).map(|a| a + bias),
+        }
     }
+}
+
+/// `runtime.allgs` (link-time address), read from `runtime.forEachG`'s code, so stripped
+/// binaries have it too: the slice's pointer and length are its first two RIP-relative
+/// loads of adjacent words (Go 1.21 to 1.27 all read them there, under `allglock`).
+pub fn allgs_address(bin: &GoBinary<'_>) -> Option<u64> {
+    use trampolines::iced_x86::{Mnemonic, OpKind, Register};
+    let funcs = bin.functions().ok()?;
+    let f = funcs.iter().find(|f| f.name == "runtime.forEachG")?;
+    let code = bin.code(f)?;
+    let decoded = Function::decode(code, f.entry, Some(bin.pclntab.code_end(f))).ok()?;
+    let loads: Vec<u64> = decoded
+        .insns
+        .iter()
+        .filter(|i| {
+            i.mnemonic() == Mnemonic::Mov
+                && i.op0_kind() == OpKind::Register
+                && i.op1_kind() == OpKind::Memory
+                && i.memory_base() == Register::RIP
+        })
+        .map(|i| i.memory_displacement64())
+        .collect();
+    loads.windows(2).find(|w| w[1] == w[0] + 8).map(|w| w[0])
+}
+
+/// pclntab UnsafePoint values (`internal/abi`) at which no goroutine is ever parked.
+const UNSAFE_POINT_UNSAFE: i32 = -2;
+const UNSAFE_POINT_RESTART_AT_ENTRY: i32 = -5;
+
+/// Instruction starts strictly inside the 5 bytes of a jump at `at`, where `resumable`.
+fn parked_starts(decoded: &Function, at: u64, resumable: &dyn Fn(u64) -> bool) -> Vec<u64> {
+    decoded
+        .insns
+        .iter()
+        .map(|i| i.ip())
+        .filter(|&pc| pc > at && pc < at + trampolines::site::JUMP_LEN)
+        .filter(|&pc| resumable(pc))
+        .collect()
 }
 
 /// `errors.New`'s, `fmt.Errorf`'s with one `%w` and with several: structs whose first

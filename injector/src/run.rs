@@ -49,6 +49,12 @@ pub struct RunArgs {
     /// secrets). Client spans always have it in `url.full`.
     #[arg(long)]
     pub http_query: bool,
+    /// Record `db.query.text` on database spans: `sanitized` replaces every literal with
+    /// `?`, `raw` keeps the text as the program sent it (it may hold secrets)
+    /// [default: off, or sanitized when OTEL_GO_AUTO_INCLUDE_DB_STATEMENT=true, the
+    /// OpenTelemetry Go instrumentation's switch].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub db_query_text: Option<libs::sql::QueryText>,
     /// For a Go release outside the supported range: use this release's struct offsets
     /// (e.g. 1.27) where the binary's DWARF does not give them.
     #[arg(long, value_name = "X.Y")]
@@ -70,16 +76,19 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     pub ring_slots: Option<u64>,
     /// When the ring is full, make the program wait for room (at most ~250 ms, then
-    /// drop and stop waiting) instead of dropping the record [default: on for console and
-    /// jsonl output, where every call is expected; off for otlp and none, where the program
-    /// must never be slowed].
+    /// drop and stop waiting) instead of dropping the record [default: on for console,
+    /// lines and jsonl output, where every call is expected; off for otlp and none, where
+    /// the program must never be slowed].
     #[arg(long, overrides_with = "no_lossless")]
     pub lossless: bool,
     /// Drop records when the ring is full (counted and reported), never slowing the program.
     #[arg(long, overrides_with = "lossless")]
     pub no_lossless: bool,
-    /// Where finished calls go [default: otlp when an OTLP endpoint is configured
-    /// (OTEL_EXPORTER_OTLP_ENDPOINT or --otlp-endpoint), else console].
+    /// Where finished calls go: console prints each trace as an indented tree once its
+    /// root returns (a call with no parent at once), lines prints each call the moment it
+    /// returns, children above their parents (the console before trees) [default: otlp
+    /// when an OTLP endpoint is configured (OTEL_EXPORTER_OTLP_ENDPOINT or
+    /// --otlp-endpoint), else console].
     #[arg(long, value_enum)]
     pub output: Option<Format>,
     /// Write the output to this file instead of standard output.
@@ -462,6 +471,7 @@ pub fn start(pid: i32, args: &RunArgs, mode: Mode) -> Result<Option<Tracing>> {
     let sites = plan_sites(&bin, args, exe.bias, &ctx)?;
     check_installable(&sites)?;
     libs::http::QUERY_ON_SERVER.store(args.http_query, std::sync::atomic::Ordering::Relaxed);
+    libs::sql::set_query_text(libs::sql::QueryText::chosen(args.db_query_text));
     let otel = OtelConfig::resolve(&args.otel, &crate::otlp::config::process_env)?;
     let format = output_format(args, &otel, mode);
     if format == Format::Otlp && otel.disabled {
@@ -494,14 +504,14 @@ fn start_tracing(
     let lossless = match (args.lossless, args.no_lossless) {
         (true, _) => true,
         (_, true) => false,
-        _ => matches!(out.format, Format::Console | Format::Jsonl),
+        _ => matches!(out.format, Format::Console | Format::Lines | Format::Jsonl),
     };
     let (mut sink, exporting) = open_sink(args, &out)?;
     if lossless && let Sink::Otlp { spans, .. } = &mut sink {
         spans.wait_when_full();
     }
     // One sub-ring per P: as many as the target may run at once.
-    let rings = possible_cpus().max(target_gomaxprocs(pid)).next_power_of_two().min(256);
+    let rings = crate::target::possible_cpus().max(crate::target::gomaxprocs(pid)).next_power_of_two().min(256);
     // Slots hold the fixed fields plus the largest plan's copied bytes; the ring keeps the
     // memory of --ring-slots slots of 256 bytes, so larger slots mean fewer.
     let data = sites.iter().map(|s| s.on_entry.plan.data_len().max(s.on_return.plan.data_len())).max().unwrap_or(0);
@@ -654,7 +664,7 @@ fn open_sink(args: &RunArgs, output: &Output) -> Result<(Sink, Option<Exporting>
             let sink = Sink::Otlp { spans, sampler: output.otel.sampler, scopes: crate::otlp::span::scopes() };
             return Ok((sink, Some(exporting)));
         }
-        Format::Console | Format::Jsonl => {}
+        Format::Console | Format::Lines | Format::Jsonl => {}
     }
     let out: Box<dyn std::io::Write + Send> = match &args.output_file {
         Some(p) => Box::new(std::io::BufWriter::with_capacity(
@@ -666,32 +676,6 @@ fn open_sink(args: &RunArgs, output: &Output) -> Result<(Sink, Option<Exporting>
         None => Box::new(std::io::LineWriter::new(std::io::stdout())),
     };
     Ok((Sink::text(output.format, out), None))
-}
-
-/// GOMAXPROCS from the target's environment, when set.
-fn target_gomaxprocs(pid: i32) -> u32 {
-    std::fs::read(format!("/proc/{pid}/environ"))
-        .ok()
-        .and_then(|env| {
-            env.split(|&b| b == 0)
-                .find_map(|kv| kv.strip_prefix(b"GOMAXPROCS="))
-                .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
-        })
-        .unwrap_or(1)
-}
-
-/// CPUs the kernel may ever run the target on (the default GOMAXPROCS).
-fn possible_cpus() -> u32 {
-    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap_or_default();
-    let n: u32 = text
-        .trim()
-        .split(',')
-        .filter_map(|r| match r.split_once('-') {
-            Some((a, b)) => Some(b.parse::<u32>().ok()? - a.parse::<u32>().ok()? + 1),
-            None => r.parse::<u32>().ok().map(|_| 1),
-        })
-        .sum();
-    n.max(1)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -756,10 +740,34 @@ fn print_verdicts(sites: &[ProbeSite]) -> Result<()> {
     Ok(())
 }
 
-/// One refused site is a warning; none installable is an error.
+/// Entry-only functions named one by one before the rest are counted.
+const ENTRY_ONLY_NAMED: usize = 3;
+
+/// One refused site is a warning; none installable is an error. A function probed at
+/// entry only is named with what that means for its calls, and why.
 pub fn check_installable(sites: &[ProbeSite]) -> Result<()> {
     for s in sites.iter().filter(|s| !s.installable()) {
         eprintln!("inject: warning: {}: {}", s.name, s.verdict());
+    }
+    let entry_only: Vec<&ProbeSite> = sites
+        .iter()
+        .filter(|s| s.role == Role::Func && s.entry_patch.as_ref().is_ok_and(|e| !e.whole_body) && s.returns.is_err())
+        .collect();
+    for s in entry_only.iter().take(ENTRY_ONLY_NAMED) {
+        if let Err(why) = &s.returns {
+            eprintln!(
+                "inject: note: {} is probed at entry only: its calls show their arguments, not results or duration \
+                 ({why})",
+                s.name
+            );
+        }
+    }
+    if entry_only.len() > ENTRY_ONLY_NAMED {
+        eprintln!(
+            "inject: note: {} more function{} probed at entry only (--dry-run gives each one's reason)",
+            entry_only.len() - ENTRY_ONLY_NAMED,
+            if entry_only.len() - ENTRY_ONLY_NAMED == 1 { " is" } else { "s are" }
+        );
     }
     if !sites.iter().any(ProbeSite::installable) {
         bail!("none of the requested functions can be probed safely (see the warnings above)");

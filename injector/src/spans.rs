@@ -249,6 +249,40 @@ pub struct Pairer {
     lineage: GoidMap<(u128, u64)>,
     /// Some site is a named function: lineage is worth keeping.
     funcs: bool,
+    /// The `tracestate` each trace came in with, for the spans under it here (the
+    /// trampolines send it on with their requests; the spans say so too, as an SDK's
+    /// children inherit their parent's).
+    trace_states: HashMap<u128, String>,
+}
+
+/// Traces whose incoming `tracestate` is remembered before the oldest are forgotten
+/// (all at once: a span of a trace forgotten early only loses its `trace_state` field).
+const TRACE_STATES_MAX: usize = 1 << 14;
+
+/// A span that continued a remote parent with a `tracestate` files it for its trace;
+/// a span under it here without one of its own gets it.
+fn carry_trace_state(
+    states: &mut HashMap<u128, String>,
+    trace_id: u128,
+    remote_parent: bool,
+    notes: &mut Option<Box<Notes>>,
+) {
+    match notes.as_ref().and_then(|n| n.trace_state.clone()) {
+        Some(ts) if remote_parent => {
+            if states.len() >= TRACE_STATES_MAX {
+                states.clear();
+            }
+            states.insert(trace_id, ts);
+        }
+        // A remote caller that sent none: none (not an earlier caller's of the trace).
+        Some(_) => {}
+        None if remote_parent => {}
+        None => {
+            if let Some(ts) = states.get(&trace_id) {
+                notes.get_or_insert_with(Box::default).trace_state = Some(ts.clone());
+            }
+        }
+    }
 }
 
 impl Pairer {
@@ -271,6 +305,7 @@ impl Pairer {
             held: HashMap::new(),
             lineage: GoidMap::default(),
             funcs,
+            trace_states: HashMap::new(),
         }
     }
 
@@ -368,6 +403,12 @@ impl Pairer {
                     }
                     notes =
                         self.libs.get_mut(usize::from(p.lib)).and_then(|l| l.span_start(p.probe, &rec)).map(Box::new);
+                    if let Some(top) = stack.last()
+                        && let Some(Role::Lib(q)) = self.sites.get(top.entry.site as usize).map(|m| m.role)
+                        && q.lib != p.lib
+                    {
+                        notes.get_or_insert_with(Box::default).inside = Some(libs::library(q).name());
+                    }
                 }
                 let (trace_id, parent) = open;
                 let trace_id = if trace_id == 0 {
@@ -377,6 +418,9 @@ impl Pairer {
                 };
                 if span_id == 0 {
                     span_id = self.ids.next();
+                }
+                if matches!(role, Role::Lib(_)) {
+                    carry_trace_state(&mut self.trace_states, trace_id, remote_parent, &mut notes);
                 }
                 let open = Open { entry: rec, trace_id, span_id, parent, remote_parent, sampled, notes };
                 // Finished at once: its return came early, or no exit is probed.

@@ -1,6 +1,6 @@
 //! Opening the executable to inspect: a file, or the binary of a live process (through
 //! `/proc/PID/exe`, which works for deleted binaries and across mount namespaces), with
-//! the load bias of a PIE process read from `/proc/PID/maps`.
+//! the load bias of a PIE process read from `/proc/PID/maps`; and the CPUs it may run on.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -122,4 +122,30 @@ pub fn resolve(program: &str) -> std::path::PathBuf {
     std::env::var_os("PATH")
         .and_then(|p| std::env::split_paths(&p).map(|d| d.join(program)).find(|c| c.is_file()))
         .unwrap_or_else(|| program.into())
+}
+
+/// GOMAXPROCS from the target's environment, when set.
+pub fn gomaxprocs(pid: i32) -> u32 {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .ok()
+        .and_then(|env| {
+            env.split(|&b| b == 0)
+                .find_map(|kv| kv.strip_prefix(b"GOMAXPROCS="))
+                .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+        })
+        .unwrap_or(1)
+}
+
+/// CPUs the kernel may ever run the target on (the default GOMAXPROCS).
+pub fn possible_cpus() -> u32 {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap_or_default();
+    let n: u32 = text
+        .trim()
+        .split(',')
+        .filter_map(|r| match r.split_once('-') {
+            Some((a, b)) => Some(b.parse::<u32>().ok()? - a.parse::<u32>().ok()? + 1),
+            None => r.parse::<u32>().ok().map(|_| 1),
+        })
+        .sum();
+    n.max(1)
 }

@@ -92,6 +92,7 @@ pub fn side(values: &[Value], max_string: u16, error_itabs: &[u64]) -> Side {
                         fetch: Fetch::Str { max: MESSAGE_MAX },
                         dest,
                         when: vec![When::reg(itab_reg, itab)],
+                        keep_on_miss: false,
                     }));
                     messages.push((itab, dest));
                     dest += 8 + MESSAGE_MAX;

@@ -30,8 +30,9 @@ pub const MEMFD_NAME: &str = "inject-ring";
 /// `b"INJRING1"` little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"INJRING1");
 /// 2: sequence words start at zero (version 1 numbered every slot first). 3: context
-/// entries of 128 bytes (with the trace flags), which moves the journal.
-pub const VERSION: u32 = 3;
+/// entries of 128 bytes (with the trace flags), which moves the journal. 4: the
+/// [`tracestate`] tables after the context tables.
+pub const VERSION: u32 = 4;
 pub const PAGE: usize = 4096;
 
 /// Offsets in the global header (the first page). Each word written at run time has its
@@ -164,9 +165,55 @@ pub mod ctx {
     /// goroutine is writing reaches its writer's buffer; the entry's state word holds
     /// the framer.
     pub const AFTER_TAG_BIT: u32 = 60;
+    /// Bit set in a goroutine-table key for the HTTP/1 lines the goroutine wrote into a
+    /// request's buffer, until the header-writing function returns: the state word holds
+    /// the writer, the trace field where the lines start and their length.
+    pub const LINE_TAG_BIT: u32 = 59;
+    /// Bytes of the HTTP/1 line `traceparent: 00-<32>-<16>-01\r\n`.
+    pub const W3C_LINE: usize = 70;
     /// Bytes of the HPACK field `traceparent: 00-<32>-<16>-01` as a literal without
     /// indexing, new name, neither string Huffman-coded.
     pub const H2_FIELD: usize = 1 + 1 + 11 + 1 + 55;
+}
+
+/// Where trampolines keep incoming `tracestate` values so that outgoing requests carry
+/// them on. A value is up to 512 bytes, too large to travel with every context entry
+/// (lineage copies entries), so it is kept once per trace: a header read on a goroutine
+/// waits in the pending table (keyed by goid) until the goroutine's incoming context is
+/// taken up, then moves to the trace table (keyed by the trace id), where an outgoing
+/// request of that trace finds it. The trace table is four-way set-associative, a new
+/// trace evicting the set's least recently stored one: a value is lost (its requests go
+/// out without it) only when more than four live traces share a set, and never mixed
+/// with another's.
+pub mod tracestate {
+    /// Entries of the pending table (indexed by the goid's low bits).
+    pub const PENDING: usize = 1 << 10;
+    /// Entries of the trace table (sets indexed by a hash of the trace id's last hex
+    /// digits).
+    pub const TRACES: usize = 1 << 12;
+    pub const WAYS: usize = 4;
+    /// Nine cache lines: the fields below and the value.
+    pub const ENTRY: usize = 576;
+    /// Pending table: the goid (0 = free; with bit 63 set while its value is written, and
+    /// taken back to 0 with `lock cmpxchg`). Trace table: a sequence word, odd while a
+    /// writer fills the entry (readers check it before and after copying the value).
+    pub const KEY: usize = 0;
+    /// Bytes of the value (1 to [`MAX`]).
+    pub const LEN: usize = 8;
+    /// The time stamp counter when the value was read (pending) or stored (trace table,
+    /// for eviction).
+    pub const TSC: usize = 16;
+    /// Trace table: the trace id, 32 lowercase hex digits.
+    pub const TRACE: usize = 24;
+    pub const VALUE: usize = 56;
+    /// Time stamp counter ticks within which a pending value must be taken up: 2^27, tens
+    /// of milliseconds at any rate a counter runs at (header decoding and taking up the
+    /// context are microseconds apart, unless the thread is descheduled in between). Only
+    /// a value sent without a `traceparent` (which W3C says to ignore) ever waits longer.
+    pub const FRESH_TICKS: u64 = 1 << 27;
+    /// The longest value kept: W3C's limit for what a vendor must propagate.
+    pub const MAX: usize = 512;
+    pub const LEN_ALL: usize = (PENDING + TRACES) * ENTRY;
 }
 
 /// State of a context table entry.
@@ -299,6 +346,11 @@ impl Layout {
     /// Offset of the per-site drop counters (u64 each, `lock inc`ed by writers that drop
     /// a record of that site).
     pub fn site_drops_offset(&self) -> usize {
+        self.tracestate_offset() + tracestate::LEN_ALL
+    }
+
+    /// Offset of the [`tracestate`] pending table (the trace table follows it).
+    pub fn tracestate_offset(&self) -> usize {
         self.ctx_offset() + ctx::LEN
     }
 
@@ -366,8 +418,10 @@ mod tests {
         assert!(Layout::new(1, 1 << 23, 256).is_err());
         let l = Layout::new(2, 16, 256).unwrap();
         assert_eq!(l.stride(), 4096 + 4096);
-        // Header, two sub-rings, the context tables, the journal's first page.
-        assert_eq!(l.total_len(), 4096 + 2 * 8192 + ctx::LEN + 4096);
+        // Header, two sub-rings, the context and tracestate tables, the journal's first page.
+        assert_eq!(l.total_len(), 4096 + 2 * 8192 + ctx::LEN + tracestate::LEN_ALL + 4096);
+        assert_eq!(tracestate::LEN_ALL % PAGE, 0);
+        const { assert!(tracestate::VALUE + tracestate::MAX + 8 <= tracestate::ENTRY, "a copy may overrun by 7") };
         let big = l.with_sites(600).with_patches(200);
         assert_eq!(big.site_drops_offset(), l.site_drops_offset());
         assert_eq!(big.journal_offset(), l.site_drops_offset() + 8192, "600 counters take two pages");

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod otlp;
+pub mod schema;
+pub mod servers;
 
 /// A child process whose output lines arrive on a channel, so a test can wait for a
 /// specific line with a deadline.
@@ -51,15 +53,24 @@ impl Proc {
 
     /// Waits for a line starting with `prefix`; returns it.
     pub fn wait_for(&mut self, prefix: &str, timeout: Duration) -> Result<String> {
+        self.wait_for_line(prefix, timeout, |l| l.starts_with(prefix))
+    }
+
+    /// Waits for a line containing `text` anywhere (servers' logs start with a time).
+    pub fn wait_for_any(&mut self, text: &str, timeout: Duration) -> Result<String> {
+        self.wait_for_line(text, timeout, |l| l.contains(text))
+    }
+
+    fn wait_for_line(&mut self, prefix: &str, timeout: Duration, hit: impl Fn(&str) -> bool) -> Result<String> {
         let deadline = Instant::now() + timeout;
-        if let Some((_, l)) = self.seen.iter().find(|(_, l)| l.starts_with(prefix)) {
+        if let Some((_, l)) = self.seen.iter().find(|(_, l)| hit(l)) {
             return Ok(l.clone());
         }
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
-                    let hit = line.1.starts_with(prefix);
+                    let hit = hit(&line.1);
                     self.seen.push(line.clone());
                     if hit {
                         return Ok(line.1);
@@ -279,10 +290,7 @@ pub fn require_ptrace() -> Result<bool> {
     Ok(ok)
 }
 
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
-}
+pub use xtask::is_root;
 
 static EXCLUSIVE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 

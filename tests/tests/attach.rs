@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
+use tests::schema::read_summary;
 use tests::{Proc, require_ptrace, start_fixture, start_inject, text_differs_from_file};
 use xtask::{Flavor, GoToolchain, build_fixture, test_toolchains};
 
@@ -15,10 +16,6 @@ fn summary_path(tag: &str) -> std::path::PathBuf {
     let d = xtask::workspace_root().join("target/test-scratch");
     std::fs::create_dir_all(&d).unwrap();
     d.join(format!("summary-{tag}-{}.json", std::process::id()))
-}
-
-fn read_summary(path: &Path) -> Result<Value> {
-    Ok(serde_json::from_str(&std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)?)
 }
 
 fn site<'a>(summary: &'a Value, name: &str) -> Result<&'a Value> {
@@ -43,13 +40,29 @@ fn exec_anon(maps: &str) -> usize {
 }
 
 /// Stops a `recurse -until-stdin -n 20` target and checks that it computed what an
-/// untraced run of as many rounds computes.
+/// untraced run computes: every round of a goroutine computes the same sum, so the
+/// target's sum per goroutine must be its rounds times an untraced round's. (Replaying
+/// every round instead took longer than the attach tests themselves on a slow machine.)
 fn stop_and_check_against_replay(target: &mut Proc, exe: &Path, env: &[(&str, &str)]) -> Result<()> {
     target.send_line("stop")?;
     ensure!(target.wait(MINUTE)?.success(), "target failed:\n{}", target.transcript());
-    let rounds = target.value("ROUNDS").context("ROUNDS")?;
-    let replay = plain_run(exe, &["-rounds", &rounds, "-n", "20"], env)?;
-    ensure!(target.value("CHECKSUM") == replay.value("CHECKSUM"), "checksum differs from the replay");
+    let ints = |p: &Proc, key: &str| -> Result<Vec<i64>> {
+        let v = p.value(key).with_context(|| format!("{key} in:\n{}", p.transcript()))?;
+        v.split(',').map(|x| x.parse::<i64>().with_context(|| format!("{key} {v}"))).collect()
+    };
+    let rounds = ints(target, "ROUNDS")?;
+    let sums = ints(target, "SUMS")?;
+    let ones = vec!["1"; rounds.len()].join(",");
+    let replay = plain_run(exe, &["-rounds", &ones, "-n", "20"], env)?;
+    let once = ints(&replay, "SUMS")?;
+    ensure!(
+        rounds.len() == sums.len() && once.len() == sums.len(),
+        "ROUNDS, SUMS and the replay's SUMS differ in length"
+    );
+    for (g, ((r, s), o)) in rounds.iter().zip(&sums).zip(&once).enumerate() {
+        ensure!(*s == r.wrapping_mul(*o), "goroutine {g}: {r} rounds summed to {s}, an untraced round to {o}");
+    }
+    ensure!(rounds.iter().sum::<i64>() > 0, "the target ran no rounds");
     Ok(())
 }
 
@@ -66,6 +79,7 @@ fn exact_counts(tc: &GoToolchain, flavor: Flavor) -> Result<()> {
     let want = plain_run(&exe, &args, &env)?;
     let mut target = start_fixture(&exe, &args, &env)?;
     let summary = summary_path(&format!("exact-{}-{}", tc.version, flavor.name()));
+    let jsonl = summary.with_extension("jsonl");
     let mut inject = start_inject(
         &[
             "--pid".into(),
@@ -83,7 +97,7 @@ fn exact_counts(tc: &GoToolchain, flavor: Flavor) -> Result<()> {
             "--output".into(),
             "jsonl".into(),
             "--output-file".into(),
-            "/dev/null".into(),
+            jsonl.display().to_string(),
         ],
         true,
     )?;
@@ -94,6 +108,11 @@ fn exact_counts(tc: &GoToolchain, flavor: Flavor) -> Result<()> {
     let calls: u64 = target.value("CALLS").context("CALLS")?.parse()?;
     let s = read_summary(&summary)?;
     ensure!(s["dropped"] == 0 && s["corrupt"] == 0, "{s}");
+    // Every call's line matches the documented format (entry-only ones where an exit
+    // could not be probed).
+    let lines = tests::schema::for_each_line(&jsonl, |_| Ok(()))?;
+    let _ = std::fs::remove_file(&jsonl);
+    ensure!(lines as u64 == s["calls"], "{lines} JSON lines for {} calls", s["calls"]);
     let depth = site(&s, "main.depth")?;
     ensure!(
         depth["entries"] == calls && depth["returns"] == calls,
@@ -162,6 +181,10 @@ fn probes_in_and_out_fifty_times() -> Result<()> {
                         // format more lines in a debug build.
                         "--ring-slots".into(),
                         "131072".into(),
+                        // Counted in the summary; formatting ~80,000 calls a cycle in a
+                        // debug build was most of this test's time.
+                        "--output".into(),
+                        "none".into(),
                         "--summary-json".into(),
                         summary.display().to_string(),
                     ],
@@ -174,11 +197,7 @@ fn probes_in_and_out_fifty_times() -> Result<()> {
                 let _ = std::fs::remove_file(&summary);
             }
             ensure!(text_differs_from_file(target.pid(), &exe)?.is_none(), "text differs from the file after detach");
-            target.send_line("stop")?;
-            ensure!(target.wait(MINUTE)?.success(), "target failed:\n{}", target.transcript());
-            let rounds = target.value("ROUNDS").context("ROUNDS")?;
-            let replay = plain_run(&exe, &["-rounds", &rounds, "-n", "20"], &env)?;
-            ensure!(target.value("CHECKSUM") == replay.value("CHECKSUM"), "checksum differs from the replay");
+            stop_and_check_against_replay(&mut target, &exe, &env)?;
             ensure!(recorded > 0, "no calls recorded in 50 cycles");
             eprintln!(
                 "Go {} GOMAXPROCS={procs}: 50 attach/detach cycles, {recorded} calls recorded, checksum unchanged",
@@ -417,5 +436,103 @@ fn dry_run_and_refusals() -> Result<()> {
     let mut p = run(&["--func", "main.noSuchFunction"])?;
     ensure!(p.child.wait()?.code() == Some(1) && p.transcript().contains("no function matches"), "{}", p.transcript());
     ensure!(text_differs_from_file(target.pid(), &exe)?.is_none(), "a refused run changed the text");
+    Ok(())
+}
+
+/// A function probed at entry only is named at attach with what that means for its calls
+/// and why, the first few one by one and the rest counted: the same functions, in the same
+/// order, that `--dry-run` calls entry-only.
+#[test]
+fn entry_only_functions_are_named_at_attach() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    for tc in test_toolchains()? {
+        let exe = build_fixture("httpserver", &tc, Flavor::Default)?;
+        let target = start_fixture(&exe, &[], &[])?;
+        let pid = pid_arg(&target);
+        let inject = |extra: &[&str]| -> Result<std::process::Output> {
+            let mut args = vec!["--pid", &pid, "--no-libs", "--func", "net/http.*"];
+            args.extend_from_slice(extra);
+            Ok(std::process::Command::new(xtask::inject_binary()?).args(&args).output()?)
+        };
+        let plan = inject(&["--dry-run"])?;
+        ensure!(plan.status.success(), "{}", String::from_utf8_lossy(&plan.stderr));
+        let planned: Vec<String> = String::from_utf8_lossy(&plan.stdout)
+            .lines()
+            .filter(|l| l.contains("entry-only"))
+            .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+            .collect();
+        ensure!(!planned.is_empty(), "{}: no entry-only function in net/http.* to name", tc.version);
+        let run = inject(&["--duration", "1", "--output", "none"])?;
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        ensure!(run.status.success(), "{stderr}");
+        let named: Vec<&str> = stderr
+            .lines()
+            .filter_map(|l| l.strip_prefix("inject: note: "))
+            .filter_map(|l| l.split_once(" is probed at entry only: its calls show their arguments, not results"))
+            .map(|(name, _)| name)
+            .collect();
+        let first = &planned[..planned.len().min(3)];
+        ensure!(named == first, "{}: named {named:?}, planned {first:?}", tc.version);
+        match planned.len() - first.len() {
+            0 => ensure!(!stderr.contains("more function"), "{}: a count of none in\n{stderr}", tc.version),
+            more => {
+                let line = format!(
+                    "inject: note: {more} more function{} probed at entry only",
+                    if more == 1 { " is" } else { "s are" }
+                );
+                ensure!(stderr.contains(&line), "{}: no `{line}` in\n{stderr}", tc.version);
+            }
+        }
+        ensure!(text_differs_from_file(target.pid(), &exe)?.is_none(), "text not restored");
+        eprintln!("{}: {} entry-only functions in net/http.*, {} named", tc.version, planned.len(), first.len());
+    }
+    Ok(())
+}
+
+/// Two injects started together on one process: one instruments it, the other says who
+/// holds it and exits 1; never two sets of patches. Checked again inside the install's
+/// stop of the world, so a rival that finished in between is seen.
+#[test]
+fn two_injects_started_together_install_once() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    let tc = test_toolchains()?.pop().context("no Go")?;
+    let exe = build_fixture("funcs", &tc, Flavor::Default)?;
+    let target = start_fixture(&exe, &["-loop", "-n", "0", "-sleep", "1ms"], &[])?;
+    let pid = pid_arg(&target);
+    const ROUNDS: usize = 10;
+    for round in 0..ROUNDS {
+        let spawn = || {
+            std::process::Command::new(xtask::inject_binary()?)
+                .args(["--pid", &pid, "--no-libs", "--func", "main.priceOf", "--duration", "1", "--output", "none"])
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .context("inject")
+        };
+        let (a, b) = (spawn()?, spawn()?);
+        let outs = [a.wait_with_output()?, b.wait_with_output()?];
+        let ok = outs.iter().filter(|o| o.status.success()).count();
+        let refused = outs.iter().filter(|o| {
+            let e = String::from_utf8_lossy(&o.stderr);
+            o.status.code() == Some(1)
+                && ["being instrumented by another inject", "already instrumented", "already traced by pid"]
+                    .iter()
+                    .any(|m| e.contains(m))
+        });
+        ensure!(
+            ok == 1 && refused.count() == 1,
+            "round {round}: {:?}",
+            outs.iter().map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).collect::<Vec<_>>()
+        );
+        ensure!(text_differs_from_file(target.pid(), &exe)?.is_none(), "round {round}: text not restored");
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+        ensure!(!maps.contains("inject-ring"), "round {round}: a ring left mapped");
+    }
+    eprintln!("{ROUNDS} rounds of two injects at once: one installed, one refused, every time");
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
+use tests::schema::{for_each_line, parse_line, read_jsonl, read_summary};
 use tests::{require_ptrace, scratch, start_fixture, start_inject};
 use xtask::{Flavor, build_fixture, test_toolchains};
 
@@ -129,11 +130,11 @@ fn captured_values_equal_the_programs_own() -> Result<()> {
         target.send_line("go")?;
         ensure!(target.wait(LIMIT)?.success(), "target failed");
         ensure!(inject.wait(LIMIT)?.success(), "inject failed:\n{}", inject.transcript());
-        let s: Value = serde_json::from_str(&std::fs::read_to_string(&summary)?)?;
+        let s = read_summary(&summary)?;
         ensure!(s["dropped"] == 0 && s["corrupt"] == 0 && s["calls"] == calls, "{s}");
         let mut spans: HashMap<i64, Value> = HashMap::new();
         for line in std::fs::read_to_string(&jsonl)?.lines() {
-            let v: Value = serde_json::from_str(line)?;
+            let v = parse_line(line)?;
             let id = v["args"]["id"].as_i64().context("id")?;
             ensure!(spans.insert(id, v).is_none(), "call {id} reported twice");
         }
@@ -185,7 +186,7 @@ fn overload_drops_are_counted_and_harmless() -> Result<()> {
         plain.send_line("go")?;
         ensure!(plain.wait(LIMIT)?.success());
         let mut target = start_fixture(&exe, &args, &[])?;
-        let summary = scratch("overload-summary.json");
+        let (summary, jsonl) = (scratch("overload-summary.json"), scratch("overload.jsonl"));
         let mut inject = start_inject(
             &[
                 "--pid".into(),
@@ -198,7 +199,7 @@ fn overload_drops_are_counted_and_harmless() -> Result<()> {
                 "--output".into(),
                 "jsonl".into(),
                 "--output-file".into(),
-                "/dev/null".into(),
+                jsonl.display().to_string(),
                 "--summary-json".into(),
                 summary.display().to_string(),
             ],
@@ -208,7 +209,14 @@ fn overload_drops_are_counted_and_harmless() -> Result<()> {
         ensure!(target.wait(LIMIT)?.success(), "target failed");
         ensure!(inject.wait(LIMIT)?.success(), "inject failed:\n{}", inject.transcript());
         ensure!(target.value("SUM") == plain.value("SUM"), "results changed under overload");
-        let s: Value = serde_json::from_str(&std::fs::read_to_string(&summary)?)?;
+        let s = read_summary(&summary)?;
+        // The lines match the documented format, drop records too.
+        let mut gaps = 0;
+        let lines = for_each_line(&jsonl, |v| {
+            gaps += usize::from(v.get("dropped").is_some());
+            Ok(())
+        })?;
+        let _ = std::fs::remove_file(&jsonl);
         let site = &s["sites"][0];
         let written = site["entries"].as_u64().unwrap_or(0) + site["returns"].as_u64().unwrap_or(0);
         let dropped = s["dropped"].as_u64().unwrap_or(0);
@@ -223,9 +231,12 @@ fn overload_drops_are_counted_and_harmless() -> Result<()> {
             ensure!(dropped == 0 && !warned, "{mode}: {dropped} dropped: {s}\n{}", inject.transcript());
         } else {
             ensure!(dropped > 0, "a 16-slot ring must overflow: {s}");
+            ensure!(gaps > 0, "{dropped} dropped, but no drop record in the JSON lines");
             ensure!(warned, "no warning while dropping:\n{}", inject.transcript());
         }
-        eprintln!("overload {mode}: {written} written, {dropped} dropped, {made} made");
+        eprintln!(
+            "overload {mode}: {written} written, {dropped} dropped, {made} made; {lines} JSON lines, {gaps} of them drop records"
+        );
     }
     Ok(())
 }
@@ -266,8 +277,7 @@ fn interface_values_name_their_dynamic_type() -> Result<()> {
             ensure!(inject.wait(LIMIT)?.success(), "inject failed:\n{}", inject.transcript());
             let mut seen = HashMap::new();
             let mut messages = std::collections::HashSet::new();
-            for line in std::fs::read_to_string(&jsonl)?.lines() {
-                let v: Value = serde_json::from_str(line)?;
+            for v in read_jsonl(&jsonl)? {
                 let name = v["name"].as_str().context("name")?.to_string();
                 let arg = v["args"].as_object().and_then(|a| a.values().next().cloned()).context("arg")?;
                 if let Some(m) = arg["message"].as_str() {
@@ -325,7 +335,7 @@ fn a_burst_at_launch_loses_nothing() -> Result<()> {
             .env("GOMAXPROCS", "2")
             .output()?;
         ensure!(out.status.success(), "run {run}: {}", String::from_utf8_lossy(&out.stderr));
-        let s: Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
+        let s = read_summary(&summary)?;
         let _ = std::fs::remove_file(&summary);
         let site = &s["sites"][0];
         // 3000 calls and the warm-up call before READY.

@@ -23,6 +23,8 @@ const CLIENT: i32 = 3;
 const ERROR: i32 = 2;
 const GRPC: &str = "google.golang.org/grpc";
 const REQUESTS: u64 = 40;
+/// Longer than 127 bytes, so its HPACK length takes a second byte.
+const TRACESTATE: &str = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7,vendor=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
 /// The grpc-go releases a Go builds the fixture with: the oldest supported on the oldest
 /// Go, the newest that Go builds on the others; both on every Go with the matrix.
@@ -97,7 +99,7 @@ impl Traced {
         inject.signal(15);
         let st = inject.wait(LIMIT)?;
         ensure!(st.success(), "inject: {st}\n{}", inject.transcript());
-        let s = serde_json::from_slice(&std::fs::read(&self.summary)?)?;
+        let s = tests::schema::read_summary(&self.summary)?;
         let _ = std::fs::remove_file(&self.summary);
         Ok(s)
     }
@@ -144,7 +146,11 @@ fn chain(tc: &GoToolchain, flavor: Flavor, version: &str) -> Result<()> {
     front.attach("front", &rx)?;
     let url = format!("http://{}/chain", front.addr);
     let load = build_fixture("load", tc, Flavor::Default)?;
-    let out = Command::new(&load).args(["-url", &url, "-n", &REQUESTS.to_string(), "-c", "4"]).output()?;
+    // Each request comes with a trace context of its own and a tracestate, which every
+    // hop must carry on (gRPC fields out of the front, HTTP/2 fields out of the server).
+    let state = format!("tracestate: {TRACESTATE}");
+    let args = ["-url", &url, "-n", &REQUESTS.to_string(), "-c", "4", "-traceparent-each", "-header", &state];
+    let out = Command::new(&load).args(args).output()?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     ensure!(
         out.status.success() && stdout.contains(&format!("ok={REQUESTS} ")),
@@ -161,6 +167,14 @@ fn chain(tc: &GoToolchain, flavor: Flavor, version: &str) -> Result<()> {
     ensure!(fs["grpc_injected"] == 3 * REQUESTS, "front: gRPC traceparent fields {}", fs["grpc_injected"]);
     ensure!(gs["http_injected"] == REQUESTS, "grpc: HTTP/2 traceparent fields {}", gs["http_injected"]);
     ensure!(fs["grpc_inject_no_room"] == 0 && gs["http_inject_no_room"] == 0, "fields without room");
+    ensure!(
+        fs["grpc_tracestate_injected"] == 3 * REQUESTS && gs["http_tracestate_injected"] == REQUESTS,
+        "tracestate fields: {} gRPC, {} HTTP/2 ({} and {} without room)",
+        fs["grpc_tracestate_injected"],
+        gs["http_tracestate_injected"],
+        fs["grpc_tracestate_no_room"],
+        gs["http_tracestate_no_room"]
+    );
 
     let spans = rx.spans();
     let mut traces: HashMap<String, Vec<&Received>> = HashMap::new();
@@ -191,7 +205,21 @@ fn chain(tc: &GoToolchain, flavor: Flavor, version: &str) -> Result<()> {
                 .collect::<Vec<_>>()
         );
         let root = root[0];
-        ensure!(root.parent_id().is_none() && root.span.name == "GET /chain", "trace {id}: root {}", root.span.name);
+        ensure!(root.span.name == "GET /chain", "trace {id}: root {}", root.span.name);
+        ensure!(
+            root.parent_id().is_some() && root.span.flags & 0x300 == 0x300,
+            "trace {id}: the root does not continue the caller's context"
+        );
+        // The caller's tracestate, on the wire at every hop: each server span read it, each
+        // client span inherits it.
+        for s in t {
+            ensure!(
+                s.span.trace_state == TRACESTATE,
+                "trace {id}: {} tracestate {:?}",
+                s.span.name,
+                s.span.trace_state
+            );
+        }
         let mut names: Vec<&str> = calls.iter().map(|c| c.span.name.as_str()).collect();
         names.sort();
         ensure!(

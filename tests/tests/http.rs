@@ -40,7 +40,7 @@ impl Service {
         self.inject.signal(15);
         let st = self.inject.wait(LIMIT)?;
         ensure!(st.success(), "inject: {st}\n{}", self.inject.transcript());
-        let s = serde_json::from_slice(&std::fs::read(&self.summary)?)?;
+        let s = tests::schema::read_summary(&self.summary)?;
         let _ = std::fs::remove_file(&self.summary);
         Ok(s)
     }
@@ -192,6 +192,49 @@ fn front_and_back_give_one_connected_trace_per_request() -> Result<()> {
             traces.len(),
             r.fields.get("rps").map_or("?", String::as_str)
         );
+    }
+    Ok(())
+}
+
+/// A caller's `tracestate` goes on with its trace: written after the `traceparent` of each
+/// of the front's outgoing HTTP/1 requests, read by the back's server spans.
+#[test]
+fn tracestate_goes_on_with_its_trace() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    const REQUESTS: u64 = 200;
+    const STATE: &str = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7";
+    for tc in test_toolchains()? {
+        let rx = Receiver::start(Transport::Http)?;
+        let mut back = Service::start(&tc, Flavor::Default, "back", &[], &rx)?;
+        let backend = format!("http://{}/hello", back.addr);
+        let mut front = Service::start(&tc, Flavor::Default, "front", &["-backend", &backend], &rx)?;
+        let url = format!("http://{}/fanout", front.addr);
+        let state = format!("Tracestate: {STATE}");
+        let r =
+            load(&tc, &["-url", &url, "-n", &REQUESTS.to_string(), "-c", "4", "-traceparent-each", "-header", &state])?;
+        ensure!(r.success && r.get("ok") == REQUESTS, "{}: load failed: {:?} {:?}", tc.version, r.fields, r.lines);
+        let (fs, bs) = (front.detach()?, back.detach()?);
+        rx.wait_spans(7 * REQUESTS, LIMIT).context("spans")?;
+        ensure!(fs["dropped"] == 0 && bs["dropped"] == 0, "records dropped: {} {}", fs["dropped"], bs["dropped"]);
+        ensure!(
+            fs["http_tracestate_injected"] == 3 * REQUESTS && fs["http_tracestate_no_room"] == 0,
+            "tracestate lines: {} written, {} without room",
+            fs["http_tracestate_injected"],
+            fs["http_tracestate_no_room"]
+        );
+        // Every span says so too: the servers read it, the clients inherit it.
+        let spans = rx.spans();
+        ensure!(spans.len() as u64 == 7 * REQUESTS, "{} spans", spans.len());
+        let mut traces = std::collections::HashSet::new();
+        for s in &spans {
+            ensure!(s.span.trace_state == STATE, "{} tracestate {:?}", s.span.name, s.span.trace_state);
+            traces.insert(s.trace_id());
+        }
+        ensure!(traces.len() as u64 == REQUESTS, "{} traces for {REQUESTS} requests", traces.len());
+        eprintln!("{}: {REQUESTS} requests, tracestate on all {} spans", tc.version, spans.len());
     }
     Ok(())
 }
@@ -482,6 +525,54 @@ fn an_unsampled_callers_decision_is_followed_downstream() -> Result<()> {
     Ok(())
 }
 
+/// An application that sets its own `traceparent` on an HTTP/1 request (an instrumented
+/// one) keeps it: inject's line is taken back out, so the backend gets exactly one (its
+/// answer says how many; the front fails the request otherwise) and continues the
+/// application's context.
+#[test]
+fn an_application_traceparent_line_is_the_only_one_sent() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    const N: u64 = 100;
+    const APP_TRACE: &str = "5bf92f3577b34da6a3ce929d0e0e4736";
+    const APP_SPAN: &str = "00f067aa0ba902b7";
+    let own = format!("00-{APP_TRACE}-{APP_SPAN}-01");
+    for tc in test_toolchains()? {
+        let rx = Receiver::start(Transport::Http)?;
+        let mut back = Service::start(&tc, Flavor::Default, "back", &[], &rx)?;
+        let backend = format!("http://{}/hello", back.addr);
+        let args = ["-backend", &backend, "-own-traceparent", &own];
+        let mut front = Service::start(&tc, Flavor::Default, "front", &args, &rx)?;
+        let url = format!("http://{}/fanout", front.addr);
+        let r = load(&tc, &["-url", &url, "-n", &N.to_string(), "-c", "4"])?;
+        ensure!(r.success && r.get("ok") == N, "{}: {:?} {:?}", tc.version, r.fields, r.lines);
+        let (fs, bs) = (front.detach()?, back.detach()?);
+        rx.wait_spans(7 * N, LIMIT).context("spans")?;
+        ensure!(fs["dropped"] == 0 && bs["dropped"] == 0, "records dropped");
+        ensure!(
+            fs["http_app_traceparent"] == 3 * N && fs["http_injected"] == 0,
+            "{} stood down, {} sent",
+            fs["http_app_traceparent"],
+            fs["http_injected"]
+        );
+        let spans = rx.spans();
+        let backs: Vec<&Received> = of_service(&spans, "back");
+        ensure!(backs.len() as u64 == 3 * N, "{} back spans", backs.len());
+        for s in backs {
+            ensure!(
+                s.trace_id() == APP_TRACE && s.parent_id().as_deref() == Some(APP_SPAN),
+                "back span in {} under {:?}",
+                s.trace_id(),
+                s.parent_id()
+            );
+        }
+        eprintln!("{}: {N} requests, {} traceparent lines taken back out", tc.version, 3 * N);
+    }
+    Ok(())
+}
+
 /// JSON lines have one `error` field, whatever made the line: null unless the span's
 /// status is Error, else a string saying why (a function's returned error, a library
 /// span's description or, for a 5xx that has none, its `error.type`).
@@ -522,8 +613,7 @@ fn json_lines_say_error_one_way() -> Result<()> {
     }
     inject.signal(15);
     ensure!(inject.wait(LIMIT)?.success(), "inject:\n{}", inject.transcript());
-    let lines: Vec<Value> =
-        std::fs::read_to_string(&jsonl)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let lines = tests::schema::read_jsonl(&jsonl)?;
     let _ = std::fs::remove_file(&jsonl);
     ensure!(lines.iter().all(|l| l.get("error").is_some()), "a line without `error`: {lines:#?}");
     let error = |name: &str| -> Vec<String> {

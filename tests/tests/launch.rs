@@ -301,14 +301,19 @@ fn duration_takes_the_probes_out_and_the_program_runs_on() -> Result<()> {
     ensure!(st.code() == Some(0), "exit {st}\n{}", p.transcript());
     ensure!(p.value("REQUESTS ").as_deref() == Some("30"), "the program ran to its end:\n{}", p.transcript());
     ensure!(took >= Duration::from_millis(2800), "inject exited after {took:?}, before the program's ~3 s");
-    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
+    let s = tests::schema::read_summary(&summary)?;
     let _ = std::fs::remove_file(&summary);
     ensure!(s["stop"] == "duration", "stop: {}", s["stop"]);
     ensure!(s["restored"].as_u64().is_some_and(|n| n > 0), "patches restored: {}", s["restored"]);
     // JSON lines go to inject's stderr (the transcript marks it "! "), the program's
     // stdout stays its own.
-    let calls =
-        p.transcript().lines().filter(|l| l.starts_with("! {") && l.contains("\"name\":\"main.handle\"")).count();
+    let lines: Vec<serde_json::Value> = p
+        .seen
+        .iter()
+        .filter(|(err, l)| *err && l.starts_with('{'))
+        .map(|(_, l)| tests::schema::parse_line(l))
+        .collect::<Result<_>>()?;
+    let calls = lines.iter().filter(|l| l["name"] == "main.handle").count();
     ensure!((3..20).contains(&calls), "{calls} of 30 calls traced in the first second of ~3\n{}", p.transcript());
     Ok(())
 }

@@ -50,7 +50,7 @@ fn traced_run(
     // The target exited: inject drains, exports and stops by itself.
     let st = inj.wait(LIMIT)?;
     ensure!(st.success(), "inject failed: {st}\n{}", inj.transcript());
-    let s: Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
+    let s = tests::schema::read_summary(&summary)?;
     let _ = std::fs::remove_file(&summary);
     Ok((fx.pid(), s, inj))
 }
@@ -264,7 +264,7 @@ fn an_endpoint_outage_costs_only_counted_drops() -> Result<()> {
     let requests: u64 = done.trim_start_matches("REQUESTS ").parse()?;
     ensure!(fx.wait(LIMIT)?.success(), "fixture failed");
     ensure!(inj.wait(LIMIT)?.success(), "inject failed:\n{}", inj.transcript());
-    let s: Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
+    let s = tests::schema::read_summary(&summary)?;
     let _ = std::fs::remove_file(&summary);
     let o = &s["otlp"];
     let spans = rx.spans();
@@ -338,7 +338,7 @@ fn an_endpoint_that_never_answers_fails_the_session_quickly() -> Result<()> {
     ensure!(t.contains("failed") && t.contains("retrying"), "no warning while it ran:\n{t}");
     ensure!(t.contains(&format!("no span reached {endpoint}")), "no error naming the endpoint:\n{t}");
     ensure!(took < Duration::from_secs(3), "{took:?} from SIGTERM to exit");
-    let s: Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
+    let s = tests::schema::read_summary(&summary)?;
     let _ = std::fs::remove_file(&summary);
     let o = &s["otlp"];
     let dropped = o["dropped_queue_full"].as_u64().unwrap_or(0) + o["dropped_export_failed"].as_u64().unwrap_or(0);
@@ -407,7 +407,7 @@ fn lossless_export_delivers_every_call_once() -> Result<()> {
         fx.send_line("go")?;
         ensure!(fx.wait(LIMIT)?.success(), "fixture failed");
         ensure!(inj.wait(LIMIT)?.success(), "inject failed:\n{}", inj.transcript());
-        let s: Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
+        let s = tests::schema::read_summary(&summary)?;
         let _ = std::fs::remove_file(&summary);
         ensure!(s["dropped"] == 0 && s["lossless"] == true, "{s}");
         rx.wait_spans(CALLS as u64, LIMIT)?;

@@ -46,7 +46,11 @@ fn file_line_matches_go_tool_addr2line() -> Result<()> {
                     // debug/gosym prints an unknown position (no pcfile table) as ":-1".
                     None => ":-1".to_string(),
                 };
-                ensure!(got_pos == want_pos, "{pc:#x} in {}: {got_pos} vs addr2line {want_pos}", f.name);
+                // A function without a source file (linker markers such as
+                // `go:textfipsstart`, Go 1.24+): gosym prints its raw line value after the
+                // empty file name, go-abi gives no position.
+                let no_file = got_pos == ":-1" && want_pos.starts_with(':');
+                ensure!(got_pos == want_pos || no_file, "{pc:#x} in {}: {got_pos} vs addr2line {want_pos}", f.name);
                 compared += 1;
             }
             eprintln!("Go {} {}: {compared} PCs agree with go tool addr2line", tc.version, flavor.name());

@@ -74,8 +74,8 @@ fn a_release_outside_the_table_is_refused_unless_assumed() -> Result<()> {
     let out = run(&["--assume-go-version", "1.27"])?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.success() && err.contains("assuming go1.27"), "{out:?}");
-    let spans = std::fs::read_to_string(&jsonl)?;
-    ensure!(spans.lines().filter(|l| l.contains("\"main.handle\"")).count() == 3, "spans:\n{spans}\n{err}");
+    let spans = tests::schema::read_jsonl(&jsonl)?;
+    ensure!(spans.iter().filter(|l| l["name"] == "main.handle").count() == 3, "spans:\n{spans:?}\n{err}");
     // A release the table does not have either: refused (launch mode runs it untraced).
     let out = run(&["--assume-go-version", "1.5", "--strict"])?;
     ensure!(

@@ -306,9 +306,21 @@ pub fn return_patches(f: &Function, unsafe_point: impl Fn(u64) -> i32) -> Result
             {
                 break;
             }
-            let Ok((r, n)) = jump_at(f, first, &resumable) else { continue };
+            let Ok((mut r, n)) = jump_at(f, first, &resumable) else { continue };
             if first + n > idx + 1 {
-                continue;
+                // Past the RET only by the first byte of the next instruction (an exit
+                // block too short for a jump, with more code after it): that byte is kept
+                // by pinning it, so the instruction decodes as before for whoever branches
+                // or resumes there; the trampoline runs up to the RET.
+                let Some(next) = f.insns.get(idx + 1) else { continue };
+                if first + n != idx + 2 || next.ip() != r.at + JUMP_LEN - 1 {
+                    continue;
+                }
+                let Some(b) = f.byte_at(next.ip()) else { continue };
+                r.pinned = Some(b);
+                if r.pinned_window().is_none() {
+                    continue;
+                }
             }
             if chosen.is_none() || r.pinned.is_none() {
                 chosen = Some((first, r));

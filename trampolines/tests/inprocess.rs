@@ -500,8 +500,17 @@ fn trace_context_operations() {
             fetch: Fetch::Str { max: 4 },
             dest: 200,
             when: Vec::new(),
+            keep_on_miss: false,
         }),
-        Op::Field(FieldCopy { reg: 2, path: vec![16], off: 0, fetch: Fetch::Word, dest: 220, when: Vec::new() }),
+        Op::Field(FieldCopy {
+            reg: 2,
+            path: vec![16],
+            off: 0,
+            fetch: Fetch::Word,
+            dest: 220,
+            when: Vec::new(),
+            keep_on_miss: false,
+        }),
     ]);
     let plan = CapturePlan { ints: 0x1ff, ops, ..CapturePlan::default() };
     let r = rig_with_plans(64, leaf_function, false, &plan, &CapturePlan { off: true, ..CapturePlan::default() });
@@ -568,6 +577,218 @@ fn trace_context_operations() {
     assert_eq!(d2(80 + ids::TRACE, 32), d2(ids::TRACE, 32));
     assert_eq!(u64::from_le_bytes(m[s + slot::DATA + 160..][..8].try_into().unwrap()), 0, "no room: no line");
     assert_eq!(bw[5], 80);
+}
+
+/// `tracestate` travels with the trace: an incoming value (HTTP/1 line in R9/R10, either
+/// before or after the `traceparent` line in RAX/RBX) goes out after the `traceparent` of
+/// the trace's outgoing request, where the buffer has room; a value of another trace, an
+/// unsafe or too long one, is never written.
+#[test]
+fn tracestate_goes_out_after_the_traceparent_of_its_trace() {
+    use trampolines::codegen::Op;
+    let write_fn = 0x4455_6677u64;
+    let ops = |state_first: bool| {
+        let (tp, ts) = (Op::StashTraceparent { ptr: 0, len: 1 }, Op::StashTraceparent { ptr: 6, len: 7 });
+        let mut v = if state_first { vec![ts, tp] } else { vec![tp, ts] };
+        v.push(Op::AdoptTracestate);
+        v.extend(http_server_to_client(write_fn).into_iter().skip(1));
+        v
+    };
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    for state_first in [false, true] {
+        let plan = CapturePlan { ints: 0x1ff, ops: ops(state_first), ..CapturePlan::default() };
+        let r = rig_with_plans(64, leaf_function, false, &plan, &CapturePlan { off: true, ..CapturePlan::default() });
+        // One request: (bytes written, the record's tracestate word).
+        let call = |trace: &str, state: &[u8], cap: u64| state_request(&r, write_fn, trace, state, cap);
+        let why = if state_first { "tracestate first" } else { "traceparent first" };
+        let (out, word) = call(trace, b"Tracestate:  congo=t61rcWkgMzE,rojo=00f067aa0ba902b7", 1024);
+        let text = String::from_utf8_lossy(&out);
+        assert_eq!(&text[70..], "tracestate: congo=t61rcWkgMzE,rojo=00f067aa0ba902b7\r\n", "{why}");
+        assert_eq!(word, 14 + "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7".len() as i64, "{why}");
+        // W3C's longest value, in a buffer with room for it, and in one without.
+        let long = format!("tracestate: {}", "k=v,".repeat(128).trim_end_matches(','));
+        let (out, word) = call(trace, long.as_bytes(), 1024);
+        assert_eq!(out.len(), 70 + 511 + 14, "{why}");
+        assert_eq!(&out[70..], format!("{long}\r\n").as_bytes(), "{why}");
+        assert_eq!(word, 511 + 14);
+        let (out, word) = call(trace, long.as_bytes(), 70 + 511 + 14 + 7);
+        assert_eq!((out.len(), word), (70, -1), "{why}: no room for the copy's overrun");
+        // Another trace does not get it; nor does a value that could end the line, or a
+        // value over 512 bytes (the trace's last one stays).
+        let other = "1af7651916cd43dd8448eb211c80319d";
+        let (out, word) = call(other, b"user-agent: x", 1024);
+        assert_eq!((out.len(), word), (70, 0), "{why}: another trace");
+        for bad in [&b"tracestate: a=b\r\nx: y"[..], b"tracestate: a=\x80", &[b'k'; 530]] {
+            let mut line = bad.to_vec();
+            if bad[0] == b'k' {
+                line.splice(..0, b"tracestate: k=".iter().copied());
+            }
+            let (out, _) = call(trace, &line, 1024);
+            assert_eq!(&out[70..], format!("{long}\r\n").as_bytes(), "{why}: {:?} not kept", &bad[..8]);
+        }
+    }
+}
+
+/// One request through a rig of the plan the tracestate tests share: a `traceparent` line
+/// for `trace` (RAX/RBX), the line `state` (R9/R10), and the request's headers written to a
+/// `bufio.Writer` of `cap` bytes. Returns what it wrote and the record's tracestate word.
+fn state_request(r: &Rig, write_fn: u64, trace: &str, state: &[u8], cap: u64) -> (Vec<u8>, i64) {
+    let line = format!("traceparent: 00-{trace}-b7ad6b7169203331-01");
+    let map = Box::new([0u64; 8]);
+    let req = Box::new([0u64, map.as_ptr() as u64, 0]);
+    let itab = Box::new([0u64, 0, 0, write_fn]);
+    let mut buf = vec![b'.'; 1024];
+    let bw = Box::new([0u64, 0, buf.as_mut_ptr() as u64, cap, cap, 0]);
+    let mut regs = regs_for(r);
+    regs[0] = line.as_ptr() as u64;
+    regs[1] = line.len() as u64;
+    regs[2] = req.as_ptr() as u64;
+    regs[3] = map.as_ptr() as u64;
+    regs[4] = itab.as_ptr() as u64;
+    regs[5] = bw.as_ptr() as u64;
+    regs[6] = state.as_ptr() as u64;
+    regs[7] = state.len() as u64;
+    let before = regs;
+    // SAFETY: every pointer handed to the trampoline is to live test memory.
+    unsafe { call_with(&mut regs) };
+    assert_eq!(regs[1..12], before[1..12], "registers preserved");
+    // The copy moves 8 bytes at a time: at most 8 bytes past `n` (within the room it asked).
+    assert!(buf[bw[5] as usize + 8..].iter().all(|&b| b == b'.') || cap < 1024, "at most 8 bytes past n");
+    let m = r.ring.bytes();
+    let s = *published(r).last().unwrap();
+    let word = i64::from_le_bytes(m[s + slot::DATA + 184..][..8].try_into().unwrap());
+    (buf[..bw[5] as usize].to_vec(), word)
+}
+
+/// Five live traces whose ids pick the same set of the trace table: the least recently
+/// stored one gives way, the other four keep their values.
+#[test]
+fn tracestate_table_keeps_four_traces_per_set() {
+    use ring_abi::tracestate as ts;
+    use trampolines::codegen::Op;
+    let write_fn = 0x4455_6677u64;
+    let mut ops = vec![Op::StashTraceparent { ptr: 0, len: 1 }, Op::StashTraceparent { ptr: 6, len: 7 }];
+    ops.push(Op::AdoptTracestate);
+    ops.extend(http_server_to_client(write_fn).into_iter().skip(1));
+    let plan = CapturePlan { ints: 0x1ff, ops, ..CapturePlan::default() };
+    let r = rig_with_plans(64, leaf_function, false, &plan, &CapturePlan { off: true, ..CapturePlan::default() });
+    let call = |trace: &str, state: &[u8]| state_request(&r, write_fn, trace, state, 1024).0[70..].to_vec();
+    // The set a trace id picks, as the trampolines hash it.
+    let set = |t: &str| {
+        let low = u64::from_le_bytes(t.as_bytes()[24..32].try_into().unwrap());
+        low.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - (ts::TRACES / ts::WAYS).trailing_zeros())
+    };
+    let trace = |i: u32| format!("0af7651916cd43dd8448eb21{i:08x}");
+    let first = set(&trace(0));
+    let same: Vec<String> = (0..).map(trace).filter(|t| set(t) == first).take(5).collect();
+    for (i, t) in same.iter().enumerate() {
+        assert_eq!(call(t, format!("tracestate: v={i}").as_bytes()), format!("tracestate: v={i}\r\n").as_bytes());
+    }
+    assert_eq!(call(&same[0], b"user-agent: x"), b"", "the oldest gave way");
+    for (i, t) in same.iter().enumerate().skip(1) {
+        assert_eq!(call(t, b"user-agent: x"), format!("tracestate: v={i}\r\n").as_bytes(), "trace {i} kept");
+    }
+    // A trace's new value replaces its own entry, not another's.
+    assert_eq!(call(&same[1], b"tracestate: v=new"), b"tracestate: v=new\r\n");
+    for (i, t) in same.iter().enumerate().skip(2) {
+        assert_eq!(call(t, b"user-agent: x"), format!("tracestate: v={i}\r\n").as_bytes(), "trace {i} kept");
+    }
+}
+
+/// A Go-shaped function with a frame whose body writes header lines as `writeSubset`
+/// would: the R11 bytes at RDX go into the `bufio.Writer`-shaped writer in R8 at its fill
+/// index, which moves past them; with RDX nil, the writer is flushed (its index back to 0).
+fn sets_n(at: u64) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    let (mut morestack, mut flush, mut out) = (a.create_label(), a.create_label(), a.create_label());
+    a.cmp(rsp, qword_ptr(r14 + 16)).unwrap();
+    a.jbe(morestack).unwrap();
+    a.push(rbp).unwrap();
+    a.mov(rbp, rsp).unwrap();
+    a.sub(rsp, 24).unwrap();
+    a.test(rdx, rdx).unwrap();
+    a.je(flush).unwrap();
+    a.mov(rdi, qword_ptr(r8 + 16)).unwrap();
+    a.add(rdi, qword_ptr(r8 + 40)).unwrap();
+    a.mov(rsi, rdx).unwrap();
+    a.mov(rcx, r11).unwrap();
+    a.rep().movsb().unwrap();
+    a.add(qword_ptr(r8 + 40), r11).unwrap();
+    a.jmp(out).unwrap();
+    a.set_label(&mut flush).unwrap();
+    a.mov(qword_ptr(r8 + 40), 0).unwrap();
+    a.set_label(&mut out).unwrap();
+    a.add(rsp, 24).unwrap();
+    a.pop(rbp).unwrap();
+    a.ret().unwrap();
+    a.set_label(&mut morestack).unwrap();
+    a.int3().unwrap();
+    let mut code = a.assemble(at).unwrap();
+    code.resize(128, 0xcc);
+    code
+}
+
+/// HTTP/1 stand-down: after the header lines are written (the function's return), a
+/// `traceparent` line of the application's own after ours takes ours (and its tracestate)
+/// back out of the buffer; without one, or once the buffer was flushed, ours stays.
+#[test]
+fn an_application_traceparent_line_takes_ours_back_out() {
+    use trampolines::codegen::Op;
+    let write_fn = 0x4455_6677u64;
+    let mut ops = vec![Op::StashTraceparent { ptr: 0, len: 1 }, Op::StashTraceparent { ptr: 6, len: 7 }];
+    ops.push(Op::AdoptTracestate);
+    ops.extend(http_server_to_client(write_fn).into_iter().skip(1));
+    let entry = CapturePlan { ints: 0x1ff, ops, ..CapturePlan::default() };
+    let ret =
+        CapturePlan { ops: vec![Op::UndoOwnTraceparent { buf_off: 16, n_off: 40, dest: 0 }], ..CapturePlan::default() };
+    let r = rig_with_plans(64, sets_n, true, &entry, &ret);
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    for (app, flushed, taken) in [
+        (&b"Accept: */*\r\nTraceparent: 00-11111111111111111111111111111111-2222222222222222-01\r\n"[..], false, true),
+        (b"Accept: */*\r\ntraceparentx: y\r\nX-Traceparent: 00-1\r\n", false, false),
+        (b"Accept: */*\r\nTRACEPARENT:00-1\r\n", false, true),
+        (b"Traceparent: 00-11111111111111111111111111111111-2222222222222222-01\r\n", true, false),
+    ] {
+        let line = format!("traceparent: 00-{trace}-b7ad6b7169203331-01");
+        let state = b"tracestate: a=b";
+        let map = Box::new([0u64; 8]);
+        let req = Box::new([0u64, map.as_ptr() as u64, 0]);
+        let itab = Box::new([0u64, 0, 0, write_fn]);
+        let mut buf = vec![b'.'; 1024];
+        buf[..5].copy_from_slice(b"GET /");
+        let bw = Box::new([0u64, 0, buf.as_mut_ptr() as u64, 1024, 1024, 5]);
+        let mut regs = regs_for(&r);
+        regs[0] = line.as_ptr() as u64;
+        regs[1] = line.len() as u64;
+        regs[2] = req.as_ptr() as u64;
+        regs[3] = map.as_ptr() as u64;
+        regs[4] = itab.as_ptr() as u64;
+        regs[5] = bw.as_ptr() as u64;
+        regs[6] = state.as_ptr() as u64;
+        regs[7] = state.len() as u64;
+        // The entry writes our lines at 5, the body the application's after them.
+        regs[8] = app.len() as u64;
+        regs[9] = if flushed { 0 } else { app.as_ptr() as u64 };
+        // SAFETY: every pointer handed to the trampoline is to live test memory.
+        unsafe { call_with(&mut regs) };
+        let m = r.ring.bytes();
+        let x = *published(&r).last().unwrap();
+        let word = u64::from_le_bytes(m[x + slot::DATA..][..8].try_into().unwrap());
+        let text = String::from_utf8_lossy(&buf[..bw[5] as usize]).into_owned();
+        if flushed {
+            assert_eq!((word, bw[5]), (2, 0), "flushed: nothing taken back");
+        } else if taken {
+            assert_eq!(word, 1, "{text}");
+            let taken = u64::from_le_bytes(m[x + slot::DATA + 8..][..8].try_into().unwrap());
+            assert_eq!(taken, 70 + 14 + 3, "both lines taken out");
+            assert_eq!(text.as_bytes(), [&b"GET /"[..], app].concat(), "ours taken out, the rest moved down");
+        } else {
+            assert_eq!(word, 0, "{text}");
+            assert!(text.starts_with(&format!("GET /traceparent: 00-{trace}-")), "{text}");
+            assert!(text[5 + 70..].starts_with("tracestate: a=b\r\n"), "{text}");
+            assert!(text.ends_with(std::str::from_utf8(app).unwrap()), "{text}");
+        }
+    }
 }
 
 /// An HTTP server span from a header line (RAX, RBX), its client span for the request in
@@ -735,6 +956,95 @@ fn h2_field_appended_only_to_the_end_of_a_header_block_with_room() {
     }
 }
 
+/// An HPACK integer with a 7-bit prefix at `b` (RFC 7541, 5.1): its value and its bytes.
+fn hpack_int(b: &[u8]) -> (usize, usize) {
+    let mut v = usize::from(b[0] & 0x7f);
+    if v < 0x7f {
+        return (v, 1);
+    }
+    let mut shift = 0;
+    for (i, &c) in b[1..].iter().enumerate() {
+        v += usize::from(c & 0x7f) << shift;
+        shift += 7;
+        if c & 0x80 == 0 {
+            return (v, i + 2);
+        }
+    }
+    panic!("unterminated integer");
+}
+
+/// The literal fields without indexing (new name, no Huffman coding) in `b`, decoded.
+fn hpack_literals(mut b: &[u8]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        assert_eq!(b[0], 0x00, "a literal without indexing, new name");
+        b = &b[1..];
+        let mut s = [String::new(), String::new()];
+        for part in &mut s {
+            assert_eq!(b[0] & 0x80, 0, "no Huffman coding");
+            let (n, at) = hpack_int(b);
+            *part = String::from_utf8(b[at..at + n].to_vec()).unwrap();
+            b = &b[at + n..];
+        }
+        let [name, value] = s;
+        out.push((name, value));
+    }
+    out
+}
+
+/// The HTTP/2 form of `tracestate` out: an incoming field's value (name in R9/R10, value
+/// in RSI/R8) becomes its trace's, and follows the `traceparent` field of the trace's
+/// outgoing HEADERS frame as a literal of its own, the HPACK integer of its length one,
+/// two or three bytes long, within the buffer's capacity.
+#[test]
+fn h2_tracestate_field_follows_the_traceparent() {
+    use trampolines::codegen::Op;
+    let mut ops = vec![
+        Op::StashTraceparent { ptr: 0, len: 1 },
+        Op::StashTraceparentField { name_ptr: 6, name_len: 7, value_ptr: 4, value_len: 5 },
+        Op::AdoptTracestate,
+    ];
+    ops.extend(call_to_writer());
+    ops.push(Op::InjectH2 { framer: 3, wbuf_off: 8, after: None, dest: 160 });
+    let plan = CapturePlan { ints: 0x1ff, ops, ..CapturePlan::default() };
+    let r = rig_with_plans(64, leaf_function, false, &plan, &CapturePlan { off: true, ..CapturePlan::default() });
+    let item = Box::new([0u64; 4]);
+    let line = b"traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    for (n, cap) in [(40, 1024), (126, 1024), (127, 1024), (254, 1024), (255, 1024), (512, 1024), (40, 13 + 69 + 54)] {
+        let value: String = "k=v,".repeat(128)[..n].trim_end_matches([',', '=']).to_string();
+        let mut buf = frame(1, 4);
+        buf.resize(cap, b'.');
+        let framer = Box::new([7u64, buf.as_mut_ptr() as u64, 13, cap as u64]);
+        let mut regs = regs_for(&r);
+        regs[0] = line.as_ptr() as u64;
+        regs[1] = line.len() as u64;
+        regs[2] = item.as_ptr() as u64;
+        regs[3] = framer.as_ptr() as u64;
+        regs[4] = value.as_ptr() as u64;
+        regs[5] = value.len() as u64;
+        regs[6] = b"tracestate".as_ptr() as u64;
+        regs[7] = 10;
+        let before = regs;
+        // SAFETY: every pointer handed to the trampoline is to live test memory.
+        unsafe { call_with(&mut regs) };
+        assert_eq!(regs[1..12], before[1..12], "registers preserved");
+        let m = r.ring.bytes();
+        let s = *published(&r).last().unwrap();
+        let word = |off: usize| i64::from_le_bytes(m[s + slot::DATA + off..][..8].try_into().unwrap());
+        assert_eq!(word(160), 1, "{n}: traceparent appended");
+        let fields = hpack_literals(&buf[13..framer[2] as usize]);
+        assert_eq!(fields[0].0, "traceparent");
+        if cap < 1024 {
+            assert_eq!((fields.len(), word(184)), (1, -1), "{n}: no room for the tracestate");
+            continue;
+        }
+        assert_eq!(fields.len(), 2, "{n}: {fields:?}");
+        assert_eq!(fields[1], ("tracestate".to_string(), value.clone()), "{n}");
+        assert_eq!(word(184) as u64, framer[2] - 13 - 69, "{n}: the record counts its bytes");
+        assert!(buf[framer[2] as usize + 8..].iter().all(|&b| b == b'.'), "{n}: at most 8 bytes past it");
+    }
+}
+
 /// A `traceparent` the application encodes itself makes the goroutine's outgoing client
 /// span stand down: the frame then goes out with the application's field alone.
 #[test]
@@ -827,6 +1137,64 @@ fn h2_field_appended_after_the_write_when_the_frame_buffer_is_full() {
         assert_eq!(&wb[20..22], &[0, 0], "{why}");
         assert_eq!(wb[22], 4, "{why}");
         assert!(wb[33..].iter().all(|&b| b == b'.'), "{why}");
+    }
+}
+
+/// The deferred form carries the `tracestate` too: both fields after the frame in the
+/// writer's buffer, the frame's length grown by both.
+#[test]
+fn h2_tracestate_follows_the_deferred_traceparent() {
+    use trampolines::codegen::{AfterWrite, Op};
+    const ITAB: u64 = 0x7777_0000;
+    let after = AfterWrite { w_off: 32, itab: ITAB, buf_off: 8, buf_indirect: false, fill_off: 32 };
+    let mut ops = vec![
+        Op::StashTraceparent { ptr: 0, len: 1 },
+        Op::StashTraceparentField { name_ptr: 6, name_len: 7, value_ptr: 4, value_len: 5 },
+        Op::AdoptTracestate,
+    ];
+    ops.extend(call_to_writer());
+    ops.push(Op::InjectH2 { framer: 3, wbuf_off: 8, after: Some(after), dest: 160 });
+    let entry = CapturePlan { ints: 0x1ff, ops, ..CapturePlan::default() };
+    let ret = CapturePlan { ops: vec![Op::InjectH2After { wbuf_off: 8, after, dest: 0 }], ..CapturePlan::default() };
+    let r = rig_with_plans(64, go_function_leafless, true, &entry, &ret);
+    let item = Box::new([0u64; 4]);
+    let line = b"traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let value = "k=v,".repeat(50) + "k=v";
+    for cap in [4096u64, 20 + 13 + 69 + 200] {
+        let mut frame = vec![0u8, 0, 4, 1, 4, 0, 0, 0, 3, 0x82, 0x86, 0x84, 0x41];
+        let mut wb = vec![b'-'; 20];
+        wb.extend_from_slice(&frame);
+        let fill = wb.len() as u64;
+        wb.resize(4096, b'.');
+        let writer = Box::new([0u64, wb.as_mut_ptr() as u64, cap, cap, fill]);
+        let framer = Box::new([7u64, frame.as_mut_ptr() as u64, 13, 13, ITAB, writer.as_ptr() as u64]);
+        let mut regs = regs_for(&r);
+        regs[0] = line.as_ptr() as u64;
+        regs[1] = line.len() as u64;
+        regs[2] = item.as_ptr() as u64;
+        regs[3] = framer.as_ptr() as u64;
+        regs[4] = value.as_ptr() as u64;
+        regs[5] = value.len() as u64;
+        regs[6] = b"tracestate".as_ptr() as u64;
+        regs[7] = 10;
+        // SAFETY: every pointer handed to the trampoline is to live test memory.
+        unsafe { call_with(&mut regs) };
+        let m = r.ring.bytes();
+        let x = *published(&r).last().unwrap();
+        let word = |off: usize| i64::from_le_bytes(m[x + slot::DATA + off..][..8].try_into().unwrap());
+        assert_eq!(word(0), 1, "{cap}: appended at the return");
+        let len = usize::from(wb[20]) << 16 | usize::from(wb[21]) << 8 | usize::from(wb[22]);
+        assert_eq!(writer[4] as usize, 20 + 9 + len, "{cap}: the fill index ends the frame");
+        let fields = hpack_literals(&wb[33..20 + 9 + len]);
+        if cap == 4096 {
+            assert_eq!(fields.len(), 2, "{fields:?}");
+            assert_eq!(fields[1], ("tracestate".to_string(), value.clone()));
+            assert_eq!(word(24) as usize, len - 4 - 69);
+        } else {
+            assert_eq!((fields.len(), word(24)), (1, -1), "no room in the writer's buffer");
+        }
+        assert_eq!(fields[0].0, "traceparent");
+        assert!(wb[writer[4] as usize + 8..].iter().all(|&b| b == b'.'), "{cap}: at most 8 bytes past it");
     }
 }
 
@@ -978,4 +1346,100 @@ fn lossless_wait_is_bounded_and_then_off() {
     let head = total(&r, sub::HEAD);
     assert_eq!(head, 4, "the sub-ring of P 1 filled");
     assert_eq!(head + total(&r, sub::DROPPED) + total(&r, sub::CONTENDED), 20, "every record written or counted");
+}
+
+/// A database-shaped call: a server span (ids at 0), then on the same goroutine a child
+/// span that files nothing (ids at 80), so a second child made after it is a sibling,
+/// not its child; and two field copies of one destination for two dynamic types, the
+/// second keeping what the first wrote when its type does not match.
+#[test]
+fn child_spans_file_nothing_and_alternatives_share_a_destination() {
+    use ring_abi::span_ids as ids;
+    use trampolines::codegen::{Fetch, FieldCopy, Op, When};
+    // RCX: an "interface" type word; RDI: its data, a struct whose first word is 42.
+    let (type_a, type_b) = (0x1111u64, 0x2222u64);
+    let copy = |equals: u64, keep_on_miss: bool| {
+        Op::Field(FieldCopy {
+            reg: 3,
+            path: Vec::new(),
+            off: 0,
+            fetch: Fetch::Word,
+            dest: 240,
+            when: vec![When::reg(2, equals)],
+            keep_on_miss,
+        })
+    };
+    let ops = vec![
+        Op::ServerBegin { dest: 0 },
+        Op::ChildSpan { dest: 80 },
+        Op::ChildSpan { dest: 160 },
+        copy(type_a, false),
+        copy(type_b, true),
+    ];
+    let plan = CapturePlan { ints: 0x1ff, ops, ..CapturePlan::default() };
+    let r = rig_with_plans(64, leaf_function, false, &plan, &CapturePlan { off: true, ..CapturePlan::default() });
+    let data = Box::new([42u64]);
+    let call = |ty: u64| -> (Vec<u8>, u64) {
+        let mut regs = regs_for(&r);
+        regs[2] = ty;
+        regs[3] = data.as_ptr() as u64;
+        let before = regs;
+        // SAFETY: the data word is live test memory.
+        unsafe { call_with(&mut regs) };
+        assert_eq!(regs[1..12], before[1..12], "registers preserved");
+        let m = r.ring.bytes();
+        let s = *published(&r).last().unwrap();
+        let d = m[s + slot::DATA..][..320].to_vec();
+        let word = u64::from_le_bytes(d[240..248].try_into().unwrap());
+        (d, word)
+    };
+    let text = |d: &[u8], at: usize, n: usize| std::str::from_utf8(&d[at..at + n]).unwrap().to_string();
+    for (ty, want) in [(type_a, 42), (type_b, 42), (0x3333, 0)] {
+        let (d, word) = call(ty);
+        assert_eq!(word, want, "type {ty:#x}");
+        for child in [80, 160] {
+            assert_eq!(text(&d, child + ids::TRACE, 32), text(&d, ids::TRACE, 32), "in the server's trace");
+            assert_eq!(text(&d, child + ids::PARENT, 16), text(&d, ids::SPAN, 16), "the server span's child");
+        }
+        assert_ne!(text(&d, 80 + ids::SPAN, 16), text(&d, 160 + ids::SPAN, 16), "two spans");
+    }
+}
+
+/// An empty interface's value is read as a string only when its type descriptor's kind
+/// byte says it is one (go-redis's first command argument).
+#[test]
+fn an_interface_is_read_as_a_string_only_when_its_type_is_one() {
+    use trampolines::codegen::{Fetch, FieldCopy, Op, When};
+    let text = b"get";
+    let header = Box::new([text.as_ptr() as u64, text.len() as u64]);
+    let mut string_type = Box::new([0u8; 48]);
+    string_type[23] = 24;
+    let mut int_type = Box::new([0u8; 48]);
+    int_type[23] = 2;
+    // RBX: a []interface{} whose first element is (type, data).
+    let op = Op::Field(FieldCopy {
+        reg: 1,
+        path: vec![8],
+        off: 0,
+        fetch: Fetch::Str { max: 16 },
+        dest: 0,
+        when: vec![When::eface_string(1, Vec::new())],
+        keep_on_miss: false,
+    });
+    let plan = CapturePlan { ints: 0x1ff, ops: vec![op], ..CapturePlan::default() };
+    let r = rig_with_plans(64, leaf_function, false, &plan, &CapturePlan { off: true, ..CapturePlan::default() });
+    let call = |ty: &[u8; 48]| -> Vec<u8> {
+        let eface = Box::new([ty.as_ptr() as u64, header.as_ptr() as u64]);
+        let mut regs = regs_for(&r);
+        regs[1] = eface.as_ptr() as u64;
+        // SAFETY: the interface, its type and its string are live test memory.
+        unsafe { call_with(&mut regs) };
+        let m = r.ring.bytes();
+        let s = *published(&r).last().unwrap();
+        m[s + slot::DATA..][..24].to_vec()
+    };
+    let got = call(&string_type);
+    assert_eq!(u64::from_le_bytes(got[..8].try_into().unwrap()), 3);
+    assert_eq!(&got[8..11], b"get");
+    assert_eq!(u64::from_le_bytes(call(&int_type)[..8].try_into().unwrap()), 0, "not a string: nothing read");
 }

@@ -39,6 +39,7 @@ const BENCHMARKS: &[&str] = &[
     "launch",
     "http",
     "grpc",
+    "db",
 ];
 
 pub fn run(name: Option<&str>) -> Result<()> {
@@ -54,6 +55,7 @@ pub fn run(name: Option<&str>) -> Result<()> {
             bench_probe::launch()?;
             crate::bench_http::http()?;
             crate::bench_grpc::grpc()?;
+            crate::bench_db::db()?;
             functions_100mb()
         }
         Some("functions-100mb") => functions_100mb(),
@@ -66,6 +68,7 @@ pub fn run(name: Option<&str>) -> Result<()> {
         Some("launch") => bench_probe::launch(),
         Some("http") => crate::bench_http::http(),
         Some("grpc") => crate::bench_grpc::grpc(),
+        Some("db") => crate::bench_db::db(),
         Some(other) => bail!("unknown benchmark {other:?}; known: {}", BENCHMARKS.join(", ")),
     }
 }

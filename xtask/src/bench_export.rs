@@ -15,6 +15,48 @@ const RATE_REQUESTS: u64 = 25_000;
 const WINDOWS: usize = 5;
 const WINDOW: Duration = Duration::from_secs(2);
 
+/// Sends SIGTERM to a process a bench started (and has not reaped).
+pub(crate) fn terminate(c: &Child) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc_kill(c.id() as i32, 15) };
+}
+
+/// Ends a process a bench started: SIGTERM, then waits for it.
+pub(crate) fn stop(mut c: Child) -> Result<()> {
+    terminate(&c);
+    c.wait()?;
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// Starts a fixture server (stdout piped): returns it and the address of its `LISTEN`
+/// line once it printed `until` (`LISTEN` itself, or `READY`); its further output is
+/// drained on a thread.
+pub(crate) fn start_listening(mut c: Command, until: &str) -> Result<(Child, String)> {
+    let mut server = c.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    let mut lines = BufReader::new(server.stdout.take().context("stdout")?).lines();
+    let mut addr = None;
+    loop {
+        match lines.next().transpose()? {
+            Some(l) => {
+                if let Some(a) = l.strip_prefix("LISTEN ") {
+                    addr = Some(a.to_string());
+                }
+                if l.split_whitespace().next() == Some(until) {
+                    break;
+                }
+            }
+            None => bail!("{:?} exited before printing {until}", c.get_program()),
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok((server, addr.context("no LISTEN line")?))
+}
+
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() { f64::NAN } else { v[v.len() / 2] }

@@ -18,13 +18,12 @@
 //! inject keeps at least 95% of the baseline's RPCs per second, and costs less CPU per RPC
 //! than otelgrpc.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use xtask::{Flavor, build_module_fixture, build_module_fixture_with, toolchain};
 
-use crate::bench_export::{Receiver, cpu_seconds, median};
+use crate::bench_export::{Receiver, cpu_seconds, median, start_listening, stop};
 
 const ROUNDS: usize = 7;
 const SECONDS: u32 = 3;
@@ -64,35 +63,11 @@ fn load(load_exe: &std::path::Path, target: &str, service: &str, pids: &[u32]) -
     Ok(Run { rps: field("rps")?, p50_us: field("p50_us")?, cpu_us: 1e6 * (c1 - c0) / calls.max(1.0) })
 }
 
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
-}
-
-fn stop(mut c: Child) -> Result<()> {
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc_kill(c.id() as i32, 15) };
-    c.wait()?;
-    Ok(())
-}
-
 /// Starts a grpcsvc server; returns it and its address.
 fn start_server(exe: &std::path::Path, env: &[(&str, &str)]) -> Result<(Child, String)> {
     let mut c = Command::new(exe);
-    c.args(["-mode", "server"]).envs(env.iter().copied()).stdout(Stdio::piped()).stderr(Stdio::null());
-    let mut server = c.spawn()?;
-    let mut lines = BufReader::new(server.stdout.take().context("stdout")?).lines();
-    let mut addr = None;
-    loop {
-        match lines.next().transpose()? {
-            Some(l) if l.starts_with("LISTEN ") => addr = Some(l["LISTEN ".len()..].to_string()),
-            Some(l) if l == "READY" => break,
-            Some(_) => {}
-            None => bail!("grpcsvc exited"),
-        }
-    }
-    std::thread::spawn(move || lines.for_each(drop));
-    Ok((server, addr.context("no LISTEN line")?))
+    c.args(["-mode", "server"]).envs(env.iter().copied());
+    start_listening(c, "READY")
 }
 
 pub fn grpc() -> Result<()> {

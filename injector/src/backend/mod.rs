@@ -57,8 +57,10 @@ pub struct PauseParts {
     /// The window's own work: injected syscalls, or checks and writes.
     pub work_ms: f64,
     /// Times the world ran on briefly (0.3-2.3 ms) because a thread was inside a patch site
-    /// or a signal handler.
+    /// or a signal handler, or a goroutine parked where a jump goes.
     pub retries: usize,
+    /// Of those, the times a parked goroutine was the reason.
+    pub parked: usize,
     /// Letting every thread go.
     pub resume_ms: f64,
 }

@@ -6,7 +6,7 @@
 
 use trampolines::codegen::{CapturePlan, Fetch, FieldCopy, Op};
 
-use super::{Described, LibProbe, LibState, Library, Notes, OpenSpans, PlanCx, Planned, SpanKind};
+use super::{Described, LibProbe, LibState, Library, Notes, OpenSpans, PlanCx, Planned};
 use crate::ring::Record;
 
 const SPAWN: u8 = 0;
@@ -35,7 +35,15 @@ impl Library for Goroutines {
             let goid_off = need("runtime.g.goid")?;
             let parent_goid_off = need("runtime.g.parentGoid")?;
             let word = |off, dest| {
-                Op::Field(FieldCopy { reg: 0, path: Vec::new(), off, fetch: Fetch::Word, dest, when: Vec::new() })
+                Op::Field(FieldCopy {
+                    reg: 0,
+                    path: Vec::new(),
+                    off,
+                    fetch: Fetch::Word,
+                    dest,
+                    when: Vec::new(),
+                    keep_on_miss: false,
+                })
             };
             let ops =
                 vec![Op::Inherit { g: 0, goid_off, parent_goid_off }, word(goid_off, 0), word(parent_goid_off, 8)];
@@ -64,9 +72,9 @@ impl Library for Goroutines {
         _ret: Option<&Record>,
         _notes: Option<&Notes>,
         _type_name: &mut dyn FnMut(u64) -> Option<String>,
-    ) -> Described {
+    ) -> Option<Described> {
         // Never a span (`is_span` is false for every probe).
-        Described { kind: SpanKind::Server, name: String::new(), attrs: Vec::new(), error: None }
+        None
     }
 }
 

@@ -9,16 +9,19 @@
 pub mod goroutines;
 pub mod grpc;
 pub mod http;
+pub mod redis;
+pub mod sql;
 
 use go_abi::{Func, GoBinary};
-use trampolines::codegen::{AfterWrite, CapturePlan, Guard, Op};
+use trampolines::codegen::{AfterWrite, CapturePlan, Fetch, FieldCopy, Guard, Op, When};
 
 use crate::plan::{PlanContext, ProbeSite, Role};
 use crate::ring::Record;
 use crate::values::Side;
 
 /// Every library inject instruments, in the order their probes are planned.
-pub static LIBRARIES: &[&dyn Library] = &[&http::NetHttp, &grpc::Grpc, &goroutines::Goroutines];
+pub static LIBRARIES: &[&dyn Library] =
+    &[&http::NetHttp, &grpc::Grpc, &sql::DatabaseSql, &sql::pgx::Pgx, &redis::GoRedis, &goroutines::Goroutines];
 
 pub use crate::plan::LibProbe;
 
@@ -71,7 +74,8 @@ pub trait Library: Sync {
     fn is_span(&self, probe: u8) -> bool;
     /// Its per-session state on the collector's side.
     fn state(&self) -> Box<dyn LibState>;
-    /// Names and attributes a finished span of `probe` by the semantic conventions.
+    /// Names and attributes a finished span of `probe` by the semantic conventions, or
+    /// None when the call did nothing the library reports (no span at all).
     /// `type_name` names the dynamic type of an interface value from its itab.
     fn describe(
         &self,
@@ -80,7 +84,7 @@ pub trait Library: Sync {
         ret: Option<&Record>,
         notes: Option<&Notes>,
         type_name: &mut dyn FnMut(u64) -> Option<String>,
-    ) -> Described;
+    ) -> Option<Described>;
 }
 
 /// A library's collector-side state: what its events tell, kept until a span uses it.
@@ -118,12 +122,16 @@ pub trait OpenSpans {
 }
 
 /// What events add to a span before it ends: attributes (first or last writer wins, as the
-/// library decides), the incoming `tracestate`, and whether it ended by a panic.
+/// library decides), the incoming `tracestate`, whether it ended by a panic, and which
+/// library's span it began inside.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Notes {
     pub attrs: Vec<(&'static str, Attr)>,
     pub trace_state: Option<String>,
     pub panicked: bool,
+    /// The library whose span was open directly around this one on its goroutine when
+    /// it began (a library's call made by another's: pgx under database/sql's driver).
+    pub inside: Option<&'static str>,
 }
 
 impl Notes {
@@ -188,6 +196,60 @@ pub struct SpanIds {
     pub remote: bool,
     /// From the trace flags (bit 0), when the trampoline wrote them.
     pub sampled: Option<bool>,
+}
+
+/// A field copy (see [`FieldCopy`]) that stores 0 when a condition fails.
+pub fn field(reg: u8, path: Vec<i32>, off: i32, fetch: Fetch, dest: u16, when: Vec<When>) -> Op {
+    Op::Field(FieldCopy { reg, path, off, fetch, dest, when, keep_on_miss: false })
+}
+
+/// Where one dynamic type keeps the value a record wants: register, pointer path and
+/// offset, and the conditions (its itab) under which they are that type's.
+pub struct Alt {
+    pub reg: u8,
+    pub path: Vec<i32>,
+    pub off: i32,
+    pub when: Vec<When>,
+}
+
+/// One place in a record filled by whichever of `alts` matches the value's dynamic type:
+/// the first copy writes 0 on a miss, the others leave what is there
+/// (`FieldCopy::keep_on_miss`); with no alternative at all the place is still 0, so the
+/// describer never reads a slot's old bytes.
+pub fn one_of(dest: u16, fetch: Fetch, alts: Vec<Alt>) -> Vec<Op> {
+    if alts.is_empty() {
+        // A condition that never holds (RAX is never the address 1): 0 is stored.
+        return vec![field(0, Vec::new(), 0, Fetch::Word, dest, vec![When::reg(0, 1)])];
+    }
+    alts.into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            Op::Field(FieldCopy {
+                reg: a.reg,
+                path: a.path,
+                off: a.off,
+                fetch,
+                dest,
+                when: a.when,
+                keep_on_miss: i > 0,
+            })
+        })
+        .collect()
+}
+
+/// The word a capture stored at `at` in a record's data.
+pub fn word_at(data: &[u8], at: u16) -> Option<u64> {
+    let at = usize::from(at);
+    data.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+}
+
+/// A Go string a field copy stored at `at` (its length, then at most `max` bytes); None
+/// when empty.
+pub fn string_at(data: &[u8], at: u16, max: u16) -> Option<String> {
+    let n = usize::try_from(word_at(data, at)?).ok()?.min(usize::from(max));
+    let start = usize::from(at) + 8;
+    let bytes = data.get(start..start + n)?;
+    (n > 0).then(|| String::from_utf8_lossy(bytes).into_owned())
 }
 
 fn hex(bytes: &[u8]) -> Option<u128> {
@@ -280,6 +342,25 @@ pub fn h2_inject_plans(wbuf_off: i32, after: Option<AfterWrite>) -> (CapturePlan
         None => CapturePlan { off: true, ..CapturePlan::default() },
     };
     (entry, ret)
+}
+
+/// What the records of an outgoing `traceparent` say of the `tracestate` after it: the
+/// word after the span id is its bytes, 0 for none, -1 for a value without room.
+#[derive(Debug, Default)]
+pub struct TracestateOut {
+    pub written: u64,
+    pub no_room: u64,
+}
+
+impl TracestateOut {
+    pub fn count(&mut self, rec: &Record) {
+        let Some(w) = rec.data.get(24..32) else { return };
+        match i64::from_le_bytes(w.try_into().unwrap_or_default()) {
+            0 => {}
+            -1 => self.no_room += 1,
+            _ => self.written += 1,
+        }
+    }
 }
 
 /// The plans of an HPACK encoder's `WriteField(f HeaderField)` (the field's name in

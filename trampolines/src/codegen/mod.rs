@@ -160,6 +160,10 @@ pub struct FieldCopy {
     /// Read only when each of these holds: the itabs that make an interface's data word a
     /// pointer to the struct the offsets belong to.
     pub when: Vec<When>,
+    /// When a `when` fails, leave `dest` as an earlier copy to the same place left it
+    /// (one alternative per dynamic type: the first, without this, writes 0 on a miss),
+    /// instead of storing 0.
+    pub keep_on_miss: bool,
 }
 
 /// A word equals a value: the register's, or after following `path` (pointers, each
@@ -171,14 +175,35 @@ pub struct When {
     pub path: Vec<i32>,
     pub off: Option<i32>,
     pub equals: u64,
+    /// Compare the byte at `off` (a type descriptor's kind), not the word.
+    pub byte: bool,
 }
 
 impl When {
     /// The register holds `itab`.
     pub fn reg(reg: u8, itab: u64) -> When {
-        When { reg, path: Vec::new(), off: None, equals: itab }
+        When { reg, path: Vec::new(), off: None, equals: itab, byte: false }
+    }
+
+    /// The word at `off` after `path` equals `equals`.
+    pub fn at(reg: u8, path: Vec<i32>, off: i32, equals: u64) -> When {
+        When { reg, path, off: Some(off), equals, byte: false }
+    }
+
+    /// The empty interface (type, data) at `path` from the register holds a string
+    /// (of any named string type): its type descriptor's kind is `String`. A type word
+    /// is always a descriptor, so the read is safe; the layout (`Kind_` at 23, `String`
+    /// = 24) is the same in Go 1.21 to 1.27.
+    pub fn eface_string(reg: u8, path: Vec<i32>) -> When {
+        let mut path = path;
+        path.push(0);
+        When { reg, path, off: Some(ABI_TYPE_KIND), equals: ABI_KIND_STRING, byte: true }
     }
 }
+
+/// `abi.Type.Kind_`'s offset, and the kind of strings.
+const ABI_TYPE_KIND: i32 = 23;
+const ABI_KIND_STRING: u64 = 24;
 
 /// What a [`FieldCopy`] stores at `dest`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,7 +221,8 @@ pub enum Fetch {
 pub enum Op {
     Field(FieldCopy),
     /// The (pointer, length) registers hold a header line: if it is a W3C `traceparent`
-    /// of version 00, it becomes the goroutine's pending incoming context.
+    /// of version 00, it becomes the goroutine's pending incoming context; a `tracestate`
+    /// waits for [`Op::AdoptTracestate`] (`ring_abi::tracestate`).
     StashTraceparent {
         ptr: u8,
         len: u8,
@@ -204,13 +230,19 @@ pub enum Op {
     /// The goroutine exits: forget its context.
     Forget,
     /// An HTTP/2 header field, decoded (name and value strings in registers): a
-    /// `traceparent` becomes the goroutine's pending context.
+    /// `traceparent` becomes the goroutine's pending context, a `tracestate` waits for
+    /// [`Op::AdoptTracestate`].
     StashTraceparentField {
         name_ptr: u8,
         name_len: u8,
         value_ptr: u8,
         value_len: u8,
     },
+    /// Run where the goroutine's pending context is taken up (its server span begins, or
+    /// its headers frame passes it on): the `tracestate` it read with it, if any, becomes
+    /// its trace's, for the outgoing requests of that trace. A value read without a
+    /// context is dropped here.
+    AdoptTracestate,
     /// The goroutine's pending context moves to the request table under the key in the
     /// register (an HTTP/2 headers frame, passed to another goroutine).
     PendingToRequest {
@@ -251,6 +283,16 @@ pub enum Op {
         n_off: i32,
         dest: u16,
     },
+    /// At the return of the function [`Op::InjectTraceparent`] wrote a line in: if the
+    /// header lines written after it name a `traceparent` (the application's own), ours
+    /// is taken back out of the buffer, so the request carries the application's context
+    /// alone. `dest` gets 1 and the bytes taken out when it was, 2 when the buffer had
+    /// been flushed, else 0.
+    UndoOwnTraceparent {
+        buf_off: i32,
+        n_off: i32,
+        dest: u16,
+    },
     /// The register holds a new `g`: it inherits its creator's active context.
     Inherit {
         g: u8,
@@ -265,6 +307,13 @@ pub enum Op {
     },
     /// The goroutine's waiting client span, if still there, is dropped (its call returned).
     ClientEndHere,
+    /// A client span that carries nothing on (a database call): child of the goroutine's
+    /// active span (or a new trace), its ids written at `dest`; no table changes. Made
+    /// here rather than by the collector because only the target knows, at the call,
+    /// which span a goroutine inherited from its creator.
+    ChildSpan {
+        dest: u16,
+    },
     /// The goroutine queues the request of its waiting client span for another goroutine
     /// to write: the span moves to the request table under the key in the register.
     ClientToRequest {
@@ -328,13 +377,14 @@ impl Op {
         match self {
             Op::Field(f) => f.dest as usize + 8 + if let Fetch::Str { max } = f.fetch { max as usize } else { 0 },
             Op::ServerBegin { dest } | Op::ClientBegin { dest, .. } => *dest as usize + ring_abi::span_ids::LEN,
-            Op::InjectTraceparent { dest, .. } | Op::InjectH2 { dest, .. } | Op::InjectH2After { dest, .. } => {
-                *dest as usize + 24
-            }
+            Op::InjectTraceparent { dest, .. } | Op::InjectH2 { dest, .. } => *dest as usize + 32,
+            Op::InjectH2After { dest, .. } => *dest as usize + ops::H2_AFTER_DATA,
             Op::StandDown { dest, .. } => *dest as usize + 8,
-            Op::ClientBeginHere { dest } => *dest as usize + ring_abi::span_ids::LEN,
+            Op::UndoOwnTraceparent { dest, .. } => *dest as usize + 16,
+            Op::ClientBeginHere { dest } | Op::ChildSpan { dest } => *dest as usize + ring_abi::span_ids::LEN,
             Op::StashTraceparent { .. }
             | Op::StashTraceparentField { .. }
+            | Op::AdoptTracestate
             | Op::PendingToRequest { .. }
             | Op::PendingFromRequest { .. }
             | Op::ClearPending

@@ -4,7 +4,14 @@
 
 use super::*;
 
+mod h1;
 mod h2;
+mod tracestate;
+
+/// Bytes of an [`Op::InjectH2After`] record's data: flag, span id, tracestate word, scratch.
+pub(super) const H2_AFTER_DATA: usize = h2::SCRATCH + 16;
+
+use tracestate::Form;
 
 /// Emits [`Op`]s. Runs inside the won-slot block: R12 is the slot, every integer argument
 /// register is saved in it (and restored after), RAX is parked in X15. Free here: RAX,
@@ -23,8 +30,7 @@ pub(super) enum Table {
     Requests,
 }
 
-/// Bytes of `traceparent: 00-<32>-<16>-01\r\n`.
-pub(super) const W3C_LINE: usize = 70;
+pub(super) use ctx::W3C_LINE;
 
 /// `itab.fun[0]`: after `inter`, `_type`, `hash` and padding, in every Go release since 1.0.
 pub(super) const ITAB_FUN0: i32 = 24;
@@ -72,56 +78,33 @@ impl Ops<'_> {
                 self.publish(a, *dest)?;
             }
             Op::InjectTraceparent { map, itab, data, write_fn, buf_off, n_off, dest } => {
-                a.mov(self.data(*dest, 0), 0)?;
-                a.mov(r11, self.reg(*map))?;
-                a.test(r11, r11)?;
-                a.je(done)?;
-                self.find(a, Table::Requests, done, Some(CtxState::Active))?;
-                // The writer must be a *bufio.Writer: its itab's first method (io.Writer's
-                // Write) is bufio.(*Writer).Write.
-                a.mov(rsi, self.reg(*itab))?;
-                a.test(rsi, rsi)?;
-                a.je(done)?;
-                a.mov(rsi, qword_ptr(rsi + ITAB_FUN0))?;
-                a.mov(r8, *write_fn)?;
-                a.cmp(rsi, r8)?;
-                a.jne(done)?;
-                a.mov(rsi, self.reg(*data))?;
-                a.test(rsi, rsi)?;
-                a.je(done)?;
-                // Room for the whole line in buf[n:len(buf)], or nothing is written.
-                a.mov(rcx, qword_ptr(rsi + *n_off))?;
-                a.test(rcx, rcx)?;
-                a.js(done)?;
-                a.lea(rax, qword_ptr(rcx + W3C_LINE as i32))?;
-                a.cmp(rax, qword_ptr(rsi + *buf_off + 8))?;
-                a.ja(done)?;
-                a.mov(r8, qword_ptr(rsi + *buf_off))?;
-                a.test(r8, r8)?;
-                a.je(done)?;
-                a.add(r8, rcx)?;
-                a.mov(r9, u64::from_le_bytes(*b"tracepar"))?;
-                a.mov(qword_ptr(r8), r9)?;
-                a.mov(r9, u64::from_le_bytes(*b"ent: 00-"))?;
-                a.mov(qword_ptr(r8 + 8), r9)?;
-                self.copy(a, (rdi, ctx::TRACE as i32), (r8, 16), 32)?;
-                a.mov(byte_ptr(r8 + 48), u32::from(b'-'))?;
-                self.copy(a, (rdi, ctx::SPAN as i32), (r8, 49), 16)?;
-                a.mov(byte_ptr(r8 + 65), u32::from(b'-'))?;
-                self.write_flags(a, 66)?;
-                a.mov(word_ptr(r8 + 68), u32::from(u16::from_le_bytes(*b"\r\n")))?;
-                a.mov(qword_ptr(rsi + *n_off), rax)?;
-                // One request, one line: a later request with the same map gets its own.
-                a.mov(qword_ptr(rdi + ctx::KEY as i32), 0)?;
-                a.mov(self.data(*dest, 0), 1)?;
-                self.copy(a, (rdi, ctx::SPAN as i32), (r12, self.dest(*dest, 8)), 16)?;
+                self.inject_line(a, [*map, *itab, *data], *write_fn, *buf_off, *n_off, *dest, done)?
             }
+            Op::UndoOwnTraceparent { buf_off, n_off, dest } => self.undo_own_line(a, *buf_off, *n_off, *dest, done)?,
             Op::StashTraceparentField { name_ptr, name_len, value_ptr, value_len } => {
-                self.name_is_traceparent(a, *name_ptr, *name_len, done)?;
+                let mut state = a.create_label();
+                self.name_is_traceparent(a, *name_ptr, *name_len, state)?;
                 a.mov(rax, self.reg(*value_ptr))?;
                 a.mov(rcx, self.reg(*value_len))?;
                 self.stash_value(a, done)?;
+                a.jmp(done)?;
+                // Or a `tracestate` (HTTP/2 field names are lowercase).
+                a.set_label(&mut state)?;
+                a.cmp(self.reg(*name_len), 10)?;
+                a.jne(done)?;
+                a.mov(rsi, self.reg(*name_ptr))?;
+                a.test(rsi, rsi)?;
+                a.je(done)?;
+                a.mov(rax, u64::from_le_bytes(*b"tracesta"))?;
+                a.cmp(qword_ptr(rsi), rax)?;
+                a.jne(done)?;
+                a.cmp(word_ptr(rsi + 8), i32::from(u16::from_le_bytes(*b"te")))?;
+                a.jne(done)?;
+                a.mov(rax, self.reg(*value_ptr))?;
+                a.mov(rcx, self.reg(*value_len))?;
+                self.stash_state_value(a, done)?;
             }
+            Op::AdoptTracestate => self.adopt_tracestate(a, done)?,
             Op::PendingToRequest { key } => {
                 self.goid(a)?;
                 self.find(a, Table::Goroutines, done, Some(CtxState::Pending))?;
@@ -151,6 +134,7 @@ impl Ops<'_> {
                 self.place(a, Table::Goroutines, None)?;
                 self.publish(a, *dest)?;
             }
+            Op::ChildSpan { dest } => self.begin_span(a, *dest, CtxState::Active, ParentKind::Local)?,
             Op::StandDown { name_ptr, name_len, dest } => {
                 a.mov(self.data(*dest, 0), 0)?;
                 self.name_is_traceparent(a, *name_ptr, *name_len, done)?;
@@ -499,21 +483,26 @@ impl Ops<'_> {
 
     fn field(&self, a: &mut CodeAssembler, f: &FieldCopy, done: CodeLabel) -> Result<(), IcedError> {
         let mut null = a.create_label();
+        let miss = if f.keep_on_miss { done } else { null };
         for w in &f.when {
             a.mov(rsi, self.reg(w.reg))?;
             for &p in &w.path {
                 a.test(rsi, rsi)?;
-                a.je(null)?;
+                a.je(miss)?;
                 a.mov(rsi, qword_ptr(rsi + p))?;
             }
             if let Some(off) = w.off {
                 a.test(rsi, rsi)?;
-                a.je(null)?;
-                a.mov(rsi, qword_ptr(rsi + off))?;
+                a.je(miss)?;
+                if w.byte {
+                    a.movzx(esi, byte_ptr(rsi + off))?;
+                } else {
+                    a.mov(rsi, qword_ptr(rsi + off))?;
+                }
             }
             a.mov(rax, w.equals)?;
             a.cmp(rsi, rax)?;
-            a.jne(null)?;
+            a.jne(miss)?;
         }
         a.mov(rsi, self.reg(f.reg))?;
         for &p in &f.path {
@@ -553,24 +542,25 @@ impl Ops<'_> {
     /// `Traceparent: 00-<32 hex>-<16 hex>-<2 hex>` (any case for the name, one optional
     /// space) becomes the goroutine's pending context. Only bytes inside the line are read.
     fn stash(&self, a: &mut CodeAssembler, ptr: u8, len: u8, done: CodeLabel) -> Result<(), IcedError> {
+        let mut state = a.create_label();
         a.mov(rsi, self.reg(ptr))?;
         a.mov(rcx, self.reg(len))?;
         a.test(rsi, rsi)?;
         a.je(done)?;
         a.cmp(rcx, 12 + 55)?;
-        a.jl(done)?;
+        a.jl(state)?;
         a.mov(rax, qword_ptr(rsi))?;
         a.mov(r8, 0x2020_2020_2020_2020u64)?;
         a.or(rax, r8)?;
         a.mov(r8, u64::from_le_bytes(*b"tracepar"))?;
         a.cmp(rax, r8)?;
-        a.jne(done)?;
+        a.jne(state)?;
         a.mov(eax, dword_ptr(rsi + 7))?;
         a.or(eax, 0x2020_2020)?;
         a.cmp(eax, u32::from_le_bytes(*b"rent") as i32)?;
-        a.jne(done)?;
+        a.jne(state)?;
         a.cmp(byte_ptr(rsi + 11), i32::from(b':'))?;
-        a.jne(done)?;
+        a.jne(state)?;
         let mut value = a.create_label();
         a.lea(rax, qword_ptr(rsi + 12))?;
         a.sub(rcx, 12)?;
@@ -579,7 +569,40 @@ impl Ops<'_> {
         a.inc(rax)?;
         a.dec(rcx)?;
         a.set_label(&mut value)?;
-        self.stash_value(a, done)
+        self.stash_value(a, done)?;
+        a.jmp(done)?;
+        // `Tracestate:` (any case), optional spaces or tabs, the value.
+        let (mut skip, mut ows, mut val) = (a.create_label(), a.create_label(), a.create_label());
+        a.set_label(&mut state)?;
+        a.cmp(rcx, 12)?;
+        a.jl(done)?;
+        a.mov(rax, qword_ptr(rsi))?;
+        a.mov(r8, 0x2020_2020_2020_2020u64)?;
+        a.or(rax, r8)?;
+        a.mov(r8, u64::from_le_bytes(*b"tracesta"))?;
+        a.cmp(rax, r8)?;
+        a.jne(done)?;
+        a.movzx(eax, word_ptr(rsi + 8))?;
+        a.or(eax, 0x2020)?;
+        a.cmp(eax, i32::from(u16::from_le_bytes(*b"te")))?;
+        a.jne(done)?;
+        a.cmp(byte_ptr(rsi + 10), i32::from(b':'))?;
+        a.jne(done)?;
+        a.lea(rax, qword_ptr(rsi + 11))?;
+        a.sub(rcx, 11)?;
+        a.set_label(&mut ows)?;
+        a.test(rcx, rcx)?;
+        a.je(done)?;
+        a.cmp(byte_ptr(rax), i32::from(b' '))?;
+        a.je(skip)?;
+        a.cmp(byte_ptr(rax), i32::from(b'\t'))?;
+        a.jne(val)?;
+        a.set_label(&mut skip)?;
+        a.inc(rax)?;
+        a.dec(rcx)?;
+        a.jmp(ows)?;
+        a.set_label(&mut val)?;
+        self.stash_state_value(a, done)
     }
 
     /// RAX, RCX = a `traceparent` value and its length: when it is version 00 and well

@@ -15,6 +15,7 @@ use ring_abi::{Layout, header};
 use trampolines::codegen::{entry_trampoline, return_trampoline};
 use trampolines::{Redirect, RingAddrs};
 
+use super::parked::ParkedScan;
 use super::ptrace::Session;
 use super::window::{keep_looking, let_run_between_looks, syscall_pad};
 use crate::backend::{Installed, PauseParts, Removal};
@@ -190,6 +191,13 @@ pub fn install(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite], rin
     // Pauses are measured from before the first thread stops to after the last resumes.
     let started = Instant::now();
     let mut s = Session::attach(pid)?;
+    // Another inject may have installed since this one looked (two started together): with
+    // the world stopped, none can be installing now, and a finished one's ring is mapped.
+    if let Err(e) = super::recover::leftovers(pid)
+        && e.downcast_ref::<super::recover::Held>().is_some()
+    {
+        return Err(e);
+    }
     let mut prepare_parts = PauseParts { stop_ms: ms(started.elapsed()), ..PauseParts::default() };
     let mut maps = mappings(pid)?;
     let base = find_gap(&maps, text.clone(), lens[0] + PAGE + ring_len)
@@ -251,6 +259,14 @@ pub fn install(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite], rin
     }
 
     // Window 2: code and redirects. If the target is gone, nothing of ours is in use.
+    // Jumps over PCs a parked goroutine could resume at go in only once none is parked there.
+    let parked_pcs: std::collections::HashSet<u64> = sites.iter().flat_map(|s| s.parked_pcs.iter().copied()).collect();
+    let parked = if parked_pcs.is_empty() {
+        None
+    } else {
+        let allgs = crate::plan::allgs_address(bin).context("runtime.allgs not found")? + bias;
+        Some(ParkedScan { allgs, goid_off: ring.goid_offset, pcs: parked_pcs })
+    };
     let started = Instant::now();
     let mut s = Session::attach(pid)?;
     let mut pause_parts = PauseParts { stop_ms: ms(started.elapsed()), ..PauseParts::default() };
@@ -271,7 +287,7 @@ pub fn install(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite], rin
             );
             p.original = cur;
         }
-        pause_parts.retries = wait_for_safe_threads(&mut s, &patches)?;
+        (pause_parts.retries, pause_parts.parked) = wait_for_safe_threads(&mut s, &patches, parked.as_ref())?;
         // Enable capture, then redirect.
         ring_map[header::ENABLED] = 1;
         let mut written: Vec<&Patch> = Vec::new();
@@ -492,12 +508,13 @@ impl Cleanup {
 }
 
 /// Waits (letting the world run briefly between looks) until no thread is executing
-/// inside bytes about to change and none is inside a signal handler (whose saved context
-/// could resume there).
-/// Returns how many times it let the world run.
-fn wait_for_safe_threads(s: &mut Session, patches: &[Patch]) -> Result<usize> {
+/// inside bytes about to change, none is inside a signal handler (whose saved context
+/// could resume there) and, with `parked`, no goroutine is parked where a jump goes.
+/// Returns how many times it let the world run, and how many of those for a parked goroutine.
+fn wait_for_safe_threads(s: &mut Session, patches: &[Patch], parked: Option<&ParkedScan>) -> Result<(usize, usize)> {
     let started = Instant::now();
     let mut attempt = 0;
+    let mut parked_waits = 0;
     let mut last = String::new();
     while keep_looking(attempt, started) {
         let mut blocked = None;
@@ -512,8 +529,14 @@ fn wait_for_safe_threads(s: &mut Session, patches: &[Patch]) -> Result<usize> {
                 break;
             }
         }
+        if blocked.is_none()
+            && let Some(p) = parked
+        {
+            blocked = p.find(s)?;
+            parked_waits += usize::from(blocked.is_some());
+        }
         match blocked {
-            None => return Ok(attempt),
+            None => return Ok((attempt, parked_waits)),
             Some(why) => {
                 last = why;
                 let_run_between_looks(s, attempt)?;

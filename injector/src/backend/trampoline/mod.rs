@@ -5,6 +5,7 @@
 //! so that a later inject can undo what a killed one left ([`recover`]).
 
 mod install;
+mod parked;
 pub mod ptrace;
 mod recover;
 mod window;

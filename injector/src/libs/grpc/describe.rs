@@ -10,18 +10,7 @@ use super::{CODE, MESSAGE, Probe};
 use crate::libs::{Attr, Described, Notes, SpanKind};
 use crate::ring::Record;
 
-pub(super) fn word(data: &[u8], at: u16) -> Option<u64> {
-    let at = usize::from(at);
-    data.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
-}
-
-/// A Go string a field copy stored at `at` (length, then at most `max` bytes).
-pub(super) fn string(data: &[u8], at: u16, max: u16) -> Option<String> {
-    let n = usize::try_from(word(data, at)?).ok()?.min(usize::from(max));
-    let start = usize::from(at) + 8;
-    let bytes = data.get(start..start + n)?;
-    (n > 0).then(|| String::from_utf8_lossy(bytes).into_owned())
-}
+pub(super) use crate::libs::{string_at as string, word_at as word};
 
 /// The canonical name of a gRPC status code (`google.rpc.Code`).
 pub(super) fn code_name(code: u32) -> Option<&'static str> {

@@ -31,6 +31,7 @@ pub(super) struct GrpcState {
     no_room: u64,
     /// Outgoing client spans that stood down for the application's own `traceparent`.
     stood_down: u64,
+    tracestate: crate::libs::TracestateOut,
 }
 
 fn insert(map: &mut HashMap<u64, Notes>, k: u64, n: Notes) {
@@ -65,6 +66,10 @@ impl LibState for GrpcState {
                     return;
                 }
                 let v = (rec.ints[3] as usize).min(rec.data.len().saturating_sub(name_max));
+                // Cut short by the record, it could name another vendor's state.
+                if v as u64 != rec.ints[3] {
+                    return;
+                }
                 let value = String::from_utf8_lossy(&rec.data[name_max..name_max + v]).into_owned();
                 let notes = Notes { trace_state: Some(value), ..Notes::default() };
                 insert(&mut self.headers, goid, notes);
@@ -89,7 +94,10 @@ impl LibState for GrpcState {
             },
             // 1: appended, 2: no room, 3 (at the entry): left to the return.
             Probe::FrameWrite => match rec.data.first() {
-                Some(1) => self.injected += 1,
+                Some(1) => {
+                    self.injected += 1;
+                    self.tracestate.count(&rec);
+                }
                 Some(2) => self.no_room += 1,
                 _ => {}
             },
@@ -111,6 +119,8 @@ impl LibState for GrpcState {
             ("grpc_injected", self.injected),
             ("grpc_inject_no_room", self.no_room),
             ("grpc_app_traceparent", self.stood_down),
+            ("grpc_tracestate_injected", self.tracestate.written),
+            ("grpc_tracestate_no_room", self.tracestate.no_room),
         ]
     }
 

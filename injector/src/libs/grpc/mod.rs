@@ -110,8 +110,8 @@ impl Library for Grpc {
         ret: Option<&Record>,
         notes: Option<&Notes>,
         _type_name: &mut dyn FnMut(u64) -> Option<String>,
-    ) -> Described {
+    ) -> Option<Described> {
         let probe = Probe::from_u8(probe).unwrap_or(Probe::Client);
-        describe::describe(probe, entry, ret, notes)
+        Some(describe::describe(probe, entry, ret, notes))
     }
 }

@@ -4,10 +4,10 @@
 //! and x/net versions.
 
 use ring_abi::{ctx, span_ids};
-use trampolines::codegen::{AfterWrite, ByteCopy, CapturePlan, Fetch, FieldCopy, Guard, Op, When};
+use trampolines::codegen::{AfterWrite, ByteCopy, CapturePlan, Fetch, Guard, Op, When};
 
 use super::Probe;
-use crate::libs::{PlanCx, Planned, module_version, semver};
+use crate::libs::{PlanCx, Planned, field, module_version, semver};
 
 /// Argument registers, in ABI order.
 const RAX: u8 = 0;
@@ -157,10 +157,6 @@ pub(super) fn plan(cx: &PlanCx<'_>) -> Planned {
     out
 }
 
-fn field(reg: u8, path: Vec<i32>, off: i32, fetch: Fetch, dest: u16, when: Vec<When>) -> Op {
-    Op::Field(FieldCopy { reg, path, off, fetch, dest, when })
-}
-
 /// The code and message of a `*status.Status` reached from `reg` through `path`.
 fn status_ops(b: &mut Build<'_, '_>, reg: u8, mut path: Vec<i32>, when: Vec<When>) -> Result<Vec<Op>, String> {
     path.push(b.get("google.golang.org/grpc/internal/status.Status.s")?);
@@ -217,10 +213,7 @@ fn plans(probe: Probe, b: &mut Build<'_, '_>) -> Result<(CapturePlan, CapturePla
                     b.get("net.TCPAddr.Port"),
                 )
             {
-                let when = vec![
-                    When::reg(RBX, server),
-                    When { reg: RCX, path: Vec::new(), off: Some(peer + local), equals: tcp },
-                ];
+                let when = vec![When::reg(RBX, server), When::at(RCX, Vec::new(), peer + local, tcp)];
                 let addr = vec![peer + local + 8];
                 ops.push(field(RCX, addr.clone(), ip, Fetch::Str { max: at::IP_MAX }, at::SERVER_IP, when.clone()));
                 ops.push(field(RCX, addr, port, Fetch::Word, at::SERVER_PORT, when));
@@ -267,7 +260,8 @@ fn plans(probe: Probe, b: &mut Build<'_, '_>) -> Result<(CapturePlan, CapturePla
         Probe::Status => (plan(status_ops(b, RCX, Vec::new(), Vec::new())?), off),
         Probe::H2Field => {
             let op = Op::StashTraceparentField { name_ptr: RAX, name_len: RBX, value_ptr: RCX, value_len: RDI };
-            // traceparent (used in the trampoline) and tracestate (kept by the collector).
+            // traceparent and tracestate (kept by the trampoline, and by the collector
+            // for the span).
             let guard = Some(Guard::FirstByte { ptr: RAX, len: RBX, min_len: 10, first: b"t".to_vec() });
             let copies = vec![
                 ByteCopy { ptr: RAX, len: RBX, max: H2_NAME_MAX, dest: 0 },
@@ -279,7 +273,7 @@ fn plans(probe: Probe, b: &mut Build<'_, '_>) -> Result<(CapturePlan, CapturePla
         // records; likewise operateHeaders, for a frame with one.
         Probe::H2Frame => {
             let key = if b.frame_iface { RBX } else { RAX };
-            let ops = vec![Op::PendingToRequest { key }];
+            let ops = vec![Op::AdoptTracestate, Op::PendingToRequest { key }];
             (off, CapturePlan { ints: 1 << key, ops, guard: Some(Guard::Own), ..CapturePlan::default() })
         }
         // operateHeaders(ctx, frame, handle): the frame in RDI.

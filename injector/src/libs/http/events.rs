@@ -30,8 +30,12 @@ pub(super) struct HttpState {
     panics: u64,
     /// HTTP/2 requests whose header block had no room for a traceparent field.
     no_room: u64,
-    /// HTTP/2 requests that carried the application's own `traceparent`, not inject's.
+    /// Requests that carried the application's own `traceparent`, not inject's (HTTP/1:
+    /// ours taken back out of the buffer; HTTP/2: ours never appended).
     stood_down: u64,
+    /// `tracestate` lines or fields written after a `traceparent`, and those that had no
+    /// room.
+    tracestate: crate::libs::TracestateOut,
 }
 
 impl LibState for HttpState {
@@ -47,7 +51,7 @@ impl LibState for HttpState {
             Probe::HeaderLine => {
                 let n = (rec.ints[1] as usize).min(rec.data.len());
                 let Some((key, value)) = header_line(&rec.data[..n]) else { return };
-                self.header(goid, &key, value);
+                self.header(goid, &key, value, n as u64 == rec.ints[1]);
             }
             Probe::H2Field => {
                 let name_max = usize::from(H2_NAME_MAX);
@@ -55,7 +59,7 @@ impl LibState for HttpState {
                 let v = (rec.ints[3] as usize).min(rec.data.len().saturating_sub(name_max));
                 let name = String::from_utf8_lossy(&rec.data[..n]).into_owned();
                 let value = String::from_utf8_lossy(&rec.data[name_max..name_max + v]).into_owned();
-                self.header(goid, &name, value);
+                self.header(goid, &name, value, v as u64 == rec.ints[3]);
             }
             // The headers frame carries them to the serve loop, which starts the handler.
             Probe::H2Frame => {
@@ -103,15 +107,30 @@ impl LibState for HttpState {
                     self.panics += 1;
                 }
             }
-            Probe::Inject => {
-                if rec.data.first() == Some(&1) {
+            Probe::Inject => match (rec.kind, rec.data.first()) {
+                (Kind::Entry, Some(1)) => {
                     self.injected += 1;
+                    self.tracestate.count(&rec);
                 }
-            }
+                // The application's own traceparent line followed ours: ours came out (and
+                // the tracestate line after it, when the bytes taken out were more).
+                (Kind::Return, Some(1)) => {
+                    self.injected = self.injected.saturating_sub(1);
+                    self.stood_down += 1;
+                    let taken = rec.data.get(8..16).map_or(0, |w| u64::from_le_bytes(w.try_into().unwrap_or_default()));
+                    if taken > ring_abi::ctx::W3C_LINE as u64 {
+                        self.tracestate.written = self.tracestate.written.saturating_sub(1);
+                    }
+                }
+                _ => {}
+            },
             // goexit1's probe records nothing (it runs bare); the side tables are bounded.
             // 1: a traceparent field appended, 2: no room for it, 3: left to the return.
             Probe::H2Write => match rec.data.first() {
-                Some(1) => self.injected += 1,
+                Some(1) => {
+                    self.injected += 1;
+                    self.tracestate.count(&rec);
+                }
                 Some(2) => self.no_room += 1,
                 _ => {}
             },
@@ -130,6 +149,8 @@ impl LibState for HttpState {
             ("http_panics", self.panics),
             ("http_inject_no_room", self.no_room),
             ("http_app_traceparent", self.stood_down),
+            ("http_tracestate_injected", self.tracestate.written),
+            ("http_tracestate_no_room", self.tracestate.no_room),
         ]
     }
 
@@ -143,9 +164,11 @@ impl LibState for HttpState {
 }
 
 impl HttpState {
-    /// Keeps a header value the next server span of the goroutine reports.
-    fn header(&mut self, goid: u64, key: &str, value: String) {
-        if key != "user-agent" && key != "tracestate" {
+    /// Keeps a header value the next server span of the goroutine reports. A `tracestate`
+    /// longer than the record holds is left out of the span (cut, it could name another
+    /// vendor's state); the trampolines still pass it on whole.
+    fn header(&mut self, goid: u64, key: &str, value: String, whole: bool) {
+        if key != "user-agent" && (key != "tracestate" || !whole) {
             return;
         }
         if self.headers.len() >= SIDE_TABLE_MAX {

@@ -121,10 +121,10 @@ impl Library for NetHttp {
         ret: Option<&Record>,
         notes: Option<&Notes>,
         type_name: &mut dyn FnMut(u64) -> Option<String>,
-    ) -> Described {
+    ) -> Option<Described> {
         let probe = Probe::from_u8(probe).unwrap_or(Probe::Client);
         let ret = ret.map(|r| (&r.data[..], [r.ints[0], r.ints[1], r.ints[2]]));
-        describe::describe(probe, &entry.data, ret, notes, type_name)
+        Some(describe::describe(probe, &entry.data, ret, notes, type_name))
     }
 }
 

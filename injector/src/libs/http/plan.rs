@@ -156,7 +156,7 @@ fn specs_ops(probe: Probe, ret: bool, reg: u8, offsets: &mut Offsets<'_>) -> Res
         .map(|(sp, dest)| {
             let off = offsets.get(sp.field).ok_or(sp.field)?;
             let path = if sp.via_url { vec![url.ok_or("net/http.Request.URL")?] } else { Vec::new() };
-            Ok(Op::Field(FieldCopy { reg, path, off, fetch: sp.fetch, dest, when: Vec::new() }))
+            Ok(Op::Field(FieldCopy { reg, path, off, fetch: sp.fetch, dest, when: Vec::new(), keep_on_miss: false }))
         })
         .collect::<Result<Vec<Op>, &str>>()
         .map_err(str::to_string)
@@ -181,7 +181,7 @@ fn plans(
     let need = |offsets: &mut Offsets<'_>, key: &str| offsets.get(key).ok_or_else(|| key.to_string());
     Ok(match probe {
         Probe::Server => {
-            let mut ops = vec![Op::ServerBegin { dest: 0 }];
+            let mut ops = vec![Op::AdoptTracestate, Op::ServerBegin { dest: 0 }];
             ops.extend(specs_ops(probe, false, RDI, offsets)?);
             (
                 CapturePlan { ops, ..CapturePlan::default() },
@@ -229,7 +229,8 @@ fn plans(
             (CapturePlan { ints: 0b1111, copies, ops: vec![op], guard, ..CapturePlan::default() }, off)
         }
         Probe::H2Frame => {
-            (off.clone(), CapturePlan { ops: vec![Op::PendingToRequest { key: RBX }], ..CapturePlan::default() })
+            let ops = vec![Op::AdoptTracestate, Op::PendingToRequest { key: RBX }];
+            (off.clone(), CapturePlan { ops, ..CapturePlan::default() })
         }
         Probe::H2Process => (
             CapturePlan { ops: vec![Op::PendingFromRequest { key: RBX }], ..CapturePlan::default() },
@@ -268,7 +269,14 @@ fn plans(
             let op = Op::InjectTraceparent { map: RAX, itab: RBX, data: RCX, write_fn, buf_off, n_off, dest: 0 };
             // Only maps of requests with a client span (not server responses) are worth a record.
             let guard = Some(Guard::InRequests { key: RAX });
-            (CapturePlan { ops: vec![op], guard, ..CapturePlan::default() }, off)
+            // The return: only after a line went in, taken back out if the application's
+            // own header lines had a traceparent.
+            let undo = Op::UndoOwnTraceparent { buf_off, n_off, dest: 0 };
+            let ret_guard = Some(Guard::Tagged { bit: ring_abi::ctx::LINE_TAG_BIT });
+            (
+                CapturePlan { ops: vec![op], guard, ..CapturePlan::default() },
+                CapturePlan { ops: vec![undo], guard: ret_guard, ..CapturePlan::default() },
+            )
         }
     })
 }

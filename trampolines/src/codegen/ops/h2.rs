@@ -4,6 +4,15 @@
 
 use super::*;
 
+/// A header block's frame may reach 9 + 16384 bytes (the smallest maximum frame size a
+/// peer may set); a tracestate copy may write up to 8 bytes past its field,
+/// inside the buffer's capacity.
+const FRAME_ROOM: u64 = 9 + 16384 + 8;
+
+/// Where [`Op::InjectH2After`] keeps two registers in its record while the tracestate is
+/// copied (after the flag, the span id and the tracestate word).
+pub(in crate::codegen) const SCRATCH: usize = 32;
+
 impl Ops<'_> {
     /// See [`Op::InjectH2`]. The frame is the buffer's first `len` bytes: a 9-byte header
     /// (length, type, flags, stream) and the payload. Only a HEADERS or CONTINUATION frame
@@ -23,6 +32,7 @@ impl Ops<'_> {
         let field = ctx::H2_FIELD as i32;
         let (mut used, mut full) = (a.create_label(), a.create_label());
         a.mov(self.data(dest, 0), 0)?;
+        a.mov(self.data(dest, 24), 0)?;
         self.tagged_goid(a, ctx::OUT_TAG_BIT)?;
         self.find(a, Table::Goroutines, done, Some(CtxState::Active))?;
         a.mov(rsi, self.reg(framer))?;
@@ -34,10 +44,26 @@ impl Ops<'_> {
         a.lea(rax, qword_ptr(rcx + field))?;
         a.cmp(rax, 9 + 16384)?;
         a.ja(used)?;
-        a.cmp(rax, qword_ptr(rsi + wbuf_off + 16))?;
+        if after.is_some() {
+            // Both fields, or both wait for the writer's larger buffer.
+            self.tracestate_need(a)?;
+            a.lea(r9, qword_ptr(rax + rbx))?;
+            a.cmp(r9, qword_ptr(rsi + wbuf_off + 16))?;
+        } else {
+            a.cmp(rax, qword_ptr(rsi + wbuf_off + 16))?;
+        }
         a.ja(full)?;
         a.add(r8, rcx)?;
         self.write_field(a)?;
+        // The tracestate field after it, within the capacity and the frame size.
+        a.lea(r10, qword_ptr(r8 + field))?;
+        a.mov(r11, qword_ptr(rsi + wbuf_off + 16))?;
+        a.mov(r9, FRAME_ROOM)?;
+        a.cmp(r11, r9)?;
+        a.cmova(r11, r9)?;
+        a.sub(r11, rax)?;
+        self.tracestate_out(a, Form::Field, self.dest(dest, 24))?;
+        a.add(rax, rbx)?;
         a.mov(qword_ptr(rsi + wbuf_off + 8), rax)?;
         a.mov(self.data(dest, 0), 1)?;
         self.copy(a, (rdi, ctx::SPAN as i32), (r12, self.dest(dest, 8)), 16)?;
@@ -129,6 +155,7 @@ impl Ops<'_> {
         let mut used = a.create_label();
         let mut same = a.create_label();
         a.mov(self.data(dest, 0), 0)?;
+        a.mov(self.data(dest, 24), 0)?;
         self.tagged_goid(a, ctx::AFTER_TAG_BIT)?;
         self.find(a, Table::Goroutines, done, None)?;
         a.mov(self.data(dest, 0), 2)?;
@@ -176,18 +203,34 @@ impl Ops<'_> {
         a.je(same)?;
         a.jmp(used)?;
         a.set_label(&mut same)?;
+        // The field after the frame, then the tracestate field where both the buffer and
+        // the frame size have room (the writer and the frame's length wait in the record
+        // while R10 and RCX serve the copy).
+        a.mov(r8, qword_ptr(r13))?;
+        a.add(r8, rax)?;
+        self.write_field(a)?;
+        a.mov(self.data(dest, SCRATCH), r10)?;
+        a.mov(self.data(dest, SCRATCH + 8), rcx)?;
+        a.mov(r9, qword_ptr(r13 + 8))?;
+        a.sub(r9, rax)?;
+        a.sub(r9, field)?;
+        a.mov(r11, FRAME_ROOM - field as u64)?;
+        a.sub(r11, rcx)?;
+        a.cmp(r11, r9)?;
+        a.cmova(r11, r9)?;
+        a.lea(r10, qword_ptr(r8 + field))?;
+        self.tracestate_out(a, Form::Field, self.dest(dest, 24))?;
+        a.mov(r10, self.data(dest, SCRATCH))?;
+        a.mov(rcx, self.data(dest, SCRATCH + 8))?;
         // The new payload length, big-endian, in the frame's first three bytes.
-        a.lea(r9, qword_ptr(rcx + field - 9))?;
+        a.lea(r9, qword_ptr(rcx + rbx + field - 9))?;
         a.mov(byte_ptr(rsi + 2), r9b)?;
         a.shr(r9d, 8)?;
         a.mov(byte_ptr(rsi + 1), r9b)?;
         a.shr(r9d, 8)?;
         a.mov(byte_ptr(rsi), r9b)?;
-        // The field after the frame; the fill index past it.
-        a.mov(r8, qword_ptr(r13))?;
-        a.add(r8, rax)?;
-        a.add(rax, field)?;
-        self.write_field(a)?;
+        // The fill index past both.
+        a.lea(rax, qword_ptr(rax + rbx + field))?;
         a.mov(qword_ptr(r10 + w.fill_off), rax)?;
         a.mov(self.data(dest, 0), 1)?;
         self.copy(a, (rdi, ctx::SPAN as i32), (r12, self.dest(dest, 8)), 16)?;

@@ -26,6 +26,34 @@ impl Session {
         }
     }
 
+    /// Reads many small ranges with few system calls (`process_vm_readv` takes up to 1024
+    /// of them at once); a range that cannot be read whole is left zeroed and reported
+    /// false, so that one bad pointer does not hide the rest.
+    pub fn read_many(&self, ranges: &mut [(u64, &mut [u8])]) -> Result<Vec<bool>, SessionError> {
+        self.alive()?;
+        let mut ok = vec![false; ranges.len()];
+        for (chunk, oks) in ranges.chunks_mut(1024).zip(ok.chunks_mut(1024)) {
+            let remote: Vec<RemoteIoVec> =
+                chunk.iter().map(|(a, b)| RemoteIoVec { base: *a as usize, len: b.len() }).collect();
+            let total: usize = remote.iter().map(|r| r.len).sum();
+            let mut local: Vec<IoSliceMut<'_>> = chunk.iter_mut().map(|(_, b)| IoSliceMut::new(b)).collect();
+            let n = process_vm_readv(Pid::from_raw(self.pid), &mut local, &remote).unwrap_or(0);
+            drop(local);
+            if n == total {
+                oks.fill(true);
+                continue;
+            }
+            // Partly unreadable: one at a time.
+            for ((addr, buf), ok) in chunk.iter_mut().zip(oks.iter_mut()) {
+                *ok = self.read(*addr, buf).is_ok();
+                if !*ok {
+                    buf.fill(0);
+                }
+            }
+        }
+        Ok(ok)
+    }
+
     /// Writes `data` at `addr`, also into read-only text, and checks that it reads back the
     /// same. Writes through `/proc/PID/mem` (the kernel forces the write into a private copy of
     /// the page); where the kernel refuses that (`proc_mem.force_override`), falls back to

@@ -1,0 +1,248 @@
+//! github.com/redis/go-redis/v9 without code changes: a CLIENT span per command and per
+//! pipeline (`MULTI` for a transaction's), by the OpenTelemetry database conventions for
+//! Redis: `db.system.name` redis, the command as `db.operation.name` and name, the
+//! client's address as `server.*`, its database index as `db.namespace`; a pipeline's
+//! `db.operation.batch.size`. A nil reply (`redis.Nil`) is not an error.
+//!
+//! The span is the client's `processStartingAt` (v9.19 on; `process`, a one-line wrapper
+//! of it the compiler inlines, before) or `processPipeline`/`processTxPipeline`. The
+//! command's name is read where the client writes it: the RESP writer's `WriteArgs(args)`
+//! has the arguments in registers, and the first, checked to be a string by its type
+//! descriptor before it is read, names the command (an event for the open span).
+
+use trampolines::codegen::{CapturePlan, Fetch, Op, When};
+
+use super::{
+    Alt, Attr, Described, LibProbe, LibState, Library, Notes, OpenSpans, PlanCx, Planned, SpanKind, field, one_of,
+};
+use crate::ring::Record;
+
+const RAX: u8 = 0;
+const RBX: u8 = 1;
+const RCX: u8 = 2;
+const RSI: u8 = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Probe {
+    Command,
+    Pipeline,
+    TxPipeline,
+    /// The RESP writer writes a command's arguments.
+    Write,
+}
+
+impl Probe {
+    fn from_u8(p: u8) -> Option<Probe> {
+        [Probe::Command, Probe::Pipeline, Probe::TxPipeline, Probe::Write].get(usize::from(p)).copied()
+    }
+}
+
+const REDIS: &str = "github.com/redis/go-redis/v9";
+const PROCESS_AT: &str = "github.com/redis/go-redis/v9.(*baseClient).processStartingAt";
+const PROCESS: &str = "github.com/redis/go-redis/v9.(*baseClient).process";
+
+/// Where values land in the records.
+mod at {
+    use ring_abi::span_ids;
+    pub const ADDR: u16 = span_ids::LEN as u16;
+    pub const ADDR_MAX: u16 = 100;
+    pub const DB: u16 = ADDR + 8 + ADDR_MAX;
+    /// Returns: a `RedisError`'s or `errorString`'s text.
+    pub const MESSAGE: u16 = 0;
+    pub const MESSAGE_MAX: u16 = 120;
+    /// Write events: the command name.
+    pub const NAME: u16 = 0;
+    pub const NAME_MAX: u16 = 32;
+}
+
+/// Notes a span gathers from write events.
+const OPS: &str = "redis.ops";
+
+pub struct GoRedis;
+
+impl Library for GoRedis {
+    fn name(&self) -> &'static str {
+        "go-redis"
+    }
+
+    fn scope(&self) -> &'static str {
+        "inject/github.com/redis/go-redis/v9"
+    }
+
+    fn plan(&self, cx: &PlanCx<'_>) -> Planned {
+        let has = |n: &str| cx.funcs.iter().any(|f| f.name == n);
+        let process = if has(PROCESS_AT) {
+            PROCESS_AT
+        } else if has(PROCESS) {
+            PROCESS
+        } else {
+            return Planned::default();
+        };
+        let mut offsets =
+            go_abi::runtime::FieldOffsets::new(cx.ctx.dwarf.as_ref(), cx.release).with_modules(&cx.bin.build_info.deps);
+        let itab = |c: &str| cx.bin.itab(c, "error").map(|a| a + cx.bias);
+        let redis_error = itab(&format!("{REDIS}/internal/proto.RedisError"));
+        let error_string = itab("*errors.errorString").zip(offsets.get("errors.errorString.s"));
+        let mut get = |k: &str| {
+            offsets.get(&format!("{REDIS}{k}")).and_then(|o| i32::try_from(o).ok()).ok_or_else(|| format!("{REDIS}{k}"))
+        };
+        let client = (|| -> Result<Vec<Op>, String> {
+            let opt = get(".baseClient.opt")?;
+            let addr = get(".Options.Addr")?;
+            let db = get(".Options.DB")?;
+            Ok(vec![
+                Op::ChildSpan { dest: 0 },
+                field(RAX, vec![opt], addr, Fetch::Str { max: at::ADDR_MAX }, at::ADDR, Vec::new()),
+                field(RAX, vec![opt], db, Fetch::Word, at::DB, Vec::new()),
+            ])
+        })();
+        // The error (RAX itab, RBX data): a RedisError (a string type: the data word points
+        // at its string header) or an errorString, its text.
+        let alt = |t: u64, off: i32| Alt { reg: RBX, path: Vec::new(), off, when: vec![When::reg(RAX, t)] };
+        let messages = redis_error
+            .map(|t| alt(t, 0))
+            .into_iter()
+            .chain(error_string.and_then(|(t, s)| Some(alt(t, i32::try_from(s).ok()?))))
+            .collect();
+        let error_ops = one_of(at::MESSAGE, Fetch::Str { max: at::MESSAGE_MAX }, messages);
+        let candidates = [
+            (Probe::Command as u8, process),
+            (Probe::Pipeline as u8, "github.com/redis/go-redis/v9.(*baseClient).processPipeline"),
+            (Probe::TxPipeline as u8, "github.com/redis/go-redis/v9.(*baseClient).processTxPipeline"),
+            (Probe::Write as u8, "github.com/redis/go-redis/v9/internal/proto.(*Writer).WriteArgs"),
+        ];
+        let ret = CapturePlan { ints: 0b11, ops: error_ops, ..CapturePlan::default() };
+        super::plan_candidates(cx, &candidates, |p| {
+            Ok(match Probe::from_u8(p).ok_or_else(|| format!("probe {p}"))? {
+                // process(ctx, cmd) / processStartingAt(ctx, cmd, ...) error.
+                Probe::Command => (CapturePlan { ops: client.clone()?, ..CapturePlan::default() }, ret.clone()),
+                // processPipeline(ctx, cmds []Cmder) error: the commands' count in RSI.
+                Probe::Pipeline | Probe::TxPipeline => {
+                    (CapturePlan { ints: 1 << RSI, ops: client.clone()?, ..CapturePlan::default() }, ret.clone())
+                }
+                // (w *Writer) WriteArgs(args []interface{}): args in RBX, RCX; the first is
+                // the command's name when it is a string.
+                Probe::Write => {
+                    let name = field(
+                        RBX,
+                        vec![8],
+                        0,
+                        Fetch::Str { max: at::NAME_MAX },
+                        at::NAME,
+                        vec![When::eface_string(RBX, Vec::new())],
+                    );
+                    let entry = CapturePlan { ints: 1 << RCX, ops: vec![name], ..CapturePlan::default() };
+                    (entry, CapturePlan { off: true, ..CapturePlan::default() })
+                }
+            })
+        })
+    }
+
+    fn is_span(&self, probe: u8) -> bool {
+        Probe::from_u8(probe) != Some(Probe::Write)
+    }
+
+    fn state(&self) -> Box<dyn LibState> {
+        Box::new(Writes)
+    }
+
+    fn describe(
+        &self,
+        probe: u8,
+        entry: &Record,
+        ret: Option<&Record>,
+        notes: Option<&Notes>,
+        type_name: &mut dyn FnMut(u64) -> Option<String>,
+    ) -> Option<Described> {
+        let probe = Probe::from_u8(probe)?;
+        let data = &entry.data;
+        let ops: Vec<String> = match notes.and_then(|n| n.get(OPS)) {
+            Some(Attr::S(s)) => s.split(' ').map(str::to_string).collect(),
+            _ => Vec::new(),
+        };
+        let operation = match probe {
+            Probe::Command => ops.first().cloned(),
+            Probe::Pipeline => Some("PIPELINE".to_string()),
+            _ => Some("MULTI".to_string()),
+        };
+        let mut attrs: Vec<(&'static str, Attr)> = vec![("db.system.name", Attr::S("redis".into()))];
+        if let Some(op) = &operation {
+            attrs.push(("db.operation.name", Attr::S(op.clone())));
+        }
+        if let Some(db) = super::word_at(data, at::DB) {
+            attrs.push(("db.namespace", Attr::S(db.to_string())));
+        }
+        if let Some(addr) = super::string_at(data, at::ADDR, at::ADDR_MAX) {
+            let (host, port) = match addr.rsplit_once(':') {
+                Some((h, p)) => (h.trim_start_matches('[').trim_end_matches(']').to_string(), p.parse::<i64>().ok()),
+                None => (addr.clone(), None),
+            };
+            attrs.push(("server.address", Attr::S(host)));
+            if let Some(p) = port {
+                attrs.push(("server.port", Attr::I(p)));
+            }
+        }
+        if probe != Probe::Command {
+            attrs.push(("db.operation.batch.size", Attr::I(entry.ints[4] as i64)));
+        }
+        let error = ret.and_then(|r| {
+            let itab = r.ints[0];
+            if itab == 0 {
+                return None;
+            }
+            let message = super::string_at(&r.data, at::MESSAGE, at::MESSAGE_MAX);
+            let ty = type_name(itab);
+            let redis_error = ty.as_deref().is_some_and(|t| t.ends_with("proto.RedisError"));
+            // A nil reply: the key is missing, which the caller asked about.
+            if redis_error && message.as_deref() == Some("redis: nil") {
+                return None;
+            }
+            // A server error's prefix (`ERR`, `WRONGTYPE`) is its status.
+            let kind = match (&message, redis_error) {
+                (Some(m), true) => m.split(' ').next().unwrap_or("ERR").to_string(),
+                _ => ty.clone().unwrap_or_else(|| "_OTHER".into()),
+            };
+            if redis_error {
+                attrs.push(("db.response.status_code", Attr::S(kind.clone())));
+            }
+            attrs.push(("error.type", Attr::S(kind)));
+            Some(message.or(ty).unwrap_or_else(|| "error".into()))
+        });
+        let name = operation.unwrap_or_else(|| "redis".into());
+        Some(Described { kind: SpanKind::Client, name, attrs, error })
+    }
+}
+
+/// Adds each written command's name to the span open on the writing goroutine.
+struct Writes;
+
+impl LibState for Writes {
+    fn span_start(&mut self, _probe: u8, _rec: &Record) -> Option<Notes> {
+        None
+    }
+
+    fn event(&mut self, probe: LibProbe, rec: Record, spans: &mut dyn OpenSpans) {
+        let Some(name) = super::string_at(&rec.data, at::NAME, at::NAME_MAX) else { return };
+        let name = name.to_ascii_uppercase();
+        for p in [Probe::Command, Probe::Pipeline, Probe::TxPipeline] {
+            if let Some(n) = spans.notes(rec.goid, LibProbe { lib: probe.lib, probe: p as u8 }) {
+                // A retried command writes its name again: once is enough.
+                if p == Probe::Command {
+                    n.set_first(OPS, Attr::S(name));
+                } else {
+                    let all = match n.get(OPS) {
+                        Some(Attr::S(s)) => format!("{s} {name}"),
+                        _ => name,
+                    };
+                    n.set(OPS, Attr::S(all));
+                }
+                return;
+            }
+        }
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+}

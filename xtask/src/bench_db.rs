@@ -1,0 +1,123 @@
+//! `cargo xtask bench db`: what database tracing costs a DB-bound HTTP service. The dbsvc
+//! fixture's `/order` makes 12 database calls per request (database/sql through lib/pq
+//! and pgx's driver, pgx's pool, go-redis) against a PostgreSQL and a redis-server this
+//! bench starts on loopback; the load fixture drives it (HTTP/1.1 keep-alive, 8
+//! connections) for a few seconds at a time, in rounds that interleave three setups:
+//! - baseline: the plain build, nothing attached;
+//! - inject: the same process with inject attached (default probes: net/http,
+//!   database/sql, pgx and go-redis spans, lineage), exporting every span over OTLP/HTTP
+//!   to a receiver process;
+//! - otel: the same program built with OpenTelemetry Go's compile-time instrumentations
+//!   (otelhttp, otelsql, otelpgx, redisotel; OTLP/HTTP to the same receiver).
+//!
+//! The servers, the service, the load generator and the tracer share the machine's
+//! cores, so tracing CPU shows as lost throughput. Ratios are the medians of each round's
+//! own (its setups run back to back). Goal: inject keeps at least 97% of the baseline's
+//! requests per second.
+
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, Result, ensure};
+use xtask::servers::{Postgres, Redis};
+use xtask::{Flavor, build_fixture, build_pinned_fixture, toolchain};
+
+use crate::bench_export::{Receiver, median, start_listening, stop};
+
+const ROUNDS: usize = 5;
+const SECONDS: u32 = 3;
+
+fn load(exe: &std::path::Path, url: &str) -> Result<f64> {
+    let out = xtask::output(Command::new(exe).args(["-url", url, "-duration", &format!("{SECONDS}s"), "-c", "8"]))?;
+    let line = out.lines().find(|l| l.starts_with("RESULT ")).context("no RESULT line")?;
+    ensure!(line.contains(" errors=0 ") && line.contains(" unexpected=0 "), "failed requests: {line}");
+    let v = line.split_whitespace().find_map(|kv| kv.strip_prefix("rps=")).context("rps")?;
+    Ok(v.parse()?)
+}
+
+/// Starts a dbsvc; returns it and its address.
+fn start(exe: &std::path::Path, pg: &str, redis: &str, env: &[(&str, &str)]) -> Result<(Child, String)> {
+    let mut c = Command::new(exe);
+    c.args(["-pg", pg, "-redis", redis]).envs(env.iter().copied());
+    start_listening(c, "READY")
+}
+
+pub fn db() -> Result<()> {
+    // SAFETY: single-threaded at this point.
+    unsafe { std::env::set_var("INJECT_PROFILE", "release") };
+    crate::deps::ensure()?;
+    let inject = xtask::inject_binary()?;
+    let mut rx = Receiver::start(&crate::bench_export::receiver_binary(&inject)?, "http")?;
+    let versions = xtask::go_versions()?;
+    let tc = toolchain(versions.last().context("no Go")?)?;
+    let pins = [(xtask::PGX, xtask::pgx_newest(&tc.version)), (xtask::GO_REDIS, xtask::go_redis_newest(&tc.version))];
+    let plain = build_pinned_fixture("dbsvc", None, &pins, &tc, Flavor::Default)?;
+    let otel = build_pinned_fixture("dbsvc", Some("dbsvc-otel"), &pins, &tc, Flavor::Default)?;
+    let load_exe = build_fixture("load", &tc, Flavor::Default)?;
+    let (pg, redis) = (Postgres::start()?, Redis::start()?);
+    let (pg_url, redis_addr) = (pg.url(), redis.addr());
+    let (mut server, addr) = start(&plain, &pg_url, &redis_addr, &[])?;
+    let endpoint = rx.endpoint.clone();
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_SERVICE_NAME", "dbsvc-otel")];
+    let (mut otel_server, otel_addr) = start(&otel, &pg_url, &redis_addr, &env)?;
+    let result = (|| -> Result<()> {
+        let url = |a: &str| format!("http://{a}/order?sku=sku-1&qty=0");
+        // Warm up both services, their connections and the servers.
+        load(&load_exe, &url(&addr))?;
+        load(&load_exe, &url(&otel_addr))?;
+        let (mut base, mut inj, mut off) = (Vec::new(), Vec::new(), Vec::new());
+        let mut dropped = 0;
+        let spans0 = rx.spans()?;
+        for round in 0..ROUNDS {
+            base.push(load(&load_exe, &url(&addr))?);
+            let summary = xtask::workspace_root().join("target/bench/db-summary.json");
+            std::fs::create_dir_all(summary.parent().context("parent")?)?;
+            let mut c = Command::new(&inject)
+                .args(["--pid", &server.id().to_string(), "--summary-json"])
+                .arg(&summary)
+                .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+                .stderr(Stdio::piped())
+                .spawn()?;
+            xtask::wait_for_line(&mut c, false, "inject: probing")?;
+            inj.push(load(&load_exe, &url(&addr))?);
+            stop(c)?;
+            let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
+            dropped += s["dropped"].as_u64().context("dropped in the summary")?;
+            off.push(load(&load_exe, &url(&otel_addr))?);
+            eprintln!(
+                "  round {}: baseline {:.0}, inject {:.0}, otel {:.0} requests/s",
+                round + 1,
+                base[round],
+                inj[round],
+                off[round]
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let exported = rx.spans()? - spans0;
+        let paired = |v: &[f64]| median(v.iter().zip(&base).map(|(x, b)| x / b).collect());
+        let (ir, or) = (paired(&inj), paired(&off));
+        println!(
+            "db: GET /order on the dbsvc fixture (Go {}, pgx {}, go-redis {}; 12 database calls a request to a local \
+             PostgreSQL and Redis), load at 8 connections for {SECONDS} s, {ROUNDS} interleaved rounds, medians:",
+            tc.version, pins[0].1, pins[1].1
+        );
+        println!("  baseline                 {:>8.0} requests/s", median(base.clone()));
+        println!("  inject (OTLP)            {:>8.0} requests/s   {ir:.3} of baseline", median(inj.clone()));
+        println!("  compile-time otel (OTLP) {:>8.0} requests/s   {or:.3} of baseline", median(off.clone()));
+        println!(
+            "  spans exported: {exported} (inject's and the otel build's); records inject dropped: {dropped}{}",
+            if dropped > 0 { " (the inject figures were measured while records were dropped)" } else { "" }
+        );
+        println!(
+            "{} inject keeps {:.1}% of the baseline's throughput (goal >= 97%); the compile-time instrumentation {:.1}%",
+            if ir >= 0.97 { "PASS" } else { "FAIL" },
+            100.0 * ir,
+            100.0 * or
+        );
+        Ok(())
+    })();
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = otel_server.kill();
+    let _ = otel_server.wait();
+    result
+}
