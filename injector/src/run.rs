@@ -364,6 +364,9 @@ fn offsets_release(bin: &GoBinary<'_>, args: &RunArgs) -> (u32, u32) {
 
 /// The user's functions, then the libraries' probes.
 pub fn plan_sites(bin: &GoBinary<'_>, args: &RunArgs, bias: u64, ctx: &plan::PlanContext) -> Result<Vec<ProbeSite>> {
+    // First: what is captured depends on them (Redis arguments for raw text).
+    libs::http::QUERY_ON_SERVER.store(args.http_query, std::sync::atomic::Ordering::Relaxed);
+    libs::sql::set_query_text(libs::sql::QueryText::chosen(args.db_query_text));
     let mut sites = if args.funcs.is_empty() { Vec::new() } else { plan::plan(bin, &args.funcs, bias, ctx)? };
     if !args.no_libs {
         let funcs = bin.functions()?;
@@ -470,8 +473,6 @@ pub fn start(pid: i32, args: &RunArgs, mode: Mode) -> Result<Option<Tracing>> {
     let ctx = plan::PlanContext::new(&bin, exe.bias, args.max_string);
     let sites = plan_sites(&bin, args, exe.bias, &ctx)?;
     check_installable(&sites)?;
-    libs::http::QUERY_ON_SERVER.store(args.http_query, std::sync::atomic::Ordering::Relaxed);
-    libs::sql::set_query_text(libs::sql::QueryText::chosen(args.db_query_text));
     let otel = OtelConfig::resolve(&args.otel, &crate::otlp::config::process_env)?;
     let format = output_format(args, &otel, mode);
     if format == Format::Otlp && otel.disabled {

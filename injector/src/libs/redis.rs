@@ -9,9 +9,17 @@
 //! command's name is read where the client writes it: the RESP writer's `WriteArgs(args)`
 //! has the arguments in registers, and the first, checked to be a string by its type
 //! descriptor before it is read, names the command (an event for the open span).
+//!
+//! `db.query.text` is opt-in, as for SQL ([`super::sql::QueryText`]). Every argument
+//! after the command's name is a value, so the sanitized text is the name and a `?` per
+//! argument, from `WriteArgs`' count alone. The raw text needs the values: then the
+//! writer's `bytes(b)`, through which every argument passes already encoded, is probed
+//! too, and each call appends to the open command (an event per argument, paid only in
+//! raw mode). A pipeline's commands are joined by `; `.
 
-use trampolines::codegen::{CapturePlan, Fetch, Op, When};
+use trampolines::codegen::{ByteCopy, CapturePlan, Fetch, Op, When};
 
+use super::sql::QueryText;
 use super::{
     Alt, Attr, Described, LibProbe, LibState, Library, Notes, OpenSpans, PlanCx, Planned, SpanKind, field, one_of,
 };
@@ -30,11 +38,13 @@ enum Probe {
     TxPipeline,
     /// The RESP writer writes a command's arguments.
     Write,
+    /// The RESP writer writes one argument (raw query text only).
+    Arg,
 }
 
 impl Probe {
     fn from_u8(p: u8) -> Option<Probe> {
-        [Probe::Command, Probe::Pipeline, Probe::TxPipeline, Probe::Write].get(usize::from(p)).copied()
+        [Probe::Command, Probe::Pipeline, Probe::TxPipeline, Probe::Write, Probe::Arg].get(usize::from(p)).copied()
     }
 }
 
@@ -54,10 +64,20 @@ mod at {
     /// Write events: the command name.
     pub const NAME: u16 = 0;
     pub const NAME_MAX: u16 = 32;
+    /// Argument events: the argument's bytes (its length in the RCX word).
+    pub const ARG: u16 = 0;
+    pub const ARG_MAX: u16 = 64;
 }
 
-/// Notes a span gathers from write events.
+/// Notes a span gathers from write events: the commands' names (space-separated); with
+/// query text on, the text so far, and in raw mode how many of the current command's
+/// arguments are still to come and whether one has been written yet.
 const OPS: &str = "redis.ops";
+const TEXT: &str = "redis.text";
+const PENDING: &str = "redis.pending";
+const STARTED: &str = "redis.started";
+/// Raw text beyond this is cut (with `…`).
+const TEXT_MAX: usize = 1024;
 
 pub struct GoRedis;
 
@@ -106,12 +126,15 @@ impl Library for GoRedis {
             .chain(error_string.and_then(|(t, s)| Some(alt(t, i32::try_from(s).ok()?))))
             .collect();
         let error_ops = one_of(at::MESSAGE, Fetch::Str { max: at::MESSAGE_MAX }, messages);
-        let candidates = [
+        let mut candidates = vec![
             (Probe::Command as u8, process),
             (Probe::Pipeline as u8, "github.com/redis/go-redis/v9.(*baseClient).processPipeline"),
             (Probe::TxPipeline as u8, "github.com/redis/go-redis/v9.(*baseClient).processTxPipeline"),
             (Probe::Write as u8, "github.com/redis/go-redis/v9/internal/proto.(*Writer).WriteArgs"),
         ];
+        if super::sql::query_text() == QueryText::Raw {
+            candidates.push((Probe::Arg as u8, "github.com/redis/go-redis/v9/internal/proto.(*Writer).bytes"));
+        }
         let ret = CapturePlan { ints: 0b11, ops: error_ops, ..CapturePlan::default() };
         super::plan_candidates(cx, &candidates, |p| {
             Ok(match Probe::from_u8(p).ok_or_else(|| format!("probe {p}"))? {
@@ -135,12 +158,18 @@ impl Library for GoRedis {
                     let entry = CapturePlan { ints: 1 << RCX, ops: vec![name], ..CapturePlan::default() };
                     (entry, CapturePlan { off: true, ..CapturePlan::default() })
                 }
+                // (w *Writer) bytes(b []byte): b in RBX, RCX.
+                Probe::Arg => {
+                    let copies = vec![ByteCopy { ptr: RBX, len: RCX, max: at::ARG_MAX, dest: at::ARG }];
+                    let entry = CapturePlan { ints: 1 << RCX, copies, ..CapturePlan::default() };
+                    (entry, CapturePlan { off: true, ..CapturePlan::default() })
+                }
             })
         })
     }
 
     fn is_span(&self, probe: u8) -> bool {
-        Probe::from_u8(probe) != Some(Probe::Write)
+        matches!(Probe::from_u8(probe), Some(Probe::Command | Probe::Pipeline | Probe::TxPipeline))
     }
 
     fn state(&self) -> Box<dyn LibState> {
@@ -186,6 +215,9 @@ impl Library for GoRedis {
         if probe != Probe::Command {
             attrs.push(("db.operation.batch.size", Attr::I(entry.ints[4] as i64)));
         }
+        if let Some(Attr::S(text)) = notes.and_then(|n| n.get(TEXT)) {
+            attrs.push(("db.query.text", Attr::S(text.clone())));
+        }
         let error = ret.and_then(|r| {
             let itab = r.ints[0];
             if itab == 0 {
@@ -214,8 +246,36 @@ impl Library for GoRedis {
     }
 }
 
-/// Adds each written command's name to the span open on the writing goroutine.
+/// Adds each written command's name, and its text when asked for, to the span open on
+/// the writing goroutine.
 struct Writes;
+
+/// Appends one written argument to the current command's raw text.
+fn argument(n: &mut Notes, rec: &Record) {
+    let pending = match n.get(PENDING) {
+        Some(Attr::I(k)) if *k > 0 => *k,
+        _ => return,
+    };
+    n.set(PENDING, Attr::I(pending - 1));
+    let Some(Attr::S(text)) = n.get(TEXT) else { return };
+    if text.len() >= TEXT_MAX {
+        return;
+    }
+    let len = rec.ints[usize::from(RCX)] as usize;
+    let have = len.min(usize::from(at::ARG_MAX));
+    let start = usize::from(at::ARG);
+    let bytes = rec.data.get(start..start + have).unwrap_or_default();
+    let mut text = text.clone();
+    if matches!(n.get(STARTED), Some(Attr::I(1))) {
+        text.push(' ');
+    }
+    text.push_str(&String::from_utf8_lossy(bytes));
+    if len > have || text.len() > TEXT_MAX {
+        text.push('…');
+    }
+    n.set(STARTED, Attr::I(1));
+    n.set(TEXT, Attr::S(text));
+}
 
 impl LibState for Writes {
     fn span_start(&mut self, _probe: u8, _rec: &Record) -> Option<Notes> {
@@ -223,23 +283,51 @@ impl LibState for Writes {
     }
 
     fn event(&mut self, probe: LibProbe, rec: Record, spans: &mut dyn OpenSpans) {
+        let Some(kind) = Probe::from_u8(probe.probe) else { return };
+        let span = |p: Probe| LibProbe { lib: probe.lib, probe: p as u8 };
+        let Some(p) = [Probe::Command, Probe::Pipeline, Probe::TxPipeline]
+            .into_iter()
+            .find(|p| spans.notes(rec.goid, span(*p)).is_some())
+        else {
+            return;
+        };
+        let Some(n) = spans.notes(rec.goid, span(p)) else { return };
+        if kind == Probe::Arg {
+            return argument(n, &rec);
+        }
         let Some(name) = super::string_at(&rec.data, at::NAME, at::NAME_MAX) else { return };
         let name = name.to_ascii_uppercase();
-        for p in [Probe::Command, Probe::Pipeline, Probe::TxPipeline] {
-            if let Some(n) = spans.notes(rec.goid, LibProbe { lib: probe.lib, probe: p as u8 }) {
-                // A retried command writes its name again: once is enough.
-                if p == Probe::Command {
-                    n.set_first(OPS, Attr::S(name));
-                } else {
-                    let all = match n.get(OPS) {
-                        Some(Attr::S(s)) => format!("{s} {name}"),
-                        _ => name,
-                    };
-                    n.set(OPS, Attr::S(all));
-                }
-                return;
-            }
+        let args = rec.ints[usize::from(RCX)];
+        if p == Probe::Command && n.get(OPS).is_some() {
+            // A retried command writes itself again: its first writing is the span's.
+            n.set(PENDING, Attr::I(0));
+            return;
         }
+        let ops = match n.get(OPS) {
+            Some(Attr::S(s)) => format!("{s} {name}"),
+            _ => name.clone(),
+        };
+        n.set(OPS, Attr::S(ops));
+        let text = match super::sql::query_text() {
+            QueryText::Off => return,
+            QueryText::Sanitized => {
+                let values = usize::try_from(args.saturating_sub(1)).unwrap_or(0).min(TEXT_MAX / 2);
+                format!("{name}{}", " ?".repeat(values))
+            }
+            QueryText::Raw => {
+                n.set(PENDING, Attr::I(i64::try_from(args).unwrap_or(0)));
+                n.set(STARTED, Attr::I(0));
+                String::new()
+            }
+        };
+        let all = match n.get(TEXT) {
+            // A long pipeline's text ends where it passes the bound.
+            Some(Attr::S(s)) if s.len() >= TEXT_MAX => return n.set(PENDING, Attr::I(0)),
+            Some(Attr::S(s)) if s.len() + text.len() > TEXT_MAX => format!("{s}; …"),
+            Some(Attr::S(s)) => format!("{s}; {text}"),
+            _ => text,
+        };
+        n.set(TEXT, Attr::S(all));
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {

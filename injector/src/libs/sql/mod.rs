@@ -71,7 +71,7 @@ pub fn set_query_text(t: QueryText) {
     QUERY_TEXT.store(t as u8, Ordering::Relaxed);
 }
 
-fn query_text() -> QueryText {
+pub(crate) fn query_text() -> QueryText {
     match QUERY_TEXT.load(Ordering::Relaxed) {
         1 => QueryText::Sanitized,
         2 => QueryText::Raw,
