@@ -12,7 +12,9 @@
 //!
 //! The servers, the service, the load generator and the tracer share the machine's
 //! cores, so tracing CPU shows as lost throughput. Ratios are the medians of each round's
-//! own (its setups run back to back). Goal: inject keeps at least 97% of the baseline's
+//! own (its setups run back to back, first one, then another: the order rotates). The
+//! CPU each request took (the machine's, the service's, inject's, the receiver's) is
+//! read from /proc around each window. Goal: inject keeps at least 97% of the baseline's
 //! requests per second.
 
 use std::process::{Child, Command, Stdio};
@@ -21,10 +23,42 @@ use anyhow::{Context, Result, ensure};
 use xtask::servers::{Postgres, Redis};
 use xtask::{Flavor, build_fixture, build_pinned_fixture, toolchain};
 
-use crate::bench_export::{Receiver, median, start_listening, stop};
+use crate::bench_export::{Receiver, cpu_seconds, machine_busy_seconds, median, start_listening, stop};
 
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 6;
 const SECONDS: u32 = 3;
+
+/// One setup's load window: its throughput, and the CPU it took per request (µs): the
+/// whole machine's, and that of the processes watched (service, inject, receiver).
+#[derive(Debug, Clone, Copy, Default)]
+struct Window {
+    rps: f64,
+    machine: f64,
+    procs: [f64; 3],
+}
+
+/// Runs the load against `url` while reading the CPU of the machine and of `pids`.
+fn measured(exe: &std::path::Path, url: &str, pids: [Option<u32>; 3]) -> Result<Window> {
+    let cpu = |pids: &[Option<u32>; 3]| -> Result<(f64, [f64; 3])> {
+        let mut per = [0.0; 3];
+        for (slot, pid) in per.iter_mut().zip(pids) {
+            if let Some(p) = pid {
+                *slot = cpu_seconds(*p)?;
+            }
+        }
+        Ok((machine_busy_seconds()?, per))
+    };
+    let (m0, p0) = cpu(&pids)?;
+    let rps = load(exe, url)?;
+    let (m1, p1) = cpu(&pids)?;
+    let requests = rps * f64::from(SECONDS);
+    let per_request = |a: f64, b: f64| (b - a) * 1e6 / requests;
+    let mut procs = [0.0; 3];
+    for i in 0..3 {
+        procs[i] = per_request(p0[i], p1[i]);
+    }
+    Ok(Window { rps, machine: per_request(m0, m1), procs })
+}
 
 fn load(exe: &std::path::Path, url: &str) -> Result<f64> {
     let out = xtask::output(Command::new(exe).args(["-url", url, "-duration", &format!("{SECONDS}s"), "-c", "8"]))?;
@@ -60,37 +94,50 @@ pub fn db() -> Result<()> {
     let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_SERVICE_NAME", "dbsvc-otel")];
     let (mut otel_server, otel_addr) = start(&otel, &pg_url, &redis_addr, &env)?;
     let result = (|| -> Result<()> {
-        let url = |a: &str| format!("http://{a}/order?sku=sku-1&qty=0");
+        // Orders cycle over eight rows: concurrent requests rarely wait on one row's lock.
+        let url =
+            |a: &str| (1..=8).map(|i| format!("http://{a}/order?sku=sku-{i}&qty=0")).collect::<Vec<_>>().join(",");
         // Warm up both services, their connections and the servers.
         load(&load_exe, &url(&addr))?;
         load(&load_exe, &url(&otel_addr))?;
-        let (mut base, mut inj, mut off) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut base_w, mut inj_w, mut off_w) = (Vec::new(), Vec::new(), Vec::new());
+        let rx_pid = Some(rx.pid());
         let mut dropped = 0;
         let spans0 = rx.spans()?;
+        let summary = xtask::workspace_root().join("target/bench/db-summary.json");
+        std::fs::create_dir_all(summary.parent().context("parent")?)?;
         for round in 0..ROUNDS {
-            base.push(load(&load_exe, &url(&addr))?);
-            let summary = xtask::workspace_root().join("target/bench/db-summary.json");
-            std::fs::create_dir_all(summary.parent().context("parent")?)?;
-            let mut c = Command::new(&inject)
-                .args(["--pid", &server.id().to_string(), "--summary-json"])
-                .arg(&summary)
-                .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
-                .stderr(Stdio::piped())
-                .spawn()?;
-            xtask::wait_for_line(&mut c, false, "inject: probing")?;
-            inj.push(load(&load_exe, &url(&addr))?);
-            stop(c)?;
-            let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
-            dropped += s["dropped"].as_u64().context("dropped in the summary")?;
-            off.push(load(&load_exe, &url(&otel_addr))?);
+            // Each round starts with a different setup: none is always the one that runs
+            // after the others have warmed (or tired) the servers.
+            for k in 0..3 {
+                match (round + k) % 3 {
+                    0 => base_w.push(measured(&load_exe, &url(&addr), [Some(server.id()), None, None])?),
+                    1 => {
+                        let mut c = Command::new(&inject)
+                            .args(["--pid", &server.id().to_string(), "--summary-json"])
+                            .arg(&summary)
+                            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+                            .stderr(Stdio::piped())
+                            .spawn()?;
+                        xtask::wait_for_line(&mut c, false, "inject: probing")?;
+                        inj_w.push(measured(&load_exe, &url(&addr), [Some(server.id()), Some(c.id()), rx_pid])?);
+                        stop(c)?;
+                        let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
+                        dropped += s["dropped"].as_u64().context("dropped in the summary")?;
+                    }
+                    _ => off_w.push(measured(&load_exe, &url(&otel_addr), [Some(otel_server.id()), None, rx_pid])?),
+                }
+            }
             eprintln!(
                 "  round {}: baseline {:.0}, inject {:.0}, otel {:.0} requests/s",
                 round + 1,
-                base[round],
-                inj[round],
-                off[round]
+                base_w[round].rps,
+                inj_w[round].rps,
+                off_w[round].rps
             );
         }
+        let rps = |ws: &[Window]| ws.iter().map(|w| w.rps).collect::<Vec<f64>>();
+        let (base, inj, off) = (rps(&base_w), rps(&inj_w), rps(&off_w));
         std::thread::sleep(std::time::Duration::from_secs(1));
         let exported = rx.spans()? - spans0;
         let paired = |v: &[f64]| median(v.iter().zip(&base).map(|(x, b)| x / b).collect());
@@ -103,6 +150,21 @@ pub fn db() -> Result<()> {
         println!("  baseline                 {:>8.0} requests/s", median(base.clone()));
         println!("  inject (OTLP)            {:>8.0} requests/s   {ir:.3} of baseline", median(inj.clone()));
         println!("  compile-time otel (OTLP) {:>8.0} requests/s   {or:.3} of baseline", median(off.clone()));
+        let cpu = |ws: &[Window]| {
+            let m = |f: &dyn Fn(&Window) -> f64| median(ws.iter().map(f).collect());
+            format!(
+                "{:>6.0} µs machine (service {:.0}, inject {:.0}, receiver {:.0}, servers and load {:.0})",
+                m(&|w| w.machine),
+                m(&|w| w.procs[0]),
+                m(&|w| w.procs[1]),
+                m(&|w| w.procs[2]),
+                m(&|w| w.machine - w.procs.iter().sum::<f64>())
+            )
+        };
+        println!("  CPU per request, medians:");
+        println!("    baseline                 {}", cpu(&base_w));
+        println!("    inject (OTLP)            {}", cpu(&inj_w));
+        println!("    compile-time otel (OTLP) {}", cpu(&off_w));
         println!(
             "  spans exported: {exported} (inject's and the otel build's); records inject dropped: {dropped}{}",
             if dropped > 0 { " (the inject figures were measured while records were dropped)" } else { "" }

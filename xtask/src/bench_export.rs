@@ -72,6 +72,16 @@ pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks / 100.0)
 }
 
+/// Busy CPU seconds of the whole machine (all but idle and iowait), from /proc/stat.
+pub(crate) fn machine_busy_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("/proc/stat")?;
+    let f: Vec<f64> = line.split_whitespace().skip(1).map(|x| x.parse().unwrap_or(0.0)).collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: f64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum();
+    Ok(busy / 100.0)
+}
+
 /// Builds the test suite's OTLP receiver (release) beside `inject`, returning its path.
 pub(crate) fn receiver_binary(inject: &std::path::Path) -> Result<std::path::PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -102,6 +112,10 @@ impl Receiver {
         let first = lines.next().transpose()?.context("receiver exited")?;
         let endpoint = first.strip_prefix("LISTENING ").context("LISTENING")?.to_string();
         Ok(Receiver { child, stdin, lines, endpoint })
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub(crate) fn spans(&mut self) -> Result<u64> {
