@@ -475,6 +475,13 @@ pub fn start(pid: i32, args: &RunArgs, mode: Mode) -> Result<Option<Tracing>> {
     check_installable(&sites)?;
     let otel = OtelConfig::resolve(&args.otel, &crate::otlp::config::process_env)?;
     let format = output_format(args, &otel, mode);
+    if format == Format::Otlp && !cfg!(feature = "otlp") {
+        bail!(UsageError(
+            "this inject was built without OTLP export (cargo feature `otlp`): give --output console or json, \
+             or build it with default features"
+                .into()
+        ));
+    }
     if format == Format::Otlp && otel.disabled {
         eprintln!(
             "inject: OTEL_SDK_DISABLED=true: not instrumenting pid {pid} (give --output console to trace anyway)"

@@ -490,12 +490,14 @@ static INJECT_BUILD: std::sync::OnceLock<std::result::Result<PathBuf, String>> =
 /// The `inject` binary of this checkout, built (once per process) by cargo so tests never
 /// run a stale one.
 pub fn inject_binary() -> Result<PathBuf> {
-    build_inject(false)
+    build_inject(false, true)
 }
 
 /// [`inject_binary`], with cargo's own progress on the terminal when `visible` (the demo:
-/// a first build takes minutes, and silence looks like a hang).
-pub fn build_inject(visible: bool) -> Result<PathBuf> {
+/// a first build takes a while, and silence looks like a hang); without the OTLP
+/// transports unless `otlp` (the demo prints to the console, and the HTTP and gRPC
+/// clients are most of a first build). Once per process: the first call's choice stands.
+pub fn build_inject(visible: bool, otlp: bool) -> Result<PathBuf> {
     INJECT_BUILD
         .get_or_init(|| {
             let root = workspace_root();
@@ -503,6 +505,9 @@ pub fn build_inject(visible: bool) -> Result<PathBuf> {
             let release = std::env::var("INJECT_PROFILE").is_ok_and(|p| p == "release");
             let mut c = Command::new(cargo);
             c.current_dir(&root).args(["build", "-p", "injector", "--bin", "inject"]);
+            if !otlp {
+                c.arg("--no-default-features");
+            }
             if release {
                 c.arg("--release");
             }

@@ -140,6 +140,13 @@ fn test(matrix: bool) -> Result<()> {
     if !status.success() {
         bail!("cargo clippy reported problems");
     }
+    // The demo's build: inject without the OTLP transports.
+    let status = cargo()
+        .args(["clippy", "-p", "injector", "--no-default-features", "--quiet", "--", "-D", "warnings"])
+        .status()?;
+    if !status.success() {
+        bail!("cargo clippy reported problems in inject built without the otlp feature");
+    }
     eprintln!("xtask: cargo test");
     let mut t = cargo();
     // No doc tests: the crates have none, and their empty blocks buried the verdict.

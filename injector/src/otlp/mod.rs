@@ -3,6 +3,9 @@
 //! OpenTelemetry protos, HTTP/JSON and gRPC through opentelemetry-otlp. The queue is bounded and the sender never waits: a slow or dead endpoint
 //! costs queued spans, then counted drops, never a stalled collector or target.
 
+// Without the transports, what only they read is left unread.
+#![cfg_attr(not(feature = "otlp"), allow(dead_code, unused_imports))]
+
 pub mod config;
 pub mod proto;
 pub mod span;
@@ -13,9 +16,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+#[cfg(feature = "otlp")]
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::{SpanData, SpanExporter};
+use opentelemetry_sdk::trace::SpanData;
+#[cfg(feature = "otlp")]
+use opentelemetry_sdk::trace::SpanExporter;
 
 pub use config::{OtelArgs, OtelConfig, Protocol};
 
@@ -186,6 +192,7 @@ pub fn protocol_name(p: Protocol) -> &'static str {
     }
 }
 
+#[cfg(feature = "otlp")]
 enum Client {
     /// OTLP/HTTP with protobuf, encoded here: the default, and the cheapest per span.
     Proto(ProtoHttp),
@@ -194,6 +201,7 @@ enum Client {
     Grpc(opentelemetry_otlp::SpanExporter, tokio::runtime::Runtime),
 }
 
+#[cfg(feature = "otlp")]
 impl Client {
     fn build(config: &OtelConfig, resource: &Resource) -> Result<Client> {
         use opentelemetry_otlp::{Compression, RetryPolicy};
@@ -264,8 +272,27 @@ impl Client {
     }
 }
 
+/// Built without the `otlp` feature: no transport, so no client can be made.
+#[cfg(not(feature = "otlp"))]
+enum Client {}
+
+#[cfg(not(feature = "otlp"))]
+impl Client {
+    fn build(_config: &OtelConfig, _resource: &Resource) -> Result<Client> {
+        anyhow::bail!(
+            "this inject was built without OTLP export (cargo feature `otlp`): \
+             give --output console or json, or build it with default features"
+        )
+    }
+
+    fn export(&self, _batch: Vec<SpanData>) -> Result<(), String> {
+        match *self {}
+    }
+}
+
 /// OTLP/HTTP with protobuf bodies: `ExportTraceServiceRequest`s encoded with prost from
 /// the batch (spans moved into it, not cloned), POSTed with a blocking client.
+#[cfg(feature = "otlp")]
 struct ProtoHttp {
     client: reqwest::blocking::Client,
     url: String,
@@ -276,6 +303,7 @@ struct ProtoHttp {
     scopes: Vec<Vec<u8>>,
 }
 
+#[cfg(feature = "otlp")]
 impl ProtoHttp {
     fn build(config: &OtelConfig, resource: &Resource) -> Result<ProtoHttp> {
         let client = reqwest::blocking::Client::builder()
@@ -498,6 +526,7 @@ fn export_loop(client: &Client, rx: &SpanRx, first: Vec<Queued>, config: &OtelCo
         let (result, n) = match client {
             // Encoded once, from the spans themselves (moved, not copied); a retry
             // resends the same bytes.
+            #[cfg(feature = "otlp")]
             Client::Proto(p) => {
                 let (body, n) = pending.get_or_insert_with(|| {
                     let n = batch.len() as u64;
@@ -505,6 +534,7 @@ fn export_loop(client: &Client, rx: &SpanRx, first: Vec<Queued>, config: &OtelCo
                 });
                 (p.send(body), *n)
             }
+            #[allow(unreachable_patterns)]
             _ => {
                 let spans: Vec<SpanData> = batch
                     .iter()
