@@ -7,7 +7,7 @@
 //! only when asked for, with literals replaced unless raw text was asked for.
 
 use super::plan::at;
-use super::query::{sanitize, summarize};
+use super::query::{query_summary, sanitize, summarize};
 use super::{Probe, QueryText};
 use crate::libs::{Attr, Described, SpanKind};
 use crate::ring::Record;
@@ -199,13 +199,28 @@ pub(super) fn statement(
     text: QueryText,
     type_name: &mut dyn FnMut(u64) -> Option<String>,
 ) -> Described {
-    let (operation, collection) = match st.step {
+    let (operation, mut collection) = match st.step {
         Some(step) => (Some(step.to_string()), None),
         None => {
             let s = st.query.map(summarize).unwrap_or_default();
             (s.operation, s.collection)
         }
     };
+    // Every operation and table in order; a query of several tables has no one collection.
+    let summary = operation.clone().map(|op| match (st.query, &collection) {
+        (Some(q), _) if st.step.is_none() => {
+            let (text, tables) = query_summary(q, &op);
+            if tables > 1 {
+                collection = None;
+            }
+            match (&collection, tables) {
+                (Some(c), 0) => format!("{op} {c}"),
+                _ => text,
+            }
+        }
+        (_, Some(c)) => format!("{op} {c}"),
+        _ => op,
+    });
     let mut attrs: Vec<(&'static str, Attr)> = vec![("db.system.name", Attr::S(st.system.to_string()))];
     if let Some(op) = &operation {
         attrs.push(("db.operation.name", Attr::S(op.clone())));
@@ -232,11 +247,6 @@ pub(super) fn statement(
             QueryText::Raw => attrs.push(("db.query.text", Attr::S(q.to_string()))),
         }
     }
-    let summary = match (&operation, &collection) {
-        (Some(op), Some(c)) => Some(format!("{op} {c}")),
-        (Some(op), None) => Some(op.clone()),
-        _ => None,
-    };
     if let Some(s) = &summary {
         attrs.push(("db.query.summary", Attr::S(s.clone())));
     }

@@ -325,6 +325,107 @@ pub fn summarize(q: &str) -> Summary {
     Summary { operation: Some(op), collection }
 }
 
+/// Words that end a `FROM a, b` list's table (or alias) and start the next clause.
+const CLAUSES: &[&str] = &[
+    "WHERE",
+    "JOIN",
+    "INNER",
+    "LEFT",
+    "RIGHT",
+    "FULL",
+    "CROSS",
+    "NATURAL",
+    "ON",
+    "USING",
+    "GROUP",
+    "ORDER",
+    "LIMIT",
+    "OFFSET",
+    "HAVING",
+    "WINDOW",
+    "UNION",
+    "EXCEPT",
+    "INTERSECT",
+    "FOR",
+    "RETURNING",
+    "SET",
+    "VALUES",
+    "SELECT",
+];
+
+/// The conventions' `db.query.summary` of `q`, whose first operation is `op` (as
+/// [`summarize`] named it): each operation and the tables it names, in the order they
+/// appear (`SELECT orders customers`, `INSERT shipping_details SELECT orders`), an
+/// operation repeated with no table between (a subquery's) once; and how many tables.
+pub fn query_summary(q: &str, op: &str) -> (String, usize) {
+    let toks: Vec<Token<'_>> = lex(q).into_iter().map(|(t, _)| t).collect();
+    let word = |k: usize| match toks.get(k) {
+        Some(Token::Word(w)) => Some(w.to_ascii_uppercase()),
+        _ => None,
+    };
+    let mut parts = vec![op.to_string()];
+    let mut tables = 0;
+    let mut last_op = op.split(' ').next().unwrap_or(op).to_string();
+    let mut table_since_op = false;
+    // From the start: the first operation is not repeated (it is `last_op`), and an
+    // UPDATE's table follows its keyword.
+    let mut k = 0;
+    while k < toks.len() {
+        let w = word(k);
+        match w.as_deref() {
+            Some(o @ ("SELECT" | "INSERT" | "UPDATE" | "DELETE" | "MERGE")) => {
+                if o != last_op || table_since_op {
+                    parts.push(o.to_string());
+                    last_op = o.to_string();
+                    table_since_op = false;
+                }
+                if o == "UPDATE" {
+                    k += 1;
+                    while matches!(word(k).as_deref(), Some("ONLY")) {
+                        k += 1;
+                    }
+                    if let Some(t) = toks.get(k).and_then(ident) {
+                        parts.push(t);
+                        tables += 1;
+                        table_since_op = true;
+                    }
+                }
+            }
+            Some("FROM" | "JOIN" | "INTO" | "USING") => {
+                // `FROM a [AS] [x], b ...`: each table of the list.
+                loop {
+                    k += 1;
+                    while matches!(word(k).as_deref(), Some("ONLY" | "LATERAL")) {
+                        k += 1;
+                    }
+                    let Some(t) = toks.get(k).and_then(ident) else { break };
+                    if word(k).is_some_and(|u| CLAUSES.contains(&u.as_str()) || u == "SELECT") {
+                        break;
+                    }
+                    parts.push(t);
+                    tables += 1;
+                    table_since_op = true;
+                    if is_kw(toks.get(k + 1), "AS") {
+                        k += 1;
+                    }
+                    if matches!(toks.get(k + 1), Some(Token::Word(_) | Token::Quoted(_)))
+                        && !word(k + 1).is_some_and(|u| CLAUSES.contains(&u.as_str()))
+                    {
+                        k += 1;
+                    }
+                    if !matches!(toks.get(k + 1), Some(Token::Punct(","))) {
+                        break;
+                    }
+                    k += 1;
+                }
+            }
+            _ => {}
+        }
+        k += 1;
+    }
+    (parts.join(" "), tables)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -366,6 +467,23 @@ mod tests {
             assert_eq!(summarize(q), want, "{q}");
         }
         assert_eq!(summarize("FOO bar"), Summary::default());
+        let cases = [
+            ("SELECT qty FROM items WHERE sku = $1", "SELECT items", 1),
+            ("SELECT * FROM orders o JOIN customers c ON o.c = c.id", "SELECT orders customers", 2),
+            ("select a.x from a, b AS bb, c where a.y = bb.y", "SELECT a b c", 3),
+            ("INSERT INTO shipping_details SELECT * FROM orders", "INSERT shipping_details SELECT orders", 2),
+            ("SELECT (SELECT 1 FROM a) FROM b", "SELECT a b", 2),
+            ("WITH x AS (SELECT 1 FROM a) SELECT * FROM x", "SELECT a SELECT x", 2),
+            ("UPDATE items SET qty = 1 FROM audit WHERE 1=1", "UPDATE items audit", 2),
+            ("DELETE FROM audit WHERE at < now()", "DELETE audit", 1),
+            ("CREATE TABLE IF NOT EXISTS items (sku text)", "CREATE TABLE", 0),
+            ("SELECT 1", "SELECT", 0),
+            ("SELECT * FROM (SELECT 1) AS t", "SELECT", 0),
+        ];
+        for (q, want, n) in cases {
+            let op = summarize(q).operation.expect("an operation");
+            assert_eq!(query_summary(q, &op), (want.to_string(), n), "{q}");
+        }
         assert_eq!(summarize("'x'"), Summary::default());
         assert_eq!(summarize(""), Summary::default());
     }
@@ -391,6 +509,7 @@ mod tests {
             let q: String = (0..n).map(|_| PIECES[(next() % PIECES.len() as u64) as usize]).collect();
             let clean = sanitize(&q);
             let _ = summarize(&q);
+            let _ = query_summary(&q, "SELECT");
             assert!(lex(&clean).iter().all(|(t, _)| *t != Token::Literal), "{q:?} sanitized to {clean:?}");
         }
     }
@@ -400,6 +519,7 @@ mod tests {
         for q in ["'", "$", "$a", "$a$", "E'\\", "/*", "/* /* */", "\"", "1e", "é'x'", "::", "-", "--"] {
             let _ = sanitize(q);
             let _ = summarize(q);
+            let _ = query_summary(q, "SELECT");
         }
     }
 }
