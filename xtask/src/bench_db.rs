@@ -17,13 +17,15 @@
 //! read from /proc around each window. Goal: inject keeps at least 97% of the baseline's
 //! requests per second.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 use anyhow::{Context, Result, ensure};
 use xtask::servers::{Postgres, Redis};
 use xtask::{Flavor, build_fixture, build_pinned_fixture, toolchain};
 
-use crate::bench_export::{Receiver, cpu_seconds, machine_busy_seconds, median, start_listening, stop};
+use crate::bench_export::{
+    Receiver, attach_exporting, cpu_seconds, detach_dropped, machine_busy_seconds, median, start_listening,
+};
 
 const ROUNDS: usize = 6;
 const SECONDS: u32 = 3;
@@ -105,7 +107,6 @@ pub fn db() -> Result<()> {
         let mut dropped = 0;
         let spans0 = rx.spans()?;
         let summary = xtask::workspace_root().join("target/bench/db-summary.json");
-        std::fs::create_dir_all(summary.parent().context("parent")?)?;
         for round in 0..ROUNDS {
             // Each round starts with a different setup: none is always the one that runs
             // after the others have warmed (or tired) the servers.
@@ -113,17 +114,9 @@ pub fn db() -> Result<()> {
                 match (round + k) % 3 {
                     0 => base_w.push(measured(&load_exe, &url(&addr), [Some(server.id()), None, None])?),
                     1 => {
-                        let mut c = Command::new(&inject)
-                            .args(["--pid", &server.id().to_string(), "--summary-json"])
-                            .arg(&summary)
-                            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
-                            .stderr(Stdio::piped())
-                            .spawn()?;
-                        xtask::wait_for_line(&mut c, false, "inject: probing")?;
+                        let c = attach_exporting(&inject, server.id(), &endpoint, &summary)?;
                         inj_w.push(measured(&load_exe, &url(&addr), [Some(server.id()), Some(c.id()), rx_pid])?);
-                        stop(c)?;
-                        let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
-                        dropped += s["dropped"].as_u64().context("dropped in the summary")?;
+                        dropped += detach_dropped(c, &summary)?;
                     }
                     _ => off_w.push(measured(&load_exe, &url(&otel_addr), [Some(otel_server.id()), None, rx_pid])?),
                 }

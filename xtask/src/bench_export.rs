@@ -57,6 +57,32 @@ pub(crate) fn start_listening(mut c: Command, until: &str) -> Result<(Child, Str
     Ok((server, addr.context("no LISTEN line")?))
 }
 
+/// Attaches inject to `pid`, exporting to `endpoint` and writing its exit summary to
+/// `summary`; returns once its probes are in.
+pub(crate) fn attach_exporting(
+    inject: &std::path::Path,
+    pid: u32,
+    endpoint: &str,
+    summary: &std::path::Path,
+) -> Result<Child> {
+    std::fs::create_dir_all(summary.parent().context("parent")?)?;
+    let mut c = Command::new(inject)
+        .args(["--pid", &pid.to_string(), "--summary-json"])
+        .arg(summary)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        .stderr(Stdio::piped())
+        .spawn()?;
+    xtask::wait_for_line(&mut c, false, "inject: probing")?;
+    Ok(c)
+}
+
+/// Stops an inject [`attach_exporting`] started; returns how many records it dropped.
+pub(crate) fn detach_dropped(c: Child, summary: &std::path::Path) -> Result<u64> {
+    stop(c)?;
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(summary)?)?;
+    s["dropped"].as_u64().context("dropped in the summary")
+}
+
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() { f64::NAN } else { v[v.len() / 2] }

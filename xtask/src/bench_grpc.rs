@@ -18,12 +18,12 @@
 //! inject keeps at least 95% of the baseline's RPCs per second, and costs less CPU per RPC
 //! than otelgrpc.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 use anyhow::{Context, Result, ensure};
 use xtask::{Flavor, build_module_fixture, build_module_fixture_with, toolchain};
 
-use crate::bench_export::{Receiver, cpu_seconds, median, start_listening, stop};
+use crate::bench_export::{Receiver, attach_exporting, cpu_seconds, detach_dropped, median, start_listening};
 
 const ROUNDS: usize = 7;
 const SECONDS: u32 = 3;
@@ -95,18 +95,9 @@ pub fn grpc() -> Result<()> {
         for round in 0..ROUNDS {
             base.push(load(&plain, &addr, service, &[server.id()])?);
             let summary = xtask::workspace_root().join("target/bench/grpc-summary.json");
-            std::fs::create_dir_all(summary.parent().context("parent")?)?;
-            let mut c = Command::new(&inject)
-                .args(["--pid", &server.id().to_string(), "--summary-json"])
-                .arg(&summary)
-                .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
-                .stderr(Stdio::piped())
-                .spawn()?;
-            xtask::wait_for_line(&mut c, false, "inject: probing")?;
+            let c = attach_exporting(&inject, server.id(), &endpoint, &summary)?;
             inj.push(load(&plain, &addr, service, &[server.id(), c.id()])?);
-            stop(c)?;
-            let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary)?)?;
-            dropped += s["dropped"].as_u64().context("dropped in the summary")?;
+            dropped += detach_dropped(c, &summary)?;
             off.push(load(&plain, &otel_addr, service, &[otel_server.id()])?);
             eprintln!(
                 "  {service} round {}: baseline {:.0}, inject {:.0}, otelgrpc {:.0} RPCs/s",
