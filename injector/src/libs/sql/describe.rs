@@ -7,7 +7,7 @@
 //! only when asked for, with literals replaced unless raw text was asked for.
 
 use super::plan::at;
-use super::query::{query_summary, sanitize, summarize};
+use super::query::{sanitize, summarize_with_summary};
 use super::{Probe, QueryText};
 use crate::libs::{Attr, Described, SpanKind};
 use crate::ring::Record;
@@ -199,27 +199,25 @@ pub(super) fn statement(
     text: QueryText,
     type_name: &mut dyn FnMut(u64) -> Option<String>,
 ) -> Described {
-    let (operation, mut collection) = match st.step {
-        Some(step) => (Some(step.to_string()), None),
+    let (operation, mut collection, walked) = match st.step {
+        Some(step) => (Some(step.to_string()), None, None),
         None => {
-            let s = st.query.map(summarize).unwrap_or_default();
-            (s.operation, s.collection)
+            let (s, walked) = st.query.map(summarize_with_summary).unwrap_or_default();
+            (s.operation, s.collection, walked)
         }
     };
     // Every operation and table in order; a query of several tables has no one collection.
-    let summary = operation.clone().map(|op| match (st.query, &collection) {
-        (Some(q), _) if st.step.is_none() => {
-            let (text, tables) = query_summary(q, &op);
-            if tables > 1 {
-                collection = None;
-            }
-            match (&collection, tables) {
-                (Some(c), 0) => format!("{op} {c}"),
-                _ => text,
-            }
+    let summary = operation.clone().map(|op| match walked {
+        Some((text, tables)) if tables > 1 => {
+            collection = None;
+            text
         }
-        (_, Some(c)) => format!("{op} {c}"),
-        _ => op,
+        // `CREATE TABLE t`, `TRUNCATE t`: a table the walk does not look for.
+        Some((_, 0)) | None => match &collection {
+            Some(c) => format!("{op} {c}"),
+            None => op,
+        },
+        Some((text, _)) => text,
     });
     let mut attrs: Vec<(&'static str, Attr)> = vec![("db.system.name", Attr::S(st.system.to_string()))];
     if let Some(op) = &operation {

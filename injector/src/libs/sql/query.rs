@@ -234,8 +234,24 @@ fn is_kw(t: Option<&Token<'_>>, kw: &str) -> bool {
 
 /// The operation and main table of the first statement of `q`. A `WITH` query is named
 /// by the statement after its common table expressions.
+#[cfg(test)]
 pub fn summarize(q: &str) -> Summary {
-    let toks: Vec<Token<'_>> = lex(q).into_iter().map(|(t, _)| t).collect();
+    summarize_tokens(&tokens(q))
+}
+
+/// [`summarize`] and, for a query with an operation, [`query_summary`], lexing once.
+pub fn summarize_with_summary(q: &str) -> (Summary, Option<(String, usize)>) {
+    let toks = tokens(q);
+    let s = summarize_tokens(&toks);
+    let text = s.operation.as_deref().map(|op| summary_tokens(&toks, op));
+    (s, text)
+}
+
+fn tokens(q: &str) -> Vec<Token<'_>> {
+    lex(q).into_iter().map(|(t, _)| t).collect()
+}
+
+fn summarize_tokens(toks: &[Token<'_>]) -> Summary {
     let mut i = 0;
     let upper = |t: Option<&Token<'_>>| match t {
         Some(Token::Word(w)) => Some(w.to_ascii_uppercase()),
@@ -357,8 +373,12 @@ const CLAUSES: &[&str] = &[
 /// [`summarize`] named it): each operation and the tables it names, in the order they
 /// appear (`SELECT orders customers`, `INSERT shipping_details SELECT orders`), an
 /// operation repeated with no table between (a subquery's) once; and how many tables.
+#[cfg(test)]
 pub fn query_summary(q: &str, op: &str) -> (String, usize) {
-    let toks: Vec<Token<'_>> = lex(q).into_iter().map(|(t, _)| t).collect();
+    summary_tokens(&tokens(q), op)
+}
+
+fn summary_tokens(toks: &[Token<'_>], op: &str) -> (String, usize) {
     let word = |k: usize| match toks.get(k) {
         Some(Token::Word(w)) => Some(w.to_ascii_uppercase()),
         _ => None,
