@@ -233,6 +233,50 @@ fn one_request_is_one_trace_with_its_database_spans() -> Result<()> {
     Ok(())
 }
 
+/// A database pgx's `stdlib.OpenDB(config)` opened has no data source name: its spans
+/// read the server and the database from the connector's parsed config, through DWARF
+/// (default builds) and through the offset table (stripped), with the oldest and newest
+/// Go and pgx.
+#[test]
+fn a_database_opened_from_a_config_names_its_server() -> Result<()> {
+    if !require_ptrace()? || !require_servers()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    let s = servers()?;
+    let tcs = test_toolchains()?;
+    let (old, new) = (&tcs[0], tcs.last().context("toolchains")?);
+    let newest = (xtask::pgx_newest(&new.version), xtask::go_redis_newest(&new.version));
+    let cases = [
+        (old, Flavor::Stripped, xtask::PGX_OLDEST, xtask::GO_REDIS_OLDEST),
+        (new, Flavor::Default, newest.0, newest.1),
+        (new, Flavor::Stripped, newest.0, newest.1),
+    ];
+    for (tc, flavor, pgx, redis) in cases {
+        let what = format!("Go {} {flavor:?} pgx {pgx}", tc.version);
+        let exe = dbsvc(tc, flavor, pgx, redis, false)?;
+        let (mut p, addr) = start_dbsvc(&exe, &s, &[])?;
+        let traced = attach(&p, &[], &[])?;
+        let (code, body) = get(&addr, "/opendb")?;
+        ensure!(code == 200, "{what}: /opendb: {code} {body}");
+        let spans = traced.finish()?;
+        p.signal(15);
+        p.wait(LIMIT)?;
+        let trace = trace_of(&spans, "GET /opendb").with_context(|| what.clone())?;
+        let q = trace
+            .iter()
+            .find(|s| s["name"] == "SELECT items")
+            .with_context(|| format!("{what}: no SELECT items span:\n{}", show(&trace)))?;
+        ensure!(q["parent_span_id"] == trace[0]["span_id"], "{what}: not under the server span: {q}");
+        for (k, v) in [("db.system.name", "postgresql"), ("server.address", "127.0.0.1"), ("db.namespace", "shop")] {
+            ensure!(attr(q, k).and_then(Value::as_str) == Some(v), "{what}: {k} is not {v:?}: {q}");
+        }
+        ensure!(attr(q, "server.port").and_then(Value::as_i64) == Some(i64::from(s.pg.port)), "{what}: {q}");
+        eprintln!("{what}: stdlib.OpenDB's span names postgresql at 127.0.0.1:{}, database shop", s.pg.port);
+    }
+    Ok(())
+}
+
 /// Failing queries are Error spans with PostgreSQL's SQLSTATE as the status code and
 /// error type, through lib/pq (database/sql) and pgx's pool alike; literals never reach a span
 /// name, and the query text appears only with the switch, sanitized unless raw.

@@ -1,7 +1,7 @@
 // Command pgx links the pgx structs inject reads so that offset-tool can read their
 // layouts from DWARF: pgconn's PgError (SQLSTATE and message), the stdlib driver's
-// connector (the DSN of sql.Open("pgx", dsn)), a Conn's config (server and database),
-// and Batch (its size).
+// connectors (the DSN of sql.Open("pgx", dsn); the config of stdlib.OpenDB(config)), a
+// Conn's config (server and database), and Batch (its size).
 package main
 
 import (
@@ -12,7 +12,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
-	_ "github.com/jackc/pgx/v5/stdlib"
+	"github.com/jackc/pgx/v5/stdlib"
 )
 
 func main() {
@@ -28,6 +28,7 @@ func main() {
 		return
 	}
 	fmt.Println(cfg.Host, cfg.Port, cfg.Database)
+	fmt.Println(stdlib.OpenDB(*cfg) != nil)
 	b := &pgx.Batch{}
 	b.Queue("SELECT 1")
 	// Nothing listens on port 1: the connection fails at once.

@@ -148,12 +148,29 @@ pub(super) fn describe(
     if matches!(probe, Probe::Commit | Probe::Rollback) && word(data, at::DONE).is_some_and(|d| d & 0xffff_ffff != 0) {
         return None;
     }
+    // `stdlib.OpenDB(config)`'s connector: its config's fields in the DSN's and the
+    // driver's places (plan.rs, `at::HOST_MAX`).
+    let connector = word(data, at::CONNECTOR).filter(|w| *w != 0).and_then(&mut *type_name);
+    let from_config = connector.as_deref().is_some_and(|n| n.ends_with("stdlib.connector"));
     // The driver's type names the system; else the connector's (pgx's, a driver's own).
-    let driver = [at::DRIVER, at::CONNECTOR]
-        .into_iter()
-        .filter_map(|a| word(data, a).filter(|w| *w != 0))
-        .find_map(|w| type_name(w).filter(|n| system_name(Some(n), None) != "other_sql"));
-    let dsn = string(data, at::DSN, at::DSN_MAX).map(|d| parse_dsn(&d)).unwrap_or_default();
+    let driver = if from_config {
+        connector.clone()
+    } else {
+        [at::DRIVER, at::CONNECTOR]
+            .into_iter()
+            .filter_map(|a| word(data, a).filter(|w| *w != 0))
+            .find_map(|w| type_name(w).filter(|n| system_name(Some(n), None) != "other_sql"))
+    };
+    let dsn = if from_config {
+        Dsn {
+            host: string(data, at::DSN, at::HOST_MAX),
+            // pgconn.Config.Port is a uint16.
+            port: word(data, at::DRIVER).map(|p| (p & 0xffff) as i64).filter(|p| *p != 0),
+            database: string(data, at::CONFIG_DB, at::CONFIG_DB_MAX),
+        }
+    } else {
+        string(data, at::DSN, at::DSN_MAX).map(|d| parse_dsn(&d)).unwrap_or_default()
+    };
     let system = system_name(driver.as_deref(), dsn.port);
     let query = match probe {
         Probe::Query => bytes_text(data, at::QUERY + 8, (entry.ints[8] as usize).min(usize::from(at::QUERY_MAX))),

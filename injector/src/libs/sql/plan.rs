@@ -6,7 +6,7 @@
 //! transactions end in `(*Tx).Commit` and `rollback`. Struct offsets come from the
 //! binary's DWARF, else from go-abi's table for its Go release and driver versions.
 
-use trampolines::codegen::{ByteCopy, CapturePlan, Fetch, Op, When};
+use trampolines::codegen::{ByteCopy, CapturePlan, Fetch, FieldCopy, Op, When};
 
 use super::Probe;
 use crate::libs::{Alt, PlanCx, Planned, field, one_of};
@@ -36,6 +36,11 @@ pub(super) mod at {
     pub const DRIVER: u16 = CONNECTOR + 8;
     pub const DSN: u16 = DRIVER + 8;
     pub const DSN_MAX: u16 = 120;
+    /// `stdlib.OpenDB(config)`'s connector keeps a parsed config, not a DSN: its host
+    /// goes where the DSN would, its database after it, its port where the driver would.
+    pub const HOST_MAX: u16 = 56;
+    pub const CONFIG_DB: u16 = DSN + 8 + HOST_MAX;
+    pub const CONFIG_DB_MAX: u16 = DSN_MAX - 8 - HOST_MAX;
     /// The query: its length (a field copy's, or 0 when a register holds it), then its
     /// bytes.
     pub const QUERY: u16 = DSN + 8 + DSN_MAX;
@@ -84,9 +89,21 @@ struct Connector {
     driver: Option<i32>,
 }
 
+/// pgx's `stdlib.connector` (made by `stdlib.OpenDB(config)`): its type, and where its
+/// embedded `pgconn.Config` keeps the host, port and database.
+struct ConfigConnector {
+    itab: u64,
+    host: i32,
+    port: i32,
+    database: i32,
+}
+
+const PGX_CONNECTOR: &str = "github.com/jackc/pgx/v5/stdlib.connector";
+
 struct Build<'o, 'd> {
     offsets: &'o mut go_abi::runtime::FieldOffsets<'d>,
     connectors: Vec<Connector>,
+    config_connector: Option<ConfigConnector>,
     errors: Errors,
 }
 
@@ -112,6 +129,19 @@ impl Build<'_, '_> {
         }
         ops.extend(one_of(at::DRIVER, Fetch::Word, drivers));
         ops.extend(one_of(at::DSN, Fetch::Str { max: at::DSN_MAX }, dsns));
+        // After the alternatives above, which wrote 0 for a connector they do not know:
+        // these write only for OpenDB's, and leave what is there otherwise.
+        if let Some(c) = &self.config_connector {
+            let when = vec![When::at(reg, path.clone(), connector, c.itab)];
+            let mut to = path;
+            to.push(connector + 8);
+            let copy = |off: i32, fetch: Fetch, dest: u16| {
+                Op::Field(FieldCopy { reg, path: to.clone(), off, fetch, dest, when: when.clone(), keep_on_miss: true })
+            };
+            ops.push(copy(c.host, Fetch::Str { max: at::HOST_MAX }, at::DSN));
+            ops.push(copy(c.database, Fetch::Str { max: at::CONFIG_DB_MAX }, at::CONFIG_DB));
+            ops.push(copy(c.port, Fetch::Word, at::DRIVER));
+        }
         Ok(ops)
     }
 }
@@ -174,7 +204,18 @@ pub(super) fn plan(cx: &PlanCx<'_>) -> Planned {
         };
         connectors.push(Connector { itab: t, dsn, driver });
     }
-    let mut b = Build { offsets: &mut offsets, connectors, errors };
+    let config_connector = (|| {
+        let mut get = |k: &str| offsets.get(k).and_then(|o| i32::try_from(o).ok());
+        let base = get(&format!("{PGX_CONNECTOR}.ConnConfig"))? + get("github.com/jackc/pgx/v5.ConnConfig.Config")?;
+        let field = |f: &str| format!("github.com/jackc/pgx/v5/pgconn.Config.{f}");
+        Some(ConfigConnector {
+            itab: itab(PGX_CONNECTOR, "database/sql/driver.Connector")?,
+            host: base + get(&field("Host"))?,
+            port: base + get(&field("Port"))?,
+            database: base + get(&field("Database"))?,
+        })
+    })();
+    let mut b = Build { offsets: &mut offsets, connectors, config_connector, errors };
     let candidates: Vec<(u8, &str)> = CANDIDATES.iter().map(|&(p, n)| (p as u8, n)).collect();
     crate::libs::plan_candidates(cx, &candidates, |p| {
         let probe = Probe::from_u8(p).ok_or_else(|| format!("probe {p}"))?;
