@@ -34,6 +34,16 @@ fn servers() -> Result<Servers> {
     Ok(Servers { pg: Postgres::start()?, redis: Redis::start()? })
 }
 
+/// What each test here needs first: ptrace and the servers (without them, outside CI, the
+/// test skips), the suite's lock, and PostgreSQL and Redis started.
+fn prepare() -> Result<Option<(std::sync::MutexGuard<'static, ()>, Servers)>> {
+    if !require_ptrace()? || !require_servers()? {
+        return Ok(None);
+    }
+    let serial = tests::exclusive();
+    Ok(Some((serial, servers()?)))
+}
+
 fn dbsvc(tc: &GoToolchain, flavor: Flavor, pgx: &str, redis: &str, otel: bool) -> Result<std::path::PathBuf> {
     let overlay = otel.then_some("dbsvc-otel");
     build_pinned_fixture("dbsvc", overlay, &[(xtask::PGX, pgx), (xtask::GO_REDIS, redis)], tc, flavor)
@@ -219,11 +229,7 @@ fn one_request_one_trace(tc: &GoToolchain, flavor: Flavor, pgx: &str, redis: &st
 
 #[test]
 fn one_request_is_one_trace_with_its_database_spans() -> Result<()> {
-    if !require_ptrace()? || !require_servers()? {
-        return Ok(());
-    }
-    let _serial = tests::exclusive();
-    let s = servers()?;
+    let Some((_serial, s)) = prepare()? else { return Ok(()) };
     let tcs = test_toolchains()?;
     let (old, new) = (&tcs[0], tcs.last().context("toolchains")?);
     one_request_one_trace(old, Flavor::Default, xtask::PGX_OLDEST, xtask::GO_REDIS_OLDEST, &s)?;
@@ -239,11 +245,7 @@ fn one_request_is_one_trace_with_its_database_spans() -> Result<()> {
 /// Go and pgx.
 #[test]
 fn a_database_opened_from_a_config_names_its_server() -> Result<()> {
-    if !require_ptrace()? || !require_servers()? {
-        return Ok(());
-    }
-    let _serial = tests::exclusive();
-    let s = servers()?;
+    let Some((_serial, s)) = prepare()? else { return Ok(()) };
     let tcs = test_toolchains()?;
     let (old, new) = (&tcs[0], tcs.last().context("toolchains")?);
     let newest = (xtask::pgx_newest(&new.version), xtask::go_redis_newest(&new.version));
@@ -282,11 +284,7 @@ fn a_database_opened_from_a_config_names_its_server() -> Result<()> {
 /// name, and the query text appears only with the switch, sanitized unless raw.
 #[test]
 fn errors_carry_the_sqlstate_and_query_text_is_opt_in() -> Result<()> {
-    if !require_ptrace()? || !require_servers()? {
-        return Ok(());
-    }
-    let _serial = tests::exclusive();
-    let s = servers()?;
+    let Some((_serial, s)) = prepare()? else { return Ok(()) };
     let tc = test_toolchains()?.pop().context("toolchains")?;
     let exe = dbsvc(&tc, Flavor::Default, xtask::pgx_newest(&tc.version), xtask::go_redis_newest(&tc.version), false)?;
     for (mode, env) in [("flag raw", None), ("variable", Some(("OTEL_GO_AUTO_INCLUDE_DB_STATEMENT", "true")))] {
@@ -495,11 +493,7 @@ fn per_order_trace<T>(
 #[test]
 fn database_spans_match_the_official_instrumentation() -> Result<()> {
     use tests::otlp::{Receiver, Transport};
-    if !require_ptrace()? || !require_servers()? {
-        return Ok(());
-    }
-    let _serial = tests::exclusive();
-    let s = servers()?;
+    let Some((_serial, s)) = prepare()? else { return Ok(()) };
     let tc = test_toolchains()?.pop().context("toolchains")?;
     let (pgx, redis) = (xtask::pgx_newest(&tc.version), xtask::go_redis_newest(&tc.version));
     const N: usize = 3;
