@@ -12,7 +12,8 @@
 //!
 //! The servers, the service, the load generator and the tracer share the machine's
 //! cores, so tracing CPU shows as lost throughput. Ratios are the medians of each round's
-//! own (its setups run back to back, first one, then another: the order rotates). The
+//! own (its setups run back to back, first one, then another: the order rotates; each
+//! window starts after a `VACUUM`, so none inherits the dead rows of another). The
 //! CPU each request took (the machine's, the service's, inject's, the receiver's) is
 //! read from /proc around each window. Goal: inject keeps at least 97% of the baseline's
 //! requests per second.
@@ -89,7 +90,7 @@ pub fn db() -> Result<()> {
     let plain = build_pinned_fixture("dbsvc", None, &pins, &tc, Flavor::Default)?;
     let otel = build_pinned_fixture("dbsvc", Some("dbsvc-otel"), &pins, &tc, Flavor::Default)?;
     let load_exe = build_fixture("load", &tc, Flavor::Default)?;
-    let (pg, redis) = (Postgres::start()?, Redis::start()?);
+    let (mut pg, redis) = (Postgres::start()?, Redis::start()?);
     let (pg_url, redis_addr) = (pg.url(), redis.addr());
     let (mut server, addr) = start(&plain, &pg_url, &redis_addr, &[])?;
     let endpoint = rx.endpoint.clone();
@@ -111,6 +112,7 @@ pub fn db() -> Result<()> {
             // Each round starts with a different setup: none is always the one that runs
             // after the others have warmed (or tired) the servers.
             for k in 0..3 {
+                pg.vacuum()?;
                 match (round + k) % 3 {
                     0 => base_w.push(measured(&load_exe, &url(&addr), [Some(server.id()), None, None])?),
                     1 => {

@@ -164,7 +164,7 @@ impl Postgres {
         let mut proc = Proc::spawn(server, "postgres")?;
         proc.wait_for_any("database system is ready to accept connections", START)?;
         let mut pg = Postgres { proc: Some(proc), dir, port };
-        pg.psql_as_superuser("CREATE DATABASE shop")?;
+        pg.psql("postgres", "CREATE DATABASE shop")?;
         Ok(pg)
     }
 
@@ -173,10 +173,18 @@ impl Postgres {
         format!("postgres://inject@127.0.0.1:{}/shop?sslmode=disable", self.port)
     }
 
-    fn psql_as_superuser(&mut self, sql: &str) -> Result<()> {
+    /// Reclaims the dead rows of `shop`'s tables: a bench's windows then start from the
+    /// same state rather than from one its earlier windows left (deletes and updates
+    /// pile up until autovacuum comes around).
+    pub fn vacuum(&mut self) -> Result<()> {
+        self.psql("shop", "VACUUM ANALYZE")
+    }
+
+    /// Runs `sql` in database `db` as the superuser.
+    fn psql(&mut self, db: &str, sql: &str) -> Result<()> {
         let out = Command::new(pg_bin()?.join("psql"))
             .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(["-U", "inject", "-d", "postgres", "-c", sql])
+            .args(["-U", "inject", "-d", db, "-c", sql])
             .output()
             .context("running psql")?;
         ensure!(out.status.success(), "psql {sql:?} failed: {}", String::from_utf8_lossy(&out.stderr));
