@@ -139,6 +139,10 @@ impl Notes {
         self.attrs.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
     }
 
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut Attr> {
+        self.attrs.iter_mut().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+
     /// Sets `key`, replacing an earlier value.
     pub fn set(&mut self, key: &'static str, v: Attr) {
         match self.attrs.iter_mut().find(|(k, _)| *k == key) {

@@ -257,7 +257,10 @@ fn argument(n: &mut Notes, rec: &Record) {
         _ => return,
     };
     n.set(PENDING, Attr::I(pending - 1));
-    let Some(Attr::S(text)) = n.get(TEXT) else { return };
+    let started = matches!(n.get(STARTED), Some(Attr::I(1)));
+    n.set(STARTED, Attr::I(1));
+    // Appended in place: a command's text grows one argument at a time.
+    let Some(Attr::S(text)) = n.get_mut(TEXT) else { return };
     if text.len() >= TEXT_MAX {
         return;
     }
@@ -265,16 +268,13 @@ fn argument(n: &mut Notes, rec: &Record) {
     let have = len.min(usize::from(at::ARG_MAX));
     let start = usize::from(at::ARG);
     let bytes = rec.data.get(start..start + have).unwrap_or_default();
-    let mut text = text.clone();
-    if matches!(n.get(STARTED), Some(Attr::I(1))) {
+    if started {
         text.push(' ');
     }
     text.push_str(&String::from_utf8_lossy(bytes));
     if len > have || text.len() > TEXT_MAX {
         text.push('…');
     }
-    n.set(STARTED, Attr::I(1));
-    n.set(TEXT, Attr::S(text));
 }
 
 impl LibState for Writes {
