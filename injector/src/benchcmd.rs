@@ -11,7 +11,7 @@ use ring_abi::{Kind, Layout, ring, slot};
 
 use crate::collect;
 use crate::output::{Format, Sink};
-use crate::ring::RingReader;
+use crate::ring::{DataShape, RingReader};
 use crate::spans::{Clock, Pairer, SiteMeta};
 use crate::values::Side;
 
@@ -44,7 +44,8 @@ pub fn bench_collector(args: &BenchArgs) -> Result<()> {
         role: crate::plan::Role::Func,
     };
     // SAFETY: `mem` outlives the reader (joined below).
-    let reader = unsafe { RingReader::new(base, layout.total_len(), layout, vec![[0, 0]]) };
+    let reader =
+        unsafe { RingReader::new(base, layout.total_len(), layout, vec![[DataShape::fixed(0), DataShape::fixed(0)]]) };
     let stop = Arc::new(AtomicBool::new(false));
     let clock = Arc::new(Mutex::new(Clock::calibrate(Duration::from_millis(10))));
     let (tx, rx) = collect::channel();

@@ -4,6 +4,70 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use ring_abi::{Kind, Layout, ring, slot};
+use trampolines::codegen::{CapturePlan, Fetch, Op};
+
+/// Which bytes of a slot's data area a plan's records use. Strings are copied up to a
+/// bound (512 bytes of query text, 256 of a header line) but are mostly short: reading the
+/// whole area from memory the target's core wrote cost the collector a tenth of its CPU,
+/// so only the bytes each record's lengths say were copied are read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DataShape {
+    /// Bytes the plan reserves (what a record may use at most).
+    full: usize,
+    /// Bytes every record may use whatever its lengths (fixed fields, span ids).
+    fixed: usize,
+    /// Field strings: (offset of the length word, bound); the bytes follow the word.
+    fields: Vec<(usize, usize)>,
+    /// Register copies: (offset, bound, integer register holding the length).
+    copies: Vec<(usize, usize, usize)>,
+}
+
+impl DataShape {
+    /// A plan's shape.
+    pub fn of(plan: &CapturePlan) -> DataShape {
+        let mut shape = DataShape { full: plan.data_len(), ..DataShape::default() };
+        for c in &plan.copies {
+            shape.copies.push((usize::from(c.dest), usize::from(c.max), usize::from(c.len)));
+        }
+        for op in &plan.ops {
+            match op {
+                Op::Field(f) => match f.fetch {
+                    Fetch::Str { max } => {
+                        shape.fixed = shape.fixed.max(usize::from(f.dest) + 8);
+                        shape.fields.push((usize::from(f.dest), usize::from(max)));
+                    }
+                    Fetch::Word => shape.fixed = shape.fixed.max(usize::from(f.dest) + 8),
+                },
+                other => {
+                    let one = CapturePlan { ops: vec![other.clone()], ..CapturePlan::default() };
+                    shape.fixed = shape.fixed.max(one.data_len());
+                }
+            }
+        }
+        shape
+    }
+
+    /// `n` bytes, all used.
+    pub fn fixed(n: usize) -> DataShape {
+        DataShape { full: n, fixed: n, ..DataShape::default() }
+    }
+
+    /// The bytes a record with these registers and these length words uses: never more
+    /// than `full`. `word(off)` reads the data area's word at `off`.
+    fn used(&self, ints: &[u64; slot::NINTS], word: impl Fn(usize) -> u64) -> usize {
+        let clamp = |len: u64, max: usize| (len as i64).clamp(0, max as i64) as usize;
+        let mut end = self.fixed;
+        for &(dest, max, len) in &self.copies {
+            end = end.max(dest + clamp(ints.get(len).copied().unwrap_or(u64::MAX), max));
+        }
+        for &(dest, max) in &self.fields {
+            if dest + 8 <= self.full {
+                end = end.max(dest + 8 + clamp(word(dest), max));
+            }
+        }
+        end.min(self.full)
+    }
+}
 
 /// One decoded record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,9 +93,8 @@ pub struct RingReader {
     layout: Layout,
     /// Next ticket per sub-ring.
     next: Vec<u64>,
-    /// Bytes of data area each site's records use.
-    /// Copied bytes per site, for its entry and its return records.
-    data_len: Vec<[usize; 2]>,
+    /// The data area each site's entry and return records use.
+    shapes: Vec<[DataShape; 2]>,
     drained: Vec<bool>,
     /// Records that failed validation (never believed, counted).
     pub corrupt: u64,
@@ -45,18 +108,18 @@ impl RingReader {
     /// # Safety
     /// `base..base+len` must be a live mapping of the ring (at least `layout.total_len()`
     /// bytes) that outlives the reader.
-    pub unsafe fn new(base: *mut u8, len: usize, layout: Layout, data_len: Vec<[usize; 2]>) -> Self {
+    pub unsafe fn new(base: *mut u8, len: usize, layout: Layout, shapes: Vec<[DataShape; 2]>) -> Self {
         assert!(len >= layout.total_len());
-        let data_len = data_len.into_iter().map(|d| d.map(|n| n.min(layout.data_len()))).collect();
-        RingReader {
-            base,
-            len,
-            layout,
-            next: vec![0; layout.rings as usize],
-            data_len,
-            drained: Vec::new(),
-            corrupt: 0,
-        }
+        let shapes = shapes
+            .into_iter()
+            .map(|d| {
+                d.map(|mut s| {
+                    s.full = s.full.min(layout.data_len());
+                    s
+                })
+            })
+            .collect();
+        RingReader { base, len, layout, next: vec![0; layout.rings as usize], shapes, drained: Vec::new(), corrupt: 0 }
     }
 
     fn word(&self, off: usize) -> &AtomicU64 {
@@ -192,7 +255,7 @@ impl RingReader {
         let site_kind = w(slot::SITE);
         let site = site_kind as u32;
         let kind = Kind::from_u8((site_kind >> 32) as u8)?;
-        let data_len = self.data_len.get(site as usize)?[usize::from(kind == Kind::Return)];
+        let shape = &self.shapes.get(site as usize)?[usize::from(kind == Kind::Return)];
         let mut ints = [0; slot::NINTS];
         for (i, v) in ints.iter_mut().enumerate() {
             *v = w(slot::INTS + 8 * i);
@@ -201,6 +264,10 @@ impl RingReader {
         for (i, v) in floats.iter_mut().enumerate() {
             *v = w(slot::FLOATS + 8 * i);
         }
+        // Length words are 8-aligned in the data area (plans place fields at multiples of 8);
+        // one that is not reads as 0 bytes used.
+        let data_word = |off: usize| if off.is_multiple_of(8) { w(slot::DATA + off) } else { 0 };
+        let data_len = shape.used(&ints, data_word);
         // SAFETY: the slot's data area lies inside the mapping (the layout checked it); the
         // record is published and no writer touches it until we free the slot.
         let data = unsafe { std::slice::from_raw_parts(self.base.add(s + slot::DATA), data_len) }.to_vec();

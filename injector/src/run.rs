@@ -19,6 +19,7 @@ use crate::backend::{Backend, Probes, Removal, trampoline::Trampolines};
 use crate::otlp::{Exporting, OtelArgs, OtelConfig};
 use crate::output::{Format, Sink};
 use crate::plan::{self, ProbeSite, Role};
+use crate::ring::DataShape;
 use crate::spans::{Clock, Pairer, SiteMeta};
 use crate::target::TargetArgs;
 use crate::{collect, libs};
@@ -588,7 +589,8 @@ fn start_tracing(
         }
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let reader = inst.reader(sites.iter().map(|s| [s.on_entry.plan.data_len(), s.on_return.plan.data_len()]).collect());
+    let reader = inst
+        .reader(sites.iter().map(|s| [DataShape::of(&s.on_entry.plan), DataShape::of(&s.on_return.plan)]).collect());
     let metas = sites
         .iter()
         .map(|s| SiteMeta {

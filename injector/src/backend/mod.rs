@@ -41,7 +41,7 @@ pub trait Probes {
     fn installed(&self) -> &Installed;
     /// A reader of the records; `data_len[site]` is how many copied bytes its entry and
     /// its return records carry. The probes must outlive the reader.
-    fn reader(&mut self, data_len: Vec<[usize; 2]>) -> RingReader;
+    fn reader(&mut self, shapes: Vec<[crate::ring::DataShape; 2]>) -> RingReader;
     /// Takes every probe out, leaving the process as it was.
     fn remove(&self) -> Result<Removal>;
     /// Writes back anything buffered in our view of the records (before the summary).

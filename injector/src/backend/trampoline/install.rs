@@ -76,10 +76,10 @@ pub struct Installation {
 impl Installation {
     /// A reader of the ring; `data_len[site]` is how many copied bytes its entry and its
     /// return records carry.
-    pub fn reader(&mut self, data_len: Vec<[usize; 2]>) -> RingReader {
+    pub fn reader(&mut self, shapes: Vec<[crate::ring::DataShape; 2]>) -> RingReader {
         // SAFETY: ring_map lives as long as the Installation, which the caller keeps
         // until the reader is done.
-        unsafe { RingReader::new(self.ring_map.as_mut_ptr(), self.ring_map.len(), self.layout, data_len) }
+        unsafe { RingReader::new(self.ring_map.as_mut_ptr(), self.ring_map.len(), self.layout, shapes) }
     }
 }
 

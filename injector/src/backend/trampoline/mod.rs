@@ -50,8 +50,8 @@ impl Probes for Installation {
         &self.summary
     }
 
-    fn reader(&mut self, data_len: Vec<[usize; 2]>) -> RingReader {
-        Installation::reader(self, data_len)
+    fn reader(&mut self, shapes: Vec<[crate::ring::DataShape; 2]>) -> RingReader {
+        Installation::reader(self, shapes)
     }
 
     fn remove(&self) -> Result<Removal> {

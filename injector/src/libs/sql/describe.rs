@@ -23,7 +23,7 @@ pub(super) fn bytes_text(data: &[u8], start: u16, n: usize) -> Option<String> {
 /// The server, port and database a data source name names: a URL
 /// (`postgres://user:pw@host:port/db?...`), key=value pairs (`host=h port=5432
 /// dbname=db`), or MySQL's `user:pw@tcp(host:port)/db`. The password is never kept.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Dsn {
     pub host: Option<String>,
     pub port: Option<i64>,
@@ -169,7 +169,7 @@ pub(super) fn describe(
             database: string(data, at::CONFIG_DB, at::CONFIG_DB_MAX),
         }
     } else {
-        string(data, at::DSN, at::DSN_MAX).map(|d| parse_dsn(&d)).unwrap_or_default()
+        string(data, at::DSN, at::DSN_MAX).map(|d| cached(&DSNS, &d, || parse_dsn(&d))).unwrap_or_default()
     };
     let system = system_name(driver.as_deref(), dsn.port);
     let query = match probe {
@@ -207,6 +207,54 @@ pub(super) struct Statement<'a> {
     pub batch: Option<i64>,
 }
 
+/// A query's operation, tables and summary.
+#[derive(Debug, Clone, Default)]
+struct Analysed {
+    summary: super::query::Summary,
+    walked: Option<(String, usize)>,
+}
+
+/// Distinct texts remembered per cache: a service runs a few hundred statements, and
+/// one that builds its text with literals in it must not grow the cache without bound.
+const CACHE_MAX: usize = 4096;
+
+type Cache<T> = std::cell::RefCell<std::collections::HashMap<Box<str>, T>>;
+
+thread_local! {
+    // Lexing a query for its summary, its sanitized text, parsing a DSN: a few
+    // microseconds per span, the output thread's largest cost under database load, for
+    // texts that repeat.
+    static ANALYSED: Cache<Analysed> = Default::default();
+    static SANITIZED: Cache<String> = Default::default();
+    static DSNS: Cache<Dsn> = Default::default();
+}
+
+fn cached<T: Clone>(cache: &'static std::thread::LocalKey<Cache<T>>, key: &str, make: impl FnOnce() -> T) -> T {
+    cache.with(|c| {
+        if let Some(v) = c.borrow().get(key) {
+            return v.clone();
+        }
+        let v = make();
+        let mut c = c.borrow_mut();
+        if c.len() >= CACHE_MAX {
+            c.clear();
+        }
+        c.insert(key.into(), v.clone());
+        v
+    })
+}
+
+fn analysed(q: &str) -> Analysed {
+    cached(&ANALYSED, q, || {
+        let (summary, walked) = summarize_with_summary(q);
+        Analysed { summary, walked }
+    })
+}
+
+fn sanitized(q: &str) -> String {
+    cached(&SANITIZED, q, || sanitize(q))
+}
+
 /// Names and attributes a database span; `error` is the returned error's itab (0: none)
 /// and the return record's data, with the SQLSTATE and message at `at::CODE` and
 /// `at::MESSAGE`.
@@ -219,8 +267,8 @@ pub(super) fn statement(
     let (operation, mut collection, walked) = match st.step {
         Some(step) => (Some(step.to_string()), None, None),
         None => {
-            let (s, walked) = st.query.map(summarize_with_summary).unwrap_or_default();
-            (s.operation, s.collection, walked)
+            let a = st.query.map(analysed).unwrap_or_default();
+            (a.summary.operation.clone(), a.summary.collection.clone(), a.walked.clone())
         }
     };
     // Every operation and table in order; a query of several tables has no one collection.
@@ -258,7 +306,7 @@ pub(super) fn statement(
     if let Some(q) = st.query {
         match text {
             QueryText::Off => {}
-            QueryText::Sanitized => attrs.push(("db.query.text", Attr::S(sanitize(q)))),
+            QueryText::Sanitized => attrs.push(("db.query.text", Attr::S(sanitized(q)))),
             QueryText::Raw => attrs.push(("db.query.text", Attr::S(q.to_string()))),
         }
     }
