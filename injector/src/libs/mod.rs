@@ -256,9 +256,20 @@ pub fn string_at(data: &[u8], at: u16, max: u16) -> Option<String> {
     (n > 0).then(|| String::from_utf8_lossy(bytes).into_owned())
 }
 
+/// Lowercase or uppercase hex digits (at most 32) as a number; None for any other byte.
 fn hex(bytes: &[u8]) -> Option<u128> {
-    let s = std::str::from_utf8(bytes).ok()?;
-    u128::from_str_radix(s, 16).ok()
+    if bytes.is_empty() || bytes.len() > 32 {
+        return None;
+    }
+    bytes.iter().try_fold(0u128, |acc, &b| {
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            _ => return None,
+        };
+        Some(acc << 4 | u128::from(d))
+    })
 }
 
 /// The ids at the start of a span probe's entry record (`ring_abi::span_ids`).
@@ -402,4 +413,21 @@ pub fn semver(v: &str) -> Option<(u32, u32, u32)> {
 /// A fresh collector-side state for every library.
 pub fn states() -> Vec<Box<dyn LibState>> {
     LIBRARIES.iter().map(|l| l.state()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hex;
+
+    #[test]
+    fn hex_reads_what_from_str_radix_reads() {
+        for s in
+            ["0", "f", "0af7651916cd43dd8448eb211c80319c", "B7AD6B7169203331", "01", "ffffffffffffffffffffffffffffffff"]
+        {
+            assert_eq!(hex(s.as_bytes()), u128::from_str_radix(s, 16).ok(), "{s}");
+        }
+        for bad in ["", "0x1", "g0", "-1", " 1", "000000000000000000000000000000000"] {
+            assert_eq!(hex(bad.as_bytes()), None, "{bad}");
+        }
+    }
 }
