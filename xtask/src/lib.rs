@@ -328,6 +328,19 @@ pub fn pgx_newest(go: &str) -> &'static str {
     }
 }
 
+/// segmentio/kafka-go, for the kafkasvc fixture: the oldest release of the last two years
+/// (May 2025; the one before it is from December 2023), and the newest each Go builds
+/// (v0.4.49 and later need Go 1.23).
+pub const KAFKA_GO: &str = "github.com/segmentio/kafka-go";
+pub const KAFKA_GO_OLDEST: &str = "v0.4.48";
+
+pub fn kafka_go_newest(go: &str) -> &'static str {
+    match go_minor(go) {
+        ..=22 => "v0.4.48",
+        _ => "v0.4.51",
+    }
+}
+
 pub fn go_redis_newest(go: &str) -> &'static str {
     match go_minor(go) {
         ..=23 => "v9.18.0",
