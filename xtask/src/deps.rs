@@ -11,6 +11,15 @@ use anyhow::{Result, bail};
 /// services).
 const DEBIAN_PACKAGES: &[&str] = &["golang-1.19-go", "postgresql", "redis-server"];
 
+/// Commands the Kafka tests need, and the Debian package that brings each when it is not
+/// on PATH (a JDK installed some other way counts): Java 17 runs the broker, Maven fetches
+/// it from Maven Central (xtask::kafka).
+const COMMANDS: &[(&str, &str)] = &[("java", "openjdk-17-jre-headless"), ("mvn", "maven")];
+
+fn on_path(cmd: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+}
+
 fn installed(pkg: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", pkg])
@@ -19,7 +28,8 @@ fn installed(pkg: &str) -> bool {
 }
 
 pub fn ensure() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    let mut missing: Vec<&str> = DEBIAN_PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    missing.extend(COMMANDS.iter().filter(|(cmd, pkg)| !on_path(cmd) && !installed(pkg)).map(|(_, pkg)| *pkg));
     if missing.is_empty() {
         return Ok(());
     }

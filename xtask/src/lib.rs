@@ -2,6 +2,7 @@
 //! toolchains we support (go-versions.toml), installing them, and building fixtures with
 //! a toolchain and a build flavor, cached under `target/fixtures/`.
 
+pub mod kafka;
 pub mod servers;
 pub mod support;
 
@@ -324,6 +325,19 @@ pub fn pgx_newest(go: &str) -> &'static str {
         23 => "v5.7.6",
         24 => "v5.8.0",
         _ => "v5.13.0",
+    }
+}
+
+/// segmentio/kafka-go, for the kafkasvc fixture: the oldest release of the last two years
+/// (May 2025; the one before it is from December 2023), and the newest each Go builds
+/// (v0.4.49 and later need Go 1.23).
+pub const KAFKA_GO: &str = "github.com/segmentio/kafka-go";
+pub const KAFKA_GO_OLDEST: &str = "v0.4.48";
+
+pub fn kafka_go_newest(go: &str) -> &'static str {
+    match go_minor(go) {
+        ..=22 => "v0.4.48",
+        _ => "v0.4.51",
     }
 }
 

@@ -128,6 +128,9 @@ fn soak(cycles: u64) -> Result<()> {
 fn test(matrix: bool) -> Result<()> {
     let started = std::time::Instant::now();
     deps::ensure()?;
+    // The Kafka tests' broker: fetched once into a cache outside the work tree.
+    let kafka = xtask::kafka::install()?;
+    eprintln!("xtask: Apache Kafka {} at {}", xtask::kafka::KAFKA_VERSION, kafka.display());
     let tcs = if matrix { all_toolchains()? } else { oldest_and_newest()? };
     for tc in &tcs {
         eprintln!("xtask: Go {} at {}", tc.version, tc.go.display());

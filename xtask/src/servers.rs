@@ -15,7 +15,7 @@ const START: Duration = Duration::from_secs(60);
 
 /// A server process whose output lines are read on threads (so it never blocks on a full
 /// pipe), waited on until it says it is ready.
-struct Proc {
+pub(crate) struct Proc {
     child: std::process::Child,
     lines: std::sync::mpsc::Receiver<String>,
     seen: Vec<String>,
@@ -23,7 +23,7 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(mut cmd: Command, name: &'static str) -> Result<Proc> {
+    pub(crate) fn spawn(mut cmd: Command, name: &'static str) -> Result<Proc> {
         use std::io::BufRead;
         use std::process::Stdio;
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -45,7 +45,7 @@ impl Proc {
     }
 
     /// Waits for a line containing `text` (servers' logs start with a time).
-    fn wait_for_any(&mut self, text: &str, timeout: Duration) -> Result<()> {
+    pub(crate) fn wait_for_any(&mut self, text: &str, timeout: Duration) -> Result<()> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -58,7 +58,7 @@ impl Proc {
     }
 
     /// Sends `sig` and waits (at most `timeout`, then kills).
-    fn stop(&mut self, sig: i32, timeout: Duration) {
+    pub(crate) fn stop(&mut self, sig: i32, timeout: Duration) {
         if let Ok(None) = self.child.try_wait() {
             // SAFETY: kill(2) on our own child, not yet reaped.
             unsafe { libc_kill(self.child.id() as i32, sig) };

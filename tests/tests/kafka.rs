@@ -1,0 +1,206 @@
+//! The kafkasvc fixture (segmentio/kafka-go) against a real Apache Kafka broker, without
+//! inject: the baseline the messaging instrumentation's tests build on. A consumer
+//! (a group reader, with ReadMessage or FetchMessage and CommitMessages, or a partition
+//! reader) GETs an httpserver backend for every message a producer's HTTP handlers wrote;
+//! every message must be consumed exactly once, with its key, in offset order per
+//! partition. On the oldest Go with the oldest kafka-go, and on the newest Go with the
+//! oldest and the newest kafka-go.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use tests::servers::{Kafka, require_kafka};
+use tests::{Proc, start_fixture};
+use xtask::{Flavor, GoToolchain, KAFKA_GO, KAFKA_GO_OLDEST, build_fixture, build_pinned_fixture, test_toolchains};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// The producer's requests: (path, messages written, key).
+const REQUESTS: &[(&str, usize, &str)] = &[
+    ("/produce?n=5&key=alpha", 5, "alpha"),
+    ("/produce?n=3", 3, "-"),
+    ("/produce1?key=beta", 1, "beta"),
+    ("/produce1", 1, "-"),
+];
+
+/// GET `path` from `addr`: the status code and body.
+fn get(addr: &str, path: &str) -> Result<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(LIMIT))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut r = String::new();
+    s.read_to_string(&mut r)?;
+    let code = r.split_whitespace().nth(1).and_then(|c| c.parse().ok()).with_context(|| format!("response {r:?}"))?;
+    let body = r.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    Ok((code, body))
+}
+
+/// How the consumer reads.
+#[derive(Debug, Clone, Copy)]
+enum Reading {
+    /// A group reader, ReadMessage (which commits).
+    Group,
+    /// A group reader, FetchMessage then CommitMessages.
+    GroupCommit,
+    /// A reader of partition 0 without a group (the topic has one partition).
+    Partition,
+}
+
+/// One run: a Go, a kafka-go release, a way of reading.
+struct Case {
+    tc: GoToolchain,
+    kafka_go: &'static str,
+    reading: Reading,
+    exe: PathBuf,
+    backend: PathBuf,
+}
+
+/// The runs: the oldest kafka-go on every Go, and the newest each Go builds where it
+/// differs; the ways of reading taken in turn.
+fn cases() -> Result<Vec<Case>> {
+    let mut out = Vec::new();
+    for tc in test_toolchains()? {
+        let mut versions = vec![KAFKA_GO_OLDEST];
+        let newest = xtask::kafka_go_newest(&tc.version);
+        if newest != KAFKA_GO_OLDEST {
+            versions.push(newest);
+        }
+        for kafka_go in versions {
+            let reading = [Reading::Group, Reading::GroupCommit, Reading::Partition][out.len() % 3];
+            let exe = build_pinned_fixture("kafkasvc", None, &[(KAFKA_GO, kafka_go)], &tc, Flavor::Default)?;
+            let backend = build_fixture("httpserver", &tc, Flavor::Default)?;
+            out.push(Case { tc: tc.clone(), kafka_go, reading, exe, backend });
+        }
+    }
+    Ok(out)
+}
+
+/// What the test needs first: Java and the broker (without them, outside CI, it skips),
+/// the suite's lock, and a broker started.
+fn prepare() -> Result<Option<(std::sync::MutexGuard<'static, ()>, Kafka)>> {
+    if !require_kafka()? {
+        return Ok(None);
+    }
+    let serial = tests::exclusive();
+    let t = Instant::now();
+    xtask::kafka::install()?;
+    let installed = t.elapsed();
+    let t = Instant::now();
+    let kafka = Kafka::start()?;
+    eprintln!(
+        "kafka: broker {} installed in {installed:.1?}, started in {:.1?}",
+        xtask::kafka::KAFKA_VERSION,
+        t.elapsed()
+    );
+    Ok(Some((serial, kafka)))
+}
+
+/// One CONSUMED line: (topic, partition, offset, key).
+fn consumed(p: &Proc) -> Result<Vec<(String, u32, u64, String)>> {
+    p.seen
+        .iter()
+        .filter(|(err, l)| !err && l.starts_with("CONSUMED "))
+        .map(|(_, l)| {
+            let f: Vec<&str> = l.split(' ').collect();
+            ensure!(f.len() == 5, "malformed line {l:?}");
+            Ok((f[1].to_string(), f[2].parse()?, f[3].parse()?, f[4].to_string()))
+        })
+        .collect()
+}
+
+fn run(kafka: &Kafka, case: &Case, n: usize) -> Result<()> {
+    let started = Instant::now();
+    let what = format!("Go {} kafka-go {} {:?}", case.tc.version, case.kafka_go, case.reading);
+    let topic = format!("smoke-{n}");
+    let partitions = if matches!(case.reading, Reading::Partition) { "1" } else { "3" };
+    let brokers = kafka.addr();
+    let mut backend = start_fixture(&case.backend, &[], &[])?;
+    let url = format!("http://{}/hello", backend.value("LISTEN").context("backend LISTEN")?);
+    let mut args = vec!["-mode", "consumer", "-brokers", &brokers, "-topic", &topic, "-partitions", partitions];
+    args.extend(["-backend", &url]);
+    match case.reading {
+        Reading::Group => args.extend(["-group", &topic]),
+        Reading::GroupCommit => args.extend(["-group", &topic, "-commit"]),
+        Reading::Partition => args.extend(["-group", "", "-partition", "0"]),
+    }
+    let mut consumer = start_fixture(&case.exe, &args, &[])?;
+    let args = ["-mode", "producer", "-brokers", &brokers, "-topic", &topic, "-partitions", partitions];
+    let mut producer = start_fixture(&case.exe, &args, &[])?;
+    let addr = producer.value("LISTEN").context("producer LISTEN")?;
+    for (path, count, _) in REQUESTS {
+        let (code, body) = get(&addr, path)?;
+        ensure!(code == 200 && body.trim() == format!("wrote {count}"), "{what}: {path}: {code} {body}");
+    }
+    let want: usize = REQUESTS.iter().map(|r| r.1).sum();
+    // The group may be joined after the messages were written (it starts at the first
+    // offset): wait for the consumption, not for the join.
+    let deadline = Instant::now() + LIMIT;
+    while consumed(&consumer)?.len() < want && Instant::now() < deadline {
+        consumer.drain(Duration::from_millis(100));
+    }
+    // Anything read twice would come right after.
+    consumer.drain(Duration::from_millis(500));
+    consumer.signal(15);
+    ensure!(consumer.wait(LIMIT)?.success(), "{what}: the consumer failed:\n{}", consumer.transcript());
+    producer.signal(15);
+    ensure!(producer.wait(LIMIT)?.success(), "{what}: the producer failed:\n{}", producer.transcript());
+    backend.signal(15);
+    ensure!(backend.wait(LIMIT)?.success(), "{what}: the backend failed:\n{}", backend.transcript());
+    let lines = consumed(&consumer)?;
+    let transcript = || consumer.transcript();
+    ensure!(lines.len() == want, "{what}: {} messages consumed, want {want}:\n{}", lines.len(), transcript());
+    // Every backend GET answered 200 (else the consumer prints an ERROR line).
+    ensure!(!consumer.seen.iter().any(|(e, l)| !e && l.starts_with("ERROR")), "{what}:\n{}", transcript());
+    let mut keys: BTreeMap<&str, usize> = BTreeMap::new();
+    for (_, count, key) in REQUESTS {
+        *keys.entry(key).or_default() += count;
+    }
+    let mut got: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut next: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut alpha = None;
+    for (t, partition, offset, key) in &lines {
+        ensure!(*t == topic, "{what}: topic {t}:\n{}", transcript());
+        *got.entry(key).or_default() += 1;
+        // A fresh topic read from its first offset: per partition 0, 1, 2, ...
+        let expected = next.entry(*partition).or_default();
+        ensure!(
+            *offset == *expected,
+            "{what}: partition {partition} offset {offset}, want {expected}:\n{}",
+            transcript()
+        );
+        *expected += 1;
+        if key == "alpha" {
+            // One key, one partition (the writer's Hash balancer).
+            ensure!(
+                *alpha.get_or_insert(*partition) == *partition,
+                "{what}: key alpha on two partitions:\n{}",
+                transcript()
+            );
+        }
+    }
+    ensure!(got == keys, "{what}: keys {got:?}, want {keys:?}:\n{}", transcript());
+    eprintln!("kafka: {what}: {want} messages over {} partition(s) in {:.1?}", next.len(), started.elapsed());
+    Ok(())
+}
+
+/// Messages written by kafka-go's Writer from HTTP handlers are read by its Reader, once
+/// each, and each makes one backend request.
+#[test]
+fn kafka_go_writes_and_reads_through_a_real_broker() -> Result<()> {
+    let started = Instant::now();
+    if !require_kafka()? {
+        return Ok(());
+    }
+    // Built first: a cold build takes minutes, during which the broker would sit idle.
+    let cases = cases()?;
+    let Some((_serial, kafka)) = prepare()? else { return Ok(()) };
+    for (n, case) in cases.iter().enumerate() {
+        run(&kafka, case, n)?;
+    }
+    drop(kafka);
+    eprintln!("kafka: {} runs in {:.1?}", cases.len(), started.elapsed());
+    Ok(())
+}
