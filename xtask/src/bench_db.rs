@@ -98,7 +98,8 @@ fn pin(cpu: Option<usize>) -> Result<()> {
     // it by pointer and a valid size.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Not available_parallelism(): it counts the CPUs this thread may use, one once pinned.
+        let n = libc::sysconf(libc::_SC_NPROCESSORS_ONLN).max(1) as usize;
         for c in 0..n {
             if cpu.is_none_or(|only| only == c) {
                 libc::CPU_SET(c, &mut set);
@@ -129,7 +130,8 @@ pub fn db() -> Result<()> {
          PostgreSQL and Redis), load at 8 connections for {SECONDS} s, {ROUNDS} interleaved rounds, medians:",
         tc.version, pins[0].1, pins[1].1
     );
-    let two = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+    // SAFETY: sysconf with a valid name.
+    let two = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } >= 2;
     ensure!(two, "bench db needs two cores (one for the service, one for the servers)");
     let split = setup(Cores::Split, &inject, [&plain, &otel, &load_exe]);
     pin(None)?;
