@@ -343,3 +343,18 @@ pub fn check_attrs(s: &otlp::Received, want: &[(&str, serde_json::Value)]) -> Re
     }
     Ok(())
 }
+
+/// GET `path` from `addr` over a fresh HTTP/1.1 connection (answers within 30 s): the
+/// status code and body.
+pub fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use anyhow::Context;
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut r = String::new();
+    s.read_to_string(&mut r)?;
+    let code = r.split_whitespace().nth(1).and_then(|c| c.parse().ok()).with_context(|| format!("response {r:?}"))?;
+    let body = r.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    Ok((code, body))
+}

@@ -2,7 +2,6 @@
 //! pgx's driver, pgx native, go-redis) on a PostgreSQL cluster and a redis-server the
 //! test starts on loopback.
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -13,17 +12,7 @@ use xtask::{Flavor, GoToolchain, build_pinned_fixture, test_toolchains};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
-/// GET `path` from `addr`: the status code and body.
-fn get(addr: &str, path: &str) -> Result<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(LIMIT))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut r = String::new();
-    s.read_to_string(&mut r)?;
-    let code = r.split_whitespace().nth(1).and_then(|c| c.parse().ok()).with_context(|| format!("response {r:?}"))?;
-    let body = r.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
-    Ok((code, body))
-}
+use tests::http_get as get;
 
 struct Servers {
     pg: Postgres,

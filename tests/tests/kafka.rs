@@ -7,7 +7,6 @@
 //! oldest and the newest kafka-go.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -26,17 +25,7 @@ const REQUESTS: &[(&str, usize, &str)] = &[
     ("/produce1", 1, "-"),
 ];
 
-/// GET `path` from `addr`: the status code and body.
-fn get(addr: &str, path: &str) -> Result<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(LIMIT))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut r = String::new();
-    s.read_to_string(&mut r)?;
-    let code = r.split_whitespace().nth(1).and_then(|c| c.parse().ok()).with_context(|| format!("response {r:?}"))?;
-    let body = r.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
-    Ok((code, body))
-}
+use tests::http_get as get;
 
 /// How the consumer reads.
 #[derive(Debug, Clone, Copy)]
