@@ -185,6 +185,18 @@ pub fn grpc(inject: &std::path::Path, tc: &GoToolchain, flavor: Flavor, version:
         .spawn()?;
     let mut lines = BufReader::new(run.stdout.take().context("stdout")?).lines();
     line_with(&mut lines, "READY")?;
+    // The warm-up's client returns when the answer arrives; its server span ends when the
+    // handler's goroutine is done, a moment later (on a loaded machine, later still): stop
+    // only once inject has written it (it flushes every 200 ms), or after 10 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline
+        && !std::fs::read_to_string(&jsonl)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("\"SERVER\"") && l.contains("grpc.health.v1.Health/Check"))
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     // SAFETY: kill(2) on our own child; inject forwards it and exits with the server.
     unsafe { kill(run.id() as i32, 15) };
     let out = run.wait_with_output()?;
