@@ -1443,3 +1443,40 @@ fn an_interface_is_read_as_a_string_only_when_its_type_is_one() {
     assert_eq!(&got[8..11], b"get");
     assert_eq!(u64::from_le_bytes(call(&int_type)[..8].try_into().unwrap()), 0, "not a string: nothing read");
 }
+
+/// A slice's first element is read only when its length is not 0: `make([]T, 0)` points at
+/// the runtime's zero-size base, after which lie other variables, not a T (kafka-go's
+/// `WriteMessages(ctx, msgs...)`).
+#[test]
+fn a_first_element_is_read_only_when_the_length_is_not_zero() {
+    use trampolines::codegen::{Fetch, FieldCopy, Op, When};
+    let text = b"topic";
+    // RDI: the slice's array, whose first element starts with a string; RSI: its length.
+    let array = Box::new([text.as_ptr() as u64, text.len() as u64]);
+    let op = Op::Field(FieldCopy {
+        reg: 3,
+        path: Vec::new(),
+        off: 0,
+        fetch: Fetch::Str { max: 16 },
+        dest: 0,
+        when: vec![When::nonzero(4)],
+        keep_on_miss: false,
+    });
+    let plan = CapturePlan { ints: 0x1ff, ops: vec![op], ..CapturePlan::default() };
+    let r = rig_with_plans(64, leaf_function, false, &plan, &CapturePlan { off: true, ..CapturePlan::default() });
+    let call = |len: u64| -> (u64, Vec<u8>) {
+        let mut regs = regs_for(&r);
+        regs[3] = array.as_ptr() as u64;
+        regs[4] = len;
+        // SAFETY: the array is live test memory.
+        unsafe { call_with(&mut regs) };
+        let m = r.ring.bytes();
+        let s = *published(&r).last().unwrap();
+        let d = m[s + slot::DATA..][..24].to_vec();
+        (u64::from_le_bytes(d[..8].try_into().unwrap()), d[8..8 + text.len()].to_vec())
+    };
+    let (n, bytes) = call(1);
+    assert_eq!((n, bytes.as_slice()), (text.len() as u64, &text[..]), "length 1: read");
+    assert_eq!(call(0).0, 0, "length 0: not read, 0 stored");
+    assert_eq!(call(3).0, text.len() as u64, "length 3: read");
+}

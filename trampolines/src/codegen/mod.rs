@@ -177,17 +177,24 @@ pub struct When {
     pub equals: u64,
     /// Compare the byte at `off` (a type descriptor's kind), not the word.
     pub byte: bool,
+    /// Holds when the value differs from `equals` (a slice's length is not 0).
+    pub differs: bool,
 }
 
 impl When {
     /// The register holds `itab`.
     pub fn reg(reg: u8, itab: u64) -> When {
-        When { reg, path: Vec::new(), off: None, equals: itab, byte: false }
+        When { reg, path: Vec::new(), off: None, equals: itab, byte: false, differs: false }
     }
 
     /// The word at `off` after `path` equals `equals`.
     pub fn at(reg: u8, path: Vec<i32>, off: i32, equals: u64) -> When {
-        When { reg, path, off: Some(off), equals, byte: false }
+        When { reg, path, off: Some(off), equals, byte: false, differs: false }
+    }
+
+    /// The register is not 0 (a slice's length: its first element may be read).
+    pub fn nonzero(reg: u8) -> When {
+        When { reg, path: Vec::new(), off: None, equals: 0, byte: false, differs: true }
     }
 
     /// The empty interface (type, data) at `path` from the register holds a string
@@ -197,7 +204,7 @@ impl When {
     pub fn eface_string(reg: u8, path: Vec<i32>) -> When {
         let mut path = path;
         path.push(0);
-        When { reg, path, off: Some(ABI_TYPE_KIND), equals: ABI_KIND_STRING, byte: true }
+        When { reg, path, off: Some(ABI_TYPE_KIND), equals: ABI_KIND_STRING, byte: true, differs: false }
     }
 }
 

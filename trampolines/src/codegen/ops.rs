@@ -502,7 +502,11 @@ impl Ops<'_> {
             }
             a.mov(rax, w.equals)?;
             a.cmp(rsi, rax)?;
-            a.jne(miss)?;
+            if w.differs {
+                a.je(miss)?;
+            } else {
+                a.jne(miss)?;
+            }
         }
         a.mov(rsi, self.reg(f.reg))?;
         for &p in &f.path {
