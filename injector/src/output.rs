@@ -354,6 +354,7 @@ fn encode_lib(call: &Call, d: &crate::libs::Described, clock: &Clock) -> Vec<u8>
             kind: match d.kind {
                 crate::libs::SpanKind::Server => K::Server,
                 crate::libs::SpanKind::Client => K::Client,
+                crate::libs::SpanKind::Producer => K::Producer,
             },
             start_ns: start as u64,
             end_ns: start as u64 + dur.round() as u64,

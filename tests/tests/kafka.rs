@@ -193,3 +193,102 @@ fn kafka_go_writes_and_reads_through_a_real_broker() -> Result<()> {
     eprintln!("kafka: {} runs in {:.1?}", cases.len(), started.elapsed());
     Ok(())
 }
+
+/// A producer request: path, status, and its span's batch count, key, whether an error.
+type Write = (&'static str, u16, Option<i64>, Option<&'static str>, bool);
+
+/// A PRODUCER span for every `WriteMessages` call, child of the HTTP request that made it
+/// (from the handler, or from a goroutine it started), by the messaging conventions: a
+/// batch's count, a single message's key, the broker, the error kafka-go returned. On the
+/// oldest and newest Go with the oldest and newest kafka-go each builds, stripped builds
+/// (offsets from the table) included.
+#[test]
+fn writes_are_producer_spans_under_their_request() -> Result<()> {
+    if !tests::require_ptrace()? || !require_kafka()? {
+        return Ok(());
+    }
+    let mut builds = Vec::new();
+    for tc in test_toolchains()? {
+        let newest = xtask::kafka_go_newest(&tc.version);
+        for (kafka_go, flavor) in [(KAFKA_GO_OLDEST, Flavor::Stripped), (newest, Flavor::Default)] {
+            let exe = build_pinned_fixture("kafkasvc", None, &[(KAFKA_GO, kafka_go)], &tc, flavor)?;
+            builds.push((format!("Go {} kafka-go {kafka_go} {}", tc.version, flavor.name()), exe));
+        }
+    }
+    let Some((_serial, kafka)) = prepare()? else { return Ok(()) };
+    let brokers = kafka.addr();
+    let port: i64 = brokers.rsplit(':').next().context("port")?.parse()?;
+    for (n, (what, exe)) in builds.iter().enumerate() {
+        let topic = format!("spans-{n}");
+        let args = ["-mode", "producer", "-brokers", &brokers, "-topic", &topic, "-partitions", "2"];
+        let mut producer = start_fixture(exe, &args, &[])?;
+        let addr = producer.value("LISTEN").context("producer LISTEN")?;
+        let jsonl = tests::scratch(&format!("kafka-{}.jsonl", producer.pid()));
+        let pid = producer.pid().to_string();
+        let inject_args: Vec<String> =
+            ["--pid", &pid, "--output", "jsonl", "--output-file", &jsonl.display().to_string()]
+                .map(String::from)
+                .into();
+        let mut inject = tests::start_inject_env(&inject_args, &[], true)?;
+        let calls: &[Write] = &[
+            ("/produce?n=5&key=alpha", 200, Some(5), None, false),
+            ("/produce1?key=beta", 200, None, Some("beta"), false),
+            ("/produce?n=3&go=1", 200, Some(3), None, false),
+            ("/produce1?topic=other", 500, None, None, true),
+        ];
+        for (path, status, ..) in calls {
+            let (code, body) = get(&addr, path)?;
+            ensure!(code == *status, "{what}: {path}: {code} {body}");
+        }
+        inject.signal(15);
+        ensure!(inject.wait(LIMIT)?.success(), "{what}: inject:\n{}", inject.transcript());
+        producer.signal(15);
+        ensure!(producer.wait(LIMIT)?.success(), "{what}: the producer failed:\n{}", producer.transcript());
+        let spans = tests::schema::read_jsonl(&jsonl)?;
+        let _ = std::fs::remove_file(&jsonl);
+        let servers: Vec<&serde_json::Value> = spans.iter().filter(|s| s["kind"] == "SERVER").collect();
+        let producers: Vec<&serde_json::Value> = spans.iter().filter(|s| s["kind"] == "PRODUCER").collect();
+        let all = || spans.iter().map(|s| format!("  {s}")).collect::<Vec<_>>().join("\n");
+        ensure!(
+            servers.len() == calls.len(),
+            "{what}: {} server spans, want {}:\n{}",
+            servers.len(),
+            calls.len(),
+            all()
+        );
+        ensure!(
+            producers.len() == calls.len(),
+            "{what}: {} producer spans, want {}:\n{}",
+            producers.len(),
+            calls.len(),
+            all()
+        );
+        for (i, (path, _, count, key, error)) in calls.iter().enumerate() {
+            let server = servers[i];
+            let p = producers
+                .iter()
+                .find(|p| p["trace_id"] == server["trace_id"])
+                .with_context(|| format!("{what}: {path}: no producer span in its request's trace:\n{}", all()))?;
+            let a = &p["attributes"];
+            let ctx = || format!("{what}: {path}: {p}");
+            ensure!(p["parent_span_id"] == server["span_id"], "{}: not the server span's child", ctx());
+            ensure!(p["name"] == format!("send {topic}").as_str(), "{}: name", ctx());
+            ensure!(a["messaging.system"] == "kafka" && a["messaging.operation.type"] == "send", "{}", ctx());
+            ensure!(a["messaging.operation.name"] == "send", "{}", ctx());
+            ensure!(a["messaging.destination.name"] == topic.as_str(), "{}: destination", ctx());
+            ensure!(a["server.address"] == "127.0.0.1" && a["server.port"] == port, "{}: broker", ctx());
+            ensure!(a.get("messaging.batch.message_count").and_then(|v| v.as_i64()) == *count, "{}: count", ctx());
+            ensure!(a.get("messaging.kafka.message.key").and_then(|v| v.as_str()) == *key, "{}: key", ctx());
+            match error {
+                true => {
+                    let e = p["error"].as_str().unwrap_or_default();
+                    ensure!(e.contains("Topic must not be specified"), "{}: error", ctx());
+                    ensure!(a["error.type"] == "*errors.errorString", "{}: error.type", ctx());
+                }
+                false => ensure!(p["error"].is_null() && a.get("error.type").is_none(), "{}: an error", ctx()),
+            }
+        }
+        eprintln!("kafka: {what}: {} producer spans, each under its request", producers.len());
+    }
+    Ok(())
+}

@@ -70,7 +70,10 @@ impl Library for KafkaGo {
         let mut offsets =
             go_abi::runtime::FieldOffsets::new(cx.ctx.dwarf.as_ref(), cx.release).with_modules(&cx.bin.build_info.deps);
         let itab = |c: &str, i: &str| cx.bin.itab(c, i).map(|a| a + cx.bias);
-        let network_address = itab(&format!("*{KAFKA}.networkAddress"), "net.Addr");
+        // Without itab symbols (stripped, Go 1.27) itabs are found by the type's name as
+        // the binary spells it: package `kafka`, which its path's last element is not.
+        let network_address =
+            itab(&format!("*{KAFKA}.networkAddress"), "net.Addr").or_else(|| itab("*kafka.networkAddress", "net.Addr"));
         let error_string = itab("*errors.errorString", "error").zip(offsets.get("errors.errorString.s"));
         let mut get = |k: &str| {
             offsets.get(&format!("{KAFKA}{k}")).and_then(|o| i32::try_from(o).ok()).ok_or_else(|| format!("{KAFKA}{k}"))

@@ -9,6 +9,7 @@
 pub mod goroutines;
 pub mod grpc;
 pub mod http;
+pub mod kafka;
 pub mod redis;
 pub mod sql;
 
@@ -20,8 +21,15 @@ use crate::ring::Record;
 use crate::values::Side;
 
 /// Every library inject instruments, in the order their probes are planned.
-pub static LIBRARIES: &[&dyn Library] =
-    &[&http::NetHttp, &grpc::Grpc, &sql::DatabaseSql, &sql::pgx::Pgx, &redis::GoRedis, &goroutines::Goroutines];
+pub static LIBRARIES: &[&dyn Library] = &[
+    &http::NetHttp,
+    &grpc::Grpc,
+    &sql::DatabaseSql,
+    &sql::pgx::Pgx,
+    &redis::GoRedis,
+    &kafka::KafkaGo,
+    &goroutines::Goroutines,
+];
 
 pub use crate::plan::LibProbe;
 
@@ -159,12 +167,12 @@ impl Notes {
     }
 }
 
-/// A span's kind (OpenTelemetry's; the messaging libraries will add producer and
-/// consumer).
+/// A span's kind (OpenTelemetry's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SpanKind {
     Server,
     Client,
+    Producer,
 }
 
 impl SpanKind {
@@ -172,6 +180,7 @@ impl SpanKind {
         match self {
             SpanKind::Server => "SERVER",
             SpanKind::Client => "CLIENT",
+            SpanKind::Producer => "PRODUCER",
         }
     }
 }

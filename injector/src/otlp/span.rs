@@ -132,6 +132,7 @@ pub fn lib_span(call: &Call, d: crate::libs::Described, clock: &Clock, scope: &I
     let kind = match d.kind {
         K::Server => SpanKind::Server,
         K::Client => SpanKind::Client,
+        K::Producer => SpanKind::Producer,
     };
     let status = d.error.map_or(Status::Unset, Status::error);
     span_data(call, clock, (d.name, kind, trace_state), attributes, status, scope)
