@@ -8,6 +8,7 @@
 pub mod abi;
 pub mod binary;
 pub mod buildinfo;
+pub mod declared;
 pub mod dwarf;
 pub mod elf;
 pub mod offsets;

@@ -28,7 +28,7 @@ pub enum Scalar {
     Float64,
 }
 
-fn scalar(t: &GoType) -> Option<Scalar> {
+pub(crate) fn scalar(t: &GoType) -> Option<Scalar> {
     match *t {
         GoType::Bool => Some(Scalar::Bool),
         GoType::Int { size, signed } => Some(Scalar::Int { size, signed }),
@@ -38,7 +38,7 @@ fn scalar(t: &GoType) -> Option<Scalar> {
     }
 }
 
-fn interface(t: &GoType) -> Option<bool> {
+pub(crate) fn interface(t: &GoType) -> Option<bool> {
     match t {
         GoType::Interface { empty } => Some(*empty),
         _ => None,
