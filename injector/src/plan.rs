@@ -119,14 +119,23 @@ fn is_runtime(name: &str) -> bool {
 }
 
 /// Analyses one function at its run-time address (`bias` is a PIE's load bias), so every
-/// address in the verdict is where it will be patched.
-pub fn analyse(bin: &GoBinary<'_>, f: &Func<'_>, id: u32, bias: u64, ctx: &PlanContext) -> ProbeSite {
-    analyse_as(bin, f, id, bias, ctx, Role::Func)
+/// address in the verdict is where it will be patched, for a probe with a role. Library
+/// probes may be in the runtime (`runtime.newproc1`): their trampolines are vetted for
+/// running there.
+pub fn analyse_as(bin: &GoBinary<'_>, f: &Func<'_>, id: u32, bias: u64, ctx: &PlanContext, role: Role) -> ProbeSite {
+    analyse_with(bin, f, id, bias, ctx, role, None)
 }
 
-/// [`analyse`] for a probe with a role. Library probes may be in the runtime
-/// (`runtime.newproc1`): their trampolines are vetted for running there.
-pub fn analyse_as(bin: &GoBinary<'_>, f: &Func<'_>, id: u32, bias: u64, ctx: &PlanContext, role: Role) -> ProbeSite {
+/// [`analyse_as`] with the signature the user declared, in place of DWARF's.
+fn analyse_with(
+    bin: &GoBinary<'_>,
+    f: &Func<'_>,
+    id: u32,
+    bias: u64,
+    ctx: &PlanContext,
+    role: Role,
+    declared: Option<go_abi::signature::Signature>,
+) -> ProbeSite {
     let mut site = ProbeSite {
         id,
         name: f.name.to_string(),
@@ -158,7 +167,7 @@ pub fn analyse_as(bin: &GoBinary<'_>, f: &Func<'_>, id: u32, bias: u64, ctx: &Pl
             return site;
         }
     };
-    let sig = ctx.dwarf.as_ref().and_then(|d| d.function_by_entry(f.entry)).and_then(|d| signature(d, f.args));
+    let sig = declared.or_else(|| dwarf_signature(ctx, f));
     (site.on_entry, site.on_return) = values::sides(sig.as_ref(), ctx.max_string, &ctx.error_itabs);
     site.typed = sig.is_some();
     // Without a locals pointer map the runtime never preempts the function asynchronously,
@@ -272,16 +281,61 @@ fn error_itabs(bin: &GoBinary<'_>, bias: u64) -> Vec<u64> {
     MESSAGE_FIRST_ERRORS.iter().filter_map(|t| bin.itab(t, "error")).map(|a| a + bias).collect()
 }
 
+fn dwarf_signature(ctx: &PlanContext, f: &Func<'_>) -> Option<go_abi::signature::Signature> {
+    ctx.dwarf.as_ref().and_then(|d| d.function_by_entry(f.entry)).and_then(|d| signature(d, f.args))
+}
+
+/// The signature declared in `--func 'NAME(PARAMS) RESULTS'` for `f`: checked against the
+/// pclntab's argument frame, and against DWARF when the binary has it.
+fn declared_signature(
+    ctx: &PlanContext,
+    f: &Func<'_>,
+    declared: &go_abi::declared::Declared,
+) -> anyhow::Result<go_abi::signature::Signature> {
+    use go_abi::signature::ShowLocation;
+    let sig = go_abi::declared::signature(declared, &f.name, f.args)?;
+    if let Some(d) = dwarf_signature(ctx, f) {
+        let show = |v: &[go_abi::signature::Value]| {
+            v.iter().map(|v| format!("{} {}", v.name, ShowLocation(&v.location))).collect::<Vec<_>>().join(", ")
+        };
+        let places = |s: &go_abi::signature::Signature| {
+            (s.params.iter().chain(&s.results).map(|v| v.location.clone()).collect::<Vec<_>>(), s.params.len())
+        };
+        anyhow::ensure!(
+            places(&d) == places(&sig),
+            "{}: the declaration puts its values at ({}) ({}), DWARF at ({}) ({}): it is not this function's",
+            f.name,
+            show(&sig.params),
+            show(&sig.results),
+            show(&d.params),
+            show(&d.results)
+        );
+    }
+    Ok(sig)
+}
+
 pub fn plan(bin: &GoBinary<'_>, patterns: &[String], bias: u64, ctx: &PlanContext) -> anyhow::Result<Vec<ProbeSite>> {
     let funcs = bin.functions()?;
     let mut sites = Vec::new();
-    for pattern in patterns {
+    for full in patterns {
         let before = sites.len();
+        let (pattern, declaration) = go_abi::declared::split_pattern(full);
+        let declared = match declaration {
+            Some(text) => {
+                anyhow::ensure!(
+                    !pattern.contains(['*', '?', '[']),
+                    "--func {full:?}: a declared signature is one function's; name it without a glob"
+                );
+                Some(go_abi::declared::parse(text).map_err(|e| anyhow::anyhow!("--func {full:?}: {e}"))?)
+            }
+            None => None,
+        };
         for f in funcs.iter().filter(|f| crate::inspect::matches_exact_or_glob(pattern, &f.name)) {
             if sites.iter().any(|s: &ProbeSite| s.entry == f.entry + bias) {
                 continue;
             }
-            sites.push(analyse(bin, f, sites.len() as u32, bias, ctx));
+            let sig = declared.as_ref().map(|d| declared_signature(ctx, f, d)).transpose()?;
+            sites.push(analyse_with(bin, f, sites.len() as u32, bias, ctx, Role::Func, sig));
         }
         if sites.len() == before {
             anyhow::bail!(

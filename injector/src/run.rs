@@ -36,8 +36,10 @@ pub struct RunArgs {
     /// A Go executable to plan against (only with --dry-run).
     #[arg(long, value_name = "PATH", requires = "dry_run", conflicts_with = "command")]
     pub exe: Option<PathBuf>,
-    /// Functions to probe: full names (`main.(*Store).Get`) or globs (`main.*`)
-    /// [also INJECT_FUNCS: patterns separated by spaces].
+    /// Functions to probe: full names (`main.(*Store).Get`) or globs (`main.*`); a full
+    /// name may declare the signature, for builds without DWARF
+    /// (`main.priceOf(sku string, qty int) float64`) [also INJECT_FUNCS: patterns
+    /// separated by spaces, so without declarations].
     #[arg(long = "func", value_name = "PATTERN")]
     pub funcs: Vec<String>,
     /// Library instrumentation to turn on [default: every one the target links].

@@ -104,9 +104,32 @@ fn captured_values_equal_the_programs_own() -> Result<()> {
         return Ok(());
     }
     let _serial = tests::exclusive();
-    let calls = 1_000_000;
     for tc in test_toolchains()? {
-        let exe = build_fixture("args", &tc, Flavor::Default)?;
+        check_capture(&tc, Flavor::Default, "main.record", 1_000_000)?;
+    }
+    Ok(())
+}
+
+/// A stripped build has no DWARF: with the signature declared in the pattern, every value
+/// is named, typed and captured as the program printed it, as with DWARF.
+#[test]
+fn a_declared_signature_types_a_stripped_build() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    let declared = "main.record(id int, neg int, s string, f float64, b []byte, ok bool) (int, string)";
+    for tc in test_toolchains()? {
+        check_capture(&tc, Flavor::Stripped, declared, 100_000)?;
+    }
+    Ok(())
+}
+
+/// Runs the args fixture built as `flavor` for `calls` calls of main.record probed as
+/// `func`, and checks every captured value against the line the program printed.
+fn check_capture(tc: &xtask::GoToolchain, flavor: Flavor, func: &str, calls: usize) -> Result<()> {
+    {
+        let exe = build_fixture("args", tc, flavor)?;
         // Eight goroutines saturating both cores, the default ring: JSON lines output is
         // lossless, so when the collector falls behind the program waits, and nothing is
         // dropped.
@@ -117,7 +140,7 @@ fn captured_values_equal_the_programs_own() -> Result<()> {
                 "--pid".into(),
                 target.pid().to_string(),
                 "--func".into(),
-                "main.record".into(),
+                func.into(),
                 "--output".into(),
                 "jsonl".into(),
                 "--output-file".into(),
@@ -160,7 +183,7 @@ fn captured_values_equal_the_programs_own() -> Result<()> {
             checked += 1;
         }
         ensure!(checked == calls, "checked {checked} of {calls}");
-        eprintln!("Go {}: {checked} calls, every captured value equals the program's", tc.version);
+        eprintln!("Go {} {}: {checked} calls, every captured value equals the program's", tc.version, flavor.name());
         let _ = std::fs::remove_file(&jsonl);
     }
     Ok(())

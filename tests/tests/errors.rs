@@ -121,6 +121,30 @@ fn unknown_function_pattern() -> Result<()> {
     Ok(())
 }
 
+/// A declared signature that cannot be the function's is refused before anything is
+/// planned: a type whose layout it does not give, a frame of another size (stripped: the
+/// pclntab's frame is all there is), values where DWARF has others, a glob.
+#[test]
+fn declared_signatures_that_cannot_be_the_functions_are_refused() -> Result<()> {
+    let tc = &test_toolchains()?[0];
+    for (flavor, func, needle) in [
+        (Flavor::Stripped, "main.record(id Item)", "unknown type \"Item\""),
+        (Flavor::Stripped, "main.record(id int, s string)", "bytes of argument frame"),
+        (
+            Flavor::Default,
+            "main.record(id int, neg int, s string, f float64, b []byte, ok bool) (int, int)",
+            "DWARF at",
+        ),
+        (Flavor::Stripped, "main.rec*(id int)", "without a glob"),
+        (Flavor::Stripped, "main.record(id int", "unbalanced"),
+    ] {
+        let exe = build_fixture("args", tc, flavor)?;
+        let args = ["--dry-run", "--exe", exe.to_str().context("path")?, "--func", func];
+        expect_error(&args, None, 1, needle)?;
+    }
+    Ok(())
+}
+
 /// Go 1.19 comes from Debian's golang-1.19-go, which `cargo xtask test` installs.
 #[test]
 fn go_1_19_binary_is_refused_by_name() -> Result<()> {
