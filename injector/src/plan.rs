@@ -225,6 +225,46 @@ pub struct PlanContext {
 }
 
 impl PlanContext {
+    /// [`PlanContext::new`], with DWARF from `twin` when given: another build of the same
+    /// code (the unstripped build of a stripped target), accepted only when its functions
+    /// are the target's, the same names at the same addresses; else an error saying what
+    /// differs.
+    pub fn with_twin(
+        bin: &GoBinary<'_>,
+        bias: u64,
+        max_string: u16,
+        twin: Option<&std::path::Path>,
+    ) -> anyhow::Result<PlanContext> {
+        use anyhow::Context;
+        let mut ctx = PlanContext::new(bin, bias, max_string);
+        let Some(path) = twin else { return Ok(ctx) };
+        let what = || format!("--debug-info {}", path.display());
+        let file = std::fs::File::open(path).with_context(what)?;
+        // SAFETY: a read-only private mapping of a file we only read.
+        let map = unsafe { memmap2::Mmap::map(&file) }.with_context(what)?;
+        let other = GoBinary::parse(&map[..]).with_context(what)?;
+        let (ours, theirs) = (bin.functions()?, other.functions().with_context(what)?);
+        let differ: Vec<String> = ours
+            .iter()
+            .zip(&theirs)
+            .filter(|(a, b)| a.name != b.name || a.entry != b.entry)
+            .map(|(a, b)| format!("{} at {:#x} here, {} at {:#x} there", a.name, a.entry, b.name, b.entry))
+            .collect();
+        anyhow::ensure!(
+            ours.len() == theirs.len() && differ.is_empty(),
+            "{}: not a build of the target's code ({} functions here, {} there{}); build it from the same source \
+             with the same flags, without -s -w",
+            what(),
+            ours.len(),
+            theirs.len(),
+            differ.first().map_or(String::new(), |d| format!("; first difference: {d}"))
+        );
+        let dwarf = other.dwarf().with_context(what)?;
+        anyhow::ensure!(dwarf.is_some(), "{}: it has no DWARF either (built with -w?)", what());
+        ctx.dwarf = dwarf;
+        Ok(ctx)
+    }
+
     pub fn new(bin: &GoBinary<'_>, bias: u64, max_string: u16) -> PlanContext {
         PlanContext {
             dwarf: bin.dwarf().ok().flatten(),

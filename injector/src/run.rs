@@ -42,6 +42,12 @@ pub struct RunArgs {
     /// separated by spaces, so without declarations].
     #[arg(long = "func", value_name = "PATTERN")]
     pub funcs: Vec<String>,
+    /// DWARF from another build of the same code, for a target built without it (its
+    /// unstripped twin): used only when its functions are the target's, the same names
+    /// at the same addresses. Names and types every --func value, and gives libraries
+    /// their struct offsets.
+    #[arg(long, value_name = "PATH")]
+    pub debug_info: Option<PathBuf>,
     /// Library instrumentation to turn on [default: every one the target links].
     #[arg(long = "lib", value_name = "LIB", value_parser = clap::builder::PossibleValuesParser::new(libs::names()))]
     pub libs: Vec<String>,
@@ -208,7 +214,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         let target = TargetArgs { pid: if exe.is_some() { None } else { args.pid }, exe };
         let exe = target.open()?;
         let bin = GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())?;
-        let ctx = plan::PlanContext::new(&bin, exe.bias, args.max_string);
+        let ctx = plan::PlanContext::with_twin(&bin, exe.bias, args.max_string, args.debug_info.as_deref())?;
         if let Some(why) = target.pid.and_then(|pid| Trampolines.held(pid)) {
             eprintln!("inject: warning: {why} (a real attach would be refused)");
         }
@@ -473,7 +479,7 @@ pub fn start(pid: i32, args: &RunArgs, mode: Mode) -> Result<Option<Tracing>> {
     let exe = TargetArgs { exe: None, pid: Some(pid) }.open()?;
     let bin = GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())?;
     let assumed = check_go_version(&bin, args.assume_go_version.as_deref())?;
-    let ctx = plan::PlanContext::new(&bin, exe.bias, args.max_string);
+    let ctx = plan::PlanContext::with_twin(&bin, exe.bias, args.max_string, args.debug_info.as_deref())?;
     let sites = plan_sites(&bin, args, exe.bias, &ctx)?;
     check_installable(&sites)?;
     let otel = OtelConfig::resolve(&args.otel, &crate::otlp::config::process_env)?;

@@ -105,7 +105,7 @@ fn captured_values_equal_the_programs_own() -> Result<()> {
     }
     let _serial = tests::exclusive();
     for tc in test_toolchains()? {
-        check_capture(&tc, Flavor::Default, "main.record", 1_000_000)?;
+        check_capture(&tc, Flavor::Default, "main.record", 1_000_000, &[])?;
     }
     Ok(())
 }
@@ -120,14 +120,35 @@ fn a_declared_signature_types_a_stripped_build() -> Result<()> {
     let _serial = tests::exclusive();
     let declared = "main.record(id int, neg int, s string, f float64, b []byte, ok bool) (int, string)";
     for tc in test_toolchains()? {
-        check_capture(&tc, Flavor::Stripped, declared, 100_000)?;
+        check_capture(&tc, Flavor::Stripped, declared, 100_000, &[])?;
+    }
+    Ok(())
+}
+
+/// A stripped build with the DWARF of its unstripped twin (`--debug-info`): the same.
+#[test]
+fn a_debug_twin_types_a_stripped_build() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    for tc in test_toolchains()? {
+        let twin = build_fixture("args", &tc, Flavor::Default)?;
+        check_capture(
+            &tc,
+            Flavor::Stripped,
+            "main.record",
+            100_000,
+            &["--debug-info".into(), twin.display().to_string()],
+        )?;
     }
     Ok(())
 }
 
 /// Runs the args fixture built as `flavor` for `calls` calls of main.record probed as
-/// `func`, and checks every captured value against the line the program printed.
-fn check_capture(tc: &xtask::GoToolchain, flavor: Flavor, func: &str, calls: usize) -> Result<()> {
+/// `func` (with `extra` arguments), and checks every captured value against the line the
+/// program printed.
+fn check_capture(tc: &xtask::GoToolchain, flavor: Flavor, func: &str, calls: usize, extra: &[String]) -> Result<()> {
     {
         let exe = build_fixture("args", tc, flavor)?;
         // Eight goroutines saturating both cores, the default ring: JSON lines output is
@@ -135,21 +156,20 @@ fn check_capture(tc: &xtask::GoToolchain, flavor: Flavor, func: &str, calls: usi
         // dropped.
         let mut target = start_fixture(&exe, &["-wait", "-n", &calls.to_string(), "-goroutines", "8"], &[])?;
         let (jsonl, summary) = (scratch("capture.jsonl"), scratch("capture-summary.json"));
-        let mut inject = start_inject(
-            &[
-                "--pid".into(),
-                target.pid().to_string(),
-                "--func".into(),
-                func.into(),
-                "--output".into(),
-                "jsonl".into(),
-                "--output-file".into(),
-                jsonl.display().to_string(),
-                "--summary-json".into(),
-                summary.display().to_string(),
-            ],
-            true,
-        )?;
+        let mut args: Vec<String> = vec![
+            "--pid".into(),
+            target.pid().to_string(),
+            "--func".into(),
+            func.into(),
+            "--output".into(),
+            "jsonl".into(),
+            "--output-file".into(),
+            jsonl.display().to_string(),
+            "--summary-json".into(),
+            summary.display().to_string(),
+        ];
+        args.extend_from_slice(extra);
+        let mut inject = start_inject(&args, true)?;
         target.send_line("go")?;
         ensure!(target.wait(LIMIT)?.success(), "target failed");
         ensure!(inject.wait(LIMIT)?.success(), "inject failed:\n{}", inject.transcript());

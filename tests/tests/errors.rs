@@ -145,6 +145,23 @@ fn declared_signatures_that_cannot_be_the_functions_are_refused() -> Result<()> 
     Ok(())
 }
 
+/// A debug twin that is not a build of the target's code, or has no DWARF, is refused
+/// with what differs.
+#[test]
+fn a_debug_twin_of_other_code_is_refused() -> Result<()> {
+    let tc = &test_toolchains()?[0];
+    let stripped = build_fixture("args", tc, Flavor::Stripped)?;
+    for (twin, needle) in [
+        (build_fixture("args", tc, Flavor::Pie)?, "first difference"),
+        (build_fixture("funcs", tc, Flavor::Default)?, "not a build of the target's code"),
+        (stripped.clone(), "no DWARF"),
+    ] {
+        let args = ["--dry-run", "--exe", stripped.to_str().context("path")?, "--func", "main.record", "--debug-info"];
+        expect_error(&args, Some(&twin), 1, needle)?;
+    }
+    Ok(())
+}
+
 /// Go 1.19 comes from Debian's golang-1.19-go, which `cargo xtask test` installs.
 #[test]
 fn go_1_19_binary_is_refused_by_name() -> Result<()> {
