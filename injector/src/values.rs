@@ -25,6 +25,8 @@ pub struct ValueSpec {
     /// copied.
     pub messages: Vec<(u64, u16)>,
     pub scalar: Option<Scalar>,
+    /// A stack-assigned value: where its words were copied in the data area, and how many.
+    pub stack: Option<(u16, u16)>,
 }
 
 /// Names the dynamic type of an interface from its first word (a type descriptor when
@@ -49,6 +51,9 @@ fn has_bytes(type_name: &str) -> bool {
 /// Bytes of an error's message kept.
 const MESSAGE_MAX: u16 = 120;
 
+/// Words of a stack-assigned value copied (a larger one is shown by its place).
+const STACK_WORDS_MAX: u64 = 16;
+
 /// Plans the capture of `values` (parameters or results), copying up to `max_string`
 /// bytes of each string and byte slice held in registers, and the message of an `error`
 /// whose dynamic type is one of `error_itabs` (checked by its itab before any read).
@@ -59,6 +64,41 @@ pub fn side(values: &[Value], max_string: u16, error_itabs: &[u64]) -> Side {
     for v in values {
         let mut copy = None;
         let mut messages = Vec::new();
+        let mut stack = None;
+        // On the stack, at SP plus its offset at the entry and at a RET alike: its words,
+        // and a string's or byte slice's bytes through its header there.
+        if let Location::Stack { offset, size } = v.location
+            && size.div_ceil(8) <= STACK_WORDS_MAX
+            && let Ok(off) = i32::try_from(offset)
+        {
+            let words = size.div_ceil(8) as u16;
+            for k in 0..words {
+                plan.ops.push(Op::Field(FieldCopy {
+                    reg: trampolines::codegen::SP,
+                    path: Vec::new(),
+                    off: off + 8 * i32::from(k),
+                    fetch: Fetch::Word,
+                    dest: dest + 8 * k,
+                    when: Vec::new(),
+                    keep_on_miss: false,
+                }));
+            }
+            stack = Some((dest, words));
+            dest += 8 * words;
+            if has_bytes(&v.type_name) && max_string > 0 {
+                plan.ops.push(Op::Field(FieldCopy {
+                    reg: trampolines::codegen::SP,
+                    path: Vec::new(),
+                    off,
+                    fetch: Fetch::Str { max: max_string },
+                    dest,
+                    when: Vec::new(),
+                    keep_on_miss: false,
+                }));
+                copy = Some((dest + 8, max_string));
+                dest += 8 + max_string.next_multiple_of(8);
+            }
+        }
         if let Location::Registers(pieces) = &v.location {
             for p in pieces {
                 match p.reg {
@@ -107,6 +147,7 @@ pub fn side(values: &[Value], max_string: u16, error_itabs: &[u64]) -> Side {
             interface: v.interface,
             messages,
             scalar: v.scalar,
+            stack,
         });
     }
     Side { plan, values: specs }
@@ -189,15 +230,22 @@ fn float_text(f: f64) -> (String, serde_json::Value) {
 /// Formats one value of `rec`.
 pub fn show(spec: &ValueSpec, rec: &Record, types: &mut TypeNamer<'_>) -> Shown {
     let name = spec.name.clone();
-    let pieces = match &spec.location {
-        Location::Registers(p) => p,
-        Location::Stack { offset, .. } => {
-            return Shown { name, text: format!("<stack+{offset}>"), json: serde_json::Value::Null };
+    // The value's words: its registers, or the copy of its stack slots.
+    let src = match (&spec.location, spec.stack) {
+        (Location::Registers(p), _) => Words::Regs(p),
+        (Location::Stack { .. }, Some((at, n))) => Words::Stack { at: usize::from(at), n: usize::from(n) },
+        (Location::Stack { offset, size }, None) => {
+            return Shown {
+                name,
+                text: format!("<{size} bytes at stack+{offset}>"),
+                json: serde_json::json!({"stack_offset": offset, "size": size}),
+            };
         }
     };
-    let bits = |i: usize| pieces.get(i).and_then(|p| reg_bits(rec, p.reg)).unwrap_or(0);
+    let bits = |i: usize| src.bits(rec, i);
+    let count = src.len();
     let t = spec.type_name.as_str();
-    let (text, json) = if let (Some(empty), 2) = (spec.interface, pieces.len()) {
+    let (text, json) = if let (Some(empty), 2) = (spec.interface, count) {
         let (word, data) = (bits(0), bits(1));
         if word == 0 {
             ("nil".to_string(), serde_json::Value::Null)
@@ -244,7 +292,7 @@ pub fn show(spec: &ValueSpec, rec: &Record, types: &mut TypeNamer<'_>) -> Shown 
             }
         };
         (text, json)
-    } else if let (Some(s), 1) = (spec.scalar, pieces.len()) {
+    } else if let (Some(s), 1) = (spec.scalar, count) {
         // Basic types and the named types over them (time.Duration, http.ConnState...).
         let b = bits(0);
         match s {
@@ -278,14 +326,14 @@ pub fn show(spec: &ValueSpec, rec: &Record, types: &mut TypeNamer<'_>) -> Shown 
             "uintptr" => (format!("{:#x}", bits(0)), serde_json::json!(bits(0))),
             "float64" => float_text(f64::from_bits(bits(0))),
             "float32" => float_text(f32::from_bits(bits(0) as u32) as f64),
-            _ if t.starts_with("[]") && pieces.len() == 3 => {
+            _ if t.starts_with("[]") && count == 3 => {
                 let (ptr, len, cap) = (bits(0), bits(1) as i64, bits(2) as i64);
                 (
                     format!("{t}(len={len} cap={cap})"),
                     serde_json::json!({"ptr": format!("{ptr:#x}"), "len": len, "cap": cap}),
                 )
             }
-            _ if pieces.len() == 1 && !pieces[0].reg.is_float() => {
+            _ if count == 1 && !src.is_float(0) => {
                 // Pointer-shaped: pointers, maps, channels, funcs, and one-word structs.
                 let v = bits(0);
                 let text = if v == 0 { "nil".into() } else { format!("{v:#x}") };
@@ -294,21 +342,54 @@ pub fn show(spec: &ValueSpec, rec: &Record, types: &mut TypeNamer<'_>) -> Shown 
             _ => {
                 // Interfaces (type word, data word), structs and arrays in registers:
                 // raw pieces, integers in hex, floats as floats.
-                let parts: Vec<String> = pieces
-                    .iter()
-                    .map(|p| match (p.reg, reg_bits(rec, p.reg)) {
-                        (Reg::X(_), Some(b)) if p.size == 4 => float_text(f32::from_bits(b as u32) as f64).0,
-                        (Reg::X(_), Some(b)) => float_text(f64::from_bits(b)).0,
-                        (_, Some(b)) => format!("{b:#x}"),
-                        (_, None) => "?".into(),
-                    })
-                    .collect();
+                let parts: Vec<String> = (0..count).map(|i| src.part(rec, i)).collect();
                 let text = format!("{t}{{{}}}", parts.join(", "));
                 (text.clone(), serde_json::json!(parts))
             }
         }
     };
     Shown { name, text, json }
+}
+
+/// Where a value's words are: registers, or copied stack slots.
+enum Words<'a> {
+    Regs(&'a [go_abi::abi::RegPiece]),
+    Stack { at: usize, n: usize },
+}
+
+impl Words<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Words::Regs(p) => p.len(),
+            Words::Stack { n, .. } => *n,
+        }
+    }
+
+    fn bits(&self, rec: &Record, i: usize) -> u64 {
+        match self {
+            Words::Regs(p) => p.get(i).and_then(|p| reg_bits(rec, p.reg)).unwrap_or(0),
+            Words::Stack { at, n } if i < *n => crate::libs::word_at(&rec.data, (at + 8 * i) as u16).unwrap_or(0),
+            Words::Stack { .. } => 0,
+        }
+    }
+
+    fn is_float(&self, i: usize) -> bool {
+        matches!(self, Words::Regs(p) if p.get(i).is_some_and(|p| p.reg.is_float()))
+    }
+
+    /// One word as a struct or array part: floats as floats, the rest in hex (a word on
+    /// the stack is shown in hex: its type's fields are not known here).
+    fn part(&self, rec: &Record, i: usize) -> String {
+        match self {
+            Words::Regs(p) => match p.get(i).map(|p| (p.reg, p.size, reg_bits(rec, p.reg))) {
+                Some((Reg::X(_), 4, Some(b))) => float_text(f32::from_bits(b as u32) as f64).0,
+                Some((Reg::X(_), _, Some(b))) => float_text(f64::from_bits(b)).0,
+                Some((_, _, Some(b))) => format!("{b:#x}"),
+                _ => "?".into(),
+            },
+            Words::Stack { .. } => format!("{:#x}", self.bits(rec, i)),
+        }
+    }
 }
 
 /// Raw argument registers, for functions without a signature (stripped binaries).

@@ -3,6 +3,7 @@
 //! counted as dropped and the program is unaffected.
 
 use std::collections::HashMap;
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -280,6 +281,49 @@ fn overload_drops_are_counted_and_harmless() -> Result<()> {
         eprintln!(
             "overload {mode}: {written} written, {dropped} dropped, {made} made; {lines} JSON lines, {gaps} of them drop records"
         );
+    }
+    Ok(())
+}
+
+/// Arguments and results the register ABI puts on the stack are copied from it at the
+/// entry and at the RET: a struct of ten ints in and out, and a string after nine ints
+/// (its bytes too), as the program printed them.
+#[test]
+fn stack_assigned_values_are_captured() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    for tc in test_toolchains()? {
+        for flavor in [Flavor::Default, Flavor::Pie] {
+            let exe = build_fixture("funcs", &tc, flavor)?;
+            let jsonl = scratch(&format!("stack-{}-{}.jsonl", tc.version, flavor.name()));
+            let mut args: Vec<String> = Vec::new();
+            for f in ["main.SumBig", "main.MakeBig", "main.Tail"] {
+                args.extend(["--func".into(), f.into()]);
+            }
+            args.extend(["--output", "jsonl", "--output-file"].map(String::from));
+            args.push(jsonl.display().to_string());
+            args.extend(["--".into(), exe.display().to_string(), "-n".into(), "1".into()]);
+            let out = Command::new(xtask::inject_binary()?).args(&args).output()?;
+            let what = format!("Go {} {}", tc.version, flavor.name());
+            ensure!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            ensure!(stdout.contains("CALL main.SumBig {1 2 3 4 5 6 7 8 9 10} => 385"), "{what}: {stdout}");
+            let mut got = HashMap::new();
+            for v in read_jsonl(&jsonl)? {
+                got.insert(v["name"].as_str().unwrap_or_default().to_string(), v);
+            }
+            let words = |from: u64| serde_json::json!((from..from + 10).map(|i| format!("{i:#x}")).collect::<Vec<_>>());
+            let sum = got.get("main.SumBig").context("no main.SumBig")?;
+            ensure!(sum["args"]["b"] == words(1) && sum["results"]["~r0"] == 385, "{what}: {sum}");
+            let make = got.get("main.MakeBig").context("no main.MakeBig")?;
+            ensure!(make["args"]["seed"] == 100 && make["results"]["~r0"] == words(100), "{what}: {make}");
+            let tail = got.get("main.Tail").context("no main.Tail")?;
+            ensure!(tail["args"]["i"] == 9 && tail["args"]["s"] == "on the stack", "{what}: {tail}");
+            ensure!(tail["results"]["~r0"] == 45 + 12, "{what}: {tail}");
+            let _ = std::fs::remove_file(&jsonl);
+        }
     }
     Ok(())
 }

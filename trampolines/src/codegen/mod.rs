@@ -152,6 +152,7 @@ pub enum Guard {
 /// struct the offsets belong to, so every load is of live memory: it cannot fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldCopy {
+    /// An integer argument register (its ABI index), or [`SP`].
     pub reg: u8,
     pub path: Vec<i32>,
     pub off: i32,
@@ -165,6 +166,12 @@ pub struct FieldCopy {
     /// instead of storing 0.
     pub keep_on_miss: bool,
 }
+
+/// The stack pointer at the probe, for [`FieldCopy::reg`] and [`When::reg`]: at an entry
+/// and at an exit's RET alike it points at the return address, so a stack-assigned
+/// argument or result lies at SP plus its ABI offset (which counts the return address).
+/// The trampolines push nothing, so it is the function's own.
+pub const SP: u8 = 0x80;
 
 /// A word equals a value: the register's, or after following `path` (pointers, each
 /// nil-checked) the word at `off`. For an interface (itab, data), `equals` is the itab

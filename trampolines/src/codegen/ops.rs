@@ -45,6 +45,10 @@ impl Ops<'_> {
     fn reg(&self, i: u8) -> AsmMemoryOperand {
         qword_ptr(r12 + self.ints + 8 * i32::from(i))
     }
+    /// RSI = the saved register `r`, or the stack pointer for [`super::SP`].
+    fn load(&self, a: &mut CodeAssembler, r: u8) -> Result<(), IcedError> {
+        if r == super::SP { a.mov(rsi, rsp) } else { a.mov(rsi, self.reg(r)) }
+    }
     fn goroutines(&self) -> u64 {
         self.ring.base + self.ring.layout.ctx_offset() as u64
     }
@@ -485,7 +489,7 @@ impl Ops<'_> {
         let mut null = a.create_label();
         let miss = if f.keep_on_miss { done } else { null };
         for w in &f.when {
-            a.mov(rsi, self.reg(w.reg))?;
+            self.load(a, w.reg)?;
             for &p in &w.path {
                 a.test(rsi, rsi)?;
                 a.je(miss)?;
@@ -508,7 +512,7 @@ impl Ops<'_> {
                 a.jne(miss)?;
             }
         }
-        a.mov(rsi, self.reg(f.reg))?;
+        self.load(a, f.reg)?;
         for &p in &f.path {
             a.test(rsi, rsi)?;
             a.je(null)?;
