@@ -119,6 +119,29 @@ pub fn output(
             })
             .clone()
     };
+    // Callers, from the pclntab: the call instruction ends at the return address, so its
+    // line is that of the byte before.
+    let mut caller_cache: std::collections::HashMap<u64, Option<crate::output::Caller>> =
+        std::collections::HashMap::new();
+    let mut callers = |ret: u64| -> Option<crate::output::Caller> {
+        let bin = bin.as_ref()?;
+        if caller_cache.len() > 1 << 16 {
+            caller_cache.clear();
+        }
+        caller_cache
+            .entry(ret)
+            .or_insert_with(|| {
+                let pc = ret.checked_sub(bias)?.checked_sub(1)?;
+                let f = bin.pclntab.find(pc)?;
+                let (file, line) = bin.pclntab.line(&f, pc)?;
+                Some(crate::output::Caller {
+                    function: f.name.to_string(),
+                    file: file.into_owned(),
+                    line: u32::try_from(line).ok()?,
+                })
+            })
+            .clone()
+    };
     let mut errors = 0;
     let mut last_flush = Instant::now();
     loop {
@@ -126,7 +149,7 @@ pub fn output(
             Ok(Out::Calls(batch)) => {
                 let c = *clock.lock().unwrap_or_else(|e| e.into_inner());
                 for call in &batch {
-                    if sink.write(call, &sites, &c, &mut namer).is_err() {
+                    if sink.write(call, &sites, &c, &mut namer, &mut callers).is_err() {
                         errors += 1;
                     }
                 }

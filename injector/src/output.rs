@@ -15,6 +15,18 @@ use crate::spans::{Call, Clock, SiteMeta, call_values};
 use crate::tree::{Node, Tree};
 use crate::values::TypeNamer;
 
+/// Where a call came from: the function holding its return address, and the file and
+/// line of the call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub function: String,
+    pub file: String,
+    pub line: u32,
+}
+
+/// Names the caller of a call from its return address (a run-time address).
+pub type Callers<'a> = dyn FnMut(u64) -> Option<Caller> + 'a;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     /// Each trace as an indented tree once its root returns: children under their parents
@@ -97,7 +109,14 @@ impl Sink {
         Sink::Text { format, out, tree: Box::default() }
     }
 
-    pub fn write(&mut self, call: &Call, sites: &[SiteMeta], clock: &Clock, types: &mut TypeNamer<'_>) -> Result<()> {
+    pub fn write(
+        &mut self,
+        call: &Call,
+        sites: &[SiteMeta],
+        clock: &Clock,
+        types: &mut TypeNamer<'_>,
+        callers: &mut Callers<'_>,
+    ) -> Result<()> {
         let meta = &sites[call.site as usize];
         if let crate::plan::Role::Lib(probe) = meta.role {
             return self.write_lib(probe, call, clock, types);
@@ -118,6 +137,12 @@ impl Sink {
         };
         let (start, dur) = call.times(clock);
         let (args, results) = call_values(meta, call, types);
+        let caller = meta
+            .entry
+            .caller
+            .and_then(|at| crate::libs::word_at(&call.entry.data, at))
+            .filter(|pc| *pc != 0)
+            .and_then(&mut *callers);
         match format {
             Format::Otlp | Format::None => {}
             Format::Console | Format::Lines => {
@@ -130,6 +155,10 @@ impl Sink {
                         let r: Vec<&str> = results.iter().map(|r| r.text.as_str()).collect();
                         head.push_str(&format!(" = ({})", r.join(", ")));
                     }
+                }
+                if let Some(c) = &caller {
+                    let file = c.file.rsplit('/').next().unwrap_or(&c.file);
+                    head.push_str(&format!(" ← {} ({file}:{})", c.function, c.line));
                 }
                 show(format, out, tree, node(call, (start, dur), head, meta.name.len(), None))?;
             }
@@ -148,6 +177,9 @@ impl Sink {
                     "args": obj(&args),
                     "results": obj(&results),
                     "error": crate::otlp::span::returned_error(meta, &results),
+                    "caller": caller.as_ref().map(|c| serde_json::json!({
+                        "function": c.function, "file": c.file, "line": c.line,
+                    })),
                 });
                 json_end(&mut o, start, dur);
                 if dur.is_none() {

@@ -169,6 +169,9 @@ fn analyse_with(
     };
     let sig = declared.or_else(|| dwarf_signature(ctx, f));
     (site.on_entry, site.on_return) = values::sides(sig.as_ref(), ctx.max_string, &ctx.error_itabs);
+    if role == Role::Func {
+        values::capture_caller(&mut site.on_entry);
+    }
     site.typed = sig.is_some();
     // Without a locals pointer map the runtime never preempts the function asynchronously,
     // nor its own functions: no goroutine can be parked inside them.

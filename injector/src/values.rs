@@ -38,6 +38,24 @@ pub type TypeNamer<'a> = dyn FnMut(u64, bool) -> Option<String> + 'a;
 pub struct Side {
     pub plan: CapturePlan,
     pub values: Vec<ValueSpec>,
+    /// Where the entry record holds the return address (the caller's code).
+    pub caller: Option<u16>,
+}
+
+/// Adds the return address (the word at SP at the entry) to an entry side: the output
+/// names the caller and its file:line from it.
+pub fn capture_caller(side: &mut Side) {
+    let Ok(dest) = u16::try_from(side.plan.data_len().next_multiple_of(8)) else { return };
+    side.plan.ops.push(Op::Field(FieldCopy {
+        reg: trampolines::codegen::SP,
+        path: Vec::new(),
+        off: 0,
+        fetch: Fetch::Word,
+        dest,
+        when: Vec::new(),
+        keep_on_miss: false,
+    }));
+    side.caller = Some(dest);
 }
 
 fn int_index(r: Reg) -> Option<u8> {
@@ -150,7 +168,7 @@ pub fn side(values: &[Value], max_string: u16, error_itabs: &[u64]) -> Side {
             stack,
         });
     }
-    Side { plan, values: specs }
+    Side { plan, values: specs, caller: None }
 }
 
 /// Entry and return sides from a signature; without one (stripped binaries) every
@@ -159,7 +177,7 @@ pub fn sides(sig: Option<&Signature>, max_string: u16, error_itabs: &[u64]) -> (
     match sig {
         Some(s) => (side(&s.params, max_string, error_itabs), side(&s.results, max_string, error_itabs)),
         None => {
-            let raw = Side { plan: CapturePlan { ints: 0x1ff, ..CapturePlan::default() }, values: Vec::new() };
+            let raw = Side { plan: CapturePlan { ints: 0x1ff, ..CapturePlan::default() }, ..Side::default() };
             (raw.clone(), raw)
         }
     }

@@ -287,9 +287,10 @@ fn overload_drops_are_counted_and_harmless() -> Result<()> {
 
 /// Arguments and results the register ABI puts on the stack are copied from it at the
 /// entry and at the RET: a struct of ten ints in and out, and a string after nine ints
-/// (its bytes too), as the program printed them.
+/// (its bytes too), as the program printed them. Every call names its caller (function,
+/// file and line of the call).
 #[test]
-fn stack_assigned_values_are_captured() -> Result<()> {
+fn stack_assigned_values_and_callers_are_captured() -> Result<()> {
     if !require_ptrace()? {
         return Ok(());
     }
@@ -319,6 +320,15 @@ fn stack_assigned_values_are_captured() -> Result<()> {
             ensure!(sum["args"]["b"] == words(1) && sum["results"]["~r0"] == 385, "{what}: {sum}");
             let make = got.get("main.MakeBig").context("no main.MakeBig")?;
             ensure!(make["args"]["seed"] == 100 && make["results"]["~r0"] == words(100), "{what}: {make}");
+            // Each call names its caller and the line of the call.
+            let source = std::fs::read_to_string(xtask::workspace_root().join("fixtures/funcs/main.go"))?;
+            let line = source.lines().position(|l| l.contains("SumBig(big))")).context("SumBig's call")? + 1;
+            let c = &sum["caller"];
+            ensure!(
+                c["function"] == "main.callAll" && c["line"] == line,
+                "{what}: caller {c}, want main.callAll:{line}"
+            );
+            ensure!(c["file"].as_str().is_some_and(|f| f.ends_with("funcs/main.go")), "{what}: caller {c}");
             let tail = got.get("main.Tail").context("no main.Tail")?;
             ensure!(tail["args"]["i"] == 9 && tail["args"]["s"] == "on the stack", "{what}: {tail}");
             ensure!(tail["results"]["~r0"] == 45 + 12, "{what}: {tail}");

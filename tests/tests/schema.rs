@@ -37,6 +37,7 @@ fn returned_call() -> Value {
         "results": {
             "~r0": {"type": "*fmt.wrapError", "message": "worker 1: refused", "truncated": false}
         },
+        "caller": {"function": "main.(*server).fanout.func1", "file": "/src/main.go", "line": 88},
         "error": "returned error *fmt.wrapError(\"worker 1: refused\")"
     })
 }
@@ -128,6 +129,7 @@ fn each_kind_of_record_inject_writes_matches() -> Result<()> {
     stripped["args"] = json!({"RAX": 1u64 << 63, "RBX": 0});
     stripped["results"] = json!({});
     stripped["error"] = Value::Null;
+    stripped["caller"] = Value::Null;
     Schema::Jsonl.check(&stripped)?;
     // A library span whose end was not seen has neither end nor duration.
     let mut open = library_span();

@@ -328,8 +328,8 @@ pub fn plan_candidates(
         let role = Role::Lib(LibProbe { lib: cx.lib, probe });
         let mut site = crate::plan::analyse_as(cx.bin, f, id, cx.bias, cx.ctx, role);
         let needs_exit = !ret.off;
-        site.on_entry = Side { plan: entry, values: Vec::new() };
-        site.on_return = Side { plan: ret, values: Vec::new() };
+        site.on_entry = Side { plan: entry, ..Side::default() };
+        site.on_return = Side { plan: ret, ..Side::default() };
         if let Err(e) = &site.entry_patch {
             out.skipped.push(format!("{name}: {e}"));
             continue;
