@@ -386,7 +386,9 @@ impl Words<'_> {
     fn bits(&self, rec: &Record, i: usize) -> u64 {
         match self {
             Words::Regs(p) => p.get(i).and_then(|p| reg_bits(rec, p.reg)).unwrap_or(0),
-            Words::Stack { at, n } if i < *n => crate::libs::word_at(&rec.data, (at + 8 * i) as u16).unwrap_or(0),
+            Words::Stack { at, n } if i < *n => {
+                rec.data.get(at + 8 * i..at + 8 * i + 8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes)
+            }
             Words::Stack { .. } => 0,
         }
     }
