@@ -169,7 +169,7 @@ fn analyse_with(
     };
     let sig = declared.or_else(|| dwarf_signature(ctx, f));
     (site.on_entry, site.on_return) = values::sides(sig.as_ref(), ctx.max_string, &ctx.error_itabs);
-    if role == Role::Func {
+    if role == Role::Func && ctx.callers {
         values::capture_caller(&mut site.on_entry);
     }
     site.typed = sig.is_some();
@@ -225,9 +225,22 @@ pub struct PlanContext {
     /// Run-time address of `runtime.allgs`, when found: the install can then check that no
     /// goroutine is parked inside a jump's bytes, and planning may use such jumps.
     pub allgs: Option<u64>,
+    /// Record each --func call's return address (`--callers`).
+    pub callers: bool,
 }
 
 impl PlanContext {
+    /// [`PlanContext::with_twin`], recording callers when `callers` (`--callers`).
+    pub fn for_args(
+        bin: &GoBinary<'_>,
+        bias: u64,
+        max_string: u16,
+        twin: Option<&std::path::Path>,
+        callers: bool,
+    ) -> anyhow::Result<PlanContext> {
+        Ok(PlanContext { callers, ..PlanContext::with_twin(bin, bias, max_string, twin)? })
+    }
+
     /// [`PlanContext::new`], with DWARF from `twin` when given: another build of the same
     /// code (the unstripped build of a stripped target), accepted only when its functions
     /// are the target's, the same names at the same addresses; else an error saying what
@@ -274,6 +287,7 @@ impl PlanContext {
             max_string,
             error_itabs: error_itabs(bin, bias),
             allgs: allgs_address(bin).map(|a| a + bias),
+            callers: false,
         }
     }
 }

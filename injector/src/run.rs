@@ -42,10 +42,8 @@ pub struct RunArgs {
     /// separated by spaces, so without declarations].
     #[arg(long = "func", value_name = "PATTERN")]
     pub funcs: Vec<String>,
-    /// DWARF from another build of the same code, for a target built without it (its
-    /// unstripped twin): used only when its functions are the target's, the same names
-    /// at the same addresses. Names and types every --func value, and gives libraries
-    /// their struct offsets.
+    /// DWARF from the target's unstripped twin, used only when its functions are the
+    /// target's (same names at the same addresses): types --func values, gives offsets.
     #[arg(long, value_name = "PATH")]
     pub debug_info: Option<PathBuf>,
     /// Library instrumentation to turn on [default: every one the target links].
@@ -103,6 +101,10 @@ pub struct RunArgs {
     /// Write the output to this file instead of standard output.
     #[arg(long, value_name = "PATH")]
     pub output_file: Option<PathBuf>,
+    /// Name each --func call's caller (function, file:line of the call); each entry record
+    /// then fills one cache line more (README: its cost).
+    #[arg(long)]
+    pub callers: bool,
     /// Bytes of each string or []byte argument to copy.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub max_string: u16,
@@ -214,7 +216,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
         let target = TargetArgs { pid: if exe.is_some() { None } else { args.pid }, exe };
         let exe = target.open()?;
         let bin = GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())?;
-        let ctx = plan::PlanContext::with_twin(&bin, exe.bias, args.max_string, args.debug_info.as_deref())?;
+        let ctx =
+            plan::PlanContext::for_args(&bin, exe.bias, args.max_string, args.debug_info.as_deref(), args.callers)?;
         if let Some(why) = target.pid.and_then(|pid| Trampolines.held(pid)) {
             eprintln!("inject: warning: {why} (a real attach would be refused)");
         }
@@ -479,7 +482,7 @@ pub fn start(pid: i32, args: &RunArgs, mode: Mode) -> Result<Option<Tracing>> {
     let exe = TargetArgs { exe: None, pid: Some(pid) }.open()?;
     let bin = GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())?;
     let assumed = check_go_version(&bin, args.assume_go_version.as_deref())?;
-    let ctx = plan::PlanContext::with_twin(&bin, exe.bias, args.max_string, args.debug_info.as_deref())?;
+    let ctx = plan::PlanContext::for_args(&bin, exe.bias, args.max_string, args.debug_info.as_deref(), args.callers)?;
     let sites = plan_sites(&bin, args, exe.bias, &ctx)?;
     check_installable(&sites)?;
     let otel = OtelConfig::resolve(&args.otel, &crate::otlp::config::process_env)?;

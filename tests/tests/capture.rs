@@ -303,6 +303,7 @@ fn stack_assigned_values_and_callers_are_captured() -> Result<()> {
             for f in ["main.SumBig", "main.MakeBig", "main.Tail"] {
                 args.extend(["--func".into(), f.into()]);
             }
+            args.push("--callers".into());
             args.extend(["--output", "jsonl", "--output-file"].map(String::from));
             args.push(jsonl.display().to_string());
             args.extend(["--".into(), exe.display().to_string(), "-n".into(), "1".into()]);
