@@ -13,7 +13,7 @@
 
 use trampolines::codegen::{CapturePlan, Fetch, Op, When};
 
-use super::{Alt, Attr, Described, LibState, Library, Notes, OpenSpans, PlanCx, Planned, SpanKind, field, one_of};
+use super::{Alt, Attr, Described, LibState, Library, Notes, PlanCx, Planned, SpanKind, field, one_of};
 use crate::ring::Record;
 
 const RAX: u8 = 0;
@@ -136,7 +136,7 @@ impl Library for KafkaGo {
     }
 
     fn state(&self) -> Box<dyn LibState> {
-        Box::new(NoEvents)
+        Box::new(super::sql::NoEvents)
     }
 
     fn describe(
@@ -171,15 +171,10 @@ impl Library for KafkaGo {
             attrs.push(("messaging.kafka.message.key", Attr::S(k)));
         }
         if let Some(addr) = super::string_at(data, at::ADDR, at::ADDR_MAX) {
-            match addr.rsplit_once(':') {
-                Some((h, p)) => {
-                    attrs
-                        .push(("server.address", Attr::S(h.trim_start_matches('[').trim_end_matches(']').to_string())));
-                    if let Ok(p) = p.parse::<i64>() {
-                        attrs.push(("server.port", Attr::I(p)));
-                    }
-                }
-                None => attrs.push(("server.address", Attr::S(addr))),
+            let (host, port) = super::split_host_port(&addr);
+            attrs.push(("server.address", Attr::S(host)));
+            if let Some(p) = port {
+                attrs.push(("server.port", Attr::I(p)));
             }
         }
         let error = ret.and_then(|r| {
@@ -197,20 +192,5 @@ impl Library for KafkaGo {
             None => "send".into(),
         };
         Some(Described { kind: SpanKind::Producer, name, attrs, error })
-    }
-}
-
-/// The producer has no events: everything is read at the call.
-struct NoEvents;
-
-impl LibState for NoEvents {
-    fn span_start(&mut self, _probe: u8, _rec: &Record) -> Option<Notes> {
-        None
-    }
-
-    fn event(&mut self, _probe: super::LibProbe, _rec: Record, _spans: &mut dyn OpenSpans) {}
-
-    fn counters(&self) -> Vec<(&'static str, u64)> {
-        Vec::new()
     }
 }

@@ -265,6 +265,19 @@ pub fn string_at(data: &[u8], at: u16, max: u16) -> Option<String> {
     (n > 0).then(|| String::from_utf8_lossy(bytes).into_owned())
 }
 
+/// `host:port`, `[v6]:port` or a bare host.
+pub fn split_host_port(s: &str) -> (String, Option<i64>) {
+    if let Some(rest) = s.strip_prefix('[')
+        && let Some((h, p)) = rest.split_once(']')
+    {
+        return (h.to_string(), p.strip_prefix(':').and_then(|p| p.parse().ok()));
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (h.to_string(), p.parse().ok()),
+        _ => (s.to_string(), None),
+    }
+}
+
 /// Lowercase or uppercase hex digits (at most 32) as a number; None for any other byte.
 fn hex(bytes: &[u8]) -> Option<u128> {
     if bytes.is_empty() || bytes.len() > 32 {

@@ -73,19 +73,6 @@ fn word(reads: &[(Val, Read)], val: Val) -> Option<u64> {
     reads.iter().find(|(v, _)| *v == val).and_then(|(_, r)| if let Read::Word(w) = r { Some(*w) } else { None })
 }
 
-/// `host:port`, `[v6]:port` or a bare host.
-fn split_host_port(s: &str) -> (String, Option<i64>) {
-    if let Some(rest) = s.strip_prefix('[')
-        && let Some((h, p)) = rest.split_once(']')
-    {
-        return (h.to_string(), p.strip_prefix(':').and_then(|p| p.parse().ok()));
-    }
-    match s.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => (h.to_string(), p.parse().ok()),
-        _ => (s.to_string(), None),
-    }
-}
-
 /// "HTTP/1.1" → "1.1", "HTTP/2.0" → "2".
 fn protocol_version(proto: &str) -> Option<String> {
     let v = proto.strip_prefix("HTTP/")?;
@@ -123,7 +110,7 @@ pub(super) fn describe(
             attrs.push(("url.query", Attr::S(q.to_string())));
         }
         if let Some(h) = text(&er, Val::Host) {
-            let (host, port) = split_host_port(h);
+            let (host, port) = super::super::split_host_port(h);
             attrs.push(("server.address", Attr::S(host)));
             let port = port.or(Some(if scheme == "https" { 443 } else { 80 }));
             attrs.extend(port.map(|p| ("server.port", Attr::I(p))));
@@ -131,7 +118,7 @@ pub(super) fn describe(
         if let Some(r) = text(&er, Val::Remote) {
             // RemoteAddr is the socket's peer: the client, and the network peer (which
             // otelhttp reports too).
-            let (host, port) = split_host_port(r);
+            let (host, port) = super::super::split_host_port(r);
             attrs.push(("client.address", Attr::S(host.clone())));
             attrs.extend(port.map(|p| ("client.port", Attr::I(p))));
             attrs.push(("network.peer.address", Attr::S(host)));
@@ -188,7 +175,7 @@ pub(super) fn describe(
         full.push_str(q);
     }
     attrs.push(("url.full", Attr::S(full)));
-    let (addr, port) = split_host_port(host);
+    let (addr, port) = super::super::split_host_port(host);
     attrs.push(("server.address", Attr::S(addr)));
     let port = port.or(match scheme {
         "https" => Some(443),
