@@ -31,8 +31,8 @@ pub const MEMFD_NAME: &str = "inject-ring";
 pub const MAGIC: u64 = u64::from_le_bytes(*b"INJRING1");
 /// 2: sequence words start at zero (version 1 numbered every slot first). 3: context
 /// entries of 128 bytes (with the trace flags), which moves the journal. 4: the
-/// [`tracestate`] tables after the context tables.
-pub const VERSION: u32 = 4;
+/// [`tracestate`] tables after the context tables. 5: the [`arena`] before the journal.
+pub const VERSION: u32 = 5;
 pub const PAGE: usize = 4096;
 
 /// Offsets in the global header (the first page). Each word written at run time has its
@@ -60,6 +60,8 @@ pub mod header {
     pub const LOSSLESS: usize = 256;
     /// Offset of the [`super::journal`] from the start of the mapping (u64).
     pub const JOURNAL: usize = 64;
+    /// Offset of the [`super::arena`] from the start of the mapping (u64; 0: none).
+    pub const ARENA: usize = 72;
     pub const LEN: usize = super::PAGE;
 }
 
@@ -169,6 +171,15 @@ pub mod ctx {
     /// request's buffer, until the header-writing function returns: the state word holds
     /// the writer, the trace field where the lines start and their length.
     pub const LINE_TAG_BIT: u32 = 59;
+    /// Bit set in a goroutine-table key for the Kafka message headers the goroutine's
+    /// `WriteMessages` call adds: the state word holds the [`super::arena`] slot.
+    pub const KAFKA_TAG_BIT: u32 = 58;
+    /// A word an entry's maker sets to its key XOR [`CONSUMER_MARK`] when the entry is a
+    /// message's processing context, which the goroutine's next fetch ends: other makers
+    /// never write it, and a copied entry (lineage) has another key, so it is never
+    /// mistaken for one.
+    pub const MARK: usize = 72;
+    pub const CONSUMER_MARK: u64 = u64::from_le_bytes(*b"\0\0\0\0kfk1");
     /// Bytes of the HTTP/1 line `traceparent: 00-<32>-<16>-01\r\n`.
     pub const W3C_LINE: usize = 70;
     /// Bytes of the HPACK field `traceparent: 00-<32>-<16>-01` as a literal without
@@ -214,6 +225,35 @@ pub mod tracestate {
     /// The longest value kept: W3C's limit for what a vendor must propagate.
     pub const MAX: usize = 512;
     pub const LEN_ALL: usize = (PENDING + TRACES) * ENTRY;
+}
+
+/// Memory for the `traceparent` headers added to Kafka messages. kafka-go copies each
+/// message into a batch that another goroutine encodes later, for a synchronous writer
+/// before `WriteMessages` returns (unless its context ends first), for an asynchronous one
+/// at any time after: so what a header points to must stay valid for as long as a batch
+/// may hold it, beyond a detach. Each `WriteMessages` call takes the next slot (a ring of
+/// them) and writes its span's `traceparent` value there; the `kafka.Header` that points
+/// to it and to the key was written once, when the ring was set up. A slot is reused only
+/// [`SLOTS`] calls later. Once a slot was used, a detach leaves the arena's pages mapped
+/// (and nothing else): a batch still queued in the process may point into them.
+pub mod arena {
+    /// Slots, a power of two.
+    pub const SLOTS: usize = 4096;
+    pub const SLOT: usize = 128;
+    /// The next slot's ticket (u64, taken with `lock xadd`); 0: no slot was ever used.
+    pub const NEXT: usize = 0;
+    /// Offset of the first slot from the arena's start.
+    pub const FIRST: usize = 128;
+    /// In a slot: a `kafka.Header{Key string, Value []byte}` (key pointer and length,
+    /// value pointer, length and capacity), pointing to [`VALUE`] and [`KEY`].
+    pub const HEADER: usize = 0;
+    pub const HEADER_LEN: usize = 40;
+    /// The `traceparent` value, 55 bytes.
+    pub const VALUE: usize = 40;
+    pub const VALUE_LEN: usize = 55;
+    /// `traceparent`, 11 bytes.
+    pub const KEY: usize = 96;
+    pub const LEN: usize = (FIRST + SLOTS * SLOT).next_multiple_of(super::PAGE);
 }
 
 /// State of a context table entry.
@@ -296,6 +336,8 @@ pub struct Layout {
     pub sites: u32,
     /// Patches the [`journal`] (after the drop counters) has room for.
     pub patches: u32,
+    /// Whether the mapping holds an [`arena`] (before the journal).
+    pub arena: bool,
 }
 
 impl Layout {
@@ -310,7 +352,7 @@ impl Layout {
         if slot_size < MIN_SLOT_SIZE || !slot_size.is_power_of_two() {
             return Err(LayoutError::SlotSize { size: slot_size, min: MIN_SLOT_SIZE });
         }
-        let l = Layout { rings, capacity, slot_size, sites: 0, patches: 0 };
+        let l = Layout { rings, capacity, slot_size, sites: 0, patches: 0, arena: false };
         // Trampolines multiply the ring index by the stride with a 32-bit immediate.
         if l.stride() > 1 << 30 {
             return Err(LayoutError::TooLarge { bytes: l.stride() as u64 });
@@ -335,7 +377,35 @@ impl Layout {
 
     /// Offset of the [`journal`].
     pub fn journal_offset(&self) -> usize {
+        self.arena_offset() + if self.arena { arena::LEN } else { 0 }
+    }
+
+    /// Offset of the [`arena`] (when the layout has one).
+    pub fn arena_offset(&self) -> usize {
         self.site_drops_offset() + (self.sites as usize * 8).next_multiple_of(PAGE)
+    }
+
+    /// The same layout with an [`arena`] or without.
+    pub fn with_arena(self, arena: bool) -> Self {
+        Layout { arena, ..self }
+    }
+
+    /// Writes every arena slot's `kafka.Header` and key, for a mapping at `base` in the
+    /// target.
+    pub fn initialise_arena(&self, mem: &mut [u8], base: u64) {
+        if !self.arena {
+            return;
+        }
+        let start = self.arena_offset();
+        for i in 0..arena::SLOTS {
+            let at = start + arena::FIRST + i * arena::SLOT;
+            let addr = base + at as u64;
+            let words = [addr + arena::KEY as u64, 11, addr + arena::VALUE as u64, 55, 55];
+            for (k, w) in words.iter().enumerate() {
+                mem[at + arena::HEADER + 8 * k..][..8].copy_from_slice(&w.to_le_bytes());
+            }
+            mem[at + arena::KEY..][..11].copy_from_slice(b"traceparent");
+        }
     }
 
     /// The same layout with a drop counter for each of `sites` probe sites.
@@ -391,6 +461,9 @@ impl Layout {
         put(mem, header::RINGS, &self.rings.to_le_bytes());
         put(mem, header::SALT, &salt().to_le_bytes());
         put(mem, header::JOURNAL, &(self.journal_offset() as u64).to_le_bytes());
+        if self.arena {
+            put(mem, header::ARENA, &(self.arena_offset() as u64).to_le_bytes());
+        }
         put(mem, self.journal_offset(), &journal::MAGIC.to_le_bytes());
     }
 }
@@ -427,6 +500,20 @@ mod tests {
         assert_eq!(big.journal_offset(), l.site_drops_offset() + 8192, "600 counters take two pages");
         assert_eq!(big.total_len(), big.journal_offset() + journal::len(200).next_multiple_of(PAGE));
         assert_eq!(l.slot_offset(1, 17), 4096 + 8192 + 4096 + 256);
+        let with = big.with_arena(true);
+        assert_eq!(with.arena_offset(), big.journal_offset());
+        assert_eq!(with.journal_offset(), big.journal_offset() + arena::LEN);
+        assert_eq!(arena::LEN % PAGE, 0);
+        const { assert!(arena::KEY + 11 <= arena::SLOT && arena::VALUE + arena::VALUE_LEN <= arena::KEY) };
+        let mut mem = vec![0u8; with.total_len()];
+        with.initialise_zeroed(&mut mem);
+        with.initialise_arena(&mut mem, 0x7000_0000);
+        let slot = with.arena_offset() + arena::FIRST + arena::SLOT;
+        let word = |at: usize| u64::from_le_bytes(mem[at..at + 8].try_into().unwrap());
+        assert_eq!(word(header::ARENA), with.arena_offset() as u64);
+        assert_eq!(word(slot), 0x7000_0000 + (slot + arena::KEY) as u64);
+        assert_eq!(word(slot + 16), 0x7000_0000 + (slot + arena::VALUE) as u64);
+        assert_eq!(&mem[slot + arena::KEY..][..11], b"traceparent");
         assert_eq!(slot::DATA, 184);
         let mut mem = vec![0xffu8; l.total_len()];
         l.initialise(&mut mem);

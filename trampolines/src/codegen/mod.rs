@@ -144,6 +144,8 @@ pub enum Guard {
     Tagged { bit: u32 },
     /// The goroutine has an entry under its own goid (a pending or active context).
     Own,
+    /// The register is 0 (a call that returned no error).
+    Zero { reg: u8 },
 }
 
 /// Reads a field through a chain of typed pointers: the register's value, then each `path`
@@ -372,6 +374,36 @@ pub enum Op {
         name_len: u8,
         dest: u16,
     },
+    /// A Kafka `WriteMessages` call whose PRODUCER span's ids are at `dest`: the next slot
+    /// of the arena (`ring_abi::arena`) gets the span's `traceparent` value, and the
+    /// goroutine (under `ring_abi::ctx::KAFKA_TAG_BIT`) the slot, for [`Op::KafkaHeader`].
+    /// Nothing when the layout has no arena.
+    KafkaSlot {
+        dest: u16,
+    },
+    /// The goroutine's `WriteMessages` call returned: its slot is forgotten (the slot's
+    /// memory stays valid for batches still holding it).
+    KafkaEnd,
+    /// At the entry of kafka-go's `(*writeBatch).add(msg Message, ...)`, with the
+    /// message's `Headers` slice at `SP + headers` (the copy the batch keeps, not the
+    /// caller's): a message without headers (capacity 0) gets the one header of the
+    /// goroutine's slot. `dest` gets 1 when it did, 2 when the message has headers of its
+    /// own (left as they are), 0 when the goroutine has no slot.
+    KafkaHeader {
+        headers: i32,
+        dest: u16,
+    },
+    /// A message was fetched (its `Headers` at `SP + headers`): inside a span the goroutine
+    /// serves, a child of it; else the message's `traceparent` (or a new trace) is
+    /// continued by a span that becomes the goroutine's context, marked
+    /// (`ring_abi::ctx::MARK`) for [`Op::ConsumeEnd`]. Its ids go to `dest`.
+    ConsumeBegin {
+        headers: i32,
+        dest: u16,
+    },
+    /// The goroutine fetches again: the context [`Op::ConsumeBegin`] gave it, if it still
+    /// has it, is forgotten.
+    ConsumeEnd,
 }
 
 /// Where a `Framer` writes: its `io.Writer` field, which must hold a writer of one known
@@ -395,7 +427,10 @@ impl Op {
             Op::InjectH2After { dest, .. } => *dest as usize + ops::H2_AFTER_DATA,
             Op::StandDown { dest, .. } => *dest as usize + 8,
             Op::UndoOwnTraceparent { dest, .. } => *dest as usize + 16,
-            Op::ClientBeginHere { dest } | Op::ChildSpan { dest } => *dest as usize + ring_abi::span_ids::LEN,
+            Op::ClientBeginHere { dest } | Op::ChildSpan { dest } | Op::ConsumeBegin { dest, .. } => {
+                *dest as usize + ring_abi::span_ids::LEN
+            }
+            Op::KafkaHeader { dest, .. } => *dest as usize + 8,
             Op::StashTraceparent { .. }
             | Op::StashTraceparentField { .. }
             | Op::AdoptTracestate
@@ -407,7 +442,10 @@ impl Op {
             | Op::Inherit { .. }
             | Op::ClientEndHere
             | Op::ClientToRequest { .. }
-            | Op::OutgoingFromRequest { .. } => 0,
+            | Op::OutgoingFromRequest { .. }
+            | Op::KafkaSlot { .. }
+            | Op::KafkaEnd
+            | Op::ConsumeEnd => 0,
         }
     }
 }
@@ -425,6 +463,11 @@ pub struct ByteCopy {
 }
 
 impl CapturePlan {
+    /// Whether the plan needs the ring's arena (`ring_abi::arena`).
+    pub fn needs_arena(&self) -> bool {
+        self.ops.iter().any(|o| matches!(o, Op::KafkaSlot { .. }))
+    }
+
     pub fn all() -> CapturePlan {
         CapturePlan { ints: 0x1ff, floats: 0xff, ..CapturePlan::default() }
     }

@@ -6,6 +6,7 @@ use super::*;
 
 mod h1;
 mod h2;
+mod kafka;
 mod tracestate;
 
 /// Bytes of an [`Op::InjectH2After`] record's data: flag, span id, tracestate word, scratch.
@@ -186,6 +187,15 @@ impl Ops<'_> {
                 self.inject_h2(a, *framer, *wbuf_off, *after, *dest, done)?
             }
             Op::InjectH2After { wbuf_off, after, dest } => self.inject_h2_after(a, *wbuf_off, after, *dest, done)?,
+            Op::KafkaSlot { dest } => self.kafka_slot(a, *dest)?,
+            Op::KafkaEnd => {
+                self.tagged_goid(a, ctx::KAFKA_TAG_BIT)?;
+                self.find(a, Table::Goroutines, done, None)?;
+                a.mov(qword_ptr(rdi + ctx::KEY as i32), 0)?;
+            }
+            Op::KafkaHeader { headers, dest } => self.kafka_header(a, *headers, *dest, done)?,
+            Op::ConsumeBegin { headers, dest } => self.consume_begin(a, *headers, *dest, done)?,
+            Op::ConsumeEnd => self.consume_end(a, done)?,
             Op::Inherit { g, goid_off, parent_goid_off } => {
                 let mut inherit = a.create_label();
                 a.mov(rax, self.reg(*g))?;
@@ -255,16 +265,7 @@ impl Ops<'_> {
         name_len: u8,
         done: CodeLabel,
     ) -> Result<(), IcedError> {
-        a.cmp(self.reg(name_len), 11)?;
-        a.jne(done)?;
-        a.mov(rsi, self.reg(name_ptr))?;
-        a.test(rsi, rsi)?;
-        a.je(done)?;
-        a.mov(rax, u64::from_le_bytes(*b"tracepar"))?;
-        a.cmp(qword_ptr(rsi), rax)?;
-        a.jne(done)?;
-        a.cmp(dword_ptr(rsi + 7), u32::from_le_bytes(*b"rent") as i32)?;
-        a.jne(done)
+        is_traceparent(a, self.reg(name_ptr), self.reg(name_len), done)
     }
 
     /// R11 = the goid.
@@ -650,6 +651,26 @@ impl Ops<'_> {
     }
 }
 
+/// Goes on only when the string whose pointer and length are at `ptr` and `len` is exactly
+/// `traceparent`, else jumps to `miss`; only its 11 bytes are read. Clobbers RAX and RSI.
+pub(super) fn is_traceparent(
+    a: &mut CodeAssembler,
+    ptr: AsmMemoryOperand,
+    len: AsmMemoryOperand,
+    miss: CodeLabel,
+) -> Result<(), IcedError> {
+    a.cmp(len, 11)?;
+    a.jne(miss)?;
+    a.mov(rsi, ptr)?;
+    a.test(rsi, rsi)?;
+    a.je(miss)?;
+    a.mov(rax, u64::from_le_bytes(*b"tracepar"))?;
+    a.cmp(qword_ptr(rsi), rax)?;
+    a.jne(miss)?;
+    a.cmp(dword_ptr(rsi + 7), u32::from_le_bytes(*b"rent") as i32)?;
+    a.jne(miss)
+}
+
 /// `out` = the first entry of the request table set for `key` (a header map or frame
 /// address; allocator-aligned, so a multiplicative hash spreads them). The one definition
 /// the ops and the guard share. Clobbers `scratch`.
@@ -701,6 +722,11 @@ pub(super) fn emit_guard(a: &mut CodeAssembler, ring: &RingAddrs, g: &Guard, ski
             }
             a.jmp(skip)?;
             a.set_label(&mut pass)?;
+        }
+        Guard::Zero { reg } => {
+            let r = REGS[*reg as usize];
+            a.test(r, r)?;
+            a.jne(skip)?;
         }
         Guard::Tagged { .. } | Guard::Own => {
             let mut pass = a.create_label();
