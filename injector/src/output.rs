@@ -387,6 +387,7 @@ fn encode_lib(call: &Call, d: &crate::libs::Described, clock: &Clock) -> Vec<u8>
                 crate::libs::SpanKind::Server => K::Server,
                 crate::libs::SpanKind::Client => K::Client,
                 crate::libs::SpanKind::Producer => K::Producer,
+                crate::libs::SpanKind::Consumer => K::Consumer,
             },
             start_ns: start as u64,
             end_ns: start as u64 + dur.round() as u64,

@@ -536,13 +536,13 @@ fn start_tracing(
     // memory of --ring-slots slots of 256 bytes, so larger slots mean fewer.
     let data = sites.iter().map(|s| s.on_entry.plan.data_len().max(s.on_return.plan.data_len())).max().unwrap_or(0);
     let slot_size = (ring_abi::slot::DATA + data).next_power_of_two().max(256);
-    let ring_slots = match args.ring_slots {
-        Some(n) => n,
-        None => default_ring_slots(),
-    };
+    let ring_slots = args.ring_slots.unwrap_or_else(default_ring_slots);
     let slots = (ring_slots.saturating_mul(256) / slot_size as u64).max(64);
     let per_ring = (slots / u64::from(rings)).max(64).next_power_of_two();
-    let ring_layout = Layout::new(rings, per_ring, slot_size).context("--ring-slots")?.with_sites(sites.len() as u32);
+    // The Kafka header arena only where kafka-go's messages get headers.
+    let arena = sites.iter().any(|s| s.on_entry.plan.needs_arena());
+    let ring_layout = Layout::new(rings, per_ring, slot_size).context("--ring-slots")?;
+    let ring_layout = ring_layout.with_sites(sites.len() as u32).with_arena(arena);
 
     let select = RingSelect::ByP { g_m: layout.m, m_p: layout.m_p, p_id: layout.p_id };
     let ring = trampolines::RingAddrs {

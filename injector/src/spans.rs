@@ -162,6 +162,35 @@ impl OpenSpans for Spans<'_> {
         true
     }
 
+    fn begin_held(&mut self, lib: u8, key: u64, start: Record, notes: Option<Notes>) {
+        let p = &mut *self.pairer;
+        let ids = libs::span_ids(&start.data);
+        let trace_id = match ids {
+            Some(i) => i.trace,
+            None => (u128::from(p.ids.next()) << 64) | u128::from(p.ids.next()),
+        };
+        let span_id = ids.map_or_else(|| p.ids.next(), |i| i.span);
+        let call = Call {
+            site: start.site,
+            goid: start.goid,
+            depth: 0,
+            entry: start.clone(),
+            ret: Some(Record { kind: Kind::Return, ..start }),
+            trace_id,
+            span_id,
+            parent: ids.and_then(|i| i.parent),
+            remote_parent: ids.is_some_and(|i| i.remote),
+            sampled: ids.and_then(|i| i.sampled),
+            notes: notes.map(Box::new),
+        };
+        if p.held.len() >= SIDE_TABLE_MAX {
+            self.out.extend(p.held.drain().map(|(_, c)| c));
+        }
+        if let Some(old) = p.held.insert((lib, key), call) {
+            self.out.push(old);
+        }
+    }
+
     fn spawned(&mut self, child: u64, parent: u64) {
         let p = &mut *self.pairer;
         p.spawns.push((child, parent));

@@ -71,6 +71,7 @@ struct Summary<'a> {
     remove_pause_ms: Option<f64>,
     restored: Option<usize>,
     unmapped: Option<bool>,
+    kept_bytes: Option<u64>,
     threads: usize,
     otlp: Option<&'a ExportTotals>,
 }
@@ -133,6 +134,7 @@ pub fn report(facts: &Facts<'_>, stop: String, json: Option<&std::path::Path>) -
         remove_pause_ms: removal.map(|r| r.pause.as_secs_f64() * 1e3),
         restored: removal.map(|r| r.restored),
         unmapped: removal.map(|r| r.unmapped),
+        kept_bytes: removal.map(|r| r.kept.map_or(0, |k| k.1)),
         threads: inst.threads,
         otlp: export,
     };
@@ -175,7 +177,12 @@ pub fn report(facts: &Facts<'_>, stop: String, json: Option<&std::path::Path>) -
                 r.restored,
                 r.pause.as_secs_f64() * 1e3,
                 if r.unmapped { ", unmapped trampolines and ring" } else { "" }
-            ),
+            ) + &r.kept.map_or(String::new(), |(a, n)| {
+                format!(
+                    "; left the {} KiB of Kafka headers at {a:#x} mapped (batches queued in the process may point there)",
+                    n >> 10
+                )
+            }),
             None => String::new(),
         }
     );

@@ -89,13 +89,36 @@ fn prepare() -> Result<Option<(std::sync::MutexGuard<'static, ()>, Kafka)>> {
 
 /// One CONSUMED line: (topic, partition, offset, key).
 fn consumed(p: &Proc) -> Result<Vec<(String, u32, u64, String)>> {
+    Ok(messages(p)?.into_iter().map(|m| (m.topic, m.partition, m.offset, m.key)).collect())
+}
+
+/// A message as the consumer printed it.
+struct Consumed {
+    topic: String,
+    partition: u32,
+    offset: u64,
+    key: String,
+    /// Query-escaped, as printed.
+    value: String,
+    /// `K=V&...` (each query-escaped), or `-`.
+    headers: String,
+}
+
+fn messages(p: &Proc) -> Result<Vec<Consumed>> {
     p.seen
         .iter()
         .filter(|(err, l)| !err && l.starts_with("CONSUMED "))
         .map(|(_, l)| {
             let f: Vec<&str> = l.split(' ').collect();
-            ensure!(f.len() == 5, "malformed line {l:?}");
-            Ok((f[1].to_string(), f[2].parse()?, f[3].parse()?, f[4].to_string()))
+            ensure!(f.len() == 7, "malformed line {l:?}");
+            Ok(Consumed {
+                topic: f[1].to_string(),
+                partition: f[2].parse()?,
+                offset: f[3].parse()?,
+                key: f[4].to_string(),
+                value: f[5].to_string(),
+                headers: f[6].to_string(),
+            })
         })
         .collect()
 }
@@ -171,6 +194,10 @@ fn run(kafka: &Kafka, case: &Case, n: usize) -> Result<()> {
         }
     }
     ensure!(got == keys, "{what}: keys {got:?}, want {keys:?}:\n{}", transcript());
+    // Nothing but what the application wrote: no headers, its values.
+    for m in messages(&consumer)? {
+        ensure!(m.headers == "-" && m.value.starts_with("message+"), "{what}: {} {}", m.value, m.headers);
+    }
     eprintln!("kafka: {what}: {want} messages over {} partition(s) in {:.1?}", next.len(), started.elapsed());
     Ok(())
 }
@@ -291,4 +318,222 @@ fn writes_are_producer_spans_under_their_request() -> Result<()> {
         eprintln!("kafka: {what}: {} producer spans, each under its request", producers.len());
     }
     Ok(())
+}
+
+/// A producer request of the trace test: path, messages, key, whether its messages carry
+/// a header of their own (then inject adds none, and the consumer starts a trace).
+const THROUGH: &[(&str, usize, &str, bool)] = &[
+    ("/produce1?key=one", 1, "one", false),
+    ("/produce?n=3&key=three", 3, "three", false),
+    ("/produce1?key=own&hdr=app:v1", 1, "own", true),
+];
+
+/// Attaches an inject writing JSON lines and a summary; returns it and both paths.
+fn attach(p: &Proc, name: &str) -> Result<(Proc, PathBuf, PathBuf)> {
+    let jsonl = tests::scratch(&format!("kafka-{name}-{}.jsonl", p.pid()));
+    let summary = tests::scratch(&format!("kafka-{name}-{}.json", p.pid()));
+    let pid = p.pid().to_string();
+    let args: Vec<String> = [
+        "--pid",
+        &pid,
+        "--output",
+        "jsonl",
+        "--output-file",
+        &jsonl.display().to_string(),
+        "--summary-json",
+        &summary.display().to_string(),
+    ]
+    .map(String::from)
+    .into();
+    Ok((tests::start_inject_env(&args, &[], true)?, jsonl, summary))
+}
+
+/// One HTTP request to the producer is one trace through Kafka: its server span, the
+/// PRODUCER span of its WriteMessages call, a `traceparent` header on each message (and
+/// nothing else changed: the consumer prints keys, values and headers), a CONSUMER
+/// `process` span per message continuing it, and the backend request the consumer makes
+/// while processing, its child. A message with headers of its own gets none (counted),
+/// and its processing starts a trace. On the oldest and newest Go with the oldest
+/// (stripped) and newest kafka-go.
+#[test]
+fn a_request_is_one_trace_through_kafka() -> Result<()> {
+    if !tests::require_ptrace()? || !require_kafka()? {
+        return Ok(());
+    }
+    let mut builds = Vec::new();
+    for tc in test_toolchains()? {
+        let newest = xtask::kafka_go_newest(&tc.version);
+        let backend = build_fixture("httpserver", &tc, Flavor::Default)?;
+        for (kafka_go, flavor) in [(KAFKA_GO_OLDEST, Flavor::Stripped), (newest, Flavor::Default)] {
+            let exe = build_pinned_fixture("kafkasvc", None, &[(KAFKA_GO, kafka_go)], &tc, flavor)?;
+            builds.push((format!("Go {} kafka-go {kafka_go} {}", tc.version, flavor.name()), exe, backend.clone()));
+        }
+    }
+    let Some((_serial, kafka)) = prepare()? else { return Ok(()) };
+    let brokers = kafka.addr();
+    for (n, (what, exe, backend)) in builds.iter().enumerate() {
+        let topic = format!("trace-{n}");
+        let mut back = start_fixture(backend, &[], &[])?;
+        let url = format!("http://{}/hello", back.value("LISTEN").context("backend LISTEN")?);
+        let args = ["-mode", "consumer", "-brokers", &brokers, "-topic", &topic, "-partitions", "1", "-backend", &url];
+        let mut consumer = start_fixture(exe, &args, &[])?;
+        let args = ["-mode", "producer", "-brokers", &brokers, "-topic", &topic, "-partitions", "1"];
+        let mut producer = start_fixture(exe, &args, &[])?;
+        let addr = producer.value("LISTEN").context("producer LISTEN")?;
+        let (mut pi, p_jsonl, p_summary) = attach(&producer, "producer")?;
+        let (mut ci, c_jsonl, c_summary) = attach(&consumer, "consumer")?;
+        for (path, count, ..) in THROUGH {
+            let (code, body) = get(&addr, path)?;
+            ensure!(code == 200 && body.trim() == format!("wrote {count}"), "{what}: {path}: {code} {body}");
+        }
+        let want: usize = THROUGH.iter().map(|r| r.1).sum();
+        let deadline = Instant::now() + LIMIT;
+        while messages(&consumer)?.len() < want && Instant::now() < deadline {
+            consumer.drain(Duration::from_millis(100));
+        }
+        consumer.drain(Duration::from_millis(300));
+        for (p, name) in [(&mut pi, "producer's inject"), (&mut ci, "consumer's inject")] {
+            p.signal(15);
+            ensure!(p.wait(LIMIT)?.success(), "{what}: {name}:\n{}", p.transcript());
+        }
+        // Detached: every byte of code is back, and of inject's memory only the header
+        // arena is left (batches may point there); a second inject attaches beside it.
+        ensure!(tests::text_differs_from_file(producer.pid(), exe)?.is_none(), "{what}: code left patched");
+        let left = inject_maps(producer.pid())?;
+        ensure!(left.len() == 1 && left[0] == ring_abi::arena::LEN as u64, "{what}: inject memory left: {left:?}");
+        if n < 2 {
+            // Once more, detached (n 0) or killed and cleaned up by `inject detach` (n 1):
+            // the arena it wrote headers from stays too.
+            let (mut again, jsonl, summary) = attach(&producer, "again")?;
+            let (code, body) = get(&addr, "/produce1?key=again")?;
+            ensure!(code == 200, "{what}: after a second attach: {code} {body}");
+            if n == 0 {
+                again.signal(15);
+                ensure!(again.wait(LIMIT)?.success(), "{what}: the second inject:\n{}", again.transcript());
+                let spans = tests::schema::read_jsonl(&jsonl)?;
+                ensure!(spans.iter().any(|s| s["kind"] == "PRODUCER"), "{what}: second attach: {spans:?}");
+            } else {
+                std::thread::sleep(Duration::from_millis(200));
+                again.signal(9);
+                again.wait(LIMIT)?;
+                let args = ["detach".to_string(), "--pid".into(), producer.pid().to_string()];
+                let mut detach = tests::start_inject(&args, false)?;
+                ensure!(detach.wait(LIMIT)?.success(), "{what}: inject detach:\n{}", detach.transcript());
+                ensure!(tests::text_differs_from_file(producer.pid(), exe)?.is_none(), "{what}: not restored");
+            }
+            let left = inject_maps(producer.pid())?;
+            ensure!(
+                left == [ring_abi::arena::LEN as u64; 2],
+                "{what}: inject memory left after a second detach: {left:?}"
+            );
+            for f in [&jsonl, &summary] {
+                let _ = std::fs::remove_file(f);
+            }
+            let (code, body) = get(&addr, "/produce1?key=again")?;
+            ensure!(code == 200, "{what}: after the second detach: {code} {body}");
+            consumer.drain(Duration::from_millis(300));
+        }
+        for (p, name) in [(&mut producer, "producer"), (&mut consumer, "consumer"), (&mut back, "backend")] {
+            p.signal(15);
+            ensure!(p.wait(LIMIT)?.success(), "{what}: the {name} failed:\n{}", p.transcript());
+        }
+        let msgs: Vec<Consumed> = messages(&consumer)?.into_iter().filter(|m| m.key != "again").collect();
+        let transcript = || consumer.transcript();
+        ensure!(msgs.len() == want, "{what}: {} messages consumed, want {want}:\n{}", msgs.len(), transcript());
+        let ps = tests::schema::read_jsonl(&p_jsonl)?;
+        let cs = tests::schema::read_jsonl(&c_jsonl)?;
+        let (psum, csum) = (tests::schema::read_summary(&p_summary)?, tests::schema::read_summary(&c_summary)?);
+        for f in [&p_jsonl, &c_jsonl, &p_summary, &c_summary] {
+            let _ = std::fs::remove_file(f);
+        }
+        let all = || {
+            let side = |v: &[serde_json::Value]| v.iter().map(|s| format!("  {s}")).collect::<Vec<_>>().join("\n");
+            format!("producer side:\n{}\nconsumer side:\n{}\n{}", side(&ps), side(&cs), transcript())
+        };
+        let of =
+            |v: &[serde_json::Value], kind: &str| v.iter().filter(|s| s["kind"] == kind).cloned().collect::<Vec<_>>();
+        let (servers, producers) = (of(&ps, "SERVER"), of(&ps, "PRODUCER"));
+        let (process, clients) = (of(&cs, "CONSUMER"), of(&cs, "CLIENT"));
+        ensure!(servers.len() == THROUGH.len() && producers.len() == THROUGH.len(), "{what}: spans:\n{}", all());
+        ensure!(process.len() == want && clients.len() == want, "{what}: consumer spans:\n{}", all());
+        let mut values = std::collections::BTreeSet::new();
+        for m in &msgs {
+            let (i, (path, _, key, own)) =
+                THROUGH.iter().enumerate().find(|(_, r)| r.2 == m.key).context("a key nobody wrote")?;
+            let ctx = || format!("{what}: {path}: offset {}", m.offset);
+            // The application's bytes as it wrote them.
+            ensure!(m.value.starts_with("message+") && values.insert(m.value.clone()), "{}: value {}", ctx(), m.value);
+            ensure!(m.topic == topic && m.partition == 0, "{}: topic {} partition {}", ctx(), m.topic, m.partition);
+            let server = &servers[i];
+            let producer = producers
+                .iter()
+                .find(|p| p["trace_id"] == server["trace_id"] && p["parent_span_id"] == server["span_id"])
+                .with_context(|| format!("{}: no producer span under its request:\n{}", ctx(), all()))?;
+            let span = process
+                .iter()
+                .find(|s| s["attributes"]["messaging.kafka.offset"] == m.offset)
+                .with_context(|| format!("{}: no process span:\n{}", ctx(), all()))?;
+            let a = &span["attributes"];
+            ensure!(span["name"] == format!("process {topic}").as_str(), "{}: {span}", ctx());
+            ensure!(
+                a["messaging.system"] == "kafka" && a["messaging.operation.type"] == "process",
+                "{}: {span}",
+                ctx()
+            );
+            ensure!(a["messaging.destination.name"] == topic.as_str(), "{}: {span}", ctx());
+            ensure!(a["messaging.destination.partition.id"] == "0", "{}: {span}", ctx());
+            ensure!(a["messaging.kafka.message.key"] == *key, "{}: {span}", ctx());
+            // The reader's group and broker are read as a fetch begins: the first fetch
+            // was waiting before inject attached.
+            if m.offset > 0 {
+                ensure!(a["messaging.consumer.group.name"] == "kafkasvc", "{}: {span}", ctx());
+                ensure!(a["server.address"] == "127.0.0.1", "{}: {span}", ctx());
+            }
+            if *own {
+                ensure!(m.headers == "app=v1", "{}: headers {}", ctx(), m.headers);
+                ensure!(
+                    span["parent_span_id"].is_null() && span["trace_id"] != server["trace_id"],
+                    "{}: {span}",
+                    ctx()
+                );
+            } else {
+                let tp = format!(
+                    "00-{}-{}-01",
+                    producer["trace_id"].as_str().unwrap_or_default(),
+                    producer["span_id"].as_str().unwrap_or_default()
+                );
+                ensure!(m.headers == format!("traceparent={tp}"), "{}: headers {}, want {tp}", ctx(), m.headers);
+                ensure!(span["trace_id"] == server["trace_id"], "{}: not in the request's trace: {span}", ctx());
+                ensure!(span["parent_span_id"] == producer["span_id"] && span["parent_remote"] == true, "{}", ctx());
+            }
+            let client = clients
+                .iter()
+                .find(|c| c["parent_span_id"] == span["span_id"])
+                .with_context(|| format!("{}: no backend request under its processing:\n{}", ctx(), all()))?;
+            ensure!(client["trace_id"] == span["trace_id"], "{}: {client}", ctx());
+        }
+        let added = THROUGH.iter().filter(|r| !r.3).map(|r| r.1 as u64).sum::<u64>();
+        let own = THROUGH.iter().filter(|r| r.3).map(|r| r.1 as u64).sum::<u64>();
+        ensure!(
+            psum["kafka_headers_added"] == added && psum["kafka_headers_own"] == own,
+            "{what}: producer summary {psum}"
+        );
+        ensure!(csum["dropped"] == 0 && psum["dropped"] == 0, "{what}: records dropped");
+        ensure!(psum["kept_bytes"] == ring_abi::arena::LEN as u64 && csum["kept_bytes"] == 0, "{what}: kept");
+        eprintln!("kafka: {what}: {want} messages, each one trace from its request to the consumer's backend call");
+    }
+    Ok(())
+}
+
+/// The sizes of the mappings of inject's memory (its memfd) in `pid`.
+fn inject_maps(pid: i32) -> Result<Vec<u64>> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    Ok(maps
+        .lines()
+        .filter(|l| l.contains(ring_abi::MEMFD_NAME))
+        .filter_map(|l| {
+            let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+            Some(u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?)
+        })
+        .collect())
 }

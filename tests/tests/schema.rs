@@ -104,7 +104,7 @@ fn summary() -> Value {
         "open_calls": 0, "output_dropped": 0, "output_errors": 0,
         "install_pause_ms": 1.8, "prepare_pause_ms": 0.9, "install_pause": pause, "prepare_pause": pause,
         "ring_bytes": 35_127_296u64, "trampoline_bytes": 4096, "ring_reserve_ms": 12.5,
-        "remove_pause_ms": 1.1, "restored": 3, "unmapped": true, "threads": 6,
+        "remove_pause_ms": 1.1, "restored": 3, "unmapped": true, "kept_bytes": 528_384, "threads": 6,
         "otlp": {
             "endpoint": "http://127.0.0.1:4318", "protocol": "http/protobuf", "exported": 10, "sampled_out": 0,
             "dropped_queue_full": 0, "dropped_export_failed": 0, "requests": 1, "failed_requests": 0,
@@ -117,6 +117,8 @@ fn summary() -> Value {
         }
     }
     s["http_panics"] = json!(0);
+    s["kafka_headers_added"] = json!(12);
+    s["kafka_headers_own"] = json!(1);
     s
 }
 
@@ -141,7 +143,7 @@ fn each_kind_of_record_inject_writes_matches() -> Result<()> {
     Schema::Summary.check(&summary())?;
     // What a session without export, whose target exited, writes.
     let mut s = summary();
-    for k in ["otlp", "remove_pause_ms", "restored", "unmapped"] {
+    for k in ["otlp", "remove_pause_ms", "restored", "unmapped", "kept_bytes"] {
         s[k] = Value::Null;
     }
     s["stop"] = json!("target exited with status 0");

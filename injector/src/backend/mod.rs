@@ -104,4 +104,7 @@ pub struct Removal {
     pub restored: usize,
     pub unmapped: bool,
     pub pause: Duration,
+    /// Memory left mapped on purpose (address, length): the Kafka header arena, which
+    /// batches queued in the process may still point to.
+    pub kept: Option<(u64, u64)>,
 }

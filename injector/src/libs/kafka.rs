@@ -1,19 +1,25 @@
-//! github.com/segmentio/kafka-go without code changes: a PRODUCER span per
-//! `(*Writer).WriteMessages` call, by the OpenTelemetry messaging conventions for Kafka:
-//! named `send <topic>`, `messaging.system` kafka, the operation (`send`), the topic as
-//! `messaging.destination.name`, `messaging.batch.message_count` for a call of several
-//! messages and the key (`messaging.kafka.message.key`) for a call of one, the broker the
-//! writer was given (`kafka.TCP(...)`) as `server.*`, and the error the call returned.
-//!
-//! The span is the whole call, on the caller's goroutine: for a synchronous writer (the
-//! default) WriteMessages returns once every message was acknowledged or failed, which is
-//! what the caller waited for. It is a child of the span the goroutine serves (a handler's
-//! request, from any goroutine under it). The topic is the writer's, or else the first
-//! message's (a writer without a topic takes each message's own).
+//! github.com/segmentio/kafka-go without code changes, by the OpenTelemetry messaging
+//! conventions for Kafka:
+//! - a PRODUCER span per `(*Writer).WriteMessages` call: `send <topic>`, the topic as
+//!   `messaging.destination.name`, `messaging.batch.message_count` for a call of several
+//!   messages and the key for a call of one, the broker the writer was given
+//!   (`kafka.TCP(...)`) as `server.*`, and the error the call returned. The span is the
+//!   whole call, on the caller's goroutine, a child of the span the goroutine serves;
+//! - its context into the messages: each message without headers of its own gets a
+//!   `traceparent` header as kafka-go copies it into a batch (`(*writeBatch).add`); the
+//!   header lives in the ring's arena (`ring_abi::arena`), not in the application's memory;
+//! - a CONSUMER span `process <topic>` per message `(*Reader).FetchMessage` (and so
+//!   `ReadMessage`) returns: from the return to the goroutine's next fetch, the processing
+//!   of the message. Its parent is the message's `traceparent` (the producer's span), and
+//!   it is the context of the goroutine meanwhile, so the calls made while processing the
+//!   message are its children; inside a span the goroutine serves, it is that span's
+//!   child instead, and the goroutine's context stays.
 
-use trampolines::codegen::{CapturePlan, Fetch, Op, When};
+use trampolines::codegen::{CapturePlan, Fetch, Guard, Op, SP, When};
 
-use super::{Alt, Attr, Described, LibState, Library, Notes, PlanCx, Planned, SpanKind, field, one_of};
+use super::{
+    Alt, Attr, Described, LibProbe, LibState, Library, Notes, OpenSpans, PlanCx, Planned, SpanKind, field, one_of,
+};
 use crate::ring::Record;
 
 const RAX: u8 = 0;
@@ -25,16 +31,28 @@ const RSI: u8 = 4;
 #[repr(u8)]
 enum Probe {
     Write,
+    /// A message copied into a batch: its header (an event).
+    Add,
+    /// A message fetched (return) and the next fetch (entry): events that open and end
+    /// the message's processing span.
+    Fetch,
 }
 
 impl Probe {
     fn from_u8(p: u8) -> Option<Probe> {
-        [Probe::Write].get(usize::from(p)).copied()
+        [Probe::Write, Probe::Add, Probe::Fetch].get(usize::from(p)).copied()
     }
 }
 
 const KAFKA: &str = "github.com/segmentio/kafka-go";
 const WRITE: &str = "github.com/segmentio/kafka-go.(*Writer).WriteMessages";
+const ADD: &str = "github.com/segmentio/kafka-go.(*writeBatch).add";
+const FETCH: &str = "github.com/segmentio/kafka-go.(*Reader).FetchMessage";
+/// Where a stack-assigned `Message` lies, from the stack pointer at the entry of `add`
+/// (its first argument after the receiver, which a register holds) and at the return of
+/// `FetchMessage` (its first result; both arguments are in registers): just above the
+/// return address.
+const MSG_ON_STACK: i32 = 8;
 
 /// Where values land in the records.
 mod at {
@@ -50,6 +68,15 @@ mod at {
     /// Return: an `errorString`'s text.
     pub const MESSAGE: u16 = 0;
     pub const MESSAGE_MAX: u16 = 120;
+    /// Fetch entry: the reader's consumer group and first broker.
+    pub const GROUP: u16 = 0;
+    pub const GROUP_MAX: u16 = 120;
+    pub const BROKER: u16 = GROUP + 8 + GROUP_MAX;
+    /// Fetch return: the span's ids, then the message's topic, partition, offset, key.
+    pub const M_TOPIC: u16 = span_ids::LEN as u16;
+    pub const PARTITION: u16 = M_TOPIC + 8 + TOPIC_MAX;
+    pub const OFFSET: u16 = PARTITION + 8;
+    pub const M_KEY: u16 = OFFSET + 8;
 }
 
 pub struct KafkaGo;
@@ -122,21 +149,81 @@ impl Library for KafkaGo {
             ops: one_of(at::MESSAGE, Fetch::Str { max: at::MESSAGE_MAX }, messages),
             ..CapturePlan::default()
         };
-        super::plan_candidates(cx, &[(Probe::Write as u8, WRITE)], |p| {
+        let headers = get(".Message.Headers");
+        // Headers go in only where a message is copied into a batch (`add` may be inlined).
+        let inject = headers.is_ok() && cx.funcs.iter().any(|f| f.name == ADD);
+        let consume = (|| -> Result<(CapturePlan, CapturePlan), String> {
+            let config = get(".Reader.config")?;
+            let group = get(".ReaderConfig.GroupID")?;
+            let brokers = get(".ReaderConfig.Brokers")?;
+            let mut msg = |k: &str| get(&format!(".Message.{k}")).map(|o| MSG_ON_STACK + o);
+            // Entry: the previous message's processing ends; the reader names its group
+            // and (its first) broker.
+            let entry = CapturePlan {
+                ops: vec![
+                    Op::ConsumeEnd,
+                    field(RAX, Vec::new(), config + group, Fetch::Str { max: at::GROUP_MAX }, at::GROUP, Vec::new()),
+                    field(
+                        RAX,
+                        vec![config + brokers],
+                        0,
+                        Fetch::Str { max: at::ADDR_MAX },
+                        at::BROKER,
+                        vec![When { differs: true, ..When::at(RAX, Vec::new(), config + brokers + 8, 0) }],
+                    ),
+                ],
+                ..CapturePlan::default()
+            };
+            // Return, when no error came back (RAX: the error's itab): the message.
+            let ret = CapturePlan {
+                guard: Some(Guard::Zero { reg: RAX }),
+                ops: vec![
+                    Op::ConsumeBegin { headers: msg("Headers")?, dest: 0 },
+                    field(SP, Vec::new(), msg("Topic")?, Fetch::Str { max: at::TOPIC_MAX }, at::M_TOPIC, Vec::new()),
+                    field(SP, Vec::new(), msg("Partition")?, Fetch::Word, at::PARTITION, Vec::new()),
+                    field(SP, Vec::new(), msg("Offset")?, Fetch::Word, at::OFFSET, Vec::new()),
+                    field(SP, Vec::new(), msg("Key")?, Fetch::Str { max: at::KEY_MAX }, at::M_KEY, Vec::new()),
+                ],
+                ..CapturePlan::default()
+            };
+            Ok((entry, ret))
+        })();
+        let mut ret = ret;
+        if inject {
+            ret.ops.push(Op::KafkaEnd);
+        }
+        let candidates = [(Probe::Write as u8, WRITE), (Probe::Add as u8, ADD), (Probe::Fetch as u8, FETCH)];
+        super::plan_candidates(cx, &candidates, |p| {
             Ok(match Probe::from_u8(p).ok_or_else(|| format!("probe {p}"))? {
                 Probe::Write => {
-                    (CapturePlan { ints: 1 << RSI, ops: entry.clone()?, ..CapturePlan::default() }, ret.clone())
+                    let mut ops = entry.clone()?;
+                    if inject {
+                        ops.push(Op::KafkaSlot { dest: 0 });
+                    }
+                    (CapturePlan { ints: 1 << RSI, ops, ..CapturePlan::default() }, ret.clone())
                 }
+                Probe::Add => {
+                    if !inject {
+                        return Err(format!("{KAFKA}.Message.Headers"));
+                    }
+                    let entry = CapturePlan {
+                        ops: vec![Op::KafkaHeader { headers: MSG_ON_STACK + headers.clone()?, dest: 0 }],
+                        guard: Some(Guard::Tagged { bit: ring_abi::ctx::KAFKA_TAG_BIT }),
+                        ..CapturePlan::default()
+                    };
+                    (entry, CapturePlan { off: true, ..CapturePlan::default() })
+                }
+                Probe::Fetch => consume.clone()?,
             })
         })
     }
 
     fn is_span(&self, probe: u8) -> bool {
-        Probe::from_u8(probe).is_some()
+        Probe::from_u8(probe) == Some(Probe::Write)
     }
 
     fn state(&self) -> Box<dyn LibState> {
-        Box::new(super::sql::NoEvents)
+        Box::new(KafkaState::default())
     }
 
     fn describe(
@@ -147,7 +234,9 @@ impl Library for KafkaGo {
         _notes: Option<&Notes>,
         type_name: &mut dyn FnMut(u64) -> Option<String>,
     ) -> Option<Described> {
-        Probe::from_u8(probe)?;
+        if Probe::from_u8(probe)? == Probe::Fetch {
+            return Some(describe_process(entry, _notes));
+        }
         let data = &entry.data;
         let count = entry.ints[usize::from(RSI)];
         // WriteMessages of nothing returns at once, sending nothing.
@@ -192,5 +281,87 @@ impl Library for KafkaGo {
             None => "send".into(),
         };
         Some(Described { kind: SpanKind::Producer, name, attrs, error })
+    }
+}
+
+/// A message's processing: `entry` is the record of the fetch's return (the message),
+/// `notes` what the fetch's entry said of the reader.
+fn describe_process(entry: &Record, notes: Option<&Notes>) -> Described {
+    let data = &entry.data;
+    let topic = super::string_at(data, at::M_TOPIC, at::TOPIC_MAX);
+    let mut attrs: Vec<(&'static str, Attr)> = vec![
+        ("messaging.system", Attr::S("kafka".into())),
+        ("messaging.operation.name", Attr::S("process".into())),
+        ("messaging.operation.type", Attr::S("process".into())),
+    ];
+    if let Some(t) = &topic {
+        attrs.push(("messaging.destination.name", Attr::S(t.clone())));
+    }
+    if let Some(p) = super::word_at(data, at::PARTITION) {
+        attrs.push(("messaging.destination.partition.id", Attr::S(p.to_string())));
+    }
+    if let Some(o) = super::word_at(data, at::OFFSET) {
+        attrs.push(("messaging.kafka.offset", Attr::I(o as i64)));
+    }
+    if let Some(k) = super::string_at(data, at::M_KEY, at::KEY_MAX) {
+        attrs.push(("messaging.kafka.message.key", Attr::S(k)));
+    }
+    attrs.extend(notes.into_iter().flat_map(|n| n.attrs.iter().cloned()));
+    let name = match &topic {
+        Some(t) => format!("process {t}"),
+        None => "process".into(),
+    };
+    Described { kind: SpanKind::Consumer, name, attrs, error: None }
+}
+
+/// Headers added and left out, and what each goroutine's last fetch said of its reader.
+#[derive(Default)]
+struct KafkaState {
+    added: u64,
+    own_headers: u64,
+    readers: std::collections::HashMap<u64, Notes>,
+}
+
+impl LibState for KafkaState {
+    fn span_start(&mut self, _probe: u8, _rec: &Record) -> Option<Notes> {
+        None
+    }
+
+    fn event(&mut self, probe: LibProbe, rec: Record, spans: &mut dyn OpenSpans) {
+        match Probe::from_u8(probe.probe) {
+            Some(Probe::Add) => match super::word_at(&rec.data, 0) {
+                Some(1) => self.added += 1,
+                Some(2) => self.own_headers += 1,
+                _ => {}
+            },
+            Some(Probe::Fetch) if rec.kind == ring_abi::Kind::Entry => {
+                // The previous message's processing ends where the goroutine fetches again.
+                spans.release(probe.lib, rec.goid, rec.clone());
+                let mut n = Notes::default();
+                if let Some(g) = super::string_at(&rec.data, at::GROUP, at::GROUP_MAX) {
+                    n.set("messaging.consumer.group.name", Attr::S(g));
+                }
+                if let Some(b) = super::string_at(&rec.data, at::BROKER, at::ADDR_MAX) {
+                    let (host, port) = super::split_host_port(&b);
+                    n.set("server.address", Attr::S(host));
+                    if let Some(p) = port {
+                        n.set("server.port", Attr::I(p));
+                    }
+                }
+                if self.readers.len() >= 1 << 16 {
+                    self.readers.clear();
+                }
+                self.readers.insert(rec.goid, n);
+            }
+            Some(Probe::Fetch) => {
+                let notes = self.readers.get(&rec.goid).cloned();
+                spans.begin_held(probe.lib, rec.goid, rec, notes);
+            }
+            _ => {}
+        }
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![("kafka_headers_added", self.added), ("kafka_headers_own", self.own_headers)]
     }
 }

@@ -127,6 +127,11 @@ pub trait OpenSpans {
     /// Ends the span library `lib` kept open under `key` ([`LibState::hold`]) at `end`,
     /// which its description then reads as the span's end. False when none is kept.
     fn release(&mut self, lib: u8, key: u64, end: Record) -> bool;
+    /// Opens a span of library `lib` at `start` (a record whose data begins with the
+    /// span's ids), kept under `key` until [`OpenSpans::release`] ends it: work that
+    /// begins where a call returns (a message fetched, then processed). One already kept
+    /// under `key` ends where it began.
+    fn begin_held(&mut self, lib: u8, key: u64, start: Record, notes: Option<Notes>);
 }
 
 /// What events add to a span before it ends: attributes (first or last writer wins, as the
@@ -173,6 +178,7 @@ pub enum SpanKind {
     Server,
     Client,
     Producer,
+    Consumer,
 }
 
 impl SpanKind {
@@ -181,6 +187,7 @@ impl SpanKind {
             SpanKind::Server => "SERVER",
             SpanKind::Client => "CLIENT",
             SpanKind::Producer => "PRODUCER",
+            SpanKind::Consumer => "CONSUMER",
         }
     }
 }

@@ -133,6 +133,7 @@ pub fn lib_span(call: &Call, d: crate::libs::Described, clock: &Clock, scope: &I
         K::Server => SpanKind::Server,
         K::Client => SpanKind::Client,
         K::Producer => SpanKind::Producer,
+        K::Consumer => SpanKind::Consumer,
     };
     let status = d.error.map_or(Status::Unset, Status::error);
     span_data(call, clock, (d.name, kind, trace_state), attributes, status, scope)

@@ -246,6 +246,7 @@ pub fn install(pid: i32, bin: &GoBinary<'_>, bias: u64, sites: &[ProbeSite], rin
     let mut ring_map =
         unsafe { memmap2::MmapOptions::new().populate().map_mut(&file) }.context("mapping the ring locally")?;
     layout.initialise_zeroed(&mut ring_map);
+    layout.initialise_arena(&mut ring_map, ring_addr);
     if ring.wait_spins > 0 {
         ring_map[header::LOSSLESS] = 1;
     }
@@ -629,6 +630,7 @@ pub fn remove(inst: &Installation) -> Result<Removal> {
     // Nothing left to undo, should the rest fail.
     inst.ring_header_store(inst.layout.journal_offset() + ring_abi::journal::PATCHES, 0);
     let mut unmapped = false;
+    let mut kept = None;
     let in_tramp = |rip: u64| inst.areas.iter().any(|&(a, l)| (a..a + l).contains(&rip));
     let mut world_stopped = None;
     let looking = Instant::now();
@@ -651,7 +653,10 @@ pub fn remove(inst: &Installation) -> Result<Removal> {
             for &(addr, len) in &inst.areas {
                 s.syscall(tid, inst.pad, libc::SYS_munmap, [addr, len, 0, 0, 0, 0])?;
             }
-            s.syscall(tid, inst.pad, libc::SYS_munmap, [inst.ring_addr, inst.ring_len, 0, 0, 0, 0])?;
+            kept = arena_in_use(inst);
+            for (addr, len) in super::recover::around(inst.ring_addr, inst.ring_len, kept) {
+                s.syscall(tid, inst.pad, libc::SYS_munmap, [addr, len, 0, 0, 0, 0])?;
+            }
             unmapped = true;
             break;
         }
@@ -665,7 +670,18 @@ pub fn remove(inst: &Installation) -> Result<Removal> {
     }
     // The world stood still until every thread but the unmapping one ran again.
     let pause = world_stopped.unwrap_or_else(|| started.elapsed());
-    Ok(Removal { restored: inst.patches.len(), unmapped, pause })
+    Ok(Removal { restored: inst.patches.len(), unmapped, pause, kept })
+}
+
+/// The arena's place in the target when a Kafka header was ever written from it.
+fn arena_in_use(inst: &Installation) -> Option<(u64, u64)> {
+    if !inst.layout.arena {
+        return None;
+    }
+    let off = inst.layout.arena_offset();
+    let next = inst.ring_map.get(off..off + 8)?;
+    (u64::from_le_bytes(next.try_into().ok()?) != 0)
+        .then_some((inst.ring_addr + off as u64, ring_abi::arena::LEN as u64))
 }
 
 impl Installation {

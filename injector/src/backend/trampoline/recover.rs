@@ -27,6 +27,8 @@ pub struct Leftover {
     pub areas: Vec<(u64, u64)>,
     /// (address, original bytes, patched bytes).
     pub patches: Vec<(u64, Vec<u8>, Vec<u8>)>,
+    /// Its Kafka header arena, when a header was written from it: left mapped.
+    pub keep: Option<(u64, u64)>,
 }
 
 /// What a clean-up did.
@@ -48,6 +50,16 @@ fn word(mem: &File, at: u64) -> Result<u64> {
     let mut b = [0u8; 8];
     mem.read_exact_at(&mut b, at).with_context(|| format!("reading the target's memory at {at:#x}"))?;
     Ok(u64::from_le_bytes(b))
+}
+
+/// The parts of the mapping `[addr, addr+len)` outside `keep`.
+pub(super) fn around(addr: u64, len: u64, keep: Option<(u64, u64)>) -> Vec<(u64, u64)> {
+    match keep {
+        Some((k, n)) if k >= addr && k + n <= addr + len => {
+            [(addr, k - addr), (k + n, addr + len - (k + n))].into_iter().filter(|&(_, l)| l > 0).collect()
+        }
+        _ => vec![(addr, len)],
+    }
 }
 
 /// Whether `pid` is a running inject.
@@ -118,6 +130,10 @@ fn rings(pid: i32) -> Result<Vec<MappedRing>> {
             let (_, name) = l.split_once(&prefix)?;
             let rest = name.strip_prefix('.').and_then(|n| n.split_whitespace().next()).unwrap_or("");
             let (maker, areas) = parse_ring_name(rest);
+            // A Kafka header arena an inject left mapped on purpose: not a ring's start.
+            if l.split_whitespace().nth(2).is_some_and(|off| u64::from_str_radix(off, 16) != Ok(0)) {
+                return None;
+            }
             let (a, b) = l.split_whitespace().next()?.split_once('-')?;
             Some(MappedRing {
                 start: u64::from_str_radix(a, 16).ok()?,
@@ -156,6 +172,7 @@ pub fn leftovers(pid: i32) -> Result<Vec<Leftover>> {
                 owner: maker,
                 areas: named_areas,
                 patches: Vec::new(),
+                keep: None,
             });
             continue;
         }
@@ -184,6 +201,7 @@ pub fn leftovers(pid: i32) -> Result<Vec<Leftover>> {
                 owner,
                 areas: named_areas,
                 patches: Vec::new(),
+                keep: None,
             });
             continue;
         }
@@ -209,7 +227,13 @@ pub fn leftovers(pid: i32) -> Result<Vec<Leftover>> {
             mem.read_exact_at(&mut new, e + 24)?;
             patches.push((addr, original, new));
         }
-        out.push(Leftover { ring: (start, end - start), journal: at, owner, areas, patches });
+        let arena = word(&mem, start + header::ARENA as u64)?;
+        let keep = (arena != 0 && start + arena + (ring_abi::arena::LEN as u64) <= at)
+            .then(|| word(&mem, start + arena + ring_abi::arena::NEXT as u64))
+            .transpose()?
+            .filter(|&next| next != 0)
+            .map(|_| (start + arena, ring_abi::arena::LEN as u64));
+        out.push(Leftover { ring: (start, end - start), journal: at, owner, areas, patches, keep });
     }
     Ok(out)
 }
@@ -293,7 +317,9 @@ pub fn clean(pid: i32, pad: &PadSite) -> Result<Cleaned> {
                             s.syscall(tid, pad.addr, libc::SYS_munmap, [addr, len, 0, 0, 0, 0])?;
                         }
                     }
-                    s.syscall(tid, pad.addr, libc::SYS_munmap, [l.ring.0, l.ring.1, 0, 0, 0, 0])?;
+                    for (addr, len) in around(l.ring.0, l.ring.1, l.keep) {
+                        s.syscall(tid, pad.addr, libc::SYS_munmap, [addr, len, 0, 0, 0, 0])?;
+                    }
                 }
                 for (fd, areas) in &fds {
                     for &(addr, len) in areas {
@@ -353,6 +379,13 @@ impl Cleaned {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_arena_stays() {
+        assert_eq!(around(0x1000, 0x9000, Some((0x3000, 0x2000))), vec![(0x1000, 0x2000), (0x5000, 0x5000)]);
+        assert_eq!(around(0x1000, 0x9000, None), vec![(0x1000, 0x9000)]);
+        assert_eq!(around(0x1000, 0x2000, Some((0x1000, 0x2000))), vec![]);
+    }
 
     #[test]
     fn only_an_exact_anonymous_executable_mapping_is_ours() {

@@ -150,7 +150,7 @@ pub(super) fn describe(probe: Probe, entry: &Record, ret: Option<&Record>, notes
     }
     let failed = match kind {
         SpanKind::Server => server_fault(code),
-        SpanKind::Client | SpanKind::Producer => code != 0 && code != u32::MAX,
+        SpanKind::Client | SpanKind::Producer | SpanKind::Consumer => code != 0 && code != u32::MAX,
     };
     let error = failed.then(|| message.unwrap_or_else(|| code_name(code).unwrap_or("UNKNOWN").to_string()));
     let name = if full.is_empty() { "grpc".to_string() } else { full };
