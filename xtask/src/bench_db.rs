@@ -93,7 +93,7 @@ enum Cores {
 }
 
 /// Pins this thread (and so every process it starts from now on) to `cpu`, or frees it.
-fn pin(cpu: Option<usize>) -> Result<()> {
+pub(crate) fn pin(cpu: Option<usize>) -> Result<()> {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity take
     // it by pointer and a valid size.
     unsafe {

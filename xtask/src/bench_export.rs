@@ -65,10 +65,22 @@ pub(crate) fn attach_exporting(
     endpoint: &str,
     summary: &std::path::Path,
 ) -> Result<Child> {
+    attach_exporting_with(inject, pid, &[], endpoint, summary)
+}
+
+/// [`attach_exporting`] with more arguments for inject (`--lib kafka-go`).
+pub(crate) fn attach_exporting_with(
+    inject: &std::path::Path,
+    pid: u32,
+    args: &[&str],
+    endpoint: &str,
+    summary: &std::path::Path,
+) -> Result<Child> {
     std::fs::create_dir_all(summary.parent().context("parent")?)?;
     let mut c = Command::new(inject)
         .args(["--pid", &pid.to_string(), "--summary-json"])
         .arg(summary)
+        .args(args)
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
         .stderr(Stdio::piped())
         .spawn()?;
@@ -78,9 +90,13 @@ pub(crate) fn attach_exporting(
 
 /// Stops an inject [`attach_exporting`] started; returns how many records it dropped.
 pub(crate) fn detach_dropped(c: Child, summary: &std::path::Path) -> Result<u64> {
+    detach_summary(c, summary)?["dropped"].as_u64().context("dropped in the summary")
+}
+
+/// Stops an inject [`attach_exporting`] started; returns its exit summary.
+pub(crate) fn detach_summary(c: Child, summary: &std::path::Path) -> Result<serde_json::Value> {
     stop(c)?;
-    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(summary)?)?;
-    s["dropped"].as_u64().context("dropped in the summary")
+    Ok(serde_json::from_slice(&std::fs::read(summary)?)?)
 }
 
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {

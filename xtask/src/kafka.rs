@@ -266,6 +266,11 @@ impl Kafka {
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
+
+    /// The broker's process id (its JVM), for a bench that reads its CPU time.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.id())
+    }
 }
 
 impl Drop for Kafka {

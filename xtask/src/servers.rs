@@ -44,6 +44,11 @@ impl Proc {
         Ok(Proc { child, lines: rx, seen: Vec::new(), name })
     }
 
+    /// The server's process id.
+    pub(crate) fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits for a line containing `text` (servers' logs start with a time).
     pub(crate) fn wait_for_any(&mut self, text: &str, timeout: Duration) -> Result<()> {
         let deadline = std::time::Instant::now() + timeout;
