@@ -40,6 +40,7 @@ const BENCHMARKS: &[&str] = &[
     "http",
     "grpc",
     "db",
+    "kafka",
 ];
 
 pub fn run(name: Option<&str>) -> Result<()> {
@@ -56,6 +57,7 @@ pub fn run(name: Option<&str>) -> Result<()> {
             crate::bench_http::http()?;
             crate::bench_grpc::grpc()?;
             crate::bench_db::db()?;
+            crate::bench_kafka::kafka()?;
             functions_100mb()
         }
         Some("functions-100mb") => functions_100mb(),
@@ -69,6 +71,7 @@ pub fn run(name: Option<&str>) -> Result<()> {
         Some("http") => crate::bench_http::http(),
         Some("grpc") => crate::bench_grpc::grpc(),
         Some("db") => crate::bench_db::db(),
+        Some("kafka") => crate::bench_kafka::kafka(),
         Some(other) => bail!("unknown benchmark {other:?}; known: {}", BENCHMARKS.join(", ")),
     }
 }

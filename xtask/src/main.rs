@@ -10,6 +10,7 @@ mod bench_db;
 mod bench_export;
 mod bench_grpc;
 mod bench_http;
+mod bench_kafka;
 mod bench_probe;
 mod demo;
 mod deps;
@@ -35,7 +36,7 @@ cargo xtask <command>
                     DWARF of probe builds; --check fails on a difference (--help: the rest)
   docs [--check]    write docs/cli.md, the command-line reference, from inject's CLI definition;
                     --check fails when the file differs
-  bench [NAME]      run benchmarks (attach-100, attach-under-load, call-overhead, collector, drain, export, launch, http, grpc, functions-100mb; all by default)
+  bench [NAME]      run benchmarks (attach-100, attach-under-load, call-overhead, collector, drain, export, launch, http, grpc, db, kafka, functions-100mb; all by default)
 ";
 
 fn main() -> ExitCode {
