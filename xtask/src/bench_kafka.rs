@@ -259,11 +259,12 @@ fn report(rounds: &[[Window; 3]]) -> Result<()> {
         println!("    {name:<22} {}", parts.join(", "));
     }
     println!(
-        "  the machine, medians: CPU per request (µs), cores busy; other processes: the machine's CPU less the above"
+        "  the machine, medians: CPU per request (µs), cores busy; the rest: its CPU less the above (other \
+         processes, interrupts)"
     );
     for (s, name) in SETUPS.iter().enumerate() {
         println!(
-            "    {name:<22} {:.0} µs, {:.2} of 2 cores busy; other processes {:.0} µs a request",
+            "    {name:<22} {:.0} µs, {:.2} of 2 cores busy; the rest {:.0} µs a request",
             col(s, &|w| w.machine),
             col(s, &|w| w.machine_cores),
             col(s, &|w| w.machine - w.cpu.iter().sum::<f64>())
