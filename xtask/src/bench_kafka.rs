@@ -233,7 +233,16 @@ fn report(rounds: &[[Window; 3]]) -> Result<()> {
     println!("  {:<22} {:>10} {:>10} {:>8}", "", "requests/s", "messages/s", "p50 µs");
     for (s, name) in SETUPS.iter().enumerate() {
         let rps = col(s, &|w| w.rps);
-        let versus = if s == 0 { String::new() } else { format!("   {:.3} of baseline", ratio(s)) };
+        let versus = if s == 0 {
+            String::new()
+        } else {
+            // The spread of the rounds' own ratios: how far one round can be trusted.
+            let (lo, hi) = rounds
+                .iter()
+                .map(|r| r[s].rps / r[0].rps)
+                .fold((f64::MAX, 0.0_f64), |(lo, hi), x| (lo.min(x), hi.max(x)));
+            format!("   {:.3} of baseline (rounds {lo:.2} to {hi:.2})", ratio(s))
+        };
         let label = if lossy(s) { " (measured while records were dropped)" } else { "" };
         println!(
             "  {name:<22} {rps:>10.0} {:>10.0} {:>8.0}{versus}{label}",
