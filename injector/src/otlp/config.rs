@@ -43,6 +43,21 @@ pub struct OtelArgs {
     /// The sampler's argument: the ratio for the traceidratio samplers (OTEL_TRACES_SAMPLER_ARG).
     #[arg(long, value_name = "ARG")]
     pub sampler_arg: Option<String>,
+    /// PEM file of the CA certificate(s) an `https://` endpoint's certificate is verified
+    /// against, besides the system's roots (OTEL_EXPORTER_OTLP_CERTIFICATE).
+    #[arg(long, value_name = "FILE")]
+    pub otlp_certificate: Option<String>,
+    /// PEM file of inject's client certificate, for mutual TLS
+    /// (OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE).
+    #[arg(long, value_name = "FILE")]
+    pub otlp_client_certificate: Option<String>,
+    /// PEM file of the client certificate's private key (OTEL_EXPORTER_OTLP_CLIENT_KEY).
+    #[arg(long, value_name = "FILE")]
+    pub otlp_client_key: Option<String>,
+    /// gRPC without TLS to an endpoint given without a scheme (OTEL_EXPORTER_OTLP_INSECURE;
+    /// without it such an endpoint is https).
+    #[arg(long)]
+    pub otlp_insecure: bool,
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -67,6 +82,12 @@ pub enum ConfigError {
     Number { source_name: String, value: String },
     #[error("{source_name}: unknown exporter {value:?}; inject exports traces with otlp, console or none")]
     Exporter { source_name: String, value: String },
+    #[error("{source_name}: cannot use {path}: {why}")]
+    File { source_name: String, path: String, why: String },
+    #[error("{given} needs {missing} too: a client certificate goes with its private key")]
+    ClientPair { given: String, missing: String },
+    #[error("{source_name}: {value:?} is not true or false")]
+    Bool { source_name: String, value: String },
 }
 
 const SAMPLERS: &str =
@@ -177,6 +198,8 @@ pub struct OtelConfig {
     /// User-given resource attributes, variables first, flags after (later wins).
     pub resource: BTreeMap<String, String>,
     pub sampler: Sampler,
+    /// CA and client certificate for `https://` endpoints.
+    pub tls: super::tls::Tls,
     /// OTEL_SDK_DISABLED=true.
     pub disabled: bool,
     pub default_output: DefaultOutput,
@@ -194,7 +217,7 @@ fn non_empty(env: Env<'_>, name: &str) -> Option<(String, String)> {
 }
 
 /// The flag, else the traces-specific variable, else the generic one.
-fn pick(flag: &Option<String>, flag_name: &str, env: Env<'_>, names: &[&str]) -> Option<(String, String)> {
+pub(crate) fn pick(flag: &Option<String>, flag_name: &str, env: Env<'_>, names: &[&str]) -> Option<(String, String)> {
     if let Some(v) = flag {
         return Some((flag_name.to_string(), v.clone()));
     }
@@ -268,7 +291,7 @@ fn parse_count(source_name: &str, value: &str) -> Result<usize, ConfigError> {
 }
 
 /// Checks an endpoint URL: http or https, a host, no query.
-fn check_endpoint(source_name: &str, value: &str) -> Result<http::Uri, ConfigError> {
+pub(crate) fn check_endpoint(source_name: &str, value: &str) -> Result<http::Uri, ConfigError> {
     let bad = |why: &str| ConfigError::Endpoint {
         source_name: source_name.to_string(),
         value: value.to_string(),
@@ -276,13 +299,8 @@ fn check_endpoint(source_name: &str, value: &str) -> Result<http::Uri, ConfigErr
     };
     let uri: http::Uri = value.parse().map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(bad(
-                "this build of inject speaks plain http only; send to a local collector (or sidecar) over http",
-            ));
-        }
-        Some(other) => return Err(bad(&format!("the scheme must be http, not {other}"))),
+        Some("http" | "https") => {}
+        Some(other) => return Err(bad(&format!("the scheme must be http or https, not {other}"))),
         None => return Err(bad("give a scheme and host, e.g. http://localhost:4318")),
     }
     if uri.host().is_none_or(str::is_empty) {
@@ -331,12 +349,20 @@ impl OtelConfig {
                 _ => return Err(ConfigError::Protocol { source_name: src, value: v }),
             },
         };
+        let insecure = insecure(args, env, "OTEL_EXPORTER_OTLP_TRACES_INSECURE")?;
+        // gRPC may name host:port alone: TLS unless insecure, as the specification says.
+        let schemed = |e: Option<(String, String)>| match e {
+            Some((src, v)) if protocol == Protocol::Grpc && !v.contains("://") => {
+                Some((src, format!("{}://{v}", if insecure { "http" } else { "https" })))
+            }
+            e => e,
+        };
         // The generic endpoint is a base (HTTP appends /v1/traces); the traces one is used as is.
-        let traces = non_empty(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
-        let generic = match &args.otlp_endpoint {
+        let traces = schemed(non_empty(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"));
+        let generic = schemed(match &args.otlp_endpoint {
             Some(v) => Some(("--otlp-endpoint".to_string(), v.clone())),
             None => non_empty(env, "OTEL_EXPORTER_OTLP_ENDPOINT"),
-        };
+        });
         let endpoint_configured = generic.is_some() || traces.is_some();
         let endpoint = match (&args.otlp_endpoint, traces, generic) {
             (None, Some((src, v)), _) => {
@@ -448,6 +474,20 @@ impl OtelConfig {
             None if endpoint_configured => DefaultOutput::Otlp,
             None => DefaultOutput::Console,
         };
+        let tls = super::tls::resolve(
+            &super::tls::Sources {
+                ca: (
+                    &args.otlp_certificate,
+                    ["OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"],
+                ),
+                cert: (
+                    &args.otlp_client_certificate,
+                    ["OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE", "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"],
+                ),
+                key: (&args.otlp_client_key, ["OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_KEY"]),
+            },
+            env,
+        )?;
         Ok(OtelConfig {
             endpoint,
             protocol,
@@ -460,9 +500,25 @@ impl OtelConfig {
             service_name,
             resource,
             sampler,
+            tls,
             disabled,
             default_output,
         })
+    }
+}
+
+/// `--otlp-insecure`, else the signal's variable, else OTEL_EXPORTER_OTLP_INSECURE.
+pub(crate) fn insecure(args: &OtelArgs, env: Env<'_>, signal_var: &str) -> Result<bool, ConfigError> {
+    if args.otlp_insecure {
+        return Ok(true);
+    }
+    match [signal_var, "OTEL_EXPORTER_OTLP_INSECURE"].iter().find_map(|n| non_empty(env, n)) {
+        None => Ok(false),
+        Some((src, v)) => match v.to_ascii_lowercase().as_str() {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err(ConfigError::Bool { source_name: src, value: v }),
+        },
     }
 }
 
@@ -495,6 +551,13 @@ mod tests {
         assert_eq!(c.endpoint, "http://b:9999/custom");
         let c = resolve(&OtelArgs::default(), &[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]).unwrap();
         assert_eq!((c.protocol, c.endpoint.as_str()), (Protocol::Grpc, "http://localhost:4317"));
+        // TLS: https endpoints; gRPC's host:port is https unless insecure.
+        let c = resolve(&OtelArgs::default(), &[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4318")]).unwrap();
+        assert_eq!(c.endpoint, "https://c:4318/v1/traces");
+        let grpc = [("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"), ("OTEL_EXPORTER_OTLP_ENDPOINT", "c:4317")];
+        assert_eq!(resolve(&OtelArgs::default(), &grpc).unwrap().endpoint, "https://c:4317");
+        let args = OtelArgs { otlp_insecure: true, ..Default::default() };
+        assert_eq!(resolve(&args, &grpc).unwrap().endpoint, "http://c:4317");
         // A flag wins over both variables.
         let args = OtelArgs { otlp_endpoint: Some("http://flag:1".into()), ..Default::default() };
         let c = resolve(&args, &[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://b:2/x")]).unwrap();
@@ -517,6 +580,9 @@ mod tests {
             (vec![("OTEL_RESOURCE_ATTRIBUTES", "a=1,broken")], "broken"),
             (vec![("OTEL_BSP_MAX_QUEUE_SIZE", "-1")], "OTEL_BSP_MAX_QUEUE_SIZE"),
             (vec![("OTEL_TRACES_EXPORTER", "zipkin")], "zipkin"),
+            (vec![("OTEL_EXPORTER_OTLP_INSECURE", "maybe")], "OTEL_EXPORTER_OTLP_INSECURE"),
+            (vec![("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent.pem")], "/nonexistent.pem"),
+            (vec![("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/k.pem")], "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"),
         ] {
             let e = resolve(&OtelArgs::default(), &vars).unwrap_err().to_string();
             assert!(e.contains(needle), "{vars:?}: {e}");

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod proto;
 pub mod span;
+pub mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -218,6 +219,7 @@ impl Client {
                     })
                     .with_timeout(config.timeout)
                     .with_headers(config.headers.iter().cloned().collect())
+                    .with_http_client(tls::http(config.timeout, &config.tls)?)
                     .with_retry_policy(RetryPolicy::disabled());
                 if config.gzip {
                     b = b.with_compression(Compression::Gzip);
@@ -245,6 +247,9 @@ impl Client {
                         .with_timeout(config.timeout)
                         .with_metadata(md)
                         .with_retry_policy(RetryPolicy::disabled());
+                    if config.endpoint.starts_with("https://") {
+                        b = b.with_tls_config(tls::grpc(&config.tls));
+                    }
                     if config.gzip {
                         b = b.with_compression(Compression::Gzip);
                     }
@@ -306,10 +311,7 @@ struct ProtoHttp {
 #[cfg(feature = "otlp")]
 impl ProtoHttp {
     fn build(config: &OtelConfig, resource: &Resource) -> Result<ProtoHttp> {
-        let client = reqwest::blocking::Client::builder()
-            .timeout(config.timeout)
-            .build()
-            .context("building the OTLP/HTTP client")?;
+        let client = tls::http(config.timeout, &config.tls)?;
         Ok(ProtoHttp {
             client,
             url: config.endpoint.clone(),
@@ -357,7 +359,7 @@ impl ProtoHttp {
         for (k, v) in &self.headers {
             req = req.header(k.as_str(), v.as_str());
         }
-        let resp = req.send().map_err(|e| format!("{}: {e}", self.url))?;
+        let resp = req.send().map_err(|e| format!("{}: {}", self.url, tls::chain(&e)))?;
         let status = resp.status();
         // Read the reply so the connection is reused.
         let _ = resp.bytes();
