@@ -11,10 +11,12 @@ use anyhow::{Result, bail};
 /// services).
 const DEBIAN_PACKAGES: &[&str] = &["golang-1.19-go", "postgresql", "redis-server"];
 
-/// Commands the Kafka tests need, and the Debian package that brings each when it is not
-/// on PATH (a JDK installed some other way counts): Java 17 runs the broker, Maven fetches
-/// it from Maven Central (xtask::kafka).
-const COMMANDS: &[(&str, &str)] = &[("java", "openjdk-17-jre-headless"), ("mvn", "maven")];
+/// Commands the tests need, and the Debian package that brings each when it is not on
+/// PATH (a JDK installed some other way counts): Java 17 runs the Kafka broker, Maven
+/// fetches it from Maven Central (xtask::kafka); openssl makes the TLS tests' certificates
+/// (xtask::certs) and curl is their HTTPS client against the OpenTelemetry Collector.
+const COMMANDS: &[(&str, &str)] =
+    &[("java", "openjdk-17-jre-headless"), ("mvn", "maven"), ("openssl", "openssl"), ("curl", "curl")];
 
 fn on_path(cmd: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
