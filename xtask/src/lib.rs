@@ -3,6 +3,7 @@
 //! a toolchain and a build flavor, cached under `target/fixtures/`.
 
 pub mod certs;
+pub mod collector;
 pub mod kafka;
 pub mod servers;
 pub mod support;

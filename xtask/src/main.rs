@@ -132,6 +132,9 @@ fn test(matrix: bool) -> Result<()> {
     // The Kafka tests' broker: fetched once into a cache outside the work tree.
     let kafka = xtask::kafka::install()?;
     eprintln!("xtask: Apache Kafka {} at {}", xtask::kafka::KAFKA_VERSION, kafka.display());
+    // The OTLP tests' OpenTelemetry Collector: built once with the newest Go into a cache.
+    let otelcol = xtask::collector::install()?;
+    eprintln!("xtask: OpenTelemetry Collector {} at {}", xtask::collector::COLLECTOR_VERSION, otelcol.display());
     let tcs = if matrix { all_toolchains()? } else { oldest_and_newest()? };
     for tc in &tcs {
         eprintln!("xtask: Go {} at {}", tc.version, tc.go.display());
