@@ -1,6 +1,10 @@
-//! A real OTLP trace receiver on a loopback port: HTTP (protobuf and JSON) on std
-//! threads, gRPC on tonic. It decodes every request with opentelemetry-proto, keeps them,
-//! and can be stopped and restarted on the same port to play an endpoint that goes down.
+//! A real OTLP receiver of traces and metrics on a loopback port: HTTP (`/v1/traces` and
+//! `/v1/metrics`, protobuf and JSON) on std threads, gRPC (TraceService and MetricsService)
+//! on tonic. It decodes every request with opentelemetry-proto, keeps them, and can be
+//! stopped and restarted on the same port to play an endpoint that goes down. Metrics come
+//! out flattened to data points ([`metrics`]).
+
+pub mod metrics;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -10,11 +14,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
+
+pub use metrics::{MetricKind, MetricPoint, Temporality};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -30,6 +40,9 @@ struct Shared {
     bad: AtomicU64,
     /// Count spans only (benchmarks), without keeping them.
     count_only: bool,
+    metric_requests: Mutex<Vec<ExportMetricsServiceRequest>>,
+    /// Metric data points received.
+    points: AtomicU64,
 }
 
 impl Shared {
@@ -40,6 +53,14 @@ impl Shared {
             return;
         }
         if let Ok(mut r) = self.requests.lock() {
+            r.push(req);
+        }
+    }
+
+    /// Metrics are always kept (count_only is about spans).
+    fn take_metrics(&self, req: ExportMetricsServiceRequest) {
+        self.points.fetch_add(metrics::count_points(&req) as u64, Ordering::Relaxed);
+        if let Ok(mut r) = self.metric_requests.lock() {
             r.push(req);
         }
     }
@@ -191,6 +212,7 @@ impl Receiver {
                 let listener = tokio::net::TcpListener::from_std(listener)?;
                 let (tx, rx) = tokio::sync::oneshot::channel::<()>();
                 let svc = TraceServiceServer::new(Grpc { shared: self.shared.clone() });
+                let metrics_svc = MetricsServiceServer::new(Grpc { shared: self.shared.clone() });
                 let task = rt.spawn(async move {
                     let incoming = tokio_stream::StreamExt::map(
                         tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -202,6 +224,7 @@ impl Receiver {
                     );
                     let _ = tonic::transport::Server::builder()
                         .add_service(svc)
+                        .add_service(metrics_svc)
                         .serve_with_incoming_shutdown(incoming, async {
                             let _ = rx.await;
                         })
@@ -273,6 +296,56 @@ impl Receiver {
         out
     }
 
+    /// Metric data points received so far (every kind).
+    pub fn metric_point_count(&self) -> u64 {
+        self.shared.points.load(Ordering::Relaxed)
+    }
+
+    /// Every metrics export request received so far, as sent.
+    pub fn metric_requests(&self) -> Vec<ExportMetricsServiceRequest> {
+        self.shared.metric_requests.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Every metric data point received so far, flattened, in the order received.
+    pub fn metric_points(&self) -> Vec<MetricPoint> {
+        metrics::points(self.metric_requests())
+    }
+
+    /// The data points of the metric named `name` received so far.
+    pub fn metric(&self, name: &str) -> Vec<MetricPoint> {
+        self.metric_points().into_iter().filter(|p| p.name == name).collect()
+    }
+
+    /// Waits until at least `n` metric data points have arrived.
+    pub fn wait_metric_points(&self, n: u64, timeout: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.metric_point_count() < n {
+            if std::time::Instant::now() > deadline {
+                bail!("{} metric data points received, waited for {n}", self.metric_point_count());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Waits until a data point of the metric `name` has arrived; returns that metric's
+    /// points.
+    pub fn wait_metric(&self, name: &str, timeout: Duration) -> Result<Vec<MetricPoint>> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let points = self.metric(name);
+            if !points.is_empty() {
+                return Ok(points);
+            }
+            if std::time::Instant::now() > deadline {
+                let mut names: Vec<String> = self.metric_points().into_iter().map(|p| p.name).collect();
+                names.dedup();
+                bail!("no metric {name:?} within {timeout:?}; received: {names:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until at least `n` spans have arrived.
     pub fn wait_spans(&self, n: u64, timeout: Duration) -> Result<()> {
         let deadline = std::time::Instant::now() + timeout;
@@ -307,6 +380,17 @@ impl TraceService for Grpc {
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         self.shared.take(req.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for Grpc {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.shared.take_metrics(req.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse { partial_success: None }))
     }
 }
 
@@ -394,6 +478,11 @@ fn http_connection(stream: TcpStream, shared: &Shared) -> Result<()> {
             flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut d)?;
             body = d;
         }
+        let path = request_line.split_whitespace().nth(1).unwrap_or_default();
+        if path.ends_with("/v1/metrics") {
+            metrics_reply(&mut out, &body, json, shared)?;
+            continue;
+        }
         if shared.count_only && !json {
             // Counted on the wire: a full decode costs the bench's shared cores more than
             // a collector on another machine would cost the traced service.
@@ -443,6 +532,36 @@ fn http_connection(stream: TcpStream, shared: &Shared) -> Result<()> {
         out.write_all(&msg)?;
         out.flush()?;
     }
+}
+
+/// Decodes and keeps one `/v1/metrics` body, and answers it.
+fn metrics_reply(out: &mut TcpStream, body: &[u8], json: bool, shared: &Shared) -> Result<()> {
+    let decoded = if json {
+        serde_json::from_slice::<ExportMetricsServiceRequest>(body).map_err(anyhow::Error::from)
+    } else {
+        ExportMetricsServiceRequest::decode(body).map_err(anyhow::Error::from)
+    };
+    let (status, reply, ctype) = match decoded {
+        Ok(req) => {
+            shared.take_metrics(req);
+            if json {
+                ("200 OK", b"{}".to_vec(), "application/json")
+            } else {
+                let resp = ExportMetricsServiceResponse { partial_success: None };
+                ("200 OK", resp.encode_to_vec(), "application/x-protobuf")
+            }
+        }
+        Err(_) => {
+            shared.bad.fetch_add(1, Ordering::Relaxed);
+            ("400 Bad Request", Vec::new(), "text/plain")
+        }
+    };
+    let mut msg =
+        format!("HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n\r\n", reply.len()).into_bytes();
+    msg.extend_from_slice(&reply);
+    out.write_all(&msg)?;
+    out.flush()?;
+    Ok(())
 }
 
 #[cfg(test)]
