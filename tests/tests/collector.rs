@@ -278,3 +278,24 @@ fn the_receiver_takes_otlp_json_metrics() -> Result<()> {
     ensure!(receiver.spans().is_empty(), "metrics were taken for spans");
     Ok(())
 }
+
+#[test]
+fn the_deploy_configuration_is_valid() -> Result<()> {
+    if !require_collector()? {
+        return Ok(());
+    }
+    let file = xtask::workspace_root().join("docs/deploy/otelcol.yaml");
+    let out = Command::new(xtask::collector::install()?)
+        .arg("validate")
+        .arg("--config")
+        .arg(format!("file:{}", file.display()))
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}: {}{}",
+        file.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
