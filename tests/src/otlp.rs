@@ -167,6 +167,15 @@ impl Receiver {
         format!("http://{}", self.addr)
     }
 
+    /// What an OpenTelemetry Collector ([`xtask::collector::Collector`]) is given to
+    /// forward traces and metrics to this receiver.
+    pub fn forward(&self) -> xtask::collector::Forward {
+        match self.transport {
+            Transport::Http => xtask::collector::Forward::Http(self.endpoint()),
+            Transport::Grpc => xtask::collector::Forward::Grpc(self.endpoint()),
+        }
+    }
+
     pub fn protocol(&self) -> &'static str {
         match self.transport {
             Transport::Http => "http/protobuf",

@@ -17,7 +17,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 use tests::otlp::{MetricKind, Receiver, Temporality, Transport};
-use tests::servers::{Collector, CollectorConfig, Forward, ServerTls, TestCerts, require_collector};
+use tests::servers::{Collector, CollectorConfig, ServerTls, TestCerts, require_collector};
 
 const LIMIT: Duration = Duration::from_secs(15);
 
@@ -180,7 +180,7 @@ fn a_tls_collector_forwards_traces_and_metrics() -> Result<()> {
     let certs = TestCerts::generate()?;
     // Declared before the collector, so dropped after it: the collector stops first.
     let receiver = Receiver::start(Transport::Grpc)?;
-    let cfg = CollectorConfig { tls: Some(ServerTls::server(&certs)), forward: Forward::Grpc(receiver.endpoint()) };
+    let cfg = CollectorConfig { tls: Some(ServerTls::server(&certs)), forward: receiver.forward() };
     let col = Collector::start(&cfg)?;
     ensure!(col.http_endpoint().starts_with("https://127.0.0.1:"), "{}", col.http_endpoint());
     ensure!(col.grpc_endpoint().starts_with("https://127.0.0.1:"), "{}", col.grpc_endpoint());
@@ -221,7 +221,7 @@ fn an_mtls_collector_takes_only_clients_with_a_certificate_of_its_ca() -> Result
     let certs = TestCerts::generate()?;
     // OTLP/HTTP this time: the receiver's /v1/metrics gets the exporter's gzip protobuf.
     let receiver = Receiver::start(Transport::Http)?;
-    let cfg = CollectorConfig { tls: Some(ServerTls::mutual(&certs)), forward: Forward::Http(receiver.endpoint()) };
+    let cfg = CollectorConfig { tls: Some(ServerTls::mutual(&certs)), forward: receiver.forward() };
     let col = Collector::start(&cfg)?;
     let traces = format!("{}/v1/traces", col.http_endpoint());
     let metrics = format!("{}/v1/metrics", col.http_endpoint());
