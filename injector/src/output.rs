@@ -121,6 +121,9 @@ impl Sink {
         if let crate::plan::Role::Lib(probe) = meta.role {
             return self.write_lib(probe, call, clock, types);
         }
+        if let (Some(m), Some(end)) = (crate::metrics::export::active(), call.end_tsc()) {
+            m.function(&meta.name, clock.ns(end.saturating_sub(call.start_tsc())) / 1e9);
+        }
         let (format, out, tree) = match self {
             Sink::None => return Ok(()),
             Sink::Otlp { spans, sampler, scopes } => {
@@ -218,15 +221,23 @@ impl Sink {
     }
 
     fn write_lib(&mut self, probe: LibProbe, call: &Call, clock: &Clock, types: &mut TypeNamer<'_>) -> Result<()> {
-        if let Sink::None = self {
+        let metrics = crate::metrics::export::active();
+        if let (Sink::None, None) = (&*self, metrics) {
             return Ok(());
         }
         // The flag the trampoline sent is the decision; the sampler's own for spans
-        // whose ids the collector made.
-        if let Sink::Otlp { sampler, spans, .. } = self
-            && !call.sampled.unwrap_or_else(|| sampler.sample(call.trace_id, call.remote_parent.then_some(true)))
-        {
-            spans.sampled_out();
+        // whose ids the collector made. Metrics count every call, sampled or not.
+        let sampled = match self {
+            Sink::Otlp { sampler, .. } => {
+                call.sampled.unwrap_or_else(|| sampler.sample(call.trace_id, call.remote_parent.then_some(true)))
+            }
+            Sink::None => false,
+            Sink::Text { .. } => true,
+        };
+        if !sampled && metrics.is_none() {
+            if let Sink::Otlp { spans, .. } = self {
+                spans.sampled_out();
+            }
             return Ok(());
         }
         let mut namer = |itab: u64| types(itab, false);
@@ -239,6 +250,15 @@ impl Sink {
         ) else {
             return Ok(());
         };
+        if let (Some(m), Some(end)) = (metrics, call.end_tsc()) {
+            m.span(&d, clock.ns(end.saturating_sub(call.start_tsc())) / 1e9);
+        }
+        if !sampled {
+            if let Sink::Otlp { spans, .. } = self {
+                spans.sampled_out();
+            }
+            return Ok(());
+        }
         let (format, out, tree) = match self {
             Sink::None => return Ok(()),
             Sink::Otlp { spans, scopes, .. } => {

@@ -16,7 +16,7 @@ use ring_abi::Layout;
 use trampolines::codegen::RingSelect;
 
 use crate::backend::{Backend, Probes, Removal, trampoline::Trampolines};
-use crate::otlp::{Exporting, OtelArgs, OtelConfig};
+use crate::otlp::{OtelArgs, OtelConfig};
 use crate::output::{Format, Sink};
 use crate::plan::{self, ProbeSite, Role};
 use crate::ring::DataShape;
@@ -473,7 +473,7 @@ pub struct Tracing {
     stop: Arc<AtomicBool>,
     collector: std::thread::JoinHandle<collect::Totals>,
     output: std::thread::JoinHandle<u64>,
-    exporting: Option<Exporting>,
+    exporting: crate::exports::Exports,
 }
 
 /// Plans the probes for process `pid` and installs them; `None` when OTEL_SDK_DISABLED
@@ -526,7 +526,9 @@ fn start_tracing(
         (_, true) => false,
         _ => matches!(out.format, Format::Console | Format::Lines | Format::Jsonl),
     };
-    let (mut sink, exporting) = open_sink(args, &out)?;
+    let file = args.output_file.as_deref();
+    let launch = out.mode == Mode::Launch;
+    let (mut sink, exporting) = crate::exports::open(out.format, file, &out.otel, &args.otel, &out.process, launch)?;
     if lossless && let Sink::Otlp { spans, .. } = &mut sink {
         spans.wait_when_full();
     }
@@ -646,7 +648,7 @@ impl Tracing {
         let mut totals = self.collector.join().map_err(|_| anyhow::anyhow!("collector thread panicked"))?;
         totals.output_errors = self.output.join().map_err(|_| anyhow::anyhow!("output thread panicked"))?;
         self.inst.flush();
-        let export = self.exporting.map(Exporting::finish);
+        let (export, metrics) = self.exporting.finish();
         let stop = match reason {
             StopReason::Signal(s) => format!("signal {s}"),
             StopReason::Duration => "duration".into(),
@@ -657,6 +659,7 @@ impl Tracing {
             installed: self.inst.installed(),
             totals: &totals,
             export: export.as_ref(),
+            metrics: metrics.as_ref(),
             removal: removal.as_ref().and_then(|r| r.as_ref().ok()),
         };
         crate::summary::report(&facts, stop, args.summary_json.as_deref())?;
@@ -674,29 +677,6 @@ impl Tracing {
         }
         Ok(())
     }
-}
-
-fn open_sink(args: &RunArgs, output: &Output) -> Result<(Sink, Option<Exporting>)> {
-    match output.format {
-        Format::None => return Ok((Sink::None, None)),
-        Format::Otlp => {
-            let resource = crate::otlp::span::resource(&output.otel, &output.process);
-            let (spans, exporting) = crate::otlp::start(&output.otel, resource, output.mode == Mode::Attach)?;
-            let sink = Sink::Otlp { spans, sampler: output.otel.sampler, scopes: crate::otlp::span::scopes() };
-            return Ok((sink, Some(exporting)));
-        }
-        Format::Console | Format::Lines | Format::Jsonl => {}
-    }
-    let out: Box<dyn std::io::Write + Send> = match &args.output_file {
-        Some(p) => Box::new(std::io::BufWriter::with_capacity(
-            1 << 20,
-            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
-        )),
-        // A launched program owns our standard output.
-        None if output.mode == Mode::Launch => Box::new(std::io::LineWriter::new(std::io::stderr())),
-        None => Box::new(std::io::LineWriter::new(std::io::stdout())),
-    };
-    Ok((Sink::text(output.format, out), None))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -74,6 +74,7 @@ struct Summary<'a> {
     kept_bytes: Option<u64>,
     threads: usize,
     otlp: Option<&'a ExportTotals>,
+    metrics: Option<&'a crate::metrics::export::MetricsTotals>,
 }
 
 /// What a session's summary is made of.
@@ -82,6 +83,7 @@ pub struct Facts<'a> {
     pub installed: &'a Installed,
     pub totals: &'a collect::Totals,
     pub export: Option<&'a ExportTotals>,
+    pub metrics: Option<&'a crate::metrics::export::MetricsTotals>,
     pub removal: Option<&'a Removal>,
 }
 
@@ -93,7 +95,7 @@ pub fn count(n: usize, thing: &str) -> String {
 /// Prints the exit summary on stderr and writes it to `json` (`--summary-json`); `stop`
 /// says why the session ended.
 pub fn report(facts: &Facts<'_>, stop: String, json: Option<&std::path::Path>) -> Result<()> {
-    let Facts { sites, installed: inst, totals, export, removal } = *facts;
+    let Facts { sites, installed: inst, totals, export, metrics, removal } = *facts;
     let summary = Summary {
         stop,
         sites: sites
@@ -137,6 +139,7 @@ pub fn report(facts: &Facts<'_>, stop: String, json: Option<&std::path::Path>) -
         kept_bytes: removal.map(|r| r.kept.map_or(0, |k| k.1)),
         threads: inst.threads,
         otlp: export,
+        metrics,
     };
     // The functions the user named one by one; a library's probes as one line (their
     // records), its support probes (goroutine lineage) under the library that needs them.

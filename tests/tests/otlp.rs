@@ -365,6 +365,8 @@ fn bad_configuration_is_refused_before_attaching() -> Result<()> {
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift", "unknown protocol"),
         ("OTEL_TRACES_SAMPLER", "traceidratio,0.5", "unknown sampler"),
         ("OTEL_EXPORTER_OTLP_TIMEOUT", "ten", "OTEL_EXPORTER_OTLP_TIMEOUT"),
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem", "/nonexistent/ca.pem"),
+        ("OTEL_METRICS_EXPORTER", "statsd", "unknown metrics exporter"),
     ] {
         let summary = scratch("otlp-bad.json");
         let mut inj = start_inject_env(&inject_args(fx.pid(), &[], &summary), &[(var, value)], false)?;

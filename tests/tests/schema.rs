@@ -109,7 +109,8 @@ fn summary() -> Value {
             "endpoint": "http://127.0.0.1:4318", "protocol": "http/protobuf", "exported": 10, "sampled_out": 0,
             "dropped_queue_full": 0, "dropped_export_failed": 0, "requests": 1, "failed_requests": 0,
             "last_error": null
-        }
+        },
+        "metrics": {"recorded": 10, "exports": 2, "failed_exports": 0, "last_error": null, "prometheus": "127.0.0.1:9464"}
     });
     for lib in ["http", "grpc"] {
         for c in ["injected", "inject_no_room", "app_traceparent", "tracestate_injected", "tracestate_no_room"] {
@@ -143,7 +144,7 @@ fn each_kind_of_record_inject_writes_matches() -> Result<()> {
     Schema::Summary.check(&summary())?;
     // What a session without export, whose target exited, writes.
     let mut s = summary();
-    for k in ["otlp", "remove_pause_ms", "restored", "unmapped", "kept_bytes"] {
+    for k in ["otlp", "remove_pause_ms", "restored", "unmapped", "kept_bytes", "metrics"] {
         s[k] = Value::Null;
     }
     s["stop"] = json!("target exited with status 0");

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use super::tls::{Pem, Tls};
+
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct OtelArgs {
     /// OTLP endpoint, as OTEL_EXPORTER_OTLP_ENDPOINT (for HTTP, /v1/traces is appended).
@@ -58,6 +60,13 @@ pub struct OtelArgs {
     /// without it such an endpoint is https).
     #[arg(long)]
     pub otlp_insecure: bool,
+    /// Where the RED metrics go: otlp, prometheus, console or none (OTEL_METRICS_EXPORTER;
+    /// default otlp when spans go to OTLP, else none).
+    #[arg(long = "metrics", value_name = "EXPORTER")]
+    pub metrics: Option<String>,
+    /// Also a duration histogram per function --func names (`inject.function.duration`).
+    #[arg(long)]
+    pub func_metrics: bool,
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -88,6 +97,13 @@ pub enum ConfigError {
     ClientPair { given: String, missing: String },
     #[error("{source_name}: {value:?} is not true or false")]
     Bool { source_name: String, value: String },
+    #[error("{source_name}: unknown metrics exporter {value:?}; use otlp, prometheus, console or none")]
+    MetricsExporter { source_name: String, value: String },
+    #[error(
+        "{source_name}: {value:?}: use cumulative, delta or lowmemory (and cumulative when Prometheus scrapes: it \
+         reads totals)"
+    )]
+    Temporality { source_name: String, value: String },
 }
 
 const SAMPLERS: &str =
@@ -335,21 +351,26 @@ fn parse_sampler(name: &(String, String), arg: Option<&(String, String)>) -> Res
 
 impl OtelConfig {
     pub fn resolve(args: &OtelArgs, env: Env<'_>) -> Result<OtelConfig, ConfigError> {
-        let protocol = match pick(
-            &args.otlp_protocol,
-            "--otlp-protocol",
-            env,
-            &["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"],
-        ) {
-            None => Protocol::HttpProtobuf,
-            Some((src, v)) => match v.to_ascii_lowercase().as_str() {
-                "grpc" => Protocol::Grpc,
-                "http/protobuf" => Protocol::HttpProtobuf,
-                "http/json" => Protocol::HttpJson,
-                _ => return Err(ConfigError::Protocol { source_name: src, value: v }),
-            },
-        };
-        let insecure = insecure(args, env, "OTEL_EXPORTER_OTLP_TRACES_INSECURE")?;
+        Self::resolve_signal(args, env, "TRACES")
+    }
+
+    /// The configuration of one signal (`TRACES`, `METRICS`): its own variables
+    /// (`OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`...) win over the generic ones, and a generic
+    /// HTTP endpoint gets the signal's path (`/v1/metrics`).
+    pub fn resolve_signal(args: &OtelArgs, env: Env<'_>, sig: &str) -> Result<OtelConfig, ConfigError> {
+        let n = |w: &str| format!("OTEL_EXPORTER_OTLP_{sig}_{w}");
+        let path = format!("/v1/{}", sig.to_ascii_lowercase());
+        let protocol =
+            match pick(&args.otlp_protocol, "--otlp-protocol", env, &[&n("PROTOCOL"), "OTEL_EXPORTER_OTLP_PROTOCOL"]) {
+                None => Protocol::HttpProtobuf,
+                Some((src, v)) => match v.to_ascii_lowercase().as_str() {
+                    "grpc" => Protocol::Grpc,
+                    "http/protobuf" => Protocol::HttpProtobuf,
+                    "http/json" => Protocol::HttpJson,
+                    _ => return Err(ConfigError::Protocol { source_name: src, value: v }),
+                },
+            };
+        let insecure = insecure(args, env, &n("INSECURE"))?;
         // gRPC may name host:port alone: TLS unless insecure, as the specification says.
         let schemed = |e: Option<(String, String)>| match e {
             Some((src, v)) if protocol == Protocol::Grpc && !v.contains("://") => {
@@ -357,8 +378,8 @@ impl OtelConfig {
             }
             e => e,
         };
-        // The generic endpoint is a base (HTTP appends /v1/traces); the traces one is used as is.
-        let traces = schemed(non_empty(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"));
+        // The generic endpoint is a base (HTTP appends the signal's path); the signal's own is used as is.
+        let traces = schemed(non_empty(env, &n("ENDPOINT")));
         let generic = schemed(match &args.otlp_endpoint {
             Some(v) => Some(("--otlp-endpoint".to_string(), v.clone())),
             None => non_empty(env, "OTEL_EXPORTER_OTLP_ENDPOINT"),
@@ -373,17 +394,17 @@ impl OtelConfig {
                 check_endpoint(&src, &v)?;
                 match protocol {
                     Protocol::Grpc => v,
-                    _ => format!("{}/v1/traces", v.trim_end_matches('/')),
+                    _ => format!("{}{path}", v.trim_end_matches('/')),
                 }
             }
             (_, _, None) => match protocol {
                 Protocol::Grpc => "http://localhost:4317".to_string(),
-                _ => "http://localhost:4318/v1/traces".to_string(),
+                _ => format!("http://localhost:4318{path}"),
             },
         };
 
         // Variables are checked for the clear error; flags are passed on.
-        for name in ["OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"] {
+        for name in [n("HEADERS").as_str(), "OTEL_EXPORTER_OTLP_HEADERS"] {
             if let Some((src, list)) = non_empty(env, name) {
                 for pair in parse_pairs(&list) {
                     let (k, v) =
@@ -402,20 +423,16 @@ impl OtelConfig {
             headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
         }
 
-        let timeout = match pick(
-            &args.otlp_timeout,
-            "--otlp-timeout",
-            env,
-            &["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"],
-        ) {
-            Some((src, v)) => parse_duration(&src, &v)?,
-            None => Duration::from_secs(10),
-        };
+        let timeout =
+            match pick(&args.otlp_timeout, "--otlp-timeout", env, &[&n("TIMEOUT"), "OTEL_EXPORTER_OTLP_TIMEOUT"]) {
+                Some((src, v)) => parse_duration(&src, &v)?,
+                None => Duration::from_secs(10),
+            };
         let gzip = match pick(
             &args.otlp_compression,
             "--otlp-compression",
             env,
-            &["OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION"],
+            &[&n("COMPRESSION"), "OTEL_EXPORTER_OTLP_COMPRESSION"],
         ) {
             None => false,
             Some((src, v)) => match v.to_ascii_lowercase().as_str() {
@@ -474,17 +491,14 @@ impl OtelConfig {
             None if endpoint_configured => DefaultOutput::Otlp,
             None => DefaultOutput::Console,
         };
-        let tls = super::tls::resolve(
-            &super::tls::Sources {
-                ca: (
-                    &args.otlp_certificate,
-                    ["OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"],
-                ),
+        let tls = resolve_tls(
+            &Sources {
+                ca: (&args.otlp_certificate, [&n("CERTIFICATE"), "OTEL_EXPORTER_OTLP_CERTIFICATE"]),
                 cert: (
                     &args.otlp_client_certificate,
-                    ["OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE", "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"],
+                    [&n("CLIENT_CERTIFICATE"), "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"],
                 ),
-                key: (&args.otlp_client_key, ["OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_KEY"]),
+                key: (&args.otlp_client_key, [&n("CLIENT_KEY"), "OTEL_EXPORTER_OTLP_CLIENT_KEY"]),
             },
             env,
         )?;
@@ -520,6 +534,46 @@ pub(crate) fn insecure(args: &OtelArgs, env: Env<'_>, signal_var: &str) -> Resul
             _ => Err(ConfigError::Bool { source_name: src, value: v }),
         },
     }
+}
+
+/// The flags and the variables of one signal (`TRACES`, `METRICS`), the signal's own
+/// variable winning over the generic one.
+pub struct Sources<'a> {
+    pub ca: (&'a Option<String>, [&'a str; 2]),
+    pub cert: (&'a Option<String>, [&'a str; 2]),
+    pub key: (&'a Option<String>, [&'a str; 2]),
+}
+
+/// Reads a PEM file that must hold at least one block of one of `kinds`.
+fn read_pem(source_name: &str, path: &str, kinds: &[&str], what: &str) -> Result<Pem, ConfigError> {
+    let bad = |why: String| ConfigError::File { source_name: source_name.to_string(), path: path.to_string(), why };
+    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let text = String::from_utf8_lossy(&bytes);
+    if !kinds.iter().any(|k| text.contains(&format!("-----BEGIN {k}-----"))) {
+        return Err(bad(format!("it holds no PEM {what}")));
+    }
+    Ok(Pem { path: path.to_string(), bytes })
+}
+
+/// Resolves the TLS settings of one signal.
+pub fn resolve_tls(s: &Sources<'_>, env: Env<'_>) -> Result<Tls, ConfigError> {
+    let ca = pick(s.ca.0, "--otlp-certificate", env, &s.ca.1)
+        .map(|(src, p)| read_pem(&src, &p, &["CERTIFICATE"], "certificate"))
+        .transpose()?;
+    let cert = pick(s.cert.0, "--otlp-client-certificate", env, &s.cert.1);
+    let key = pick(s.key.0, "--otlp-client-key", env, &s.key.1);
+    let client = match (cert, key) {
+        (None, None) => None,
+        (Some((src, p)), Some((ksrc, k))) => Some((
+            read_pem(&src, &p, &["CERTIFICATE"], "certificate")?,
+            read_pem(&ksrc, &k, &["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"], "private key")?,
+        )),
+        (Some((src, _)), None) => return Err(ConfigError::ClientPair { given: src, missing: s.key.1[1].into() }),
+        (None, Some((src, _))) => {
+            return Err(ConfigError::ClientPair { given: src, missing: s.cert.1[1].into() });
+        }
+    };
+    Ok(Tls { ca, client })
 }
 
 #[cfg(test)]
@@ -640,5 +694,34 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.sampler, Sampler::ParentBased(RootSampler::Ratio(0.1)));
+    }
+
+    fn tls(ca: Option<String>, cert: Option<String>) -> Result<Tls, ConfigError> {
+        let key = None;
+        let s = Sources {
+            ca: (&ca, ["OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"]),
+            cert: (&cert, ["OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE", "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"]),
+            key: (&key, ["OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_KEY"]),
+        };
+        resolve_tls(&s, &|_| None)
+    }
+
+    #[test]
+    fn files_are_read_and_checked_naming_their_source() {
+        let dir = std::env::temp_dir().join(format!("inject-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").unwrap();
+        let junk = dir.join("junk.pem");
+        std::fs::write(&junk, "hello").unwrap();
+        let (ca_s, junk_s) = (ca.display().to_string(), junk.display().to_string());
+        assert_eq!(tls(Some(ca_s.clone()), None).unwrap().ca.unwrap().path, ca_s);
+        let e = tls(Some(junk_s), None).unwrap_err().to_string();
+        assert!(e.contains("--otlp-certificate") && e.contains("no PEM certificate"), "{e}");
+        let e = tls(Some("/nonexistent/ca.pem".into()), None).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/ca.pem") && e.contains("No such file"), "{e}");
+        let e = tls(None, Some(ca_s)).unwrap_err().to_string();
+        assert!(e.contains("--otlp-client-certificate") && e.contains("OTEL_EXPORTER_OTLP_CLIENT_KEY"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

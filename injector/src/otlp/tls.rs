@@ -6,8 +6,6 @@
 //! endpoint refuses (or one it presents that does not verify) fails the export with a line
 //! naming the endpoint and the reason, and spans wait and are retried as for any failure.
 
-use super::config::{ConfigError, Env, pick};
-
 /// A PEM file's path (for messages) and contents.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pem {
@@ -22,46 +20,6 @@ pub struct Tls {
     pub ca: Option<Pem>,
     /// The client's certificate (chain) and private key, for mutual TLS.
     pub client: Option<(Pem, Pem)>,
-}
-
-/// The flags and the variables of one signal (`TRACES`, `METRICS`), the signal's own
-/// variable winning over the generic one.
-pub struct Sources<'a> {
-    pub ca: (&'a Option<String>, [&'a str; 2]),
-    pub cert: (&'a Option<String>, [&'a str; 2]),
-    pub key: (&'a Option<String>, [&'a str; 2]),
-}
-
-/// Reads a PEM file that must hold at least one block of one of `kinds`.
-fn read_pem(source_name: &str, path: &str, kinds: &[&str], what: &str) -> Result<Pem, ConfigError> {
-    let bad = |why: String| ConfigError::File { source_name: source_name.to_string(), path: path.to_string(), why };
-    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-    let text = String::from_utf8_lossy(&bytes);
-    if !kinds.iter().any(|k| text.contains(&format!("-----BEGIN {k}-----"))) {
-        return Err(bad(format!("it holds no PEM {what}")));
-    }
-    Ok(Pem { path: path.to_string(), bytes })
-}
-
-/// Resolves the TLS settings of one signal.
-pub fn resolve(s: &Sources<'_>, env: Env<'_>) -> Result<Tls, ConfigError> {
-    let ca = pick(s.ca.0, "--otlp-certificate", env, &s.ca.1)
-        .map(|(src, p)| read_pem(&src, &p, &["CERTIFICATE"], "certificate"))
-        .transpose()?;
-    let cert = pick(s.cert.0, "--otlp-client-certificate", env, &s.cert.1);
-    let key = pick(s.key.0, "--otlp-client-key", env, &s.key.1);
-    let client = match (cert, key) {
-        (None, None) => None,
-        (Some((src, p)), Some((ksrc, k))) => Some((
-            read_pem(&src, &p, &["CERTIFICATE"], "certificate")?,
-            read_pem(&ksrc, &k, &["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"], "private key")?,
-        )),
-        (Some((src, _)), None) => return Err(ConfigError::ClientPair { given: src, missing: s.key.1[1].into() }),
-        (None, Some((src, _))) => {
-            return Err(ConfigError::ClientPair { given: src, missing: s.cert.1[1].into() });
-        }
-    };
-    Ok(Tls { ca, client })
 }
 
 /// An error and its causes on one line ("a: b: c"), each cause once: an HTTP client's
@@ -135,35 +93,6 @@ pub use clients::{grpc, http};
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tls(ca: Option<String>, cert: Option<String>) -> Result<Tls, ConfigError> {
-        let key = None;
-        let s = Sources {
-            ca: (&ca, ["OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"]),
-            cert: (&cert, ["OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE", "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"]),
-            key: (&key, ["OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_KEY"]),
-        };
-        resolve(&s, &|_| None)
-    }
-
-    #[test]
-    fn files_are_read_and_checked_naming_their_source() {
-        let dir = std::env::temp_dir().join(format!("inject-tls-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ca = dir.join("ca.pem");
-        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").unwrap();
-        let junk = dir.join("junk.pem");
-        std::fs::write(&junk, "hello").unwrap();
-        let (ca_s, junk_s) = (ca.display().to_string(), junk.display().to_string());
-        assert_eq!(tls(Some(ca_s.clone()), None).unwrap().ca.unwrap().path, ca_s);
-        let e = tls(Some(junk_s), None).unwrap_err().to_string();
-        assert!(e.contains("--otlp-certificate") && e.contains("no PEM certificate"), "{e}");
-        let e = tls(Some("/nonexistent/ca.pem".into()), None).unwrap_err().to_string();
-        assert!(e.contains("/nonexistent/ca.pem") && e.contains("No such file"), "{e}");
-        let e = tls(None, Some(ca_s)).unwrap_err().to_string();
-        assert!(e.contains("--otlp-client-certificate") && e.contains("OTEL_EXPORTER_OTLP_CLIENT_KEY"), "{e}");
-        let _ = std::fs::remove_dir_all(&dir);
-    }
 
     #[test]
     fn a_chain_names_each_cause_once() {
