@@ -133,7 +133,15 @@ impl Sink {
                     return Ok(());
                 }
                 let (args, results) = call_values(meta, call, types);
-                spans.send(crate::otlp::span::call_span(call, meta, clock, &args, &results, &scopes[0]));
+                let stack = meta.entry.stack.map(|_| {
+                    let frames = stack(meta, call, callers);
+                    frames
+                        .iter()
+                        .map(|c| format!("{} ({}:{})", c.function, c.file, c.line))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                });
+                spans.send(crate::otlp::span::call_span(call, meta, clock, &args, &results, stack, &scopes[0]));
                 return Ok(());
             }
             Sink::Text { format, out, tree } => (*format, out, tree),
@@ -146,6 +154,7 @@ impl Sink {
             .and_then(|at| crate::libs::word_at(&call.entry.data, at))
             .filter(|pc| *pc != 0)
             .and_then(&mut *callers);
+        let frames = meta.entry.stack.map(|_| stack(meta, call, callers));
         match format {
             Format::Otlp | Format::None => {}
             Format::Console | Format::Lines => {
@@ -159,7 +168,7 @@ impl Sink {
                         head.push_str(&format!(" = ({})", r.join(", ")));
                     }
                 }
-                if let Some(c) = &caller {
+                for c in frames.as_deref().unwrap_or(caller.as_slice()) {
                     let file = c.file.rsplit('/').next().unwrap_or(&c.file);
                     head.push_str(&format!(" ← {} ({file}:{})", c.function, c.line));
                 }
@@ -180,9 +189,8 @@ impl Sink {
                     "args": obj(&args),
                     "results": obj(&results),
                     "error": crate::otlp::span::returned_error(meta, &results),
-                    "caller": caller.as_ref().map(|c| serde_json::json!({
-                        "function": c.function, "file": c.file, "line": c.line,
-                    })),
+                    "caller": caller.as_ref().map(frame),
+                    "stack": frames.as_ref().map(|f| f.iter().map(frame).collect::<Vec<_>>()),
                 });
                 json_end(&mut o, start, dur);
                 if dur.is_none() {
@@ -349,6 +357,23 @@ impl Sink {
         }
         Ok(())
     }
+}
+
+/// A frame of a JSON line's `caller` or `stack`.
+fn frame(c: &Caller) -> serde_json::Value {
+    serde_json::json!({ "function": c.function, "file": c.file, "line": c.line })
+}
+
+/// The frames a call's entry record holds (`--stack`), named; a frame the function table
+/// does not know ends them.
+fn stack(meta: &SiteMeta, call: &Call, callers: &mut Callers<'_>) -> Vec<Caller> {
+    let Some(at) = meta.entry.stack else { return Vec::new() };
+    let data = &call.entry.data;
+    let n = crate::libs::word_at(data, at).unwrap_or(0).min(32);
+    (0..n)
+        .map_while(|i| crate::libs::word_at(data, at + 8 + 8 * i as u16))
+        .map_while(|pc| (pc != 0).then(|| callers(pc)).flatten())
+        .collect()
 }
 
 /// A JSON line's `error`: null unless the span's status is Error, then its description, or

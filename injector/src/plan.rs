@@ -169,8 +169,8 @@ fn analyse_with(
     };
     let sig = declared.or_else(|| dwarf_signature(ctx, f));
     (site.on_entry, site.on_return) = values::sides(sig.as_ref(), ctx.max_string, &ctx.error_itabs);
-    if role == Role::Func && ctx.callers {
-        values::capture_caller(&mut site.on_entry);
+    if role == Role::Func && ctx.frames > 0 {
+        values::capture_caller(&mut site.on_entry, ctx.frames);
     }
     site.typed = sig.is_some();
     // Without a locals pointer map the runtime never preempts the function asynchronously,
@@ -225,20 +225,21 @@ pub struct PlanContext {
     /// Run-time address of `runtime.allgs`, when found: the install can then check that no
     /// goroutine is parked inside a jump's bytes, and planning may use such jumps.
     pub allgs: Option<u64>,
-    /// Record each --func call's return address (`--callers`).
-    pub callers: bool,
+    /// Return addresses to record for each --func call: 0 none, 1 the caller's
+    /// (`--callers`), more: its stack (`--stack N`).
+    pub frames: u8,
 }
 
 impl PlanContext {
-    /// [`PlanContext::with_twin`], recording callers when `callers` (`--callers`).
+    /// [`PlanContext::with_twin`], recording `frames` return addresses per call.
     pub fn for_args(
         bin: &GoBinary<'_>,
         bias: u64,
         max_string: u16,
         twin: Option<&std::path::Path>,
-        callers: bool,
+        frames: u8,
     ) -> anyhow::Result<PlanContext> {
-        Ok(PlanContext { callers, ..PlanContext::with_twin(bin, bias, max_string, twin)? })
+        Ok(PlanContext { frames, ..PlanContext::with_twin(bin, bias, max_string, twin)? })
     }
 
     /// [`PlanContext::new`], with DWARF from `twin` when given: another build of the same
@@ -287,7 +288,7 @@ impl PlanContext {
             max_string,
             error_itabs: error_itabs(bin, bias),
             allgs: allgs_address(bin).map(|a| a + bias),
-            callers: false,
+            frames: 0,
         }
     }
 }

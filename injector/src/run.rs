@@ -105,6 +105,10 @@ pub struct RunArgs {
     /// then fills one cache line more (README: its cost).
     #[arg(long)]
     pub callers: bool,
+    /// Record each --func call's stack, up to N frames (1-32, the caller's first), walking
+    /// frame pointers in the trampoline; JSON `stack`, the OTLP `code.stacktrace`.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=32))]
+    pub stack: Option<u8>,
     /// Bytes of each string or []byte argument to copy.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub max_string: u16,
@@ -217,7 +221,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         let exe = target.open()?;
         let bin = GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())?;
         let ctx =
-            plan::PlanContext::for_args(&bin, exe.bias, args.max_string, args.debug_info.as_deref(), args.callers)?;
+            plan::PlanContext::for_args(&bin, exe.bias, args.max_string, args.debug_info.as_deref(), frames(args))?;
         if let Some(why) = target.pid.and_then(|pid| Trampolines.held(pid)) {
             eprintln!("inject: warning: {why} (a real attach would be refused)");
         }
@@ -315,6 +319,11 @@ pub enum Mode {
 
 /// --output, else OTEL_TRACES_EXPORTER, else OTLP when an endpoint is configured (always
 /// in launch mode, like any OpenTelemetry SDK), else console.
+/// Return addresses each --func call records (`--stack`, else `--callers`).
+fn frames(args: &RunArgs) -> u8 {
+    args.stack.unwrap_or(u8::from(args.callers))
+}
+
 fn output_format(args: &RunArgs, otel: &OtelConfig, mode: Mode) -> Format {
     args.output.unwrap_or(match otel.default_output {
         crate::otlp::config::DefaultOutput::Otlp => Format::Otlp,
@@ -482,7 +491,7 @@ pub fn start(pid: i32, args: &RunArgs, mode: Mode) -> Result<Option<Tracing>> {
     let exe = TargetArgs { exe: None, pid: Some(pid) }.open()?;
     let bin = GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())?;
     let assumed = check_go_version(&bin, args.assume_go_version.as_deref())?;
-    let ctx = plan::PlanContext::for_args(&bin, exe.bias, args.max_string, args.debug_info.as_deref(), args.callers)?;
+    let ctx = plan::PlanContext::for_args(&bin, exe.bias, args.max_string, args.debug_info.as_deref(), frames(args))?;
     let sites = plan_sites(&bin, args, exe.bias, &ctx)?;
     check_installable(&sites)?;
     let otel = OtelConfig::resolve(&args.otel, &crate::otlp::config::process_env)?;

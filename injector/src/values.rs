@@ -40,12 +40,21 @@ pub struct Side {
     pub values: Vec<ValueSpec>,
     /// Where the entry record holds the return address (the caller's code).
     pub caller: Option<u16>,
+    /// Where the entry record holds the stack's frame count (then the return addresses).
+    pub stack: Option<u16>,
 }
 
 /// Adds the return address (the word at SP at the entry) to an entry side: the output
-/// names the caller and its file:line from it.
-pub fn capture_caller(side: &mut Side) {
+/// names the caller and its file:line from it; with `frames` > 1, the return addresses of
+/// that many frames of the stack (`--stack`).
+pub fn capture_caller(side: &mut Side, frames: u8) {
     let Ok(dest) = u16::try_from(side.plan.data_len().next_multiple_of(8)) else { return };
+    if frames > 1 {
+        side.plan.ops.push(Op::Stack { n: frames, dest });
+        side.caller = Some(dest + 8);
+        side.stack = Some(dest);
+        return;
+    }
     side.plan.ops.push(Op::Field(FieldCopy {
         reg: trampolines::codegen::SP,
         path: Vec::new(),
@@ -168,7 +177,7 @@ pub fn side(values: &[Value], max_string: u16, error_itabs: &[u64]) -> Side {
             stack,
         });
     }
-    Side { plan, values: specs, caller: None }
+    Side { plan, values: specs, caller: None, stack: None }
 }
 
 /// Entry and return sides from a signature; without one (stripped binaries) every

@@ -339,6 +339,45 @@ fn stack_assigned_values_and_callers_are_captured() -> Result<()> {
     Ok(())
 }
 
+/// `--stack N` walks the frame pointers from the call: the caller (with the line of the
+/// call), then main.main (the line that called callAll), then runtime.main; at most N
+/// frames, stripped and PIE builds alike.
+#[test]
+fn stacks_name_the_frames_above_the_call() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    let source = std::fs::read_to_string(xtask::workspace_root().join("fixtures/funcs/main.go"))?;
+    let line_of = |text: &str| source.lines().position(|l| l.contains(text)).map(|i| i + 1);
+    let (sum_line, all_line) =
+        (line_of("SumBig(big))").context("SumBig")?, line_of("st := callAll(r)").context("callAll")?);
+    for tc in test_toolchains()? {
+        for flavor in [Flavor::Default, Flavor::Pie, Flavor::Stripped] {
+            let exe = build_fixture("funcs", &tc, flavor)?;
+            let what = format!("Go {} {}", tc.version, flavor.name());
+            let jsonl = scratch(&format!("frames-{}-{}.jsonl", tc.version, flavor.name()));
+            let mut args: Vec<String> = ["--func", "main.SumBig", "--stack", "3", "--output", "jsonl", "--output-file"]
+                .map(String::from)
+                .into();
+            args.push(jsonl.display().to_string());
+            args.extend(["--".into(), exe.display().to_string(), "-n".into(), "1".into()]);
+            let out = Command::new(xtask::inject_binary()?).args(&args).output()?;
+            ensure!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+            let lines = read_jsonl(&jsonl)?;
+            let _ = std::fs::remove_file(&jsonl);
+            let call = lines.iter().find(|v| v["name"] == "main.SumBig").with_context(|| format!("{what}: no call"))?;
+            let stack = call["stack"].as_array().with_context(|| format!("{what}: no stack: {call}"))?;
+            let f = |i: usize| (stack[i]["function"].as_str().unwrap_or_default(), stack[i]["line"].as_u64());
+            ensure!(stack.len() == 3, "{what}: {} frames, want 3: {call}", stack.len());
+            ensure!(f(0) == ("main.callAll", Some(sum_line as u64)) && call["caller"] == stack[0], "{what}: {call}");
+            ensure!(f(1) == ("main.main", Some(all_line as u64)), "{what}: {call}");
+            ensure!(f(2).0 == "runtime.main", "{what}: {call}");
+        }
+    }
+    Ok(())
+}
+
 /// Interface arguments show their dynamic type, named from the executable's type
 /// descriptors: through the type word of `any`, and through the itab of `error` and
 /// `fmt.Stringer`; an error made by `errors.New` shows its message too.

@@ -38,6 +38,8 @@ fn returned_call() -> Value {
             "~r0": {"type": "*fmt.wrapError", "message": "worker 1: refused", "truncated": false}
         },
         "caller": {"function": "main.(*server).fanout.func1", "file": "/src/main.go", "line": 88},
+        "stack": [{"function": "main.(*server).fanout.func1", "file": "/src/main.go", "line": 88},
+                  {"function": "runtime.goexit", "file": "/go/src/runtime/asm_amd64.s", "line": 1700}],
         "error": "returned error *fmt.wrapError(\"worker 1: refused\")"
     })
 }
@@ -133,6 +135,7 @@ fn each_kind_of_record_inject_writes_matches() -> Result<()> {
     stripped["results"] = json!({});
     stripped["error"] = Value::Null;
     stripped["caller"] = Value::Null;
+    stripped["stack"] = Value::Null;
     Schema::Jsonl.check(&stripped)?;
     // A library span whose end was not seen has neither end nor duration.
     let mut open = library_span();

@@ -178,10 +178,11 @@ pub fn call_overhead() -> Result<()> {
     let (n, rounds, pause) = (100_000, 8, "400ms");
     let summary = xtask::workspace_root().join("target/bench/call-overhead.json");
     std::fs::create_dir_all(summary.parent().context("parent")?)?;
-    let with_inject = |ring_slots: &str| -> Result<(Vec<f64>, u64, u64)> {
+    let with_inject = |ring_slots: &str, extra: &[&str]| -> Result<(Vec<f64>, u64, u64)> {
         let v = loop_ns_paused(&exe, n, rounds, pause, &mut |pid| {
             let mut c = Command::new(&inject)
                 .args(["--pid", &pid.to_string(), "--func", "main.add3", "--output", "none", "--no-lossless"])
+                .args(extra)
                 .args(["--ring-slots", ring_slots, "--summary-json"])
                 .arg(&summary)
                 .stderr(Stdio::piped())
@@ -195,8 +196,12 @@ pub fn call_overhead() -> Result<()> {
         Ok((v, written, s["dropped"].as_u64().unwrap_or(0)))
     };
     let baseline = loop_ns_paused(&exe, n, rounds, pause, &mut |_| Ok(None))?;
-    let (recorded, written, dropped) = with_inject(&(1u64 << 20).to_string())?;
-    let (dropping, d_written, d_dropped) = with_inject("64")?;
+    let big = (1u64 << 20).to_string();
+    let (recorded, written, dropped) = with_inject(&big, &[])?;
+    let (dropping, d_written, d_dropped) = with_inject("64", &[])?;
+    // What naming the caller, and walking the stack, add (the same warm ring).
+    let (callers, c_written, c_dropped) = with_inject(&big, &["--callers"])?;
+    let (stacks, s_written, s_dropped) = with_inject(&big, &["--stack", "8"])?;
     // Debian's bpftrace 0.17 refuses uprobes at an offset inside a function ("compiled
     // without uprobe offset support"), and a uretprobe would crash a Go program (it
     // rewrites return addresses), so the kernel side gets one uprobe, at the entry,
@@ -229,6 +234,17 @@ pub fn call_overhead() -> Result<()> {
     println!("  inject, first lap of a fresh ring   +{cold:>7.2}   (first round: pages first touched)");
     println!(
         "  inject, drop path (64-slot ring)    +{drop:>7.2}   ({d_written} written, {d_dropped} dropped: MEASURED WITH DROPS)"
+    );
+    let labelled = |d: u64| if d > 0 { "  [MEASURED WITH DROPS]" } else { "" };
+    println!(
+        "  inject --callers                    +{:>7.2}   ({c_written} written, {c_dropped} dropped){}",
+        median(callers[1..].to_vec()) - b,
+        labelled(c_dropped)
+    );
+    println!(
+        "  inject --stack 8 (3 frames here)    +{:>7.2}   ({s_written} written, {s_dropped} dropped){}",
+        median(stacks[1..].to_vec()) - b,
+        labelled(s_dropped)
     );
     println!("  bpftrace uprobe (entry only, x2)    +{up:>7.2}");
     println!(

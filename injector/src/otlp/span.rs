@@ -208,15 +208,19 @@ pub fn call_span(
     clock: &Clock,
     args: &[Shown],
     results: &[Shown],
+    stack: Option<String>,
     scope: &InstrumentationScope,
 ) -> SpanData {
-    let mut attributes = Vec::with_capacity(4 + args.len() + results.len());
+    let mut attributes = Vec::with_capacity(5 + args.len() + results.len());
     attributes.push(KeyValue::new("code.function.name", meta.name.clone()));
     if let Some((file, line)) = &meta.code {
         attributes.push(KeyValue::new("code.file.path", file.clone()));
         attributes.push(KeyValue::new("code.line.number", i64::from(*line)));
     }
     attributes.push(KeyValue::new("go.goroutine.id", call.goid as i64));
+    if let Some(s) = stack {
+        attributes.push(KeyValue::new("code.stacktrace", s));
+    }
     for a in args {
         attributes.push(KeyValue::new(format!("go.arg.{}", a.name), attr_value(a)));
     }

@@ -404,6 +404,15 @@ pub enum Op {
     /// The goroutine fetches again: the context [`Op::ConsumeBegin`] gave it, if it still
     /// has it, is forgotten.
     ConsumeEnd,
+    /// At an entry: up to `n` return addresses of the call's stack, the caller's (the word
+    /// at SP) first, then those found by walking frame pointers from RBP (the caller's
+    /// frame). A frame is followed only while it lies inside the goroutine's stack
+    /// (`[g.stack.lo, g.stack.hi)`, 8-aligned) and above the one before, so no read can
+    /// fault. `dest` gets the count, then the addresses.
+    Stack {
+        n: u8,
+        dest: u16,
+    },
 }
 
 /// Where a `Framer` writes: its `io.Writer` field, which must hold a writer of one known
@@ -431,6 +440,7 @@ impl Op {
                 *dest as usize + ring_abi::span_ids::LEN
             }
             Op::KafkaHeader { dest, .. } => *dest as usize + 8,
+            Op::Stack { n, dest } => *dest as usize + 8 + 8 * *n as usize,
             Op::StashTraceparent { .. }
             | Op::StashTraceparentField { .. }
             | Op::AdoptTracestate

@@ -196,6 +196,7 @@ impl Ops<'_> {
             Op::KafkaHeader { headers, dest } => self.kafka_header(a, *headers, *dest, done)?,
             Op::ConsumeBegin { headers, dest } => self.consume_begin(a, *headers, *dest, done)?,
             Op::ConsumeEnd => self.consume_end(a, done)?,
+            Op::Stack { n, dest } => self.stack(a, *n, *dest)?,
             Op::Inherit { g, goid_off, parent_goid_off } => {
                 let mut inherit = a.create_label();
                 a.mov(rax, self.reg(*g))?;
@@ -484,6 +485,38 @@ impl Ops<'_> {
             a.mov(byte_ptr(r12 + disp + i), r8b)?;
         }
         Ok(())
+    }
+
+    /// See [`Op::Stack`]. Reads RBP, RSP and R14 (`g.stack` is the first field of
+    /// `runtime.g`: lo, then hi).
+    fn stack(&self, a: &mut CodeAssembler, n: u8, dest: u16) -> Result<(), IcedError> {
+        let (mut each, mut end) = (a.create_label(), a.create_label());
+        a.mov(rax, qword_ptr(rsp))?;
+        a.mov(self.data(dest, 8), rax)?;
+        a.mov(r11d, 1)?;
+        a.mov(rax, rbp)?;
+        a.mov(rcx, qword_ptr(r14))?;
+        a.mov(r8, qword_ptr(r14 + self.ring.stack_hi_offset as i32))?;
+        a.set_label(&mut each)?;
+        a.cmp(r11d, u32::from(n))?;
+        a.jae(end)?;
+        a.test(al, 7)?;
+        a.jne(end)?;
+        a.cmp(rax, rcx)?;
+        a.jb(end)?;
+        a.lea(r9, qword_ptr(rax + 16))?;
+        a.cmp(r9, r8)?;
+        a.ja(end)?;
+        a.mov(r9, qword_ptr(rax + 8))?;
+        a.mov(qword_ptr(r12 + r11 * 8 + self.dest(dest, 8)), r9)?;
+        a.inc(r11d)?;
+        a.mov(r10, qword_ptr(rax))?;
+        a.cmp(r10, rax)?;
+        a.jbe(end)?;
+        a.mov(rax, r10)?;
+        a.jmp(each)?;
+        a.set_label(&mut end)?;
+        a.mov(self.data(dest, 0), r11)
     }
 
     fn field(&self, a: &mut CodeAssembler, f: &FieldCopy, done: CodeLabel) -> Result<(), IcedError> {
