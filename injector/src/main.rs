@@ -9,6 +9,7 @@ mod benchcmd;
 mod clidoc;
 mod collect;
 mod exports;
+mod filter;
 mod inspect;
 mod launch;
 mod libs;

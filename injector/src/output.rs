@@ -133,6 +133,9 @@ impl Sink {
                     return Ok(());
                 }
                 let (args, results) = call_values(meta, call, types);
+                if !kept(call, clock, &args, &results) {
+                    return Ok(());
+                }
                 let stack = meta.entry.stack.map(|_| {
                     let frames = stack(meta, call, callers);
                     frames
@@ -148,6 +151,9 @@ impl Sink {
         };
         let (start, dur) = call.times(clock);
         let (args, results) = call_values(meta, call, types);
+        if !kept(call, clock, &args, &results) {
+            return Ok(());
+        }
         let caller = meta
             .entry
             .caller
@@ -357,6 +363,17 @@ impl Sink {
         }
         Ok(())
     }
+}
+
+/// Whether `--where` (if given) shows this call.
+fn kept(call: &Call, clock: &Clock, args: &[crate::values::Shown], results: &[crate::values::Shown]) -> bool {
+    use crate::filter::Val;
+    let Some(f) = crate::filter::active() else { return true };
+    f.keep(&|name: &str| match name {
+        "goroutine" => Some(Val::Num(call.goid as f64)),
+        "duration" => call.end_tsc().map(|e| Val::Num(clock.ns(e.saturating_sub(call.start_tsc())))),
+        _ => args.iter().chain(results).find(|v| v.name == name).map(|v| Val::Json(&v.json)),
+    })
 }
 
 /// A frame of a JSON line's `caller` or `stack`.

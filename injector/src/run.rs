@@ -105,6 +105,10 @@ pub struct RunArgs {
     /// then fills one cache line more (README: its cost).
     #[arg(long)]
     pub callers: bool,
+    /// Show only the --func calls for which this holds: a condition over argument and
+    /// result names, goroutine and duration (`qty > 100 && sku != "x"`, `duration > 2ms`).
+    #[arg(long = "where", value_name = "CONDITION")]
+    pub where_: Option<String>,
     /// Record each --func call's stack, up to N frames (1-32, the caller's first), walking
     /// frame pointers in the trampoline; JSON `stack`, the OTLP `code.stacktrace`.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=32))]
@@ -565,6 +569,7 @@ fn start_tracing(
         wait_spins: if lossless { wait_spins(LOSSLESS_WAIT) } else { 0 },
         sampling: sink.sampling(),
     };
+    crate::filter::install(args.where_.as_deref(), &sites)?;
     let mut inst = backend.install(pid, bin, exe.bias, &sites, ring)?;
     let done = inst.installed().clone();
     // The functions the user named, then the libraries' own probes as one figure each.

@@ -1,6 +1,8 @@
 //! The exit summary: per-function counts, drops, pauses and what removal did, on stderr
 //! and as JSON (`--summary-json`), with every number exact.
 
+use std::sync::atomic::Ordering;
+
 use anyhow::{Context, Result};
 
 use crate::backend::{Installed, Removal};
@@ -141,6 +143,10 @@ pub fn report(facts: &Facts<'_>, stop: String, json: Option<&std::path::Path>) -
         otlp: export,
         metrics,
     };
+    if let Some(f) = crate::filter::active() {
+        let (shown, out) = (f.shown.load(Ordering::Relaxed), f.left_out.load(Ordering::Relaxed));
+        eprintln!("inject: --where {:?}: {shown} calls shown, {out} left out", f.text());
+    }
     // The functions the user named one by one; a library's probes as one line (their
     // records), its support probes (goroutine lineage) under the library that needs them.
     let mut libs: Vec<(&str, usize, u64)> = Vec::new();

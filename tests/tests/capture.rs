@@ -378,6 +378,59 @@ fn stacks_name_the_frames_above_the_call() -> Result<()> {
     Ok(())
 }
 
+/// `--where` shows only the calls its condition holds for, over argument names (from DWARF,
+/// or a declared signature on a stripped build) and duration, and counts the others; a
+/// name the function does not have is refused (with --strict in launch mode), listing the
+/// names it has.
+#[test]
+fn where_shows_only_the_calls_it_names() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    let tc = test_toolchains()?.pop().context("no Go")?;
+    // loopCalls: priceOf(sku, i%7+1, discounts[i%3]) for i in 0..70, after callAll's two
+    // calls (qty 3 and 1).
+    let want = (0..70).filter(|i| i % 7 + 1 >= 6 && i % 3 != 0).count();
+    for (flavor, func) in [
+        (Flavor::Default, "main.priceOf"),
+        (Flavor::Stripped, "main.priceOf(sku string, qty int, discount float64) int"),
+    ] {
+        let exe = build_fixture("funcs", &tc, flavor)?;
+        let what = format!("Go {} {}", tc.version, flavor.name());
+        let jsonl = scratch(&format!("where-{}.jsonl", flavor.name()));
+        let cond = "qty >= 6 && discount > 0 && duration < 1s && sku != \"\"";
+        let mut args: Vec<String> =
+            ["--func", func, "--where", cond, "--output", "jsonl", "--output-file"].map(String::from).into();
+        args.push(jsonl.display().to_string());
+        args.extend(["--", &exe.display().to_string(), "-loop", "-n", "70", "-sleep", "0"].map(String::from));
+        let out = Command::new(xtask::inject_binary()?).args(&args).output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(out.status.success(), "{what}: {stderr}");
+        let calls = read_jsonl(&jsonl)?;
+        let _ = std::fs::remove_file(&jsonl);
+        ensure!(calls.len() == want, "{what}: {} calls shown, want {want}", calls.len());
+        for c in &calls {
+            let a = &c["args"];
+            ensure!(a["qty"].as_i64() >= Some(6) && a["discount"].as_f64() > Some(0.0), "{what}: {c}");
+        }
+        let line = format!("calls shown, {} left out", 72 - want);
+        ensure!(stderr.contains(&format!("{want} {line}")), "{what}: no count line in:\n{stderr}");
+    }
+    let exe = build_fixture("funcs", &tc, Flavor::Default)?;
+    let out = Command::new(xtask::inject_binary()?)
+        .args(["--strict", "--func", "main.priceOf", "--where", "qtyy > 1", "--output", "none", "--"])
+        .arg(&exe)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.code() == Some(1), "an unknown name: exit {}: {stderr}", out.status);
+    ensure!(
+        stderr.contains("main.priceOf has no \"qtyy\"; its names: sku, qty, discount, ~r0, goroutine, duration"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
 /// Interface arguments show their dynamic type, named from the executable's type
 /// descriptors: through the type word of `any`, and through the itab of `error` and
 /// `fmt.Stringer`; an error made by `errors.New` shows its message too.
