@@ -176,6 +176,27 @@ fn chain(tc: &GoToolchain, flavor: Flavor, version: &str) -> Result<()> {
         gs["http_tracestate_no_room"]
     );
 
+    // The RED metrics each inject exported as it detached (on by default with OTLP spans):
+    // every call counted once, by kind, in the last (cumulative) point of each series.
+    let count = |name: &str, service: &str| -> u64 {
+        let mut series: HashMap<String, u64> = HashMap::new();
+        for p in rx.metric(name).iter().filter(|p| p.resource_str("service.name").as_deref() == Some(service)) {
+            let c = series.entry(format!("{:?}", p.attributes)).or_default();
+            *c = (*c).max(p.count.unwrap_or(0));
+        }
+        series.values().sum()
+    };
+    for (name, service, want) in [
+        ("http.server.request.duration", "front", REQUESTS),
+        ("rpc.client.call.duration", "front", 3 * REQUESTS),
+        ("rpc.server.call.duration", "grpc", 3 * REQUESTS),
+        ("http.client.request.duration", "grpc", REQUESTS),
+        ("http.server.request.duration", "back", REQUESTS),
+    ] {
+        let got = count(name, service);
+        ensure!(got == want, "{service}: {name} counted {got} calls, want {want}");
+    }
+
     let spans = rx.spans();
     let mut traces: HashMap<String, Vec<&Received>> = HashMap::new();
     for s in &spans {
