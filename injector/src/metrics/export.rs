@@ -177,7 +177,7 @@ pub fn start(
                         Ok(())
                     }
                     Exporter::Otlp(c) => {
-                        super::otlp::send(&mut clients[i], c, &resource, &series, (start, end, cfg.delta))
+                        super::otlp::send(&mut clients[i], c, &resource, &series, (start, end, cfg.delta), last)
                     }
                     Exporter::Prometheus(_) => Ok(()),
                 };

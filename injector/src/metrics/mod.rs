@@ -26,6 +26,7 @@ mod otlp {
         _: &[(String, Value)],
         _: &[(Series, Hist)],
         _: (u64, u64, bool),
+        _: bool,
     ) -> Result<(), String> {
         Err("this inject was built without OTLP export (cargo feature `otlp`)".into())
     }

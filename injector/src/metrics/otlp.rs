@@ -123,8 +123,11 @@ pub fn send(
     resource: &[(String, Value)],
     series: &[(Series, Hist)],
     (start, end, delta): (u64, u64, bool),
+    last: bool,
 ) -> Result<(), String> {
     let req = request(resource, series, start, end, delta);
+    // At exit the user waits on us: one short try, not the whole export timeout.
+    let timeout = if last { c.timeout.min(std::time::Duration::from_secs(2)) } else { c.timeout };
     if client.is_none() {
         *client = Some(connect(c).map_err(|e| format!("{}: {e:#}", c.endpoint))?);
     }
@@ -135,7 +138,7 @@ pub fn send(
                 Protocol::HttpJson => (serde_json::to_vec(&req)?, "application/json"),
                 _ => (prost::Message::encode_to_vec(&req), "application/x-protobuf"),
             };
-            let mut rq = h.post(&c.endpoint).header("Content-Type", ty).body(body);
+            let mut rq = h.post(&c.endpoint).header("Content-Type", ty).body(body).timeout(timeout);
             for (k, v) in &c.headers {
                 rq = rq.header(k.as_str(), v.as_str());
             }
@@ -150,6 +153,7 @@ pub fn send(
         Client::Grpc(grpc) => {
             let (g, rt) = &mut **grpc;
             let mut rq = tonic::Request::new(req);
+            rq.set_timeout(timeout);
             for (k, v) in &c.headers {
                 if let (Ok(k), Ok(v)) = (k.parse::<tonic::metadata::MetadataKey<_>>(), v.parse()) {
                     rq.metadata_mut().insert(k, v);
