@@ -516,6 +516,18 @@ fn database_spans_match_the_official_instrumentation() -> Result<()> {
         p.signal(15);
         ensure!(p.wait(LIMIT)?.success(), "dbsvc:\n{}", p.transcript());
         let spans = rx.spans();
+        if !otel {
+            // The RED metrics inject exported at detach: one count per database call, the
+            // same calls its spans are.
+            let calls = spans.iter().filter(|s| s.attr("db.system.name").is_some()).count() as u64;
+            let mut series: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+            for p in rx.metric("db.client.operation.duration").iter().filter(|p| p.scope == "inject") {
+                let c = series.entry(format!("{:?}", p.attributes)).or_default();
+                *c = (*c).max(p.count.unwrap_or(0));
+            }
+            let counted: u64 = series.values().sum();
+            ensure!(calls > 0 && counted == calls, "db.client.operation.duration counted {counted}, {calls} spans");
+        }
         let scope = if otel { "otelsql" } else { "database/sql" };
         let shapes = sql_shapes(&spans, scope);
         ensure!(shapes.len() == N, "{scope}: {} /order traces for {N} requests", shapes.len());

@@ -342,10 +342,24 @@ fn attach(p: &Proc, name: &str) -> Result<(Proc, PathBuf, PathBuf)> {
         &jsonl.display().to_string(),
         "--summary-json",
         &summary.display().to_string(),
+        "--metrics",
+        "console",
     ]
     .map(String::from)
     .into();
-    Ok((tests::start_inject_env(&args, &[], true)?, jsonl, summary))
+    // The metrics once, at exit.
+    let env = [("OTEL_METRIC_EXPORT_INTERVAL", "600000")];
+    Ok((tests::start_inject_env(&args, &env, true)?, jsonl, summary))
+}
+
+/// The calls a histogram counted, from the console metrics exporter's lines.
+fn console_count(transcript: &str, name: &str) -> u64 {
+    let prefix = format!("inject: metric {name} {{");
+    transcript
+        .lines()
+        .filter_map(|l| l.split_once(&prefix))
+        .filter_map(|(_, rest)| rest.split(" count=").nth(1)?.split(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// One HTTP request to the producer is one trace through Kafka: its server span, the
@@ -519,6 +533,15 @@ fn a_request_is_one_trace_through_kafka() -> Result<()> {
             "{what}: producer summary {psum}"
         );
         ensure!(csum["dropped"] == 0 && psum["dropped"] == 0, "{what}: records dropped");
+        // The RED metrics count every send and every message processed.
+        let (sends, processed) = (
+            console_count(&pi.transcript(), "messaging.client.operation.duration"),
+            console_count(&ci.transcript(), "messaging.process.duration"),
+        );
+        ensure!(
+            sends == THROUGH.len() as u64 && processed == want as u64,
+            "{what}: metrics counted {sends} sends and {processed} messages processed"
+        );
         ensure!(psum["kept_bytes"] == ring_abi::arena::LEN as u64 && csum["kept_bytes"] == 0, "{what}: kept");
         eprintln!("kafka: {what}: {want} messages, each one trace from its request to the consumer's backend call");
     }
