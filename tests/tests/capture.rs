@@ -379,7 +379,8 @@ fn stacks_name_the_frames_above_the_call() -> Result<()> {
 }
 
 /// `--where` shows only the calls its condition holds for, over argument names (from DWARF,
-/// or a declared signature on a stripped build) and duration, and counts the others; a
+/// or a declared signature on a stripped build) and duration, and counts the others
+/// (`--func-metrics` counts every call, shown or not); a
 /// name the function does not have is refused (with --strict in launch mode), listing the
 /// names it has.
 #[test]
@@ -400,8 +401,20 @@ fn where_shows_only_the_calls_it_names() -> Result<()> {
         let what = format!("Go {} {}", tc.version, flavor.name());
         let jsonl = scratch(&format!("where-{}.jsonl", flavor.name()));
         let cond = "qty >= 6 && discount > 0 && duration < 1s && sku != \"\"";
-        let mut args: Vec<String> =
-            ["--func", func, "--where", cond, "--output", "jsonl", "--output-file"].map(String::from).into();
+        let mut args: Vec<String> = [
+            "--func",
+            func,
+            "--where",
+            cond,
+            "--func-metrics",
+            "--metrics",
+            "console",
+            "--output",
+            "jsonl",
+            "--output-file",
+        ]
+        .map(String::from)
+        .into();
         args.push(jsonl.display().to_string());
         args.extend(["--", &exe.display().to_string(), "-loop", "-n", "70", "-sleep", "0"].map(String::from));
         let out = Command::new(xtask::inject_binary()?).args(&args).output()?;
@@ -416,6 +429,9 @@ fn where_shows_only_the_calls_it_names() -> Result<()> {
         }
         let line = format!("calls shown, {} left out", 72 - want);
         ensure!(stderr.contains(&format!("{want} {line}")), "{what}: no count line in:\n{stderr}");
+        // --func-metrics counts every call, shown or not.
+        let metric = "inject: metric inject.function.duration {code.function.name=main.priceOf} count=72 ";
+        ensure!(stderr.contains(metric), "{what}: no {metric:?} in:\n{stderr}");
     }
     let exe = build_fixture("funcs", &tc, Flavor::Default)?;
     let out = Command::new(xtask::inject_binary()?)
