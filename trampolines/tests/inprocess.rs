@@ -1480,3 +1480,54 @@ fn a_first_element_is_read_only_when_the_length_is_not_zero() {
     assert_eq!(call(0).0, 0, "length 0: not read, 0 stored");
     assert_eq!(call(3).0, text.len() as u64, "length 3: read");
 }
+
+/// `Op::Stack` walks a frame-pointer chain only inside the goroutine's stack
+/// (`[g.stack.lo, g.stack.hi)`), 8-aligned and rising: it stops at the first frame that is
+/// not, so a garbage RBP is never dereferenced. The caller's return address (the word at
+/// SP) always comes first.
+#[test]
+fn stacks_walk_frames_within_the_goroutine_stack_only() {
+    use trampolines::codegen::Op;
+    let plan = CapturePlan { ops: vec![Op::Stack { n: 8, dest: 0 }], ..CapturePlan::default() };
+    let off = CapturePlan { off: true, ..CapturePlan::default() };
+    let mut r = rig_with_plans(64, leaf_function, false, &plan, &off);
+    // A goroutine stack of 64 words: frames of [next frame pointer, return address].
+    let mut stack = vec![0u64; 64];
+    let base = stack.as_ptr() as u64;
+    let at = |w: usize| base + 8 * w as u64;
+    (stack[8], stack[9]) = (at(16), 0xaaa1);
+    (stack[16], stack[17]) = (at(24), 0xaaa2);
+    // Below the stack: the walk ends after this frame.
+    (stack[24], stack[25]) = (0x10, 0xaaa3);
+    // A frame that points to itself: recorded once, not followed.
+    (stack[40], stack[41]) = (at(40), 0xbbb1);
+    r.g[0] = base;
+    r.g[1] = base + 64 * 8;
+    let cases: [(u64, &[u64]); 6] = [
+        (at(8), &[0xaaa1, 0xaaa2, 0xaaa3]),
+        (at(40), &[0xbbb1]),
+        (0x5a5a, &[]),      // outside the stack
+        (at(8) + 4, &[]),   // misaligned
+        (at(63), &[]),      // its return address would lie past stack.hi
+        (base - 4096, &[]), // below stack.lo
+    ];
+    for (fp, _) in &cases {
+        let mut regs = regs_for(&r);
+        regs[11] = *fp;
+        let before = regs;
+        // SAFETY: the walk reads only words of `stack`, which outlives the call.
+        unsafe { call_with(&mut regs) };
+        assert_eq!(regs[1..12], before[1..12], "registers preserved (RAX is the sum)");
+    }
+    let m = r.ring.bytes();
+    let entries: Vec<usize> = published(&r).into_iter().filter(|&s| m[s + slot::KIND] == Kind::Entry as u8).collect();
+    assert_eq!(entries.len(), cases.len());
+    for (s, (fp, want)) in entries.iter().zip(cases) {
+        let word = |i: usize| u64_at(m, s + slot::DATA + 8 * i);
+        let n = word(0) as usize;
+        assert!(word(1) != 0, "the caller's return address first");
+        let frames: Vec<u64> = (2..=n).map(word).collect();
+        assert_eq!(frames, want, "rbp {fp:#x}");
+    }
+    drop(stack);
+}
