@@ -183,12 +183,7 @@ impl OpenSpans for Spans<'_> {
             sampled: ids.and_then(|i| i.sampled),
             notes: notes.map(Box::new),
         };
-        if p.held.len() >= SIDE_TABLE_MAX {
-            self.out.extend(p.held.drain().map(|(_, c)| c));
-        }
-        if let Some(old) = p.held.insert((lib, key), call) {
-            self.out.push(old);
-        }
+        p.keep_held((lib, key), call, self.out);
     }
 
     fn spawned(&mut self, child: u64, parent: u64) {
@@ -351,6 +346,18 @@ impl Pairer {
         }
     }
 
+    /// Keeps `call` open under `key` until an event releases it; one kept there already
+    /// ends as it is, and so does everything kept once the table is full (never released:
+    /// an interceptor's wrapper hid the stream).
+    fn keep_held(&mut self, key: (u8, u64), call: Call, out: &mut Vec<Call>) {
+        if self.held.len() >= SIDE_TABLE_MAX {
+            out.extend(self.held.drain().map(|(_, c)| c));
+        }
+        if let Some(old) = self.held.insert(key, call) {
+            out.push(old);
+        }
+    }
+
     /// Moves the library spans from `from` on that their library keeps open to `held`.
     fn hold(&mut self, from: usize, out: &mut Vec<Call>) {
         let mut i = from;
@@ -364,14 +371,8 @@ impl Pairer {
             };
             match key {
                 Some(k) => {
-                    if self.held.len() >= SIDE_TABLE_MAX {
-                        // Never released (an interceptor's wrapper hid the stream): out as they are.
-                        out.extend(self.held.drain().map(|(_, c)| c));
-                    }
                     let call = out.remove(i);
-                    if let Some(old) = self.held.insert(k, call) {
-                        out.push(old);
-                    }
+                    self.keep_held(k, call, out);
                 }
                 None => i += 1,
             }

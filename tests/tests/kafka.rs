@@ -427,7 +427,7 @@ fn a_request_is_one_trace_through_kafka() -> Result<()> {
                 let spans = tests::schema::read_jsonl(&jsonl)?;
                 ensure!(spans.iter().any(|s| s["kind"] == "PRODUCER"), "{what}: second attach: {spans:?}");
             } else {
-                std::thread::sleep(Duration::from_millis(200));
+                // The request returned once its batch was written: the arena is in use.
                 again.signal(9);
                 again.wait(LIMIT)?;
                 let args = ["detach".to_string(), "--pid".into(), producer.pid().to_string()];

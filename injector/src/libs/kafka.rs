@@ -231,11 +231,11 @@ impl Library for KafkaGo {
         probe: u8,
         entry: &Record,
         ret: Option<&Record>,
-        _notes: Option<&Notes>,
+        notes: Option<&Notes>,
         type_name: &mut dyn FnMut(u64) -> Option<String>,
     ) -> Option<Described> {
         if Probe::from_u8(probe)? == Probe::Fetch {
-            return Some(describe_process(entry, _notes));
+            return Some(describe_process(entry, notes));
         }
         let data = &entry.data;
         let count = entry.ints[usize::from(RSI)];

@@ -14,7 +14,7 @@ use anyhow::Result;
 use crossbeam_channel::{RecvTimeoutError, Sender};
 
 use super::{Hist, INSTRUMENTS, Metrics, Series, Value};
-use crate::otlp::config::{ConfigError, Env, process_env};
+use crate::otlp::config::{ConfigError, Env, non_empty, process_env};
 use crate::otlp::{OtelArgs, OtelConfig};
 
 /// The session's metrics, when they are on: the output thread records into it.
@@ -43,17 +43,13 @@ pub struct MetricsConfig {
     pub functions: bool,
 }
 
-fn var(env: Env<'_>, name: &str) -> Option<(String, String)> {
-    env(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).map(|v| (name.to_string(), v))
-}
-
 impl MetricsConfig {
     /// None when no exporter is asked for. `spans_to_otlp`: the default is `otlp` when
     /// spans go to OTLP, else none (metrics printed between console spans would be noise).
     pub fn resolve(args: &OtelArgs, env: Env<'_>, spans_to_otlp: bool) -> Result<Option<MetricsConfig>, ConfigError> {
         let chosen = match &args.metrics {
             Some(v) => Some(("--metrics".to_string(), v.clone())),
-            None => var(env, "OTEL_METRICS_EXPORTER"),
+            None => non_empty(env, "OTEL_METRICS_EXPORTER"),
         };
         let names: Vec<(String, String)> = match chosen {
             Some((src, list)) => list.split(',').map(|n| (src.clone(), n.trim().to_ascii_lowercase())).collect(),
@@ -67,8 +63,8 @@ impl MetricsConfig {
                 "otlp" => Exporter::Otlp(Box::new(OtelConfig::resolve_signal(args, env, "METRICS")?)),
                 "console" => Exporter::Console,
                 "prometheus" => {
-                    let host = var(env, "OTEL_EXPORTER_PROMETHEUS_HOST").map_or("localhost".into(), |v| v.1);
-                    let port = match var(env, "OTEL_EXPORTER_PROMETHEUS_PORT") {
+                    let host = non_empty(env, "OTEL_EXPORTER_PROMETHEUS_HOST").map_or("localhost".into(), |v| v.1);
+                    let port = match non_empty(env, "OTEL_EXPORTER_PROMETHEUS_PORT") {
                         None => 9464,
                         Some((s, p)) => {
                             p.parse::<u16>().map_err(|_| ConfigError::Number { source_name: s, value: p.clone() })?
@@ -82,7 +78,7 @@ impl MetricsConfig {
         if exporters.is_empty() && !args.func_metrics {
             return Ok(None);
         }
-        let interval = match var(env, "OTEL_METRIC_EXPORT_INTERVAL") {
+        let interval = match non_empty(env, "OTEL_METRIC_EXPORT_INTERVAL") {
             None => Duration::from_secs(60),
             Some((s, v)) => match v.parse::<u64>() {
                 Ok(ms) if ms > 0 => Duration::from_millis(ms),
@@ -90,7 +86,7 @@ impl MetricsConfig {
             },
         };
         let prometheus = exporters.iter().any(|e| matches!(e, Exporter::Prometheus(_)));
-        let delta = match var(env, "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE") {
+        let delta = match non_empty(env, "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE") {
             None => false,
             Some((s, v)) => match v.to_ascii_lowercase().as_str() {
                 "cumulative" => false,

@@ -228,7 +228,7 @@ pub fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-fn non_empty(env: Env<'_>, name: &str) -> Option<(String, String)> {
+pub(crate) fn non_empty(env: Env<'_>, name: &str) -> Option<(String, String)> {
     env(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).map(|v| (name.to_string(), v))
 }
 

@@ -148,11 +148,7 @@ impl Ops<'_> {
                 a.mov(qword_ptr(rdi + ctx::KEY as i32), 0)?;
                 a.mov(self.data(*dest, 0), 1)?;
             }
-            Op::ClientEndHere => {
-                self.tagged_goid(a, ctx::CLIENT_TAG_BIT)?;
-                self.find(a, Table::Goroutines, done, None)?;
-                a.mov(qword_ptr(rdi + ctx::KEY as i32), 0)?;
-            }
+            Op::ClientEndHere => self.forget_tagged(a, ctx::CLIENT_TAG_BIT, done)?,
             Op::ClientToRequest { key } => {
                 self.tagged_goid(a, ctx::CLIENT_TAG_BIT)?;
                 self.find(a, Table::Goroutines, done, Some(CtxState::Active))?;
@@ -188,11 +184,7 @@ impl Ops<'_> {
             }
             Op::InjectH2After { wbuf_off, after, dest } => self.inject_h2_after(a, *wbuf_off, after, *dest, done)?,
             Op::KafkaSlot { dest } => self.kafka_slot(a, *dest)?,
-            Op::KafkaEnd => {
-                self.tagged_goid(a, ctx::KAFKA_TAG_BIT)?;
-                self.find(a, Table::Goroutines, done, None)?;
-                a.mov(qword_ptr(rdi + ctx::KEY as i32), 0)?;
-            }
+            Op::KafkaEnd => self.forget_tagged(a, ctx::KAFKA_TAG_BIT, done)?,
             Op::KafkaHeader { headers, dest } => self.kafka_header(a, *headers, *dest, done)?,
             Op::ConsumeBegin { headers, dest } => self.consume_begin(a, *headers, *dest, done)?,
             Op::ConsumeEnd => self.consume_end(a, done)?,
@@ -272,6 +264,13 @@ impl Ops<'_> {
     /// R11 = the goid.
     fn goid(&self, a: &mut CodeAssembler) -> Result<(), IcedError> {
         a.mov(r11, qword_ptr(r14 + self.ring.goid_offset as i32))
+    }
+
+    /// Frees the goroutine's entry under its key tagged with `bit`, if it has one.
+    fn forget_tagged(&self, a: &mut CodeAssembler, bit: u32, done: CodeLabel) -> Result<(), IcedError> {
+        self.tagged_goid(a, bit)?;
+        self.find(a, Table::Goroutines, done, None)?;
+        a.mov(qword_ptr(rdi + ctx::KEY as i32), 0)
     }
 
     /// R11 = the goid with `bit` set: a key of the goroutine's own set.
