@@ -235,6 +235,11 @@ impl Sink {
     }
 
     fn write_lib(&mut self, probe: LibProbe, call: &Call, clock: &Clock, types: &mut TypeNamer<'_>) -> Result<()> {
+        if let Some(n) = call.notes.as_deref()
+            && !n.app_spans.is_empty()
+        {
+            return self.write_app(&n.app_spans, call.goid);
+        }
         let metrics = crate::metrics::export::active();
         if let (Sink::None, None) = (&*self, metrics) {
             return Ok(());
@@ -336,6 +341,79 @@ impl Sink {
                 out.write_all(b"\n")?;
             }
             Format::Otlp | Format::None => {}
+        }
+        Ok(())
+    }
+
+    /// Spans the application made itself, as it made them (no metrics: the conventions
+    /// have none for them).
+    fn write_app(&mut self, app: &[crate::libs::otel::AppSpan], goid: u64) -> Result<()> {
+        let (format, out, tree) = match self {
+            Sink::None => return Ok(()),
+            Sink::Otlp { spans, .. } => {
+                for s in app {
+                    // Unsampled spans never end in the SDK; this is only belt and braces.
+                    if s.sampled {
+                        spans.send(crate::otlp::span::app_span(s));
+                    } else {
+                        spans.sampled_out();
+                    }
+                }
+                return Ok(());
+            }
+            Sink::Text { format, out, tree } => (*format, out, tree),
+        };
+        for s in app {
+            let (start, dur) = (u128::from(s.start_ns), Some(s.end_ns.saturating_sub(s.start_ns) as f64));
+            match format {
+                Format::Console | Format::Lines => {
+                    let mut attrs: Vec<String> = s.attrs.iter().map(|(k, v)| format!("{k}={}", v.json())).collect();
+                    if let Some(e) = s.error() {
+                        attrs.push(format!("ERROR {e}"));
+                    }
+                    let head = format!("{} {}", s.kind_name(), s.name);
+                    let node = Node {
+                        trace_id: s.trace,
+                        span_id: s.span,
+                        parent: s.parent,
+                        remote_parent: false,
+                        goid,
+                        depth: 0,
+                        start_ns: start,
+                        dur_ns: dur,
+                        name_len: head.len(),
+                        head,
+                        attrs: Some(attrs.join(" ")),
+                    };
+                    show(format, out, tree, node)?;
+                }
+                Format::Jsonl => {
+                    let attributes: serde_json::Map<String, serde_json::Value> =
+                        s.attrs.iter().map(|(k, v)| (k.clone(), v.json())).collect();
+                    let mut o = serde_json::json!({
+                        "name": s.name,
+                        "kind": s.kind_name(),
+                        "trace_id": format!("{:032x}", s.trace),
+                        "span_id": format!("{:016x}", s.span),
+                        "parent_span_id": s.parent.map(|p| format!("{p:016x}")),
+                        "parent_remote": false,
+                        "goroutine": goid,
+                        "start_time_unix_nano": s.start_ns,
+                        "error": s.error(),
+                        "attributes": attributes,
+                        "scope": {"name": s.scope.0, "version": s.scope.1},
+                        "events": s.events.iter().map(|e| serde_json::json!({
+                            "name": e.name,
+                            "time_unix_nano": e.time_ns,
+                            "attributes": e.attrs.iter().map(|(k, v)| (k.clone(), v.json())).collect::<serde_json::Map<_, _>>(),
+                        })).collect::<Vec<_>>(),
+                    });
+                    json_end(&mut o, start, dur);
+                    serde_json::to_writer(&mut *out, &o)?;
+                    out.write_all(b"\n")?;
+                }
+                Format::Otlp | Format::None => {}
+            }
         }
         Ok(())
     }

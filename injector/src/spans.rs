@@ -186,6 +186,22 @@ impl OpenSpans for Spans<'_> {
         p.keep_held((lib, key), call, self.out);
     }
 
+    fn pass_on(&mut self, rec: Record, notes: Notes) {
+        self.out.push(Call {
+            site: rec.site,
+            goid: rec.goid,
+            depth: 0,
+            entry: rec,
+            ret: None,
+            trace_id: 0,
+            span_id: 0,
+            parent: None,
+            remote_parent: false,
+            sampled: None,
+            notes: Some(Box::new(notes)),
+        });
+    }
+
     fn spawned(&mut self, child: u64, parent: u64) {
         let p = &mut *self.pairer;
         p.spawns.push((child, parent));

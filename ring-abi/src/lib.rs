@@ -62,6 +62,10 @@ pub mod header {
     pub const JOURNAL: usize = 64;
     /// Offset of the [`super::arena`] from the start of the mapping (u64; 0: none).
     pub const ARENA: usize = 72;
+    /// The address of the target's OpenTelemetry auto-instrumentation flag (a Go `*bool`
+    /// the trampolines set, see `Op::AutoEnable`), so that a detach (or the clean-up after
+    /// `kill -9`) can clear it again; 0 when it was never set.
+    pub const AUTO_FLAG: usize = 320;
     pub const LEN: usize = super::PAGE;
 }
 
@@ -180,6 +184,10 @@ pub mod ctx {
     /// mistaken for one.
     pub const MARK: usize = 72;
     pub const CONSUMER_MARK: u64 = u64::from_le_bytes(*b"\0\0\0\0kfk1");
+    /// In a request-table entry keyed by an application span (`Op::AutoStart`): that
+    /// span's id (16 hex digits); the rest of the entry is the goroutine's context from
+    /// before it (state 0 when it had none), given back when the span ends.
+    pub const AUTO_SPAN: usize = 80;
     /// Bytes of the HTTP/1 line `traceparent: 00-<32>-<16>-01\r\n`.
     pub const W3C_LINE: usize = 70;
     /// Bytes of the HPACK field `traceparent: 00-<32>-<16>-01` as a literal without

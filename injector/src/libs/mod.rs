@@ -10,6 +10,7 @@ pub mod goroutines;
 pub mod grpc;
 pub mod http;
 pub mod kafka;
+pub mod otel;
 pub mod redis;
 pub mod sql;
 
@@ -28,6 +29,7 @@ pub static LIBRARIES: &[&dyn Library] = &[
     &sql::pgx::Pgx,
     &redis::GoRedis,
     &kafka::KafkaGo,
+    &otel::OtelSdk,
     &goroutines::Goroutines,
 ];
 
@@ -132,6 +134,9 @@ pub trait OpenSpans {
     /// begins where a call returns (a message fetched, then processed). One already kept
     /// under `key` ends where it began.
     fn begin_held(&mut self, lib: u8, key: u64, start: Record, notes: Option<Notes>);
+    /// Hands an event's record to the output with `notes` that say everything about it
+    /// (spans the application made whole, [`Notes::app_spans`]).
+    fn pass_on(&mut self, rec: Record, notes: Notes);
 }
 
 /// What events add to a span before it ends: attributes (first or last writer wins, as the
@@ -145,6 +150,8 @@ pub struct Notes {
     /// The library whose span was open directly around this one on its goroutine when
     /// it began (a library's call made by another's: pgx under database/sql's driver).
     pub inside: Option<&'static str>,
+    /// Spans the application made itself (its OpenTelemetry API), exported as they are.
+    pub app_spans: Vec<otel::AppSpan>,
 }
 
 impl Notes {

@@ -107,10 +107,12 @@ impl SpanSender {
 
     /// Queues a span, or counts it dropped when the queue is full; never blocks.
     pub fn send(&self, span: SpanData) {
-        if self.encode {
+        // A scope of the application's own goes as it is: the exporter groups by it.
+        if self.encode
+            && let Some(scope) = span::known_scope(span.instrumentation_scope.name())
+        {
             let mut bytes = Vec::with_capacity(256);
             proto::span_data(&mut bytes, &span);
-            let scope = span::scope_index(span.instrumentation_scope.name());
             return self.queue(Queued::Encoded { scope, bytes });
         }
         self.queue(Queued::Span(Box::new(span)));
@@ -324,21 +326,40 @@ impl ProtoHttp {
 
     fn encode(&self, batch: Vec<Queued>) -> Vec<u8> {
         let mut by_scope: Vec<Vec<Vec<u8>>> = vec![Vec::new(); self.scopes.len()];
+        // Scopes of the application's own spans, encoded, and their spans.
+        let (mut other, mut other_spans): (Vec<Vec<u8>>, Vec<Vec<Vec<u8>>>) = (Vec::new(), Vec::new());
         for q in batch {
             let (scope, bytes) = match q {
                 Queued::Encoded { scope, bytes } => (scope, bytes),
                 Queued::Span(s) => {
                     let mut b = Vec::new();
                     proto::span_data(&mut b, &s);
-                    (span::scope_index(s.instrumentation_scope.name()), b)
+                    let Some(known) = span::known_scope(s.instrumentation_scope.name()) else {
+                        let scope = proto::scope(&s.instrumentation_scope);
+                        match other.iter().position(|k| *k == scope) {
+                            Some(i) => other_spans[i].push(b),
+                            None => {
+                                other.push(scope);
+                                other_spans.push(vec![b]);
+                            }
+                        }
+                        continue;
+                    };
+                    (known, b)
                 }
             };
             if let Some(v) = by_scope.get_mut(scope) {
                 v.push(bytes);
             }
         }
-        let groups: Vec<(&[u8], Vec<Vec<u8>>)> =
-            self.scopes.iter().map(Vec::as_slice).zip(by_scope).filter(|(_, v)| !v.is_empty()).collect();
+        let groups: Vec<(&[u8], Vec<Vec<u8>>)> = self
+            .scopes
+            .iter()
+            .map(Vec::as_slice)
+            .zip(by_scope)
+            .chain(other.iter().map(Vec::as_slice).zip(other_spans))
+            .filter(|(_, v)| !v.is_empty())
+            .collect();
         let body = proto::request(&self.resource, &groups);
         if !self.gzip {
             return body;

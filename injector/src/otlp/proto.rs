@@ -222,6 +222,45 @@ pub fn span_data(out: &mut Vec<u8>, d: &SpanData) {
             },
         },
     );
+    // What only spans the application made have (a second status merges into the first).
+    if d.status == Status::Ok {
+        bytes_field(out, 15, &[3 << 3, 1]);
+    }
+    if d.dropped_attributes_count > 0 {
+        key(out, 10, VARINT);
+        varint(out, u64::from(d.dropped_attributes_count));
+    }
+    for e in &d.events.events {
+        let mut m = Vec::new();
+        key(&mut m, 1, FIXED64);
+        m.extend_from_slice(&ns(e.timestamp).to_le_bytes());
+        bytes_field(&mut m, 2, e.name.as_bytes());
+        for kv in &e.attributes {
+            key_value(&mut m, 3, kv.key.as_str(), Attr::from(&kv.value));
+        }
+        bytes_field(out, 11, &m);
+    }
+    if d.events.dropped_count > 0 {
+        key(out, 12, VARINT);
+        varint(out, u64::from(d.events.dropped_count));
+    }
+    for l in &d.links.links {
+        let mut m = Vec::new();
+        bytes_field(&mut m, 1, &l.span_context.trace_id().to_bytes());
+        bytes_field(&mut m, 2, &l.span_context.span_id().to_bytes());
+        let state = l.span_context.trace_state().header();
+        if !state.is_empty() {
+            bytes_field(&mut m, 3, state.as_bytes());
+        }
+        for kv in &l.attributes {
+            key_value(&mut m, 4, kv.key.as_str(), Attr::from(&kv.value));
+        }
+        bytes_field(out, 13, &m);
+    }
+    if d.links.dropped_count > 0 {
+        key(out, 14, VARINT);
+        varint(out, u64::from(d.links.dropped_count));
+    }
 }
 
 /// A `Resource` message body.

@@ -106,9 +106,97 @@ pub fn scopes() -> Vec<InstrumentationScope> {
         .collect()
 }
 
-/// The index in [`scopes`] of the scope named `name` (user functions' for any other).
-pub fn scope_index(name: &str) -> usize {
-    crate::libs::LIBRARIES.iter().position(|l| l.scope() == name).map_or(0, |i| i + 1)
+/// The index in [`scopes`] of the scope named `name`, if it is inject's.
+pub fn known_scope(name: &str) -> Option<usize> {
+    if name == func_scope().name() {
+        return Some(0);
+    }
+    crate::libs::LIBRARIES.iter().position(|l| l.scope() == name).map(|i| i + 1)
+}
+
+/// A span the application made (its OpenTelemetry API), under its own scope.
+pub fn app_span(s: &crate::libs::otel::AppSpan) -> SpanData {
+    use crate::libs::otel::span::{AppValue, Attrs};
+    let kvs = |a: &Attrs| -> Vec<KeyValue> {
+        a.iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    AppValue::S(s) | AppValue::Other(s) => Value::String(s.clone().into()),
+                    AppValue::I(i) => Value::I64(*i),
+                    AppValue::F(f) => Value::F64(*f),
+                    AppValue::B(b) => Value::Bool(*b),
+                };
+                KeyValue::new(k.clone(), v)
+            })
+            .collect()
+    };
+    let at = |ns: u64| SystemTime::UNIX_EPOCH + Duration::from_nanos(ns);
+    let state = |t: &str| t.parse::<TraceState>().unwrap_or(TraceState::NONE);
+    let flags = if s.sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
+    let kind = match s.kind {
+        2 => SpanKind::Server,
+        3 => SpanKind::Client,
+        4 => SpanKind::Producer,
+        5 => SpanKind::Consumer,
+        _ => SpanKind::Internal,
+    };
+    let status = match s.status.code {
+        1 => Status::Ok,
+        2 => Status::error(s.error().unwrap_or_default()),
+        _ => Status::Unset,
+    };
+    let (name, version, schema) = &s.scope;
+    let mut scope = InstrumentationScope::builder(name.clone());
+    if !version.is_empty() {
+        scope = scope.with_version(version.clone());
+    }
+    if !schema.is_empty() {
+        scope = scope.with_schema_url(schema.clone());
+    }
+    let mut events = SpanEvents::default();
+    events.events = s
+        .events
+        .iter()
+        .map(|e| opentelemetry::trace::Event::new(e.name.clone(), at(e.time_ns), kvs(&e.attrs), 0))
+        .collect();
+    events.dropped_count = s.dropped_events;
+    let mut links = SpanLinks::default();
+    links.links = s
+        .links
+        .iter()
+        .map(|l| {
+            let cx = SpanContext::new(
+                TraceId::from(l.trace),
+                SpanId::from(l.span),
+                TraceFlags::SAMPLED,
+                false,
+                state(&l.trace_state),
+            );
+            opentelemetry::trace::Link::new(cx, kvs(&l.attrs), 0)
+        })
+        .collect();
+    links.dropped_count = s.dropped_links;
+    SpanData {
+        span_context: SpanContext::new(
+            TraceId::from(s.trace),
+            SpanId::from(s.span),
+            flags,
+            false,
+            state(&s.trace_state),
+        ),
+        parent_span_id: s.parent.map_or(SpanId::INVALID, SpanId::from),
+        parent_span_is_remote: false,
+        span_kind: kind,
+        name: Cow::Owned(s.name.clone()),
+        start_time: at(s.start_ns),
+        end_time: at(s.end_ns),
+        attributes: kvs(&s.attrs),
+        dropped_attributes_count: s.dropped_attrs,
+        events,
+        links,
+        status,
+        instrumentation_scope: scope.build(),
+    }
 }
 
 /// The span of a library's probe.

@@ -413,6 +413,31 @@ pub enum Op {
         n: u8,
         dest: u16,
     },
+    /// OpenTelemetry Go's global tracer asks (`newSpan(ctx, autoSpan *bool, ...)`) whether
+    /// an auto-instrumentation is there: the `bool` at the pointer in `flag` is set, so
+    /// the application's spans go to the Auto SDK ([`Op::AutoStart`]); its address goes to
+    /// the ring header (`ring_abi::header::AUTO_FLAG`) for the detach to clear.
+    AutoEnable {
+        flag: u8,
+    },
+    /// The Auto SDK's `(*tracer).start(ctx, span, psc, sampled, sc)` asks for a span's
+    /// context: a child of the goroutine's active span (or a new trace), its ids at
+    /// `dest`, written as `trace.SpanContext`s at `*sc` and (with a parent) `*psc`;
+    /// `*sampled` is cleared when the trace is not sampled. The span becomes the
+    /// goroutine's context; what was there waits under the span's address for
+    /// [`Op::AutoEnd`].
+    AutoStart {
+        span: u8,
+        psc: u8,
+        sampled: u8,
+        sc: u8,
+        dest: u16,
+    },
+    /// The Auto SDK span in register `span` ended: when it is still the goroutine's
+    /// context, the context from before it comes back.
+    AutoEnd {
+        span: u8,
+    },
 }
 
 /// Where a `Framer` writes: its `io.Writer` field, which must hold a writer of one known
@@ -436,9 +461,10 @@ impl Op {
             Op::InjectH2After { dest, .. } => *dest as usize + ops::H2_AFTER_DATA,
             Op::StandDown { dest, .. } => *dest as usize + 8,
             Op::UndoOwnTraceparent { dest, .. } => *dest as usize + 16,
-            Op::ClientBeginHere { dest } | Op::ChildSpan { dest } | Op::ConsumeBegin { dest, .. } => {
-                *dest as usize + ring_abi::span_ids::LEN
-            }
+            Op::ClientBeginHere { dest }
+            | Op::ChildSpan { dest }
+            | Op::ConsumeBegin { dest, .. }
+            | Op::AutoStart { dest, .. } => *dest as usize + ring_abi::span_ids::LEN,
             Op::KafkaHeader { dest, .. } => *dest as usize + 8,
             Op::Stack { n, dest } => *dest as usize + 8 + 8 * *n as usize,
             Op::StashTraceparent { .. }
@@ -455,7 +481,9 @@ impl Op {
             | Op::OutgoingFromRequest { .. }
             | Op::KafkaSlot { .. }
             | Op::KafkaEnd
-            | Op::ConsumeEnd => 0,
+            | Op::ConsumeEnd
+            | Op::AutoEnable { .. }
+            | Op::AutoEnd { .. } => 0,
         }
     }
 }

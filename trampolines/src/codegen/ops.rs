@@ -4,6 +4,7 @@
 
 use super::*;
 
+mod auto;
 mod h1;
 mod h2;
 mod kafka;
@@ -189,6 +190,11 @@ impl Ops<'_> {
             Op::ConsumeBegin { headers, dest } => self.consume_begin(a, *headers, *dest, done)?,
             Op::ConsumeEnd => self.consume_end(a, done)?,
             Op::Stack { n, dest } => self.stack(a, *n, *dest)?,
+            Op::AutoEnable { flag } => self.auto_enable(a, *flag, done)?,
+            Op::AutoStart { span, psc, sampled, sc, dest } => {
+                self.auto_start(a, [*span, *psc, *sampled, *sc], *dest, done)?
+            }
+            Op::AutoEnd { span } => self.auto_end(a, *span, done)?,
             Op::Inherit { g, goid_off, parent_goid_off } => {
                 let mut inherit = a.create_label();
                 a.mov(rax, self.reg(*g))?;

@@ -629,6 +629,7 @@ pub fn remove(inst: &Installation) -> Result<Removal> {
     }
     // Nothing left to undo, should the rest fail.
     inst.ring_header_store(inst.layout.journal_offset() + ring_abi::journal::PATCHES, 0);
+    inst.clear_auto_flag(&mut s)?;
     let mut unmapped = false;
     let mut kept = None;
     let in_tramp = |rip: u64| inst.areas.iter().any(|&(a, l)| (a..a + l).contains(&rip));
@@ -647,6 +648,8 @@ pub fn remove(inst: &Installation) -> Result<Removal> {
         if !busy {
             // No thread can reach our memory any more: the rest run on while one unmaps it
             // (tearing down a large ring's page tables takes milliseconds).
+            // Again: a trampoline that was running may have set it since.
+            inst.clear_auto_flag(&mut s)?;
             let tid = *s.threads().first().context("no threads")?;
             s.detach_all_but(tid)?;
             world_stopped = Some(started.elapsed());
@@ -689,6 +692,17 @@ impl Installation {
         // SAFETY: an in-bounds, aligned atomic store into our shared mapping.
         let w = unsafe { std::sync::atomic::AtomicU64::from_ptr(self.ring_map.as_ptr().add(off) as *mut u64) };
         w.store(v, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Gives the OpenTelemetry global tracer its own answer back (no auto-instrumentation
+    /// is there once the probes are out), if a trampoline ever changed it.
+    fn clear_auto_flag(&self, s: &mut Session) -> Result<()> {
+        let at = header::AUTO_FLAG;
+        let flag = self.ring_map.get(at..at + 8).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+        if flag != 0 {
+            s.write(flag, &[0]).with_context(|| format!("clearing the auto-instrumentation flag at {flag:#x}"))?;
+        }
+        Ok(())
     }
 
     fn ring_map_enabled(&self, on: bool) {

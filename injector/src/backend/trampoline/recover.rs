@@ -29,6 +29,8 @@ pub struct Leftover {
     pub patches: Vec<(u64, Vec<u8>, Vec<u8>)>,
     /// Its Kafka header arena, when a header was written from it: left mapped.
     pub keep: Option<(u64, u64)>,
+    /// The OpenTelemetry auto-instrumentation flag its trampolines set (0: none).
+    pub auto_flag: u64,
 }
 
 /// What a clean-up did.
@@ -173,6 +175,7 @@ pub fn leftovers(pid: i32) -> Result<Vec<Leftover>> {
                 areas: named_areas,
                 patches: Vec::new(),
                 keep: None,
+                auto_flag: 0,
             });
             continue;
         }
@@ -202,6 +205,7 @@ pub fn leftovers(pid: i32) -> Result<Vec<Leftover>> {
                 areas: named_areas,
                 patches: Vec::new(),
                 keep: None,
+                auto_flag: 0,
             });
             continue;
         }
@@ -233,7 +237,8 @@ pub fn leftovers(pid: i32) -> Result<Vec<Leftover>> {
             .transpose()?
             .filter(|&next| next != 0)
             .map(|_| (start + arena, ring_abi::arena::LEN as u64));
-        out.push(Leftover { ring: (start, end - start), journal: at, owner, areas, patches, keep });
+        let auto_flag = word(&mem, start + header::AUTO_FLAG as u64)?;
+        out.push(Leftover { ring: (start, end - start), journal: at, owner, areas, patches, keep, auto_flag });
     }
     Ok(out)
 }
@@ -278,6 +283,7 @@ pub fn clean(pid: i32, pad: &PadSite) -> Result<Cleaned> {
                     done.restored += 1;
                 }
             }
+            clear_auto_flag(&mut s, l)?;
             // Nothing left to undo in this ring, whatever happens next.
             if l.journal != 0 {
                 s.write(l.journal + journal::PATCHES as u64, &0u64.to_le_bytes())?;
@@ -308,6 +314,10 @@ pub fn clean(pid: i32, pad: &PadSite) -> Result<Cleaned> {
                 if pad_left {
                     s.write(pad.addr, &pad.original).context("restoring the code under a landing pad")?;
                     done.pad_restored = true;
+                }
+                // Again: a trampoline that was running may have set it since.
+                for l in &found {
+                    clear_auto_flag(&mut s, l)?;
                 }
                 let tid = *s.threads().first().context("no threads")?;
                 let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
@@ -343,6 +353,16 @@ pub fn clean(pid: i32, pad: &PadSite) -> Result<Cleaned> {
     })();
     s.detach()?;
     result.map(|()| done)
+}
+
+/// Gives the OpenTelemetry global tracer its own answer back, if the dead inject's
+/// trampolines changed it.
+fn clear_auto_flag(s: &mut Session, l: &Leftover) -> Result<()> {
+    if l.auto_flag != 0 {
+        s.write(l.auto_flag, &[0])
+            .with_context(|| format!("clearing the auto-instrumentation flag at {:#x}", l.auto_flag))?;
+    }
+    Ok(())
 }
 
 impl Cleaned {
