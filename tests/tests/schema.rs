@@ -57,6 +57,21 @@ fn entry_only_call() -> Value {
 }
 
 /// A net/http server span that failed.
+/// A span the application made (Auto SDK), as `write_app` writes it.
+fn app_span() -> Value {
+    json!({
+        "name": "reserve", "kind": "INTERNAL",
+        "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "span_id": "b7ad6b7169203331",
+        "parent_span_id": "00f067aa0ba902b7", "parent_remote": false, "goroutine": 34,
+        "start_time_unix_nano": 1_754_000_000_000_000_000u64, "end_time_unix_nano": 1_754_000_000_000_004_000u64,
+        "duration_ns": 4000, "error": "out of stock",
+        "attributes": {"shop.sku": "b2", "shop.qty": 30, "shop.rush": true},
+        "scope": {"name": "shop", "version": "1.0.0"},
+        "events": [{"name": "exception", "time_unix_nano": 1_754_000_000_000_002_000u64,
+                    "attributes": {"exception.type": "*errors.errorString", "exception.message": "out of stock"}}]
+    })
+}
+
 fn library_span() -> Value {
     json!({
         "name": "GET /fanout",
@@ -122,12 +137,16 @@ fn summary() -> Value {
     s["http_panics"] = json!(0);
     s["kafka_headers_added"] = json!(12);
     s["kafka_headers_own"] = json!(1);
+    for (c, n) in [("app_spans_started", 4), ("app_spans", 4), ("app_spans_too_large", 0), ("app_spans_unreadable", 0)]
+    {
+        s[c] = json!(n);
+    }
     s
 }
 
 #[test]
 fn each_kind_of_record_inject_writes_matches() -> Result<()> {
-    for v in [returned_call(), entry_only_call(), library_span(), drop_record()] {
+    for v in [returned_call(), entry_only_call(), library_span(), app_span(), drop_record()] {
         Schema::Jsonl.check(&v)?;
     }
     let mut stripped = returned_call();
