@@ -1531,3 +1531,79 @@ fn stacks_walk_frames_within_the_goroutine_stack_only() {
     }
     drop(stack);
 }
+
+/// The Auto SDK's operations: the global tracer's flag is set and its address noted; an
+/// application span gets its ids as `trace.SpanContext`s (binary, a child of the
+/// goroutine's span), becomes the goroutine's context (a call under it is its child) and,
+/// when it ends, gives the context from before back; on a goroutine with no span it is a
+/// new trace's root, and its end leaves the goroutine with none.
+#[test]
+fn application_spans_take_their_context_from_the_goroutine_and_give_it_back() {
+    use ring_abi::span_ids as ids;
+    use trampolines::codegen::Op;
+    let ops = vec![
+        Op::ServerBegin { dest: 0 },
+        Op::AutoEnable { flag: 3 },
+        Op::AutoStart { span: 4, psc: 5, sampled: 6, sc: 7, dest: 80 },
+        Op::ChildSpan { dest: 160 },
+        Op::AutoEnd { span: 4 },
+        Op::ChildSpan { dest: 240 },
+    ];
+    let plan = CapturePlan { ops, ..CapturePlan::default() };
+    let r = rig_with_plans(64, leaf_function, false, &plan, &CapturePlan { off: true, ..CapturePlan::default() });
+    let flag = Box::new([0u8; 8]);
+    let span = Box::new([0u64; 4]);
+    let (mut psc, mut sc) = (Box::new([0u8; 64]), Box::new([0u8; 64]));
+    let sampled = Box::new([1u8; 8]);
+    let (psc_at, sc_at) = (psc.as_mut_ptr() as u64, sc.as_mut_ptr() as u64);
+    let call = |r: &Rig| {
+        let mut regs = regs_for(r);
+        regs[3] = flag.as_ptr() as u64;
+        regs[4] = span.as_ptr() as u64;
+        regs[5] = psc_at;
+        regs[6] = sampled.as_ptr() as u64;
+        regs[7] = sc_at;
+        // SAFETY: every pointer handed to the trampoline is to live test memory.
+        unsafe { call_with(&mut regs) };
+    };
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    call(&r);
+    let m = r.ring.bytes();
+    let recs = published(&r);
+    let d = |off: usize, n: usize| std::str::from_utf8(&m[recs[0] + slot::DATA + off..][..n]).unwrap().to_string();
+    assert_eq!(flag[0], 1, "the global tracer is told an auto-instrumentation is there");
+    assert_eq!(u64_at(m, header::AUTO_FLAG), flag.as_ptr() as u64, "and the detach knows where");
+    let (trace, server, app) = (d(ids::TRACE, 32), d(ids::SPAN, 16), d(80 + ids::SPAN, 16));
+    assert_eq!(d(80 + ids::TRACE, 32), trace);
+    assert_eq!(d(80 + ids::PARENT, 16), server, "the application's span is the server span's child");
+    assert_eq!((hex(&sc[..16]), hex(&sc[16..24]), sc[24]), (trace.clone(), app.clone(), 1), "sc");
+    assert_eq!((hex(&psc[..16]), hex(&psc[16..24]), psc[24]), (trace.clone(), server.clone(), 1), "psc");
+    assert!(sc[25..].iter().all(|&b| b == 0) && psc[25..].iter().all(|&b| b == 0), "nothing past the flags");
+    assert_eq!(sampled[0], 1, "sampled stays true");
+    assert_eq!(d(160 + ids::PARENT, 16), app, "a call under the application's span is its child");
+    assert_eq!(d(240 + ids::PARENT, 16), server, "after its end the server span is the context again");
+
+    // A goroutine with no span: the application's span roots a new trace, psc stays
+    // untouched, and its end leaves the goroutine without a context again.
+    let ops = vec![
+        Op::AutoStart { span: 4, psc: 5, sampled: 6, sc: 7, dest: 80 },
+        Op::ChildSpan { dest: 160 },
+        Op::AutoEnd { span: 4 },
+        Op::ChildSpan { dest: 240 },
+    ];
+    let plan = CapturePlan { ops, ..CapturePlan::default() };
+    let r = rig_with_plans(64, leaf_function, false, &plan, &CapturePlan { off: true, ..CapturePlan::default() });
+    psc.fill(0);
+    call(&r);
+    let m = r.ring.bytes();
+    let recs = published(&r);
+    let d = |off: usize, n: usize| std::str::from_utf8(&m[recs[0] + slot::DATA + off..][..n]).unwrap().to_string();
+    let word = |off: usize| u64_at(m, recs[0] + slot::DATA + off);
+    let (trace, app) = (d(80 + ids::TRACE, 32), d(80 + ids::SPAN, 16));
+    assert_eq!(word(80 + ids::PARENT_KIND), 0, "a root");
+    assert!(psc.iter().all(|&b| b == 0), "no parent: psc untouched");
+    assert_eq!((hex(&sc[..16]), hex(&sc[16..24])), (trace.clone(), app.clone()));
+    assert_eq!((d(160 + ids::TRACE, 32), d(160 + ids::PARENT, 16)), (trace.clone(), app));
+    assert_eq!(word(240 + ids::PARENT_KIND), 0, "after its end the goroutine has no context");
+    assert_ne!(d(240 + ids::TRACE, 32), trace);
+}
