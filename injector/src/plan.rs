@@ -168,7 +168,11 @@ fn analyse_with(
         }
     };
     let sig = declared.or_else(|| dwarf_signature(ctx, f));
-    (site.on_entry, site.on_return) = values::sides(sig.as_ref(), ctx.max_string, &ctx.error_itabs);
+    let shapes = match (&sig, role) {
+        (Some(sig), Role::Func) => shapes(ctx, f, sig),
+        _ => values::Shapes::default(),
+    };
+    (site.on_entry, site.on_return) = values::sides(sig.as_ref(), &shapes, ctx.max_string, &ctx.error_itabs);
     if role == Role::Func && ctx.frames > 0 {
         values::capture_caller(&mut site.on_entry, ctx.frames);
     }
@@ -228,18 +232,28 @@ pub struct PlanContext {
     /// Return addresses to record for each --func call: 0 none, 1 the caller's
     /// (`--callers`), more: its stack (`--stack N`).
     pub frames: u8,
+    /// Pointers followed to show --func arguments by their fields (`--max-depth`).
+    pub max_depth: u32,
+}
+
+/// How much of each --func call is recorded (from the command line).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_string: u16,
+    pub frames: u8,
+    pub max_depth: u32,
 }
 
 impl PlanContext {
-    /// [`PlanContext::with_twin`], recording `frames` return addresses per call.
+    /// [`PlanContext::with_twin`], recording as much of each call as `limits` says.
     pub fn for_args(
         bin: &GoBinary<'_>,
         bias: u64,
-        max_string: u16,
         twin: Option<&std::path::Path>,
-        frames: u8,
+        limits: Limits,
     ) -> anyhow::Result<PlanContext> {
-        Ok(PlanContext { frames, ..PlanContext::with_twin(bin, bias, max_string, twin)? })
+        let ctx = PlanContext::with_twin(bin, bias, limits.max_string, twin)?;
+        Ok(PlanContext { frames: limits.frames, max_depth: limits.max_depth, ..ctx })
     }
 
     /// [`PlanContext::new`], with DWARF from `twin` when given: another build of the same
@@ -289,6 +303,7 @@ impl PlanContext {
             error_itabs: error_itabs(bin, bias),
             allgs: allgs_address(bin).map(|a| a + bias),
             frames: 0,
+            max_depth: 0,
         }
     }
 }
@@ -337,6 +352,21 @@ const MESSAGE_FIRST_ERRORS: [&str; 3] = ["*errors.errorString", "*fmt.wrapError"
 
 fn error_itabs(bin: &GoBinary<'_>, bias: u64) -> Vec<u64> {
     MESSAGE_FIRST_ERRORS.iter().filter_map(|t| bin.itab(t, "error")).map(|a| a + bias).collect()
+}
+
+/// The DWARF shapes of the signature's values, `ctx.max_depth` pointers deep, matched by
+/// name (a declared signature's too, when the binary or its twin has DWARF).
+fn shapes(ctx: &PlanContext, f: &Func<'_>, sig: &go_abi::signature::Signature) -> values::Shapes {
+    let Some(d) = ctx.dwarf.as_ref().filter(|_| ctx.max_depth > 0) else { return values::Shapes::default() };
+    let Some(fd) = d.function_by_entry(f.entry) else { return values::Shapes::default() };
+    let of = |v: &go_abi::signature::Value, result: bool| {
+        let p = fd.params.iter().find(|p| p.is_result == result && p.name == v.name)?;
+        d.param_shape(p, ctx.max_depth).ok().flatten()
+    };
+    values::Shapes {
+        params: sig.params.iter().map(|v| of(v, false)).collect(),
+        results: sig.results.iter().map(|v| of(v, true)).collect(),
+    }
 }
 
 fn dwarf_signature(ctx: &PlanContext, f: &Func<'_>) -> Option<go_abi::signature::Signature> {

@@ -116,6 +116,10 @@ pub struct RunArgs {
     /// Bytes of each string or []byte argument to copy.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub max_string: u16,
+    /// Pointers followed to show --func arguments by their fields (0: addresses only); a
+    /// slice's first elements count as one level.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=4))]
+    pub max_depth: u32,
     /// Write a JSON summary (per-function counts, drops, pauses) to this file on exit.
     #[arg(long, value_name = "PATH")]
     pub summary_json: Option<PathBuf>,
@@ -224,8 +228,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         let target = TargetArgs { pid: if exe.is_some() { None } else { args.pid }, exe };
         let exe = target.open()?;
         let bin = GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())?;
-        let ctx =
-            plan::PlanContext::for_args(&bin, exe.bias, args.max_string, args.debug_info.as_deref(), frames(args))?;
+        let ctx = plan::PlanContext::for_args(&bin, exe.bias, args.debug_info.as_deref(), limits(args))?;
         if let Some(why) = target.pid.and_then(|pid| Trampolines.held(pid)) {
             eprintln!("inject: warning: {why} (a real attach would be refused)");
         }
@@ -324,8 +327,12 @@ pub enum Mode {
 /// --output, else OTEL_TRACES_EXPORTER, else OTLP when an endpoint is configured (always
 /// in launch mode, like any OpenTelemetry SDK), else console.
 /// Return addresses each --func call records (`--stack`, else `--callers`).
-fn frames(args: &RunArgs) -> u8 {
-    args.stack.unwrap_or(u8::from(args.callers))
+fn limits(args: &RunArgs) -> plan::Limits {
+    plan::Limits {
+        max_string: args.max_string,
+        frames: args.stack.unwrap_or(u8::from(args.callers)),
+        max_depth: args.max_depth,
+    }
 }
 
 fn output_format(args: &RunArgs, otel: &OtelConfig, mode: Mode) -> Format {
@@ -495,7 +502,7 @@ pub fn start(pid: i32, args: &RunArgs, mode: Mode) -> Result<Option<Tracing>> {
     let exe = TargetArgs { exe: None, pid: Some(pid) }.open()?;
     let bin = GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())?;
     let assumed = check_go_version(&bin, args.assume_go_version.as_deref())?;
-    let ctx = plan::PlanContext::for_args(&bin, exe.bias, args.max_string, args.debug_info.as_deref(), frames(args))?;
+    let ctx = plan::PlanContext::for_args(&bin, exe.bias, args.debug_info.as_deref(), limits(args))?;
     let sites = plan_sites(&bin, args, exe.bias, &ctx)?;
     check_installable(&sites)?;
     let otel = OtelConfig::resolve(&args.otel, &crate::otlp::config::process_env)?;

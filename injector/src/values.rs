@@ -11,6 +11,16 @@ use trampolines::codegen::{ByteCopy, Fetch, FieldCopy, Op, When};
 
 use crate::ring::Record;
 
+pub mod deep;
+
+/// Each parameter's and result's DWARF shape, for showing pointers and slices by their
+/// fields (in the signature's order; None where not known).
+#[derive(Debug, Clone, Default)]
+pub struct Shapes {
+    pub params: Vec<Option<go_abi::dwarf::Shape>>,
+    pub results: Vec<Option<go_abi::dwarf::Shape>>,
+}
+
 /// How one parameter or result is read from a record.
 #[derive(Debug, Clone)]
 pub struct ValueSpec {
@@ -27,6 +37,8 @@ pub struct ValueSpec {
     pub scalar: Option<Scalar>,
     /// A stack-assigned value: where its words were copied in the data area, and how many.
     pub stack: Option<(u16, u16)>,
+    /// A pointer or slice shown by its fields: where they were copied.
+    pub deep: Option<deep::Deep>,
 }
 
 /// Names the dynamic type of an interface from its first word (a type descriptor when
@@ -84,11 +96,12 @@ const STACK_WORDS_MAX: u64 = 16;
 /// Plans the capture of `values` (parameters or results), copying up to `max_string`
 /// bytes of each string and byte slice held in registers, and the message of an `error`
 /// whose dynamic type is one of `error_itabs` (checked by its itab before any read).
-pub fn side(values: &[Value], max_string: u16, error_itabs: &[u64]) -> Side {
+pub fn side(values: &[Value], shapes: &[Option<go_abi::dwarf::Shape>], max_string: u16, error_itabs: &[u64]) -> Side {
     let mut plan = CapturePlan::default();
     let mut specs = Vec::new();
     let mut dest = 0u16;
-    for v in values {
+    for (i, v) in values.iter().enumerate() {
+        let mut deep = None;
         let mut copy = None;
         let mut messages = Vec::new();
         let mut stack = None;
@@ -165,6 +178,10 @@ pub fn side(values: &[Value], max_string: u16, error_itabs: &[u64]) -> Side {
                     dest += 8 + MESSAGE_MAX;
                 }
             }
+            let regs: Option<Vec<u8>> = pieces.iter().map(|p| int_index(p.reg)).collect();
+            if let (Some(Some(shape)), Some(regs)) = (shapes.get(i), regs) {
+                deep = deep::plan(shape, &regs, &mut plan, &mut dest, max_string);
+            }
         }
         specs.push(ValueSpec {
             name: v.name.clone(),
@@ -175,16 +192,21 @@ pub fn side(values: &[Value], max_string: u16, error_itabs: &[u64]) -> Side {
             messages,
             scalar: v.scalar,
             stack,
+            deep,
         });
     }
     Side { plan, values: specs, caller: None, stack: None }
 }
 
-/// Entry and return sides from a signature; without one (stripped binaries) every
-/// argument register is recorded and shown raw.
-pub fn sides(sig: Option<&Signature>, max_string: u16, error_itabs: &[u64]) -> (Side, Side) {
+/// Entry and return sides from a signature (with its values' shapes, when DWARF has
+/// them); without one (stripped binaries) every argument register is recorded and shown
+/// raw.
+pub fn sides(sig: Option<&Signature>, shapes: &Shapes, max_string: u16, error_itabs: &[u64]) -> (Side, Side) {
     match sig {
-        Some(s) => (side(&s.params, max_string, error_itabs), side(&s.results, max_string, error_itabs)),
+        Some(s) => (
+            side(&s.params, &shapes.params, max_string, error_itabs),
+            side(&s.results, &shapes.results, max_string, error_itabs),
+        ),
         None => {
             let raw = Side { plan: CapturePlan { ints: 0x1ff, ..CapturePlan::default() }, ..Side::default() };
             (raw.clone(), raw)
@@ -272,7 +294,10 @@ pub fn show(spec: &ValueSpec, rec: &Record, types: &mut TypeNamer<'_>) -> Shown 
     let bits = |i: usize| src.bits(rec, i);
     let count = src.len();
     let t = spec.type_name.as_str();
-    let (text, json) = if let (Some(empty), 2) = (spec.interface, count) {
+    let (text, json) = if let Some(d) = &spec.deep {
+        let words: Vec<u64> = (0..count).map(bits).collect();
+        deep::show(d, &words, rec, types)
+    } else if let (Some(empty), 2) = (spec.interface, count) {
         let (word, data) = (bits(0), bits(1));
         if word == 0 {
             ("nil".to_string(), serde_json::Value::Null)

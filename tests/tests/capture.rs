@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tests::schema::{for_each_line, parse_line, read_jsonl, read_summary};
 use tests::{require_ptrace, scratch, start_fixture, start_inject};
 use xtask::{Flavor, build_fixture, test_toolchains};
@@ -554,5 +554,92 @@ fn a_burst_at_launch_loses_nothing() -> Result<()> {
         );
     }
     eprintln!("{RUNS} launches, 3001 calls each over 2 goroutines from the start: 0 dropped");
+    Ok(())
+}
+
+/// Pointer and slice arguments show their fields, copied at the call (DWARF types):
+/// `*Line` with its string, a field sharing a word with another, a float, a nil-able
+/// pointer (an address at the default depth, its fields at `--max-depth 2`) and a slice's
+/// length; a `[]Line`'s elements; and all twelve ints of a function whose last three are
+/// on the stack. Console lines and JSON lines alike.
+#[test]
+fn pointers_and_slices_show_their_fields() -> Result<()> {
+    if !require_ptrace()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    for tc in test_toolchains()? {
+        let exe = build_fixture("funcs", &tc, Flavor::Default)?;
+        let what = format!("Go {}", tc.version);
+        let run = |extra: &[&str], output: &[&str]| -> Result<String> {
+            let mut args: Vec<String> = ["--func", "main.Restock", "--func", "main.Twelve"].map(String::from).to_vec();
+            args.extend(extra.iter().chain(output).map(|s| s.to_string()));
+            args.extend(["--".into(), exe.display().to_string(), "-n".into(), "1".into()]);
+            let out = Command::new(xtask::inject_binary()?).args(&args).output()?;
+            ensure!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+            // In launch mode the program has stdout; inject's lines go to stderr.
+            Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+        };
+        let jsonl = scratch(&format!("fields-{}.jsonl", tc.version));
+        let path = jsonl.display().to_string();
+        run(&[], &["--output", "jsonl", "--output-file", &path])?;
+        let mut got = HashMap::new();
+        for v in read_jsonl(&jsonl)? {
+            got.insert(v["name"].as_str().unwrap_or_default().to_string(), v);
+        }
+        let restock = got.get("main.Restock").context("no main.Restock")?;
+        let l = &restock["args"]["l"];
+        let want = |v: &Value, k: &str, w: Value| -> Result<()> {
+            ensure!(v[k] == w, "{what}: {k} = {}, want {w}, in {restock}", v[k]);
+            Ok(())
+        };
+        want(l, "SKU", json!("a1"))?;
+        want(l, "Qty", json!(3))?;
+        want(l, "Rush", json!(true))?;
+        want(l, "Price", json!(9.5))?;
+        want(l, "Tags", json!({"len": 2}))?;
+        ensure!(l["Note"].as_str().is_some_and(|s| s.starts_with("0x")), "{what}: Note at depth 1: {restock}");
+        let all = restock["args"]["all"].as_array().context("all is not an array")?;
+        ensure!(all.len() == 2, "{what}: {restock}");
+        want(&all[0], "SKU", json!("b2"))?;
+        want(&all[0], "Qty", json!(1))?;
+        want(&all[0], "Rush", json!(false))?;
+        want(&all[0], "Price", json!(2.25))?;
+        want(&all[0], "Note", Value::Null)?;
+        want(&all[1], "SKU", json!("c3"))?;
+        want(&all[1], "Qty", json!(40))?;
+        ensure!(restock["results"]["~r0"] == 44, "{what}: {restock}");
+        let twelve = got.get("main.Twelve").context("no main.Twelve")?;
+        for (i, name) in "abcdefghijkl".chars().enumerate() {
+            let v = &twelve["args"][name.to_string()];
+            ensure!(v == (i + 1) as i64, "{what}: Twelve's {name} = {v}: {twelve}");
+        }
+        ensure!(twelve["results"]["~r0"] == (1..=12).map(|i| i * i).sum::<i64>(), "{what}: {twelve}");
+        let _ = std::fs::remove_file(&jsonl);
+        // Two levels: the note's fields; the console's text.
+        let text = run(&["--max-depth", "2"], &["--output", "lines"])?;
+        let line = text.lines().find(|l| l.contains("main.Restock(")).context("no Restock line")?;
+        for part in [
+            r#"l=&{SKU:"a1" Qty:3 Rush:true Price:9.5 Note:&{Text:"fragile" By:7} Tags:[]string(len=2)}"#,
+            r#"all=[{SKU:"b2" Qty:1 Rush:false Price:2.25 Note:nil Tags:[]string(len=0)} {SKU:"c3" Qty:40 Rush:true Price:0 Note:&{Text:"fragile" By:7} Tags:[]string(len=0)}]"#,
+        ] {
+            ensure!(line.contains(part), "{what}: {part:?} not in {line:?}");
+        }
+        let twelve = text.lines().find(|l| l.contains("main.Twelve(")).context("no Twelve line")?;
+        ensure!(twelve.contains("j=10, k=11, l=12) = 650"), "{what}: {twelve}");
+        // A stripped build, typed by its unstripped twin: the same line.
+        let stripped = build_fixture("funcs", &tc, Flavor::Stripped)?;
+        let mut args: Vec<String> =
+            ["--func", "main.Restock", "--max-depth", "2", "--output", "lines"].map(String::from).to_vec();
+        args.extend(["--debug-info".into(), exe.display().to_string(), "--".into(), stripped.display().to_string()]);
+        args.extend(["-n".into(), "1".into()]);
+        let out = Command::new(xtask::inject_binary()?).args(&args).output()?;
+        ensure!(out.status.success(), "{what} stripped: {}", String::from_utf8_lossy(&out.stderr));
+        let err = String::from_utf8_lossy(&out.stderr);
+        let twin = err.lines().find(|l| l.contains("main.Restock(")).context("stripped: no Restock line")?;
+        let args_of =
+            |l: &str| l.split_once("main.Restock(").map(|(_, a)| a.rsplit_once("  ").map_or(a, |x| x.0).to_string());
+        ensure!(args_of(twin) == args_of(line), "{what}: stripped with a twin {twin:?}, default {line:?}");
+    }
     Ok(())
 }

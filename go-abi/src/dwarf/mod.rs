@@ -33,7 +33,10 @@ use object::{Object, ObjectSection};
 use crate::abi::{self, GoType, PointerKind, StructType};
 
 mod location;
+mod shape;
 mod types;
+
+pub use shape::{MAX_FIELDS, Shape, ShapeField};
 
 #[cfg(test)]
 use location::evaluate;

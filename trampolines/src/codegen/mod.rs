@@ -188,22 +188,30 @@ pub struct When {
     pub byte: bool,
     /// Holds when the value differs from `equals` (a slice's length is not 0).
     pub differs: bool,
+    /// Holds when the value is above `equals`, unsigned (a slice's length: element
+    /// `equals` may be read).
+    pub above: bool,
 }
 
 impl When {
     /// The register holds `itab`.
     pub fn reg(reg: u8, itab: u64) -> When {
-        When { reg, path: Vec::new(), off: None, equals: itab, byte: false, differs: false }
+        When { reg, path: Vec::new(), off: None, equals: itab, byte: false, differs: false, above: false }
     }
 
     /// The word at `off` after `path` equals `equals`.
     pub fn at(reg: u8, path: Vec<i32>, off: i32, equals: u64) -> When {
-        When { reg, path, off: Some(off), equals, byte: false, differs: false }
+        When { reg, path, off: Some(off), equals, byte: false, differs: false, above: false }
     }
 
     /// The register is not 0 (a slice's length: its first element may be read).
     pub fn nonzero(reg: u8) -> When {
-        When { reg, path: Vec::new(), off: None, equals: 0, byte: false, differs: true }
+        When { reg, path: Vec::new(), off: None, equals: 0, byte: false, differs: true, above: false }
+    }
+
+    /// The register, a slice's length, is above `index`: that element exists.
+    pub fn above(reg: u8, index: u64) -> When {
+        When { reg, path: Vec::new(), off: None, equals: index, byte: false, differs: false, above: true }
     }
 
     /// The empty interface (type, data) at `path` from the register holds a string
@@ -213,7 +221,7 @@ impl When {
     pub fn eface_string(reg: u8, path: Vec<i32>) -> When {
         let mut path = path;
         path.push(0);
-        When { reg, path, off: Some(ABI_TYPE_KIND), equals: ABI_KIND_STRING, byte: true, differs: false }
+        When { reg, path, off: Some(ABI_TYPE_KIND), equals: ABI_KIND_STRING, byte: true, differs: false, above: false }
     }
 }
 

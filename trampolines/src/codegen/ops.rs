@@ -545,7 +545,9 @@ impl Ops<'_> {
             }
             a.mov(rax, w.equals)?;
             a.cmp(rsi, rax)?;
-            if w.differs {
+            if w.above {
+                a.jbe(miss)?;
+            } else if w.differs {
                 a.je(miss)?;
             } else {
                 a.jne(miss)?;
