@@ -35,16 +35,25 @@ pub const FRAMES_LEN: usize = FRAME_SETS * WAYS * FRAME_ENTRY;
 
 /// In a block (first cache line): calls (at entry), calls that returned an `error` other
 /// than nil, the sum and the largest of the latencies (time stamp counter ticks), returns
-/// that found no entry time (the call began before the probes went in, or its entry was
-/// evicted), then three words where the trampoline parks registers.
+/// that found no entry time (not sampled, begun before the probes went in, or evicted),
+/// the sampling countdown, and the sampling period (written by the reader).
 pub const CALLS: usize = 0;
 pub const ERRORS: usize = 8;
 pub const SUM: usize = 16;
 pub const MAX: usize = 24;
 pub const UNTIMED: usize = 32;
-pub const SPILL: usize = 40;
-/// The latency histogram (u64 counters), after the first line.
-pub const HIST: usize = 64;
+/// Calls until the next timed one: an entry decrements it and times the call when it goes
+/// below zero, then sets it to `PERIOD - 1`.
+pub const SKIP: usize = 40;
+/// Time one call in this many (0 or 1: every call). Reading the time stamp counter costs
+/// ~10 ns on these machines (two per timed call), so the reader raises it for a function
+/// called so often that timing every call would slow the program: calls and errors stay
+/// exact, the histogram becomes a systematic sample of them.
+pub const PERIOD: usize = 48;
+/// Three words where the trampoline parks registers (second cache line).
+pub const SPILL: usize = 64;
+/// The latency histogram (u64 counters), after the second line.
+pub const HIST: usize = 128;
 /// Sub-buckets per power of two (2^[`SUB_BITS`]): a bucket is at most 1/8 of its values
 /// wide, so a percentile read from it is within 6% of the true one.
 pub const SUB_BITS: u32 = 3;

@@ -1590,6 +1590,22 @@ fn stats_count_calls_latency_and_errors() {
         );
         assert_eq!(total(&r, sub::HEAD), 0, "no record");
         assert_eq!(u64_at(m, r.layout.stats_missed_offset(7)), 0);
+        // Sampling: with a period of 4, one call in 4 is timed, the rest untimed; counts stay exact.
+        let ring = r.ring.ptr;
+        // SAFETY: the rig's ring mapping, an aligned word in bounds.
+        unsafe { *(ring.add(block + st::PERIOD) as *mut u64) = 4 };
+        for _ in 0..400 {
+            let mut regs = regs_for(&r);
+            // SAFETY: as above.
+            unsafe { call_with(&mut regs) };
+        }
+        let m = r.ring.bytes();
+        let hist2: u64 = (0..st::BUCKETS).map(|b| u64_at(m, block + st::HIST + 8 * b)).sum();
+        assert_eq!(u64_at(m, block + st::CALLS), n + 400);
+        assert_eq!(hist2 - hist, 100, "one in four timed");
+        assert_eq!(u64_at(m, block + st::UNTIMED), 300);
+        assert!((0..st::FRAME_SETS * st::WAYS).all(|i| u64_at(m, frames + i * st::FRAME_ENTRY) == 0));
+        let n = n + 400;
         // No P: missed, nothing else.
         let m_ptr = r.g[48 / 8] as *mut u64;
         // SAFETY: the rig's m, a live box.

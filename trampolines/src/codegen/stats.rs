@@ -149,6 +149,12 @@ fn entry(
     if !probe.timed {
         return a.jmp(*done);
     }
+    // One call in PERIOD is timed (each call, by default).
+    a.dec(qword_ptr(r12 + st::SKIP as i32))?;
+    a.jns(*done)?;
+    a.mov(r13, qword_ptr(r12 + st::PERIOD as i32))?;
+    a.dec(r13)?;
+    a.mov(qword_ptr(r12 + st::SKIP as i32), r13)?;
     let mut store = a.create_label();
     spill(a)?;
     frame_set(a, ring, site, rax)?;
@@ -208,16 +214,19 @@ fn ret(
     a.set_label(&mut no_error)?;
     let (mut found, mut restore) = (a.create_label(), a.create_label());
     spill(a)?;
-    a.rdtsc()?;
-    a.shl(rdx, 32)?;
-    a.or(rax, rdx)?;
+    // An untimed call (not sampled) finds no entry and reads no clock.
     frame_set(a, ring, site, rdx)?;
     find_way(a, found)?;
     a.inc(qword_ptr(r12 + st::UNTIMED as i32))?;
     a.jmp(restore)?;
     a.set_label(&mut found)?;
+    // The entry time first: once the way is free another goroutine may take it.
+    a.mov(rcx, qword_ptr(r13 + st::FRAME_TSC as i32))?;
     a.mov(qword_ptr(r13 + st::FRAME_G as i32), 0)?;
-    a.sub(rax, qword_ptr(r13 + st::FRAME_TSC as i32))?;
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.sub(rax, rcx)?;
     // A counter a little behind on another core reads as no time, not as ages.
     let (mut forward, mut no_max) = (a.create_label(), a.create_label());
     a.jns(forward)?;
