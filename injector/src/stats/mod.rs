@@ -299,9 +299,10 @@ impl Live {
         let thread = {
             let (view, funcs, clock, stop) = (view.clone(), funcs.clone(), clock.clone(), stop.clone());
             std::thread::Builder::new().name("stats".into()).spawn(move || {
-                let mut before = view.read_all(funcs.len());
+                // The counters began at zero when the probes went in.
+                let mut before = vec![Counts::default(); funcs.len()];
                 let mut at = Instant::now();
-                let mut calls: Vec<u64> = (0..funcs.len() as u32).map(|s| view.calls(s)).collect();
+                let mut calls = vec![0; funcs.len()];
                 let mut tick = Instant::now();
                 while !stop.load(Ordering::Acquire) {
                     // Short steps: the sampling follows each function's rate, and the end
@@ -327,7 +328,8 @@ impl Live {
                     let elapsed = at.elapsed();
                     at = Instant::now();
                     let hz = clock.lock().map_or(1e9, |c| c.hz());
-                    printer.interval(&funcs, &now, &before, elapsed, hz, started.elapsed())?;
+                    let periods: Vec<u64> = (0..funcs.len() as u32).map(|s| view.period(s)).collect();
+                    printer.interval(&funcs, &now, &before, elapsed, hz, started.elapsed(), &periods)?;
                     before = now;
                 }
                 Ok(printer)
@@ -343,7 +345,10 @@ impl Live {
         let mut printer = self.thread.join().map_err(|_| anyhow::anyhow!("stats thread panicked"))??;
         let totals = self.view.read_all(self.funcs.len());
         let hz = self.clock.lock().map_or(1e9, |c| c.hz());
-        printer.totals(&self.funcs, &totals, hz, self.started.elapsed()).context("writing the stats totals")?;
+        let periods: Vec<u64> = (0..self.funcs.len() as u32).map(|s| self.view.period(s)).collect();
+        printer
+            .totals(&self.funcs, &totals, hz, self.started.elapsed(), &periods)
+            .context("writing the stats totals")?;
         Ok(totals)
     }
 }

@@ -68,6 +68,7 @@ impl Printer {
         elapsed: Duration,
         hz: f64,
         since_start: Duration,
+        periods: &[u64],
     ) -> Result<()> {
         let secs = elapsed.as_secs_f64().max(1e-9);
         match self.format {
@@ -75,7 +76,8 @@ impl Printer {
                 let functions: Vec<serde_json::Value> = funcs
                     .iter()
                     .zip(now.iter().zip(before))
-                    .map(|(f, (n, b))| {
+                    .zip(periods)
+                    .map(|((f, (n, b)), period)| {
                         let d = n.since(b);
                         json!({
                             "name": f.name,
@@ -84,6 +86,8 @@ impl Printer {
                             "calls_per_s": (d.all_calls() as f64 / secs).round(),
                             "errors": f.errors.then_some(n.errors),
                             "interval_errors": f.errors.then_some(d.errors),
+                            "timed": d.timed(),
+                            "sampling": period,
                             "latency_ns": latency_json(&d, hz),
                         })
                     })
@@ -107,9 +111,9 @@ impl Printer {
                     since_start.as_secs_f64()
                 ));
                 t.push_str(&header());
-                for (f, (n, b)) in funcs.iter().zip(now.iter().zip(before)) {
+                for ((f, (n, b)), &period) in funcs.iter().zip(now.iter().zip(before)).zip(periods) {
                     let d = n.since(b);
-                    t.push_str(&row(f, n.all_calls(), d.all_calls() as f64 / secs, n.errors, &d, hz));
+                    t.push_str(&row(f, n.all_calls(), d.all_calls() as f64 / secs, n.errors, &d, hz, period));
                 }
                 if !self.redraw {
                     t.push('\n');
@@ -123,20 +127,30 @@ impl Printer {
     }
 
     /// The session's totals and each function's latency histogram.
-    pub fn totals(&mut self, funcs: &[Func], totals: &[Counts], hz: f64, since_start: Duration) -> Result<()> {
+    pub fn totals(
+        &mut self,
+        funcs: &[Func],
+        totals: &[Counts],
+        hz: f64,
+        since_start: Duration,
+        periods: &[u64],
+    ) -> Result<()> {
         let secs = since_start.as_secs_f64().max(1e-9);
         match self.format {
             Format::Jsonl => {
                 let functions: Vec<serde_json::Value> = funcs
                     .iter()
                     .zip(totals)
-                    .map(|(f, c)| {
+                    .zip(periods)
+                    .map(|((f, c), period)| {
                         json!({
                             "name": f.name,
                             "calls": c.all_calls(),
                             "calls_per_s": (c.all_calls() as f64 / secs).round(),
                             "errors": f.errors.then_some(c.errors),
                             "returns": c.returns(),
+                            "timed": c.timed(),
+                            "sampling": period,
                             "untimed_returns": c.untimed,
                             "missed": c.missed,
                             "latency_ns": latency_json(c, hz),
@@ -155,8 +169,8 @@ impl Printer {
             Format::Console => {
                 let mut t = format!("\ninject --stats: totals over {secs:.1} s\n");
                 t.push_str(&header());
-                for (f, c) in funcs.iter().zip(totals) {
-                    t.push_str(&row(f, c.all_calls(), c.all_calls() as f64 / secs, c.errors, c, hz));
+                for ((f, c), &period) in funcs.iter().zip(totals).zip(periods) {
+                    t.push_str(&row(f, c.all_calls(), c.all_calls() as f64 / secs, c.errors, c, hz, period));
                 }
                 for (f, c) in funcs.iter().zip(totals) {
                     t.push_str(&histogram_text(f, c, hz));
@@ -181,7 +195,7 @@ fn header() -> String {
     )
 }
 
-fn row(f: &Func, calls: u64, rate: f64, errors: u64, lat: &Counts, hz: f64) -> String {
+fn row(f: &Func, calls: u64, rate: f64, errors: u64, lat: &Counts, hz: f64, period: u64) -> String {
     let p = |q| lat.percentile(q).map_or_else(|| "-".to_string(), |t| duration(t, hz));
     let max = if lat.timed() > 0 { duration(lat.max, hz) } else { "-".into() };
     let errors = if f.errors { errors.to_string() } else { "-".into() };
@@ -190,7 +204,13 @@ fn row(f: &Func, calls: u64, rate: f64, errors: u64, lat: &Counts, hz: f64) -> S
     } else {
         f.name.clone()
     };
-    format!("{name:<50} {calls:>12} {rate:>12.0} {errors:>10} {:>9} {:>9} {:>9} {max:>9}\n", p(0.5), p(0.9), p(0.99))
+    let sampled = if period > 1 { format!("  (timed 1 in {period})") } else { String::new() };
+    format!(
+        "{name:<50} {calls:>12} {rate:>12.0} {errors:>10} {:>9} {:>9} {:>9} {max:>9}{sampled}\n",
+        p(0.5),
+        p(0.9),
+        p(0.99)
+    )
 }
 
 /// The histogram in power-of-two nanosecond ranges (from, to, count), the empty ranges at
@@ -230,7 +250,11 @@ fn histogram_text(f: &Func, c: &Counts, hz: f64) -> String {
         return t;
     }
     if c.untimed > 0 {
-        t.push_str(&format!(", {} returns untimed (begun before the probes went in)", c.untimed));
+        t.push_str(&format!(
+            ", {} timed, {} not (sampled out, or begun before the probes went in)",
+            c.timed(),
+            c.untimed
+        ));
     }
     if c.missed > 0 {
         t.push_str(&format!(", {} calls on threads without a P counted but not timed", c.missed));
