@@ -616,7 +616,10 @@ fn start_tracing(
     };
     let stats = match args.stats {
         false => None,
-        true => Some(crate::stats::Live::from_reader(&reader, &sites, clock.clone(), out.format, args)?),
+        true => {
+            let launch = out.mode == Mode::Launch;
+            Some(crate::stats::Live::from_reader(&reader, &sites, clock.clone(), out.format, args, launch)?)
+        }
     };
     let collector = {
         let stop = stop.clone();

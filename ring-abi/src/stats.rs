@@ -36,22 +36,30 @@ pub const FRAMES_LEN: usize = FRAME_SETS * WAYS * FRAME_ENTRY;
 /// In a block (first cache line): calls (at entry), calls that returned an `error` other
 /// than nil, the sum and the largest of the latencies (time stamp counter ticks), returns
 /// that found no entry time (not sampled, begun before the probes went in, or evicted),
-/// the sampling countdown, and the sampling period (written by the reader).
+/// and the sampling state.
 pub const CALLS: usize = 0;
 pub const ERRORS: usize = 8;
 pub const SUM: usize = 16;
 pub const MAX: usize = 24;
 pub const UNTIMED: usize = 32;
 /// Calls until the next timed one: an entry decrements it and times the call when it goes
-/// below zero, then sets it to `PERIOD - 1`.
+/// below zero.
 pub const SKIP: usize = 40;
-/// Time one call in this many (0 or 1: every call). Reading the time stamp counter costs
-/// ~10 ns on these machines (two per timed call), so the reader raises it for a function
-/// called so often that timing every call would slow the program: calls and errors stay
-/// exact, the histogram becomes a systematic sample of them.
+/// Calls skipped between two timed ones (0: every call is timed; then 1, 3, 7...: one in
+/// a power of two). Reading the time stamp counter costs ~10 ns on these machines (two per
+/// timed call), so each timed entry adapts it: doubled (plus one) when the P's previous
+/// timed call of the function was less than [`MIN_GAP`] ago, halved when more than 8 times
+/// that. Calls and errors stay exact; the histogram becomes a systematic sample.
 pub const PERIOD: usize = 48;
+/// The time stamp counter at the P's last timed call.
+pub const LAST: usize = 56;
 /// Three words where the trampoline parks registers (second cache line).
 pub const SPILL: usize = 64;
+/// Ticks below which timed calls come too often (written by the reader; 0: time every
+/// call, as the period then only shrinks).
+pub const MIN_GAP: usize = 88;
+/// The largest [`PERIOD`]: one call in 65536 timed.
+pub const MAX_PERIOD: u64 = (1 << 16) - 1;
 /// The latency histogram (u64 counters), after the second line.
 pub const HIST: usize = 128;
 /// Sub-buckets per power of two (2^[`SUB_BITS`]): a bucket is at most 1/8 of its values

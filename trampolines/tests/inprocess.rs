@@ -1590,22 +1590,47 @@ fn stats_count_calls_latency_and_errors() {
         );
         assert_eq!(total(&r, sub::HEAD), 0, "no record");
         assert_eq!(u64_at(m, r.layout.stats_missed_offset(7)), 0);
-        // Sampling: with a period of 4, one call in 4 is timed, the rest untimed; counts stay exact.
+        assert_eq!(u64_at(m, block + st::PERIOD), 0, "timed calls never too often: every call timed");
+        // Sampling: timed calls always "too often" (MIN_GAP huge): the period doubles at
+        // each timed call, one in 2, 4, 8... timed; the counts stay exact.
         let ring = r.ring.ptr;
-        // SAFETY: the rig's ring mapping, an aligned word in bounds.
-        unsafe { *(ring.add(block + st::PERIOD) as *mut u64) = 4 };
-        for _ in 0..400 {
+        let set = |off: usize, v: u64| {
+            // SAFETY: the rig's ring mapping, an aligned word in bounds.
+            unsafe { *(ring.add(block + off) as *mut u64) = v }
+        };
+        set(st::MIN_GAP, u64::MAX);
+        let call = || {
             let mut regs = regs_for(&r);
             // SAFETY: as above.
             unsafe { call_with(&mut regs) };
+        };
+        let (mut skip, mut period, mut timed) = (0i64, 0u64, 0u64);
+        for _ in 0..4000 {
+            call();
+            skip -= 1;
+            if skip < 0 {
+                timed += 1;
+                period = if period < st::MAX_PERIOD { 2 * period + 1 } else { period };
+                skip = period as i64;
+            }
         }
         let m = r.ring.bytes();
         let hist2: u64 = (0..st::BUCKETS).map(|b| u64_at(m, block + st::HIST + 8 * b)).sum();
-        assert_eq!(u64_at(m, block + st::CALLS), n + 400);
-        assert_eq!(hist2 - hist, 100, "one in four timed");
-        assert_eq!(u64_at(m, block + st::UNTIMED), 300);
+        assert_eq!(u64_at(m, block + st::CALLS), n + 4000);
+        assert_eq!(hist2 - hist, timed, "timed calls: one in a growing power of two");
+        assert_eq!(timed, 11, "calls 1, 2-3, 4-7 ... 1024-2047 timed: 2^11 - 1 < 4000 < 2^12 - 1");
+        assert_eq!(u64_at(m, block + st::PERIOD), period);
+        assert_eq!(u64_at(m, block + st::UNTIMED), 4000 - timed);
+        // Timed calls far apart (MIN_GAP 1 tick): the period halves at each timed call,
+        // back to every call within the countdown left, then 1023 + 511 + ... calls.
+        set(st::MIN_GAP, 1);
+        for _ in 0..4100 {
+            call();
+        }
+        assert_eq!(u64_at(r.ring.bytes(), block + st::PERIOD), 0, "back to timing every call");
+        let m = r.ring.bytes();
         assert!((0..st::FRAME_SETS * st::WAYS).all(|i| u64_at(m, frames + i * st::FRAME_ENTRY) == 0));
-        let n = n + 400;
+        let n = n + 8100;
         // No P: missed, nothing else.
         let m_ptr = r.g[48 / 8] as *mut u64;
         // SAFETY: the rig's m, a live box.

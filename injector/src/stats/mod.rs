@@ -4,9 +4,8 @@
 //! interval and shows them (a table refreshed in place, or one JSON object per interval);
 //! at exit the totals and a latency histogram per function.
 
-mod show;
+pub mod show;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -50,7 +49,8 @@ pub fn check_args(args: &crate::run::RunArgs) -> Result<()> {
 /// result (the last result of type `error`, when the signature is known).
 pub fn plan(sites: &mut [ProbeSite]) {
     for s in sites {
-        let timed = s.returns.is_ok() || s.entry_patch.as_ref().is_ok_and(|e| e.whole_body);
+        let returns = s.returns.as_ref().is_ok_and(|r| !r.is_empty());
+        let timed = returns || s.entry_patch.as_ref().is_ok_and(|e| e.whole_body);
         let error = error_at(&s.on_return.values);
         s.on_entry.plan = CapturePlan { stats: Some(StatsProbe { timed, error: None }), ..CapturePlan::default() };
         s.on_return.plan = CapturePlan { stats: Some(StatsProbe { timed: false, error }), ..CapturePlan::default() };
@@ -144,20 +144,11 @@ impl Counts {
     }
 }
 
-/// Timed calls a second per function above which only a sample of its calls is timed:
-/// reading the clock twice costs a timed call ~21 ns here, so a function called 20
-/// million times a second on two cores is timed once in 256 calls (~0.1 ns a call), one
-/// called less than this often at every call.
+/// Timed calls a second of a function on one P, at most: reading the clock twice costs
+/// a timed call ~21 ns here, so a function called 10 million times a second on a P is
+/// timed once in 128 calls (~0.2 ns a call), one called less than this often at every
+/// call. The trampolines adapt the period themselves (`ring_abi::stats::PERIOD`).
 pub const TIMED_PER_S: f64 = 100_000.0;
-
-/// The sampling period for a function called `rate` times a second: 1 (every call) up to
-/// [`TIMED_PER_S`], then the power of two that keeps the timed calls under it.
-pub fn period_for(rate: f64) -> u64 {
-    if rate <= TIMED_PER_S {
-        return 1;
-    }
-    ((rate / TIMED_PER_S).ceil() as u64).next_power_of_two().min(1 << 16)
-}
 
 /// The stats region of a mapped ring.
 pub struct View {
@@ -189,21 +180,18 @@ impl View {
         self.atomic(off).load(Ordering::Relaxed)
     }
 
-    /// Site `site`'s calls so far.
-    pub fn calls(&self, site: u32) -> u64 {
-        let blocks = (0..self.layout.stats_slots).map(|p| self.word(self.layout.stats_block_offset(site, p)));
-        blocks.sum::<u64>() + self.word(self.layout.stats_missed_offset(site))
-    }
-
-    /// The sampling period of `site` (`ring_abi::stats::PERIOD`; 1: every call).
+    /// One call of `site` in this many is timed now (the most sampled P's).
     pub fn period(&self, site: u32) -> u64 {
-        self.word(self.layout.stats_block_offset(site, 0) + st::PERIOD).max(1)
+        let p = (0..self.layout.stats_slots).map(|p| self.word(self.layout.stats_block_offset(site, p) + st::PERIOD));
+        p.max().unwrap_or(0) + 1
     }
 
-    /// Times one call of `site` in `period` from now on, on every P.
-    pub fn set_period(&self, site: u32, period: u64) {
-        for p in 0..self.layout.stats_slots {
-            self.atomic(self.layout.stats_block_offset(site, p) + st::PERIOD).store(period, Ordering::Relaxed);
+    /// Tells the trampolines how often timed calls may come (see [`TIMED_PER_S`]).
+    pub fn set_min_gap(&self, ticks: u64) {
+        for site in 0..self.layout.sites {
+            for p in 0..self.layout.stats_slots {
+                self.atomic(self.layout.stats_block_offset(site, p) + st::MIN_GAP).store(ticks, Ordering::Relaxed);
+            }
         }
     }
 
@@ -251,8 +239,8 @@ impl Func {
     }
 }
 
-/// How often the sampling periods follow the functions' call rates.
-const SAMPLE_TICK: Duration = Duration::from_millis(50);
+/// How soon the end is noticed between two intervals.
+const STEP: Duration = Duration::from_millis(20);
 
 /// The thread that shows the counters every interval.
 pub struct Live {
@@ -272,6 +260,7 @@ impl Live {
         clock: Arc<Mutex<Clock>>,
         format: Format,
         args: &crate::run::RunArgs,
+        launch: bool,
     ) -> Result<Live> {
         let (base, len, layout) = reader.mapping();
         // SAFETY: the reader's mapping lives as long as the probes, which the caller keeps
@@ -279,20 +268,27 @@ impl Live {
         let view = unsafe { View::new(base, len, layout) }.context("the ring has no stats region")?;
         let funcs = sites.iter().map(Func::of).collect();
         let interval = Duration::from_secs_f64(args.stats_interval);
-        Live::start(view, funcs, clock, format, args.output_file.clone(), interval)
+        let out = match &args.output_file {
+            Some(p) => show::Out::File(p.clone()),
+            // The launched program owns standard output.
+            None if launch => show::Out::Stderr,
+            None => show::Out::Stdout,
+        };
+        Live::start(view, funcs, clock, format, out, interval)
     }
 
-    /// Starts showing `funcs` (by site id) from `view` every `interval`, as `format` says,
-    /// to `file` or standard output.
+    /// Starts showing `funcs` (by site id) from `view` every `interval`, as `format` says.
     pub fn start(
         view: View,
         funcs: Vec<Func>,
         clock: Arc<Mutex<Clock>>,
         format: Format,
-        file: Option<PathBuf>,
+        out: show::Out,
         interval: Duration,
     ) -> Result<Live> {
-        let mut printer = show::Printer::open(format, file.as_deref())?;
+        let mut printer = show::Printer::open(format, out)?;
+        let hz = clock.lock().map_or(1e9, |c| c.hz());
+        view.set_min_gap((hz / TIMED_PER_S) as u64);
         let view = Arc::new(view);
         let stop = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
@@ -302,24 +298,12 @@ impl Live {
                 // The counters began at zero when the probes went in.
                 let mut before = vec![Counts::default(); funcs.len()];
                 let mut at = Instant::now();
-                let mut calls = vec![0; funcs.len()];
-                let mut tick = Instant::now();
                 while !stop.load(Ordering::Acquire) {
                     // Short steps: the sampling follows each function's rate, and the end
                     // is not held up by an interval.
                     let next = at + interval;
                     while Instant::now() < next && !stop.load(Ordering::Acquire) {
-                        std::thread::sleep(SAMPLE_TICK.min(next - Instant::now()));
-                        let secs = tick.elapsed().as_secs_f64();
-                        tick = Instant::now();
-                        for (s, last) in calls.iter_mut().enumerate() {
-                            let now = view.calls(s as u32);
-                            let period = period_for((now - *last) as f64 / secs.max(1e-3));
-                            if funcs[s].timed && period != view.period(s as u32) {
-                                view.set_period(s as u32, period);
-                            }
-                            *last = now;
-                        }
+                        std::thread::sleep(STEP.min(next - Instant::now()));
                     }
                     if stop.load(Ordering::Acquire) {
                         break;
@@ -356,14 +340,6 @@ impl Live {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hot_functions_are_sampled() {
-        assert_eq!(period_for(0.0), 1);
-        assert_eq!(period_for(TIMED_PER_S), 1);
-        assert_eq!(period_for(TIMED_PER_S + 1.0), 2);
-        assert_eq!(period_for(20e6), 256);
-    }
 
     #[test]
     fn percentiles_come_from_the_histogram() {

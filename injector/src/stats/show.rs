@@ -3,7 +3,7 @@
 //! jsonl`, and at exit the totals with a latency histogram per function.
 
 use std::io::{IsTerminal, Write};
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -12,6 +12,13 @@ use serde_json::json;
 
 use super::{Counts, Func};
 use crate::output::Format;
+
+/// Where the counters go.
+pub enum Out {
+    File(PathBuf),
+    Stdout,
+    Stderr,
+}
 
 /// Where and how the counters go.
 pub struct Printer {
@@ -49,12 +56,13 @@ fn latency_json(c: &Counts, hz: f64) -> serde_json::Value {
 }
 
 impl Printer {
-    pub fn open(format: Format, file: Option<&Path>) -> Result<Printer> {
-        let (out, terminal): (Box<dyn Write + Send>, bool) = match file {
-            Some(p) => {
-                (Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?), false)
+    pub fn open(format: Format, out: Out) -> Result<Printer> {
+        let (out, terminal): (Box<dyn Write + Send>, bool) = match out {
+            Out::File(p) => {
+                (Box::new(std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?), false)
             }
-            None => (Box::new(std::io::stdout()), std::io::stdout().is_terminal()),
+            Out::Stdout => (Box::new(std::io::stdout()), std::io::stdout().is_terminal()),
+            Out::Stderr => (Box::new(std::io::stderr()), std::io::stderr().is_terminal()),
         };
         Ok(Printer { out, format, redraw: terminal && format == Format::Console })
     }

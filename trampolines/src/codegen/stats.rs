@@ -152,12 +152,13 @@ fn entry(
     // One call in PERIOD is timed (each call, by default).
     a.dec(qword_ptr(r12 + st::SKIP as i32))?;
     a.jns(*done)?;
-    a.mov(r13, qword_ptr(r12 + st::PERIOD as i32))?;
-    a.dec(r13)?;
-    a.mov(qword_ptr(r12 + st::SKIP as i32), r13)?;
     let mut store = a.create_label();
     spill(a)?;
-    frame_set(a, ring, site, rax)?;
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    adapt(a)?;
+    frame_set(a, ring, site, rdx)?;
     // The frame's own entry (left by a call that never returned), else a free way, else
     // one picked by the key's bits (evicting a call, whose return then counts as untimed).
     find_way(a, store)?;
@@ -172,21 +173,45 @@ fn entry(
         a.jmp(store)?;
         a.set_label(&mut next)?;
     }
-    a.mov(eax, ecx)?;
-    a.xor(eax, r14d)?;
-    a.shr(eax, 3)?;
-    a.and(eax, (st::WAYS - 1) as u32)?;
-    a.shl(eax, st::FRAME_ENTRY.trailing_zeros())?;
-    a.add(r13, rax)?;
+    a.mov(edx, ecx)?;
+    a.xor(edx, r14d)?;
+    a.shr(edx, 3)?;
+    a.and(edx, (st::WAYS - 1) as u32)?;
+    a.shl(edx, st::FRAME_ENTRY.trailing_zeros())?;
+    a.add(r13, rdx)?;
     a.set_label(&mut store)?;
     a.mov(qword_ptr(r13 + st::FRAME_G as i32), r14)?;
     a.mov(qword_ptr(r13 + st::FRAME_KEY as i32), rcx)?;
-    a.rdtsc()?;
-    a.shl(rdx, 32)?;
-    a.or(rax, rdx)?;
     a.mov(qword_ptr(r13 + st::FRAME_TSC as i32), rax)?;
     unspill(a)?;
     a.jmp(*done)
+}
+
+/// At a timed entry, RAX = now: the sampling period follows the time since the P's last
+/// timed call of the site (`ring_abi::stats::MIN_GAP`): doubled when it came sooner,
+/// halved when it came 8 times later, then the countdown to the next timed call is set.
+/// Clobbers RCX and R13.
+fn adapt(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let (mut relax, mut set) = (a.create_label(), a.create_label());
+    a.mov(rcx, rax)?;
+    a.sub(rcx, qword_ptr(r12 + st::LAST as i32))?;
+    a.mov(qword_ptr(r12 + st::LAST as i32), rax)?;
+    a.mov(r13, qword_ptr(r12 + st::PERIOD as i32))?;
+    a.cmp(rcx, qword_ptr(r12 + st::MIN_GAP as i32))?;
+    a.jae(relax)?;
+    a.cmp(r13, st::MAX_PERIOD as i32)?;
+    a.jae(set)?;
+    a.lea(r13, qword_ptr(r13 + r13 + 1))?;
+    a.jmp(set)?;
+    a.set_label(&mut relax)?;
+    a.shr(rcx, 3)?;
+    a.cmp(rcx, qword_ptr(r12 + st::MIN_GAP as i32))?;
+    a.jbe(set)?;
+    a.shr(r13, 1)?;
+    a.set_label(&mut set)?;
+    a.mov(qword_ptr(r12 + st::PERIOD as i32), r13)?;
+    // The next timed call is PERIOD + 1 calls on.
+    a.mov(qword_ptr(r12 + st::SKIP as i32), r13)
 }
 
 fn ret(
