@@ -183,7 +183,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
     if args.funcs.is_empty() && args.no_libs {
         bail!(UsageError("--no-libs and no --func: nothing to probe (list candidates with `inject functions`)".into()));
     }
-    crate::stats::check_args(args)?;
+    if let Some(why) =
+        args.stats.then(|| crate::stats::refusal(!args.funcs.is_empty(), args.output, args.stats_interval)).flatten()
+    {
+        bail!(UsageError(why));
+    }
     if args.dry_run {
         let exe = args.exe.clone().or_else(|| args.command.first().map(|p| crate::target::resolve(p)));
         let target = TargetArgs { pid: if exe.is_some() { None } else { args.pid }, exe };
@@ -618,7 +622,8 @@ fn start_tracing(
         false => None,
         true => {
             let launch = out.mode == Mode::Launch;
-            Some(crate::stats::Live::from_reader(&reader, &sites, clock.clone(), out.format, args, launch)?)
+            let (file, every) = (args.output_file.clone(), args.stats_interval);
+            Some(crate::stats::Live::from_reader(&reader, &sites, clock.clone(), out.format, file, every, launch)?)
         }
     };
     let collector = {

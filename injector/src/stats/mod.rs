@@ -21,27 +21,21 @@ use crate::plan::ProbeSite;
 use crate::spans::Clock;
 use crate::values::ValueSpec;
 
-/// Refuses what stats mode cannot do, before anything is touched.
-pub fn check_args(args: &crate::run::RunArgs) -> Result<()> {
-    use crate::run::UsageError;
-    if !args.stats {
-        return Ok(());
+/// Why stats mode cannot do what the command line asks (a usage error), if it cannot:
+/// checked before anything is touched.
+pub fn refusal(has_funcs: bool, output: Option<Format>, interval: f64) -> Option<String> {
+    if !has_funcs {
+        return Some("--stats counts the --func functions: name some (list them with `inject functions`)".into());
     }
-    if args.funcs.is_empty() {
-        anyhow::bail!(UsageError(
-            "--stats counts the --func functions: name some (list them with `inject functions`)".into()
-        ));
+    if let Some(f) = output.filter(|f| !matches!(f, Format::Console | Format::Jsonl | Format::None)) {
+        let name =
+            clap::ValueEnum::to_possible_value(&f).map_or_else(|| format!("{f:?}"), |v| v.get_name().to_string());
+        return Some(format!("--stats shows a table (--output console) or JSON lines (--output jsonl), not {name}"));
     }
-    if let Some(f) = args.output.filter(|f| !matches!(f, Format::Console | Format::Jsonl | Format::None)) {
-        anyhow::bail!(UsageError(format!(
-            "--stats shows a table (--output console) or JSON lines (--output jsonl), not {}",
-            clap::ValueEnum::to_possible_value(&f).map_or_else(|| format!("{f:?}"), |v| v.get_name().to_string())
-        )));
+    if !(interval.is_finite() && interval >= 0.05) {
+        return Some(format!("--stats-interval {interval}: give seconds, at least 0.05"));
     }
-    if !(args.stats_interval.is_finite() && args.stats_interval >= 0.05) {
-        anyhow::bail!(UsageError(format!("--stats-interval {}: give seconds, at least 0.05", args.stats_interval)));
-    }
-    Ok(())
+    None
 }
 
 /// Turns every site's probes into counting ones: the entry counts the call (and leaves
@@ -216,9 +210,21 @@ impl View {
         c
     }
 
-    fn read_all(&self, n: usize) -> Vec<Counts> {
-        (0..n as u32).map(|s| self.read(s)).collect()
+    /// The first `n` sites' counters and sampling now.
+    fn snapshot(&self, n: usize) -> Snapshot {
+        let sites = 0..n as u32;
+        Snapshot {
+            counts: sites.clone().map(|s| self.read(s)).collect(),
+            periods: sites.map(|s| self.period(s)).collect(),
+        }
     }
+}
+
+/// Every function's counters at one moment, with how it is sampled (by site).
+pub struct Snapshot {
+    pub counts: Vec<Counts>,
+    /// One call in this many is timed.
+    pub periods: Vec<u64>,
 }
 
 /// What a function is called and whether its latency and errors are measured.
@@ -253,13 +259,16 @@ pub struct Live {
 }
 
 impl Live {
-    /// [`Live::start`] on the ring `reader` reads, for `sites`, as `args` ask.
+    /// [`Live::start`] on the ring `reader` reads, for `sites`, every `interval` seconds,
+    /// to `file`, else standard output (standard error for a launched program, which owns
+    /// standard output).
     pub fn from_reader(
         reader: &crate::ring::RingReader,
         sites: &[ProbeSite],
         clock: Arc<Mutex<Clock>>,
         format: Format,
-        args: &crate::run::RunArgs,
+        file: Option<std::path::PathBuf>,
+        interval: f64,
         launch: bool,
     ) -> Result<Live> {
         let (base, len, layout) = reader.mapping();
@@ -267,10 +276,9 @@ impl Live {
         // until `finish` has read the totals.
         let view = unsafe { View::new(base, len, layout) }.context("the ring has no stats region")?;
         let funcs = sites.iter().map(Func::of).collect();
-        let interval = Duration::from_secs_f64(args.stats_interval);
-        let out = match &args.output_file {
-            Some(p) => show::Out::File(p.clone()),
-            // The launched program owns standard output.
+        let interval = Duration::from_secs_f64(interval);
+        let out = match file {
+            Some(p) => show::Out::File(p),
             None if launch => show::Out::Stderr,
             None => show::Out::Stdout,
         };
@@ -308,13 +316,12 @@ impl Live {
                     if stop.load(Ordering::Acquire) {
                         break;
                     }
-                    let now = view.read_all(funcs.len());
+                    let now = view.snapshot(funcs.len());
                     let elapsed = at.elapsed();
                     at = Instant::now();
                     let hz = clock.lock().map_or(1e9, |c| c.hz());
-                    let periods: Vec<u64> = (0..funcs.len() as u32).map(|s| view.period(s)).collect();
-                    printer.interval(&funcs, &now, &before, elapsed, hz, started.elapsed(), &periods)?;
-                    before = now;
+                    printer.interval(&funcs, &now, &before, elapsed, hz, started.elapsed())?;
+                    before = now.counts;
                 }
                 Ok(printer)
             })?
@@ -327,13 +334,10 @@ impl Live {
     pub fn finish(self) -> Result<Vec<Counts>> {
         self.stop.store(true, Ordering::Release);
         let mut printer = self.thread.join().map_err(|_| anyhow::anyhow!("stats thread panicked"))??;
-        let totals = self.view.read_all(self.funcs.len());
+        let totals = self.view.snapshot(self.funcs.len());
         let hz = self.clock.lock().map_or(1e9, |c| c.hz());
-        let periods: Vec<u64> = (0..self.funcs.len() as u32).map(|s| self.view.period(s)).collect();
-        printer
-            .totals(&self.funcs, &totals, hz, self.started.elapsed(), &periods)
-            .context("writing the stats totals")?;
-        Ok(totals)
+        printer.totals(&self.funcs, &totals, hz, self.started.elapsed()).context("writing the stats totals")?;
+        Ok(totals.counts)
     }
 }
 

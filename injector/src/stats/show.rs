@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use ring_abi::stats as st;
 use serde_json::json;
 
-use super::{Counts, Func};
+use super::{Counts, Func, Snapshot};
 use crate::output::Format;
 
 /// Where the counters go.
@@ -71,13 +71,13 @@ impl Printer {
     pub fn interval(
         &mut self,
         funcs: &[Func],
-        now: &[Counts],
+        now: &Snapshot,
         before: &[Counts],
         elapsed: Duration,
         hz: f64,
         since_start: Duration,
-        periods: &[u64],
     ) -> Result<()> {
+        let (now, periods) = (&now.counts, &now.periods);
         let secs = elapsed.as_secs_f64().max(1e-9);
         match self.format {
             Format::Jsonl => {
@@ -135,14 +135,8 @@ impl Printer {
     }
 
     /// The session's totals and each function's latency histogram.
-    pub fn totals(
-        &mut self,
-        funcs: &[Func],
-        totals: &[Counts],
-        hz: f64,
-        since_start: Duration,
-        periods: &[u64],
-    ) -> Result<()> {
+    pub fn totals(&mut self, funcs: &[Func], totals: &Snapshot, hz: f64, since_start: Duration) -> Result<()> {
+        let (totals, periods) = (&totals.counts, &totals.periods);
         let secs = since_start.as_secs_f64().max(1e-9);
         match self.format {
             Format::Jsonl => {
