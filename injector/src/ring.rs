@@ -105,6 +105,12 @@ pub struct RingReader {
 unsafe impl Send for RingReader {}
 
 impl RingReader {
+    /// Our mapping of the ring (base, length) and its layout, for views of its other
+    /// regions (the stats counters); valid as long as the reader's own promise holds.
+    pub fn mapping(&self) -> (*mut u8, usize, Layout) {
+        (self.base, self.len, self.layout)
+    }
+
     /// # Safety
     /// `base..base+len` must be a live mapping of the ring (at least `layout.total_len()`
     /// bytes) that outlives the reader.

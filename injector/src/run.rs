@@ -113,6 +113,16 @@ pub struct RunArgs {
     /// frame pointers in the trampoline; JSON `stack`, the OTLP `code.stacktrace`.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=32))]
     pub stack: Option<u8>,
+    /// Count instead of recording: per --func function, calls, calls/s, errors (a non-nil
+    /// `error` result) and latency p50/p90/p99/max, counted by the probes in shared memory
+    /// (exact at any call rate, no record per call), shown every --stats-interval (a table
+    /// redrawn in place on a terminal, a JSON object per interval with --output jsonl);
+    /// at exit the totals and a latency histogram per function. No library probes.
+    #[arg(long, conflicts_with_all = ["libs", "where_", "stack", "callers"])]
+    pub stats: bool,
+    /// Seconds between two --stats refreshes.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    pub stats_interval: f64,
     /// Bytes of each string or []byte argument to copy.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub max_string: u16,
@@ -159,52 +169,6 @@ pub fn detach(args: &DetachArgs) -> Result<()> {
     Ok(())
 }
 
-/// Ring slots by default: 2^19 slots of 256 bytes hold ~86 ms of records at the 6.1
-/// million a second `cargo xtask bench drain` measured inject draining from a target that
-/// keeps both cores of a 2-core machine busy writing them, and 100 ms at 5.2 million.
-const DEFAULT_RING_SLOTS: u64 = 1 << 19;
-
-/// [`DEFAULT_RING_SLOTS`], or fewer when inject's own memory cgroup is small: the ring's
-/// pages are allocated up front and charged to inject, which must not be OOM-killed for it
-/// (an inject in the target's pod shares the pod's limit). Says so when it caps.
-fn default_ring_slots() -> u64 {
-    let limit = cgroup_memory_limit();
-    let slots = ring_slots_within(limit);
-    if let Some(limit) = limit.filter(|_| slots < DEFAULT_RING_SLOTS) {
-        eprintln!(
-            "inject: ring of {slots} slots ({} MiB), an eighth of this cgroup's {} MiB memory limit (--ring-slots to \
-             choose)",
-            (slots * 256) >> 20,
-            limit >> 20
-        );
-    }
-    slots
-}
-
-/// The default slots within a memory limit: a power of two whose memory is at most an
-/// eighth of it (at least 1024 slots).
-fn ring_slots_within(limit: Option<u64>) -> u64 {
-    let Some(limit) = limit else { return DEFAULT_RING_SLOTS };
-    let fit = (limit / 8 / 256).max(1024);
-    DEFAULT_RING_SLOTS.min(1 << (63 - fit.leading_zeros()))
-}
-
-/// The memory limit of the cgroup this process is in, when it has one: v2 `memory.max` or
-/// v1 `memory.limit_in_bytes`, under the path /proc/self/cgroup names or, in a container
-/// whose cgroup is mounted as the root, at the root.
-fn cgroup_memory_limit() -> Option<u64> {
-    let cg = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let v2 = cg.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/");
-    let v1 = cg.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| p)).unwrap_or("/");
-    let tries = [
-        format!("/sys/fs/cgroup{}/memory.max", v2.trim_end_matches('/')),
-        "/sys/fs/cgroup/memory.max".to_string(),
-        format!("/sys/fs/cgroup/memory{}/memory.limit_in_bytes", v1.trim_end_matches('/')),
-        "/sys/fs/cgroup/memory/memory.limit_in_bytes".to_string(),
-    ];
-    tries.iter().filter_map(|p| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok()).find(|&v| v < 1 << 60)
-}
-
 /// Stop-the-world pauses longer than this are explained on stderr.
 const LONG_PAUSE_MS: u64 = 10;
 
@@ -222,6 +186,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     if args.funcs.is_empty() && args.no_libs {
         bail!(UsageError("--no-libs and no --func: nothing to probe (list candidates with `inject functions`)".into()));
+    }
+    if let Some(why) =
+        args.stats.then(|| crate::stats::refusal(!args.funcs.is_empty(), args.output, args.stats_interval)).flatten()
+    {
+        bail!(UsageError(why));
     }
     if args.dry_run {
         let exe = args.exe.clone().or_else(|| args.command.first().map(|p| crate::target::resolve(p)));
@@ -400,7 +369,7 @@ pub fn plan_sites(bin: &GoBinary<'_>, args: &RunArgs, bias: u64, ctx: &plan::Pla
     libs::http::QUERY_ON_SERVER.store(args.http_query, std::sync::atomic::Ordering::Relaxed);
     libs::sql::set_query_text(libs::sql::QueryText::chosen(args.db_query_text));
     let mut sites = if args.funcs.is_empty() { Vec::new() } else { plan::plan(bin, &args.funcs, bias, ctx)? };
-    if !args.no_libs {
+    if !args.no_libs && !args.stats {
         let funcs = bin.functions()?;
         let release = offsets_release(bin, args);
         let mut any_lib = false;
@@ -494,6 +463,7 @@ pub struct Tracing {
     collector: std::thread::JoinHandle<collect::Totals>,
     output: std::thread::JoinHandle<u64>,
     exporting: crate::exports::Exports,
+    stats: Option<crate::stats::Live>,
 }
 
 /// Plans the probes for process `pid` and installs them; `None` when OTEL_SDK_DISABLED
@@ -503,10 +473,13 @@ pub fn start(pid: i32, args: &RunArgs, mode: Mode) -> Result<Option<Tracing>> {
     let bin = GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())?;
     let assumed = check_go_version(&bin, args.assume_go_version.as_deref())?;
     let ctx = plan::PlanContext::for_args(&bin, exe.bias, args.debug_info.as_deref(), limits(args))?;
-    let sites = plan_sites(&bin, args, exe.bias, &ctx)?;
+    let mut sites = plan_sites(&bin, args, exe.bias, &ctx)?;
+    if args.stats {
+        crate::stats::plan(&mut sites);
+    }
     check_installable(&sites)?;
     let otel = OtelConfig::resolve(&args.otel, &crate::otlp::config::process_env)?;
-    let format = output_format(args, &otel, mode);
+    let format = if args.stats { args.output.unwrap_or(Format::Console) } else { output_format(args, &otel, mode) };
     if format == Format::Otlp && !cfg!(feature = "otlp") {
         bail!(UsageError(
             "this inject was built without OTLP export (cargo feature `otlp`): give --output console or json, \
@@ -548,7 +521,9 @@ fn start_tracing(
     };
     let file = args.output_file.as_deref();
     let launch = out.mode == Mode::Launch;
-    let (mut sink, exporting) = crate::exports::open(out.format, file, &out.otel, &args.otel, &out.process, launch)?;
+    // Stats go their own way: no record reaches the sink.
+    let sink_format = if args.stats { Format::None } else { out.format };
+    let (mut sink, exporting) = crate::exports::open(sink_format, file, &out.otel, &args.otel, &out.process, launch)?;
     if lossless && let Sink::Otlp { spans, .. } = &mut sink {
         spans.wait_when_full();
     }
@@ -558,13 +533,16 @@ fn start_tracing(
     // memory of --ring-slots slots of 256 bytes, so larger slots mean fewer.
     let data = sites.iter().map(|s| s.on_entry.plan.data_len().max(s.on_return.plan.data_len())).max().unwrap_or(0);
     let slot_size = (ring_abi::slot::DATA + data).next_power_of_two().max(256);
-    let ring_slots = args.ring_slots.unwrap_or_else(default_ring_slots);
+    // Stats need no records: the smallest ring.
+    let ring_slots = if args.stats { 0 } else { args.ring_slots.unwrap_or_else(crate::ringsize::default_ring_slots) };
     let slots = (ring_slots.saturating_mul(256) / slot_size as u64).max(64);
     let per_ring = (slots / u64::from(rings)).max(64).next_power_of_two();
     // The Kafka header arena only where kafka-go's messages get headers.
     let arena = sites.iter().any(|s| s.on_entry.plan.needs_arena());
     let ring_layout = Layout::new(rings, per_ring, slot_size).context("--ring-slots")?;
     let ring_layout = ring_layout.with_sites(sites.len() as u32).with_arena(arena);
+    // One counter block per P, as many as the sub-rings.
+    let ring_layout = if args.stats { ring_layout.with_stats(rings) } else { ring_layout };
 
     let select = RingSelect::ByP { g_m: layout.m, m_p: layout.m_p, p_id: layout.p_id };
     let ring = trampolines::RingAddrs {
@@ -647,13 +625,21 @@ fn start_tracing(
         let exe = Some((exe.map.clone(), exe.bias));
         std::thread::Builder::new().name("output".into()).spawn(move || collect::output(rx, sink, sites, clock, exe))?
     };
+    let stats = match args.stats {
+        false => None,
+        true => {
+            let launch = out.mode == Mode::Launch;
+            let (file, every) = (args.output_file.clone(), args.stats_interval);
+            Some(crate::stats::Live::from_reader(&reader, &sites, clock.clone(), out.format, file, every, launch)?)
+        }
+    };
     let collector = {
         let stop = stop.clone();
         std::thread::Builder::new()
             .name("collector".into())
             .spawn(move || collect::run(reader, pairer, tx, clock, stop, Duration::from_millis(200), lossless))?
     };
-    Ok(Tracing { sites, inst, stop, collector, output, exporting })
+    Ok(Tracing { sites, inst, stop, collector, output, exporting, stats })
 }
 
 impl Tracing {
@@ -668,6 +654,12 @@ impl Tracing {
         self.stop.store(true, Ordering::Release);
         let mut totals = self.collector.join().map_err(|_| anyhow::anyhow!("collector thread panicked"))?;
         totals.output_errors = self.output.join().map_err(|_| anyhow::anyhow!("output thread panicked"))?;
+        if let Some(live) = self.stats {
+            // After the removal: the counts are final. The summary counts what was counted.
+            for (site, c) in totals.sites.iter_mut().zip(live.finish()?) {
+                (site.entries, site.returns) = (c.all_calls(), c.returns());
+            }
+        }
         self.inst.flush();
         let (export, metrics) = self.exporting.finish();
         let stop = match reason {
@@ -795,20 +787,4 @@ pub fn check_installable(sites: &[ProbeSite]) -> Result<()> {
         bail!("none of the requested functions can be probed safely (see the warnings above)");
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod ring_size_tests {
-    use super::*;
-
-    #[test]
-    fn default_ring_fits_an_eighth_of_the_memory_limit() {
-        assert_eq!(ring_slots_within(None), DEFAULT_RING_SLOTS);
-        assert_eq!(ring_slots_within(Some(64 << 30)), DEFAULT_RING_SLOTS);
-        // 256 MiB: 32 MiB of 256-byte slots.
-        assert_eq!(ring_slots_within(Some(256 << 20)), 1 << 17);
-        // 300 MiB: the power of two below 37.5 MiB.
-        assert_eq!(ring_slots_within(Some(300 << 20)), 1 << 17);
-        assert_eq!(ring_slots_within(Some(1 << 20)), 1024);
-    }
 }

@@ -35,6 +35,8 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"INJRING1");
 pub const VERSION: u32 = 5;
 pub const PAGE: usize = 4096;
 
+pub mod stats;
+
 /// Offsets in the global header (the first page). Each word written at run time has its
 /// own cache line, and the header its own page, away from trampoline code
 /// (self-modifying-code detection otherwise flushes the pipeline on every store).
@@ -346,6 +348,8 @@ pub struct Layout {
     pub patches: u32,
     /// Whether the mapping holds an [`arena`] (before the journal).
     pub arena: bool,
+    /// P blocks per site of the [`stats`] region (after the arena); 0: no region.
+    pub stats_slots: u32,
 }
 
 impl Layout {
@@ -360,7 +364,7 @@ impl Layout {
         if slot_size < MIN_SLOT_SIZE || !slot_size.is_power_of_two() {
             return Err(LayoutError::SlotSize { size: slot_size, min: MIN_SLOT_SIZE });
         }
-        let l = Layout { rings, capacity, slot_size, sites: 0, patches: 0, arena: false };
+        let l = Layout { rings, capacity, slot_size, sites: 0, patches: 0, arena: false, stats_slots: 0 };
         // Trampolines multiply the ring index by the stride with a 32-bit immediate.
         if l.stride() > 1 << 30 {
             return Err(LayoutError::TooLarge { bytes: l.stride() as u64 });
@@ -385,7 +389,35 @@ impl Layout {
 
     /// Offset of the [`journal`].
     pub fn journal_offset(&self) -> usize {
+        self.stats_offset() + self.stats_len()
+    }
+
+    /// Offset of the [`stats`] region (when the layout has one).
+    pub fn stats_offset(&self) -> usize {
         self.arena_offset() + if self.arena { arena::LEN } else { 0 }
+    }
+
+    fn stats_len(&self) -> usize {
+        if self.stats_slots == 0 {
+            return 0;
+        }
+        stats::len(self.sites as usize, self.stats_slots as usize).next_multiple_of(PAGE)
+    }
+
+    /// The same layout with a [`stats`] region of `slots` P blocks per site (0: none).
+    pub fn with_stats(self, slots: u32) -> Self {
+        Layout { stats_slots: slots, ..self }
+    }
+
+    /// Offset of `site`'s missed-call counter in the [`stats`] region.
+    pub fn stats_missed_offset(&self, site: u32) -> usize {
+        self.stats_offset() + stats::FRAMES_LEN + 8 * site as usize
+    }
+
+    /// Offset of the [`stats`] block of `site` for P slot `slot`.
+    pub fn stats_block_offset(&self, site: u32, slot: u32) -> usize {
+        let first = self.stats_offset() + stats::FRAMES_LEN + stats::missed_len(self.sites as usize);
+        first + (site as usize * self.stats_slots as usize + slot as usize) * stats::BLOCK
     }
 
     /// Offset of the [`arena`] (when the layout has one).
@@ -508,6 +540,13 @@ mod tests {
         assert_eq!(big.journal_offset(), l.site_drops_offset() + 8192, "600 counters take two pages");
         assert_eq!(big.total_len(), big.journal_offset() + journal::len(200).next_multiple_of(PAGE));
         assert_eq!(l.slot_offset(1, 17), 4096 + 8192 + 4096 + 256);
+        let counted = big.with_stats(4);
+        assert_eq!(counted.stats_offset(), big.journal_offset(), "the region comes before the journal");
+        assert_eq!(counted.stats_block_offset(0, 0), counted.stats_missed_offset(0) + 8192, "600 missed counters");
+        assert_eq!(counted.stats_block_offset(599, 3) + stats::BLOCK, counted.stats_offset() + stats::len(600, 4));
+        assert!(counted.journal_offset() >= counted.stats_block_offset(599, 3) + stats::BLOCK);
+        assert_eq!(counted.journal_offset() % PAGE, 0);
+        assert_eq!(counted.stats_block_offset(1, 1) % 64, 0, "blocks own their cache lines");
         let with = big.with_arena(true);
         assert_eq!(with.arena_offset(), big.journal_offset());
         assert_eq!(with.journal_offset(), big.journal_offset() + arena::LEN);

@@ -15,6 +15,8 @@ pub enum Schema {
     Jsonl,
     /// The `--summary-json` file.
     Summary,
+    /// A line of `--stats --output jsonl`.
+    Stats,
 }
 
 impl Schema {
@@ -22,6 +24,7 @@ impl Schema {
         let name = match self {
             Schema::Jsonl => "jsonl.schema.json",
             Schema::Summary => "summary.schema.json",
+            Schema::Stats => "stats.schema.json",
         };
         xtask::workspace_root().join("docs/schema").join(name)
     }
@@ -30,9 +33,11 @@ impl Schema {
     fn validator(self) -> Result<&'static jsonschema::Validator> {
         static JSONL: OnceLock<Result<jsonschema::Validator, String>> = OnceLock::new();
         static SUMMARY: OnceLock<Result<jsonschema::Validator, String>> = OnceLock::new();
+        static STATS: OnceLock<Result<jsonschema::Validator, String>> = OnceLock::new();
         let cell = match self {
             Schema::Jsonl => &JSONL,
             Schema::Summary => &SUMMARY,
+            Schema::Stats => &STATS,
         };
         let compiled = cell.get_or_init(|| {
             let path = self.path();
@@ -97,4 +102,17 @@ pub fn read_summary(path: &Path) -> Result<Value> {
     let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
     Schema::Summary.check(&v).with_context(|| path.display().to_string())?;
     Ok(v)
+}
+
+/// Reads a `--stats --output jsonl` file, every line checked against the stats schema.
+pub fn read_stats(path: &Path) -> Result<Vec<Value>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| -> Result<Value> {
+            let v: Value = serde_json::from_str(l).with_context(|| format!("not JSON: {l:?}"))?;
+            Schema::Stats.check(&v).with_context(|| format!("{} line {}", path.display(), i + 1))?;
+            Ok(v)
+        })
+        .collect()
 }

@@ -301,3 +301,56 @@ fn summaries_inject_does_not_write_are_rejected() -> Result<()> {
         ],
     )
 }
+
+/// A `--stats --output jsonl` interval line and totals line, as inject writes them.
+fn stats_lines() -> (Value, Value) {
+    let interval = json!({
+        "stats": "interval", "time_unix_nano": 1_754_000_000_000_000_000u64, "elapsed_s": 1.0, "interval_s": 0.2,
+        "functions": [
+            {"name": "main.tick", "calls": 20_000_000, "interval_calls": 4_000_000, "calls_per_s": 2.0e7,
+             "errors": null, "interval_errors": null, "timed": 15_625, "sampling": 256,
+             "latency_ns": {"p50": 10, "p90": 10, "p99": 21, "max": 3_210_000, "mean": 12}},
+            {"name": "main.nap", "calls": 0, "interval_calls": 0, "calls_per_s": 0.0, "errors": 0,
+             "interval_errors": 0, "timed": 0, "sampling": 1, "latency_ns": null}
+        ]
+    });
+    let total = json!({
+        "stats": "total", "time_unix_nano": 1_754_000_000_000_000_000u64, "elapsed_s": 2.5,
+        "functions": [
+            {"name": "main.nap", "calls": 20, "calls_per_s": 8.0, "errors": 0, "returns": 20, "timed": 20,
+             "untimed_returns": 0, "missed": 0, "sampling": 1,
+             "latency_ns": {"p50": 2_120_000, "p90": 2_300_000, "p99": 2_400_000, "max": 2_400_000, "mean": 2_150_000},
+             "histogram": [{"from_ns": 2_097_152, "to_ns": 4_194_303, "count": 20}]}
+        ]
+    });
+    (interval, total)
+}
+
+#[test]
+fn stats_lines_match_and_what_inject_does_not_write_is_rejected() -> Result<()> {
+    let (interval, total) = stats_lines();
+    Schema::Stats.check(&interval)?;
+    Schema::Stats.check(&total)?;
+    let required = "is a required property";
+    all_rejected(
+        Schema::Stats,
+        &[
+            ("no interval length", without(interval.clone(), "/interval_s"), "", required),
+            (
+                "negative calls",
+                with(total.clone(), "/functions/0/calls", json!(-1)),
+                "/functions/0/calls",
+                "less than the minimum",
+            ),
+            (
+                "sampling 0",
+                with(total.clone(), "/functions/0/sampling", json!(0)),
+                "/functions/0/sampling",
+                "less than the minimum",
+            ),
+            ("unknown kind", with(total.clone(), "/stats", json!("partial")), "/stats", "is not one of"),
+            ("no calls", without(total.clone(), "/functions/0/calls"), "/functions/0", required),
+            ("unknown key", with(total, "/functions/0/p50", json!(1)), "/functions/0", "was unexpected"),
+        ],
+    )
+}

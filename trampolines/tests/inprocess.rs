@@ -15,6 +15,8 @@ thread_local! {
     /// The lossless wait the next rig on this thread is built with (0: none).
     static WAIT_SPINS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
     static SAMPLING: std::cell::Cell<trampolines::codegen::Sampling> = std::cell::Cell::new(Default::default());
+    /// The site id of the next rig's return trampolines (stats pair them with the entry's).
+    static RETURN_SITE: std::cell::Cell<u32> = const { std::cell::Cell::new(8) };
 }
 
 struct Mem {
@@ -168,7 +170,7 @@ fn rig_with_plans(
 ) -> Rig {
     let code = Mem::map(1 << 16, true);
     let slot_size = (slot::DATA + plan.data_len().max(return_plan.data_len())).next_power_of_two().max(256);
-    let layout = Layout::new(RINGS, capacity, slot_size).unwrap().with_sites(16);
+    let layout = Layout::new(RINGS, capacity, slot_size).unwrap().with_sites(16).with_stats(2);
     let mut ring = Mem::map(layout.total_len(), false);
     // A fresh memfd is zero: only the header is written, as inject does.
     layout.initialise_zeroed(ring.bytes_mut());
@@ -219,7 +221,7 @@ fn rig_with_plans(
     let t = entry_trampoline(&entry, 7, plan, return_plan, &addrs, place(&entry.redirect)).unwrap();
     install(t, entry.redirect);
     for r in &rets {
-        let t = return_trampoline(r, 8, return_plan, &addrs, place(&r.redirect)).unwrap();
+        let t = return_trampoline(r, RETURN_SITE.with(|s| s.get()), return_plan, &addrs, place(&r.redirect)).unwrap();
         install(t, r.redirect);
     }
     let punned = punned.into_inner();
@@ -1606,4 +1608,116 @@ fn application_spans_take_their_context_from_the_goroutine_and_give_it_back() {
     assert_eq!((d(160 + ids::TRACE, 32), d(160 + ids::PARENT, 16)), (trace.clone(), app));
     assert_eq!(word(240 + ids::PARENT_KIND), 0, "after its end the goroutine has no context");
     assert_ne!(d(240 + ids::TRACE, 32), trace);
+}
+
+/// Stats mode: every call counted in the block of the thread's P (g.m.p.id = 1), its
+/// latency in the histogram, a non-nil `error` result (here RAX) counted, every register
+/// but R12/R13 unchanged, no record written, and every frame entry taken back; a thread
+/// without a P counts a missed call and touches nothing else.
+#[test]
+fn stats_count_calls_latency_and_errors() {
+    use ring_abi::stats as st;
+    use trampolines::codegen::{ErrorAt, StatsProbe};
+    let entry = CapturePlan { stats: Some(StatsProbe { timed: true, error: None }), ..CapturePlan::default() };
+    let ret = CapturePlan {
+        stats: Some(StatsProbe { timed: false, error: Some(ErrorAt::Reg(0)) }),
+        ..CapturePlan::default()
+    };
+    RETURN_SITE.with(|s| s.set(7));
+    let leaf = |at| leaf_function(at);
+    let go = |at| go_function(at, 0x18);
+    let rigs = [rig_with_plans(64, go, true, &entry, &ret), rig_with_plans(64, leaf, false, &entry, &ret)];
+    RETURN_SITE.with(|s| s.set(8));
+    for r in rigs {
+        let block = r.layout.stats_block_offset(7, 1);
+        let n = 1000u64;
+        let mut errors = 0;
+        for call in 0..n {
+            let mut regs = regs_for(&r);
+            regs[0] = call;
+            // RAX + RBX = 0 (no error) for every third call.
+            if call % 3 == 0 {
+                regs[1] = 0u64.wrapping_sub(call);
+            } else {
+                errors += 1;
+            }
+            let before = regs;
+            // SAFETY: the rig's function follows the register ABI.
+            unsafe { call_with(&mut regs) };
+            assert_eq!(regs[0], call.wrapping_add(before[1]));
+            assert_eq!(regs[1..12], before[1..12], "registers but R12/R13 unchanged");
+            assert_eq!(regs[13..21], before[13..21], "X0-X7 unchanged");
+        }
+        let m = r.ring.bytes();
+        assert_eq!(u64_at(m, block + st::CALLS), n);
+        assert_eq!(u64_at(m, block + st::ERRORS), errors);
+        assert_eq!(u64_at(m, block + st::UNTIMED), 0);
+        let hist: u64 = (0..st::BUCKETS).map(|b| u64_at(m, block + st::HIST + 8 * b)).sum();
+        assert_eq!(hist, n, "every return timed");
+        let (sum, max) = (u64_at(m, block + st::SUM), u64_at(m, block + st::MAX));
+        assert!(max > 0 && sum >= max, "sum {sum} max {max}");
+        let top = (0..st::BUCKETS).rev().find(|&b| u64_at(m, block + st::HIST + 8 * b) > 0).unwrap();
+        assert_eq!(top, st::bucket(max), "the largest latency is in the highest bucket used");
+        assert_eq!(u64_at(m, r.layout.stats_block_offset(7, 0) + st::CALLS), 0, "P 0's block untouched");
+        let frames = r.layout.stats_offset();
+        assert!(
+            (0..st::FRAME_SETS * st::WAYS).all(|i| u64_at(m, frames + i * st::FRAME_ENTRY) == 0),
+            "entries taken back"
+        );
+        assert_eq!(total(&r, sub::HEAD), 0, "no record");
+        assert_eq!(u64_at(m, r.layout.stats_missed_offset(7)), 0);
+        assert_eq!(u64_at(m, block + st::PERIOD), 0, "timed calls never too often: every call timed");
+        // Sampling: timed calls always "too often" (MIN_GAP huge): the period doubles at
+        // each timed call, one in 2, 4, 8... timed; the counts stay exact.
+        let ring = r.ring.ptr;
+        let set = |off: usize, v: u64| {
+            // SAFETY: the rig's ring mapping, an aligned word in bounds.
+            unsafe { *(ring.add(block + off) as *mut u64) = v }
+        };
+        set(st::MIN_GAP, u64::MAX);
+        let call = || {
+            let mut regs = regs_for(&r);
+            // SAFETY: as above.
+            unsafe { call_with(&mut regs) };
+        };
+        let (mut skip, mut period, mut timed) = (0i64, 0u64, 0u64);
+        for _ in 0..4000 {
+            call();
+            skip -= 1;
+            if skip < 0 {
+                timed += 1;
+                period = if period < st::MAX_PERIOD { 2 * period + 1 } else { period };
+                skip = period as i64;
+            }
+        }
+        let m = r.ring.bytes();
+        let hist2: u64 = (0..st::BUCKETS).map(|b| u64_at(m, block + st::HIST + 8 * b)).sum();
+        assert_eq!(u64_at(m, block + st::CALLS), n + 4000);
+        assert_eq!(hist2 - hist, timed, "timed calls: one in a growing power of two");
+        assert_eq!(timed, 11, "calls 1, 2-3, 4-7 ... 1024-2047 timed: 2^11 - 1 < 4000 < 2^12 - 1");
+        assert_eq!(u64_at(m, block + st::PERIOD), period);
+        assert_eq!(u64_at(m, block + st::UNTIMED), 4000 - timed);
+        // Timed calls far apart (MIN_GAP 1 tick): the period halves at each timed call,
+        // back to every call within the countdown left, then 1023 + 511 + ... calls.
+        set(st::MIN_GAP, 1);
+        for _ in 0..4100 {
+            call();
+        }
+        assert_eq!(u64_at(r.ring.bytes(), block + st::PERIOD), 0, "back to timing every call");
+        let m = r.ring.bytes();
+        assert!((0..st::FRAME_SETS * st::WAYS).all(|i| u64_at(m, frames + i * st::FRAME_ENTRY) == 0));
+        let n = n + 8100;
+        // No P: missed, nothing else.
+        let m_ptr = r.g[48 / 8] as *mut u64;
+        // SAFETY: the rig's m, a live box.
+        unsafe { *m_ptr.add(208 / 8) = 0 };
+        let mut regs = regs_for(&r);
+        let before = regs;
+        // SAFETY: as above.
+        unsafe { call_with(&mut regs) };
+        assert_eq!(regs[1..12], before[1..12]);
+        let m = r.ring.bytes();
+        assert_eq!(u64_at(m, r.layout.stats_missed_offset(7)), 1);
+        assert_eq!(u64_at(m, block + st::CALLS), n);
+    }
 }

@@ -2,7 +2,8 @@
 //!
 //! - `attach-100`: the stop-the-world pauses to install and remove 100 probes in the HTTP
 //!   server fixture (goal: under 10 ms to install).
-//! - `call-overhead`: ns per call of a probed `main.add3(a, b, c int) int` in a tight loop:
+//! - `call-overhead`: ns per call of a probed `main.add3(a, b, c int) int` in a tight loop
+//!   (and, counted with `--stats`, of `main.tick` from two goroutines on two cores):
 //!   no probe, inject's trampolines (entry and return, 3 arguments), and a kernel uprobe on
 //!   the same entry and return (bpftrace, from Debian). Goals: inject ≤ 60 ns added per
 //!   call, and at least 20× cheaper than the uprobe.
@@ -202,6 +203,8 @@ pub fn call_overhead() -> Result<()> {
     // What naming the caller, and walking the stack, add (the same warm ring).
     let (callers, c_written, c_dropped) = with_inject(&big, &["--callers"])?;
     let (stacks, s_written, s_dropped) = with_inject(&big, &["--stack", "8"])?;
+    // Counting instead of recording (the summary's counts are the stats counters).
+    let (counted, k_counted, _) = with_inject(&big, &["--stats"])?;
     // Debian's bpftrace 0.17 refuses uprobes at an offset inside a function ("compiled
     // without uprobe offset support"), and a uretprobe would crash a Go program (it
     // rewrites return addresses), so the kernel side gets one uprobe, at the entry,
@@ -246,11 +249,82 @@ pub fn call_overhead() -> Result<()> {
         median(stacks[1..].to_vec()) - b,
         labelled(s_dropped)
     );
+    let counted_ns = median(counted[1..].to_vec()) - b;
+    println!(
+        "  inject --stats (counted, no record) +{counted_ns:>7.2}   ({k_counted} of {made} entries and returns counted)"
+    );
     println!("  bpftrace uprobe (entry only, x2)    +{up:>7.2}");
     println!(
         "{} a recorded call costs {warm:.1} ns on a warm ring (goal <= 40), {:.0}x less than a uprobe entry+return pair",
         if warm <= 40.0 && dropped == 0 { "PASS" } else { "FAIL" },
         up / warm
+    );
+    stats_two_cores(&inject, &summary)?;
+    Ok(())
+}
+
+/// The stats fixture's `main.tick` called from two goroutines on two cores (~20 million
+/// calls a second with probes): ns per call without a probe and with `--stats`,
+/// alternating rounds, medians; every call counted (against the program's own count).
+fn stats_two_cores(inject: &Path, summary: &Path) -> Result<()> {
+    let exe = build_fixture("stats", &newest_go()?, Flavor::Default)?;
+    let n = 10_000_000u64;
+    let round = |probe: bool| -> Result<(f64, Option<u64>)> {
+        let (mut child, mut lines) = start(&exe, &["-n", &n.to_string(), "-goroutines", "2", "-naps", "0"])?;
+        let mut guard = None;
+        if probe {
+            let mut c = Command::new(inject)
+                .args(["--pid", &child.id().to_string(), "--stats", "--func", "main.tick", "--output", "none"])
+                .arg("--summary-json")
+                .arg(summary)
+                .stderr(Stdio::piped())
+                .spawn()?;
+            xtask::wait_for_line(&mut c, false, "inject: probing")?;
+            guard = Some(c);
+        }
+        let stdin = child.stdin.as_mut().context("stdin")?;
+        writeln!(stdin, "go")?;
+        let ns = loop {
+            let l = lines.next().transpose()?.context("the fixture ended early")?;
+            if let Some(v) = l.strip_prefix("NS_PER_CALL ") {
+                break v.trim().parse::<f64>()?;
+            }
+        };
+        let mut counted = None;
+        if let Some(mut g) = guard {
+            let _ = Command::new("kill").arg("-INT").arg(g.id().to_string()).status();
+            g.wait()?;
+            let s: serde_json::Value = serde_json::from_slice(&std::fs::read(summary)?)?;
+            counted = s["sites"][0]["entries"].as_u64();
+        }
+        writeln!(child.stdin.as_mut().context("stdin")?, "bye")?;
+        child.wait()?;
+        Ok((ns, counted))
+    };
+    let (mut base, mut stats, mut exact) = (Vec::new(), Vec::new(), true);
+    for _ in 0..5 {
+        base.push(round(false)?.0);
+        let (ns, counted) = round(true)?;
+        exact &= counted == Some(2 * n);
+        stats.push(ns);
+    }
+    let (b, s) = (median(base), median(stats));
+    println!(
+        "call-overhead, 2 goroutines on 2 cores calling main.tick (stats fixture), {} calls per round, 5 rounds each, \
+         medians:",
+        2 * n
+    );
+    println!("  no probe: {b:.2} ns per call ({:.0} million calls/s)", 2e3 / b);
+    println!(
+        "  inject --stats +{:.2} ns per call ({:.0} million calls/s), every call counted: {exact}",
+        s - b,
+        2e3 / s
+    );
+    println!(
+        "{} --stats adds {:.1} ns per call at {:.0} million calls/s over two cores (goal < 25), counts exact",
+        if s - b < 25.0 && exact { "PASS" } else { "FAIL" },
+        s - b,
+        2e3 / s
     );
     Ok(())
 }

@@ -57,6 +57,9 @@ pub(super) fn emit_capture(
     kind: Kind,
     plan: &CapturePlan,
 ) -> Result<(), IcedError> {
+    if let Some(probe) = &plan.stats {
+        return super::stats::emit_stats(a, ring, site, kind, probe);
+    }
     if plan.bare {
         let o = Ops { ring, slot_data: 0, ints: 0 };
         for op in &plan.ops {

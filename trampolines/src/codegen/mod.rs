@@ -11,6 +11,9 @@ use crate::site::{EntryPatch, ReturnPatch};
 
 mod capture;
 mod ops;
+mod stats;
+
+pub use stats::{ErrorAt, StatsProbe};
 
 use capture::emit_capture;
 
@@ -128,6 +131,8 @@ pub struct CapturePlan {
     /// they use (RAX, RDI, R8, R11) is dead, such as the entry of a function without
     /// parameters. Only [`Op::Forget`] can run this way.
     pub bare: bool,
+    /// Count into the ring's stats region instead of recording (`inject --stats`).
+    pub stats: Option<StatsProbe>,
 }
 
 /// A cheap test that decides whether a probe records at all.
@@ -568,6 +573,8 @@ pub fn entry_trampoline(
     if patch.whole_body {
         ends_with_ret(&patch.stolen, at)?;
     }
+    stats::check(entry_plan, ring, site, at)?;
+    stats::check(return_plan, ring, site, at)?;
     assemble(at, ring, |a| {
         if patch.stack_check {
             // The original check first: when it fails it branches to the function's own
@@ -607,6 +614,7 @@ pub fn return_trampoline(
     at: u64,
 ) -> Result<Trampoline, CodegenError> {
     ends_with_ret(&patch.insns, at)?;
+    stats::check(plan, ring, site, at)?;
     assemble(at, ring, |a| {
         for i in &patch.insns {
             if i.flow_control() == FlowControl::Return {
