@@ -456,6 +456,26 @@ fn align_up(x: u64, align: u64) -> u64 {
     }
 }
 
+/// A basic type's kind, as values are shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scalar {
+    Bool,
+    Int { size: u8, signed: bool },
+    Float32,
+    Float64,
+}
+
+/// The basic type under `t`, if it is one.
+pub(crate) fn scalar(t: &GoType) -> Option<Scalar> {
+    match *t {
+        GoType::Bool => Some(Scalar::Bool),
+        GoType::Int { size, signed } => Some(Scalar::Int { size, signed }),
+        GoType::Float32 => Some(Scalar::Float32),
+        GoType::Float64 => Some(Scalar::Float64),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

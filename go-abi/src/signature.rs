@@ -20,23 +20,8 @@ pub struct Value {
     pub scalar: Option<Scalar>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scalar {
-    Bool,
-    Int { size: u8, signed: bool },
-    Float32,
-    Float64,
-}
-
-pub(crate) fn scalar(t: &GoType) -> Option<Scalar> {
-    match *t {
-        GoType::Bool => Some(Scalar::Bool),
-        GoType::Int { size, signed } => Some(Scalar::Int { size, signed }),
-        GoType::Float32 => Some(Scalar::Float32),
-        GoType::Float64 => Some(Scalar::Float64),
-        _ => None,
-    }
-}
+pub use crate::abi::Scalar;
+pub(crate) use crate::abi::scalar;
 
 pub(crate) fn interface(t: &GoType) -> Option<bool> {
     match t {

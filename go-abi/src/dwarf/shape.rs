@@ -3,7 +3,7 @@
 //! exactly the words it needs at the call and the output can name every field.
 
 use super::*;
-use crate::signature::{Scalar, scalar};
+use crate::abi::{Scalar, scalar};
 
 /// A value's type as far as showing it goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
