@@ -18,6 +18,7 @@ mod otlp;
 mod output;
 mod plan;
 mod ring;
+mod ringsize;
 mod run;
 mod spans;
 mod summary;

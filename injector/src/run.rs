@@ -113,6 +113,11 @@ pub struct RunArgs {
     /// frame pointers in the trampoline; JSON `stack`, the OTLP `code.stacktrace`.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=32))]
     pub stack: Option<u8>,
+    /// What puts the probes in: trampolines (ptrace, ~30 ns a call), uprobes (BPF, no
+    /// ptrace, ~1.5 µs a call, no float arguments), or auto: trampolines, and uprobes for
+    /// the sites the patcher refuses (docs/uprobe.md).
+    #[arg(long, value_enum, default_value_t)]
+    pub backend: crate::backend::Choice,
     /// Bytes of each string or []byte argument to copy.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub max_string: u16,
@@ -155,52 +160,6 @@ pub fn detach(args: &DetachArgs) -> Result<()> {
     Ok(())
 }
 
-/// Ring slots by default: 2^19 slots of 256 bytes hold ~86 ms of records at the 6.1
-/// million a second `cargo xtask bench drain` measured inject draining from a target that
-/// keeps both cores of a 2-core machine busy writing them, and 100 ms at 5.2 million.
-const DEFAULT_RING_SLOTS: u64 = 1 << 19;
-
-/// [`DEFAULT_RING_SLOTS`], or fewer when inject's own memory cgroup is small: the ring's
-/// pages are allocated up front and charged to inject, which must not be OOM-killed for it
-/// (an inject in the target's pod shares the pod's limit). Says so when it caps.
-fn default_ring_slots() -> u64 {
-    let limit = cgroup_memory_limit();
-    let slots = ring_slots_within(limit);
-    if let Some(limit) = limit.filter(|_| slots < DEFAULT_RING_SLOTS) {
-        eprintln!(
-            "inject: ring of {slots} slots ({} MiB), an eighth of this cgroup's {} MiB memory limit (--ring-slots to \
-             choose)",
-            (slots * 256) >> 20,
-            limit >> 20
-        );
-    }
-    slots
-}
-
-/// The default slots within a memory limit: a power of two whose memory is at most an
-/// eighth of it (at least 1024 slots).
-fn ring_slots_within(limit: Option<u64>) -> u64 {
-    let Some(limit) = limit else { return DEFAULT_RING_SLOTS };
-    let fit = (limit / 8 / 256).max(1024);
-    DEFAULT_RING_SLOTS.min(1 << (63 - fit.leading_zeros()))
-}
-
-/// The memory limit of the cgroup this process is in, when it has one: v2 `memory.max` or
-/// v1 `memory.limit_in_bytes`, under the path /proc/self/cgroup names or, in a container
-/// whose cgroup is mounted as the root, at the root.
-fn cgroup_memory_limit() -> Option<u64> {
-    let cg = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let v2 = cg.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/");
-    let v1 = cg.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| p)).unwrap_or("/");
-    let tries = [
-        format!("/sys/fs/cgroup{}/memory.max", v2.trim_end_matches('/')),
-        "/sys/fs/cgroup/memory.max".to_string(),
-        format!("/sys/fs/cgroup/memory{}/memory.limit_in_bytes", v1.trim_end_matches('/')),
-        "/sys/fs/cgroup/memory/memory.limit_in_bytes".to_string(),
-    ];
-    tries.iter().filter_map(|p| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok()).find(|&v| v < 1 << 60)
-}
-
 /// Stop-the-world pauses longer than this are explained on stderr.
 const LONG_PAUSE_MS: u64 = 10;
 
@@ -229,7 +188,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
         if let Some(why) = target.pid.and_then(|pid| Trampolines.held(pid)) {
             eprintln!("inject: warning: {why} (a real attach would be refused)");
         }
-        return print_verdicts(&plan_sites(&bin, args, exe.bias, &ctx)?);
+        let mut sites = plan_sites(&bin, args, exe.bias, &ctx)?;
+        crate::backend::assign(&mut sites, &bin, exe.bias, args.backend)?;
+        return print_verdicts(&sites, args.backend != crate::backend::Choice::Trampoline);
     }
     let pid = args.pid.context("--pid")?;
     // Signals that stop us are read from a signalfd, so they are blocked in every thread
@@ -496,7 +457,8 @@ pub fn start(pid: i32, args: &RunArgs, mode: Mode) -> Result<Option<Tracing>> {
     let bin = GoBinary::parse(&exe.map[..]).with_context(|| exe.path.display().to_string())?;
     let assumed = check_go_version(&bin, args.assume_go_version.as_deref())?;
     let ctx = plan::PlanContext::for_args(&bin, exe.bias, args.max_string, args.debug_info.as_deref(), frames(args))?;
-    let sites = plan_sites(&bin, args, exe.bias, &ctx)?;
+    let mut sites = plan_sites(&bin, args, exe.bias, &ctx)?;
+    crate::backend::assign(&mut sites, &bin, exe.bias, args.backend)?;
     check_installable(&sites)?;
     let otel = OtelConfig::resolve(&args.otel, &crate::otlp::config::process_env)?;
     let format = output_format(args, &otel, mode);
@@ -530,7 +492,7 @@ fn start_tracing(
     out: Output,
 ) -> Result<Tracing> {
     // Probes a dead inject left: put every byte back first.
-    let backend = Trampolines;
+    let backend = crate::backend::for_sites(&sites);
     if let Some(line) = backend.recover(pid, bin, exe.bias)? {
         eprintln!("{line}");
     }
@@ -551,7 +513,7 @@ fn start_tracing(
     // memory of --ring-slots slots of 256 bytes, so larger slots mean fewer.
     let data = sites.iter().map(|s| s.on_entry.plan.data_len().max(s.on_return.plan.data_len())).max().unwrap_or(0);
     let slot_size = (ring_abi::slot::DATA + data).next_power_of_two().max(256);
-    let ring_slots = args.ring_slots.unwrap_or_else(default_ring_slots);
+    let ring_slots = args.ring_slots.unwrap_or_else(crate::ringsize::default_ring_slots);
     let slots = (ring_slots.saturating_mul(256) / slot_size as u64).max(64);
     let per_ring = (slots / u64::from(rings)).max(64).next_power_of_two();
     // The Kafka header arena only where kafka-go's messages get headers.
@@ -586,8 +548,18 @@ fn start_tracing(
         }
     }
     let lib_sites = done.sites.len() - funcs;
+    let how = if done.pause.is_zero() && done.prepare_pause.is_zero() {
+        "by uprobes, no thread stopped".to_string()
+    } else {
+        format!(
+            "{} stopped for {:.2} ms (and {:.2} ms to map memory)",
+            crate::summary::count(done.threads, "thread"),
+            done.pause.as_secs_f64() * 1e3,
+            done.prepare_pause.as_secs_f64() * 1e3
+        )
+    };
     eprintln!(
-        "inject: probing {}{} in pid {pid}; {} stopped for {:.2} ms (and {:.2} ms to map memory)",
+        "inject: probing {}{} in pid {pid}; {how}",
         if funcs > 0 || libs.is_empty() {
             format!("{} ({})", crate::summary::count(funcs, "function"), crate::summary::count(exits, "exit"))
         } else {
@@ -603,9 +575,6 @@ fn start_tracing(
                 crate::summary::count(lib_sites, "probe")
             )
         },
-        crate::summary::count(done.threads, "thread"),
-        done.pause.as_secs_f64() * 1e3,
-        done.prepare_pause.as_secs_f64() * 1e3
     );
     // A long pause is worth explaining: it is the target's latency.
     for (what, pause, parts) in
@@ -625,7 +594,7 @@ fn start_tracing(
             entry: s.on_entry.clone(),
             ret: s.on_return.clone(),
             typed: s.typed,
-            entry_only: s.returns.is_err() && !s.entry_patch.as_ref().is_ok_and(|e| e.whole_body),
+            entry_only: s.entry_only(),
             code: s.code.clone(),
             role: s.role,
         })
@@ -745,11 +714,13 @@ fn wait_for_stop(pid: i32, sigfd: &SignalFd, pidfd: &OwnedFd, deadline: Option<I
     }
 }
 
-fn print_verdicts(sites: &[ProbeSite]) -> Result<()> {
+/// `--dry-run`'s lines; `mark` names the trampoline sites too (uprobe ones always are).
+fn print_verdicts(sites: &[ProbeSite], mark: bool) -> Result<()> {
     use std::io::Write;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for s in sites {
-        writeln!(out, "{:#018x}  {:<50} {}", s.entry, s.name, s.planned_verdict())?;
+        let by = if mark && s.backend() == Some("trampoline") { " (trampoline)" } else { "" };
+        writeln!(out, "{:#018x}  {:<50} {}{by}", s.entry, s.name, s.planned_verdict())?;
     }
     out.flush()?;
     Ok(())
@@ -788,20 +759,4 @@ pub fn check_installable(sites: &[ProbeSite]) -> Result<()> {
         bail!("none of the requested functions can be probed safely (see the warnings above)");
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod ring_size_tests {
-    use super::*;
-
-    #[test]
-    fn default_ring_fits_an_eighth_of_the_memory_limit() {
-        assert_eq!(ring_slots_within(None), DEFAULT_RING_SLOTS);
-        assert_eq!(ring_slots_within(Some(64 << 30)), DEFAULT_RING_SLOTS);
-        // 256 MiB: 32 MiB of 256-byte slots.
-        assert_eq!(ring_slots_within(Some(256 << 20)), 1 << 17);
-        // 300 MiB: the power of two below 37.5 MiB.
-        assert_eq!(ring_slots_within(Some(300 << 20)), 1 << 17);
-        assert_eq!(ring_slots_within(Some(1 << 20)), 1024);
-    }
 }

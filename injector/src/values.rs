@@ -27,6 +27,8 @@ pub struct ValueSpec {
     pub scalar: Option<Scalar>,
     /// A stack-assigned value: where its words were copied in the data area, and how many.
     pub stack: Option<(u16, u16)>,
+    /// Why the backend cannot capture it (a float under uprobes), shown as `?`.
+    pub unavailable: Option<&'static str>,
 }
 
 /// Names the dynamic type of an interface from its first word (a type descriptor when
@@ -175,6 +177,7 @@ pub fn side(values: &[Value], max_string: u16, error_itabs: &[u64]) -> Side {
             messages,
             scalar: v.scalar,
             stack,
+            unavailable: None,
         });
     }
     Side { plan, values: specs, caller: None, stack: None }
@@ -257,6 +260,9 @@ fn float_text(f: f64) -> (String, serde_json::Value) {
 /// Formats one value of `rec`.
 pub fn show(spec: &ValueSpec, rec: &Record, types: &mut TypeNamer<'_>) -> Shown {
     let name = spec.name.clone();
+    if let Some(why) = spec.unavailable {
+        return Shown { name, text: "?".into(), json: serde_json::json!({ "unavailable": why }) };
+    }
     // The value's words: its registers, or the copy of its stack slots.
     let src = match (&spec.location, spec.stack) {
         (Location::Registers(p), _) => Words::Regs(p),

@@ -1,10 +1,13 @@
 //! Backends put probes into a live process, take them out again, and hand the collector
 //! the records the probes write. The trampoline backend (ptrace windows, patched jumps to
-//! generated trampolines, a shared-memory ring) is [`trampoline`]; BPF uprobes will be its
-//! sibling behind the same [`Backend`] and [`Probes`] traits. Nothing above this module
-//! knows how a probe gets in.
+//! generated trampolines, a shared-memory ring) is [`trampoline`]; BPF uprobes
+//! ([`uprobe`]) are its sibling behind the same [`Backend`] and [`Probes`] traits, and
+//! [`both`] runs the two at once (`--backend auto`). Nothing above this module knows how a
+//! probe gets in.
 
+mod both;
 pub mod trampoline;
+pub mod uprobe;
 
 use std::time::Duration;
 
@@ -101,10 +104,72 @@ pub struct Installed {
 /// What removal achieved.
 #[derive(Debug)]
 pub struct Removal {
+    /// Patches restored (trampolines).
     pub restored: usize,
+    /// Uprobes the kernel took out.
+    pub uprobes: usize,
     pub unmapped: bool,
     pub pause: Duration,
     /// Memory left mapped on purpose (address, length): the Kafka header arena, which
     /// batches queued in the process may still point to.
     pub kept: Option<(u64, u64)>,
+}
+
+/// `--backend`: what puts the probes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Choice {
+    /// Trampolines where the patcher installs them, uprobes for the sites it refuses (when
+    /// BPF is permitted here).
+    #[default]
+    Auto,
+    /// Jumps to trampolines patched into the code with ptrace: ~30 ns a call.
+    Trampoline,
+    /// Kernel uprobes running a BPF program: no ptrace at all, removed by the kernel even
+    /// when inject is killed; ~1.5 µs a call, float arguments not captured.
+    Uprobe,
+}
+
+/// Decides each site's backend; says on stderr when `auto` cannot use uprobes for sites
+/// the patcher refused, and why.
+pub fn assign(sites: &mut [ProbeSite], bin: &GoBinary<'_>, bias: u64, choice: Choice) -> Result<()> {
+    use crate::plan::Via;
+    match choice {
+        Choice::Trampoline => {}
+        Choice::Uprobe => {
+            uprobe::check::available().map_err(|why| anyhow::anyhow!("--backend uprobe: {why}"))?;
+            for s in sites.iter_mut() {
+                s.via = uprobe::sites::uprobe_via(bin, bias, s);
+                uprobe::sites::mark_floats(s);
+            }
+        }
+        Choice::Auto => {
+            let refused: Vec<usize> = (0..sites.len()).filter(|&i| !sites[i].installable()).collect();
+            if refused.is_empty() {
+                return Ok(());
+            }
+            if let Err(why) = uprobe::check::available() {
+                eprintln!("inject: warning: trampolines alone: {why}");
+                return Ok(());
+            }
+            for i in refused {
+                if let via @ Via::Uprobe { .. } = uprobe::sites::uprobe_via(bin, bias, &sites[i]) {
+                    sites[i].via = via;
+                    uprobe::sites::mark_floats(&mut sites[i]);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The backend that installs `sites` as [`assign`] divided them.
+pub fn for_sites(sites: &[ProbeSite]) -> Box<dyn Backend> {
+    use crate::plan::Via;
+    let uprobes = sites.iter().any(|s| matches!(s.via, Via::Uprobe { .. }));
+    let trampolines = sites.iter().any(|s| s.via == Via::Trampoline && s.entry_patch.is_ok());
+    match (trampolines, uprobes) {
+        (_, false) => Box::new(trampoline::Trampolines),
+        (false, true) => Box::new(uprobe::Uprobes),
+        (true, true) => Box::new(both::Both),
+    }
 }

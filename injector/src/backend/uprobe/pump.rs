@@ -1,0 +1,203 @@
+//! The pump: moves records from the BPF ring buffer into a ring of the shared ring's
+//! format (`ring_abi`), so that the collector reads uprobe records exactly as it reads the
+//! trampolines'. It is a writer like any trampoline (the sub-ring protocol of `ring_abi`,
+//! compare-and-swap on the head), so it can write beside them into the same ring
+//! (`--backend auto`); time stamps are converted from CLOCK_MONOTONIC, which BPF reads,
+//! to the time stamp counter the trampolines read.
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use aya::maps::{Array, MapData, RingBuf};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use ring_abi::{Layout, ring, slot};
+
+use super::abi::Event;
+
+/// A writer into a ring-abi mapping.
+pub struct RingWriter {
+    pub base: *mut u8,
+    pub len: usize,
+    pub layout: Layout,
+    /// Wait for room in a full sub-ring (lossless) rather than drop.
+    pub lossless: bool,
+}
+
+// SAFETY: the mapping is shared memory that outlives the pump (the probes own it), and
+// every access to words others write goes through atomics.
+unsafe impl Send for RingWriter {}
+
+/// How long the pump waits for room in lossless mode before it drops a record.
+const WAIT_MAX: Duration = Duration::from_millis(250);
+
+impl RingWriter {
+    fn word(&self, off: usize) -> &AtomicU64 {
+        assert!(off + 8 <= self.len && off.is_multiple_of(8));
+        // SAFETY: in bounds and aligned (the base is page-aligned); shared through atomics.
+        unsafe { AtomicU64::from_ptr(self.base.add(off).cast()) }
+    }
+
+    /// Writes one record into sub-ring `r`; false when it was dropped (and counted).
+    pub fn write(&self, r: u32, e: &Event<'_>, tsc: u64) -> bool {
+        let l = &self.layout;
+        let r = r & (l.rings - 1);
+        let head = self.word(l.ring_offset(r) + ring::HEAD);
+        let started = Instant::now();
+        let ticket = loop {
+            let t = head.load(Ordering::Acquire);
+            let seq = self.word(l.slot_offset(r, t) + slot::SEQ).load(Ordering::Acquire);
+            if seq == t || (t < l.capacity && seq == 0) {
+                if head.compare_exchange(t, t + 1, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                    break t;
+                }
+                continue;
+            }
+            if seq > t {
+                // Another writer took the ticket: look again.
+                continue;
+            }
+            if self.lossless && started.elapsed() < WAIT_MAX {
+                std::thread::sleep(Duration::from_micros(100));
+                continue;
+            }
+            self.count_drop(r, e.site, 1);
+            return false;
+        };
+        let s = l.slot_offset(r, ticket);
+        let put = |off: usize, v: u64| self.word(s + off).store(v, Ordering::Relaxed);
+        put(slot::TICKET, ticket);
+        put(slot::SITE, u64::from(e.site) | u64::from(e.kind) << 32);
+        put(slot::GOID, e.goid);
+        put(slot::TSC, tsc);
+        put(slot::SP, e.sp);
+        for (i, v) in e.ints.iter().enumerate() {
+            put(slot::INTS + 8 * i, *v);
+        }
+        for i in 0..slot::NFLOATS {
+            put(slot::FLOATS + 8 * i, 0);
+        }
+        let n = e.data.len().min(l.data_len());
+        // SAFETY: the slot's data area is inside the mapping and ours until published.
+        unsafe { std::ptr::copy_nonoverlapping(e.data.as_ptr(), self.base.add(s + slot::DATA), n) };
+        self.word(s + slot::SEQ).store(ticket + 1, Ordering::Release);
+        true
+    }
+
+    /// Counts `n` records of `site` lost, as a full sub-ring does.
+    pub fn count_drop(&self, r: u32, site: u32, n: u64) {
+        let l = &self.layout;
+        self.word(l.ring_offset(r & (l.rings - 1)) + ring::DROPPED).fetch_add(n, Ordering::Relaxed);
+        if site < l.sites {
+            self.word(l.site_drops_offset() + 8 * site as usize).fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC nanoseconds to time stamp counter ticks, the rate re-measured as time
+/// passes (a call's duration is microseconds: the rate's error does not show in it).
+struct MonoToTsc {
+    tsc0: u64,
+    mono0: u64,
+    hz: f64,
+}
+
+fn mono_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map_or(0, |t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+}
+
+impl MonoToTsc {
+    fn new() -> MonoToTsc {
+        let (tsc0, mono0) = (crate::spans::rdtsc(), mono_ns());
+        std::thread::sleep(Duration::from_millis(10));
+        let (t1, m1) = (crate::spans::rdtsc(), mono_ns());
+        MonoToTsc { tsc0, mono0, hz: (t1 - tsc0) as f64 / ((m1 - mono0).max(1) as f64 / 1e9) }
+    }
+
+    fn refine(&mut self) {
+        let (t, m) = (crate::spans::rdtsc(), mono_ns());
+        if m - self.mono0 > 500_000_000 {
+            self.hz = (t - self.tsc0) as f64 / ((m - self.mono0) as f64 / 1e9);
+        }
+    }
+
+    fn tsc(&self, ns: u64) -> u64 {
+        let dt = (ns as i64 - self.mono0 as i64) as f64 * self.hz / 1e9;
+        (self.tsc0 as i64 + dt as i64).max(0) as u64
+    }
+}
+
+/// The pump thread's state.
+pub struct Pump {
+    pub events: RingBuf<MapData>,
+    pub drops: Array<MapData, u64>,
+    /// The site of each attach point's plan (the drops map's index).
+    pub plan_sites: Vec<u32>,
+    pub writer: RingWriter,
+}
+
+/// Records the pump moved, and those the ring buffer lost.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PumpTotals {
+    pub moved: u64,
+    pub dropped: u64,
+    pub undecodable: u64,
+}
+
+impl Pump {
+    /// Runs until `stop` is set and the ring buffer is empty.
+    pub fn run(mut self, stop: Arc<AtomicBool>) -> PumpTotals {
+        let mut clock = MonoToTsc::new();
+        let mut totals = PumpTotals::default();
+        let mut seen = vec![0u64; self.plan_sites.len()];
+        let mut last_sync = Instant::now();
+        loop {
+            let stopping = stop.load(Ordering::Acquire);
+            let mut n = 0;
+            while let Some(item) = self.events.next() {
+                n += 1;
+                match Event::parse(&item) {
+                    Some(e) => {
+                        let tsc = clock.tsc(e.ktime);
+                        if self.writer.write(e.cpu, &e, tsc) {
+                            totals.moved += 1;
+                        }
+                    }
+                    None => totals.undecodable += 1,
+                }
+            }
+            if stopping || last_sync.elapsed() > Duration::from_secs(1) {
+                totals.dropped += self.sync_drops(&mut seen);
+                clock.refine();
+                last_sync = Instant::now();
+            }
+            if stopping && n == 0 {
+                break;
+            }
+            if n == 0 {
+                let fd = self.events.as_fd().as_raw_fd();
+                // SAFETY: the ring buffer's descriptor lives as long as `self.events`.
+                let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                let mut fds = [PollFd::new(borrowed, PollFlags::POLLIN)];
+                let _ = poll(&mut fds, PollTimeout::from(20u8));
+            }
+        }
+        totals
+    }
+
+    /// Adds what the program counted as lost since the last look to the ring's counters.
+    fn sync_drops(&self, seen: &mut [u64]) -> u64 {
+        let mut added = 0;
+        for (i, s) in seen.iter_mut().enumerate() {
+            let now = self.drops.get(&(i as u32), 0).unwrap_or(*s);
+            if now > *s {
+                self.writer.count_drop(0, self.plan_sites[i], now - *s);
+                added += now - *s;
+                *s = now;
+            }
+        }
+        added
+    }
+}
