@@ -47,8 +47,7 @@ pub fn verifier_reason(log: &str) -> String {
     let stats = ["processed ", "verification time", "stack depth", "max_states_per_insn", "mark_read"];
     log.lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !stats.iter().any(|s| l.starts_with(s)))
-        .next_back()
+        .rfind(|l| !l.is_empty() && !stats.iter().any(|s| l.starts_with(s)))
         .unwrap_or("(the verifier gave no reason)")
         .to_string()
 }

@@ -14,11 +14,8 @@ use crate::plan::{FuncRefusal, ProbeSite, Via};
 
 /// Where uprobes go for `site`, or why they cannot.
 pub fn uprobe_via(bin: &GoBinary<'_>, bias: u64, site: &ProbeSite) -> Via {
-    match &site.entry_patch {
-        Err(r @ (FuncRefusal::Assembly | FuncRefusal::Runtime | FuncRefusal::Undecodable(_))) => {
-            return Via::Refused(r.to_string());
-        }
-        _ => {}
+    if let Err(r @ (FuncRefusal::Assembly | FuncRefusal::Runtime | FuncRefusal::Undecodable(_))) = &site.entry_patch {
+        return Via::Refused(r.to_string());
     }
     for (plan, kind) in [(&site.on_entry.plan, ring_abi::Kind::Entry), (&site.on_return.plan, ring_abi::Kind::Return)] {
         if let Err(why) = super::abi::encode(site.id, kind, plan) {
