@@ -17,6 +17,9 @@ pub enum FuncRefusal {
     Runtime,
     Code(Refusal),
     Undecodable(String),
+    /// Named in INJECT_REFUSE_TRAMPOLINE: the tests' way to make the patcher refuse a
+    /// site it would take, for `--backend auto`.
+    Forced,
 }
 
 impl fmt::Display for FuncRefusal {
@@ -28,6 +31,7 @@ impl fmt::Display for FuncRefusal {
             ),
             FuncRefusal::Code(r) => r.fmt(f),
             FuncRefusal::Undecodable(e) => write!(f, "cannot decode its code: {e}"),
+            FuncRefusal::Forced => f.write_str("named in INJECT_REFUSE_TRAMPOLINE"),
         }
     }
 }
@@ -66,9 +70,10 @@ pub enum Via {
     /// Trampolines, as `entry_patch` and `returns` say.
     #[default]
     Trampoline,
-    /// Kernel uprobes at the entry and at each RET (run-time addresses), or at the entry
-    /// only, with the reason.
-    Uprobe { rets: Result<Vec<u64>, String> },
+    /// Kernel uprobes at `at` (the first instruction after the entry's stack check, so
+    /// that a call that grows its stack first is recorded once) and at each RET (run-time
+    /// addresses), or at the entry only, with the reason.
+    Uprobe { at: u64, rets: Result<Vec<u64>, String> },
     /// Only uprobes were allowed (`--backend uprobe`), and they cannot take it: why.
     Refused(String),
 }
@@ -100,7 +105,7 @@ impl ProbeSite {
     /// Calls show their arguments only: no exit is probed.
     pub fn entry_only(&self) -> bool {
         match &self.via {
-            Via::Uprobe { rets } => rets.is_err(),
+            Via::Uprobe { rets, .. } => rets.is_err(),
             _ => self.returns.is_err() && !self.entry_patch.as_ref().is_ok_and(|e| e.whole_body),
         }
     }
@@ -138,10 +143,10 @@ impl ProbeSite {
 
     fn verdict_alone(&self, done: &str) -> String {
         match &self.via {
-            Via::Uprobe { rets: Ok(r) } => {
+            Via::Uprobe { rets: Ok(r), .. } => {
                 return format!("{done}: entry and {} exit{} (uprobes)", r.len(), if r.len() == 1 { "" } else { "s" });
             }
-            Via::Uprobe { rets: Err(why) } => return format!("{done} entry-only: {why} (uprobes)"),
+            Via::Uprobe { rets: Err(why), .. } => return format!("{done} entry-only: {why} (uprobes)"),
             Via::Refused(why) => return format!("refused: {why}"),
             Via::Trampoline => {}
         }

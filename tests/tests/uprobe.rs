@@ -225,3 +225,68 @@ fn sigkill_of_inject_leaves_no_uprobe() -> Result<()> {
 fn the_bpf_object_is_built_from_its_source() -> Result<()> {
     xtask::bpf::run(true)
 }
+
+/// `--backend auto` with a site the patcher refuses (forced with INJECT_REFUSE_TRAMPOLINE):
+/// main.record gets trampolines, main.argsFor uprobes, both write into one ring, and every
+/// call of each is seen; what argsFor returned (uprobes) is what record was given
+/// (trampolines). Dry-run names each site's backend.
+#[test]
+fn auto_gives_refused_sites_to_uprobes() -> Result<()> {
+    if !require_bpf()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    let tc = test_toolchains()?.pop().context("a toolchain")?;
+    let exe = build_fixture("args", &tc, Flavor::Default)?;
+    let env = [("INJECT_REFUSE_TRAMPOLINE", "main.argsFor")];
+    let funcs = ["--func", "main.record", "--func", "main.argsFor"].map(String::from);
+    let dry = std::process::Command::new(xtask::inject_binary()?)
+        .args(["--exe", &exe.display().to_string(), "--dry-run"])
+        .args(&funcs)
+        .envs(env)
+        .output()?;
+    let text = String::from_utf8_lossy(&dry.stdout);
+    let line = |f: &str| text.lines().find(|l| l.contains(f)).unwrap_or_default().to_string();
+    ensure!(line("main.record").ends_with("(trampoline)") && line("main.argsFor").ends_with("(uprobes)"), "{text}");
+    let calls = 20_000;
+    let mut target = start_fixture(&exe, &["-wait", "-n", &calls.to_string(), "-goroutines", "4"], &[])?;
+    let (jsonl, summary) = (scratch("auto.jsonl"), scratch("auto-summary.json"));
+    let mut args: Vec<String> = ["--pid", &target.pid().to_string(), "--output", "jsonl"].map(String::from).to_vec();
+    args.extend(funcs);
+    args.extend([
+        "--output-file".into(),
+        jsonl.display().to_string(),
+        "--summary-json".into(),
+        summary.display().to_string(),
+    ]);
+    let mut inject = tests::start_inject_env(&args, &env, true)?;
+    target.send_line("go")?;
+    ensure!(target.wait(LIMIT)?.success(), "target failed");
+    ensure!(inject.wait(LIMIT)?.success(), "inject failed:\n{}", inject.transcript());
+    let s = read_summary(&summary)?;
+    ensure!(s["dropped"] == 0 && s["calls"] == 2 * calls, "{s}");
+    let sites = s["sites"].as_array().context("sites")?;
+    for (name, backend) in [("main.record", "trampoline"), ("main.argsFor", "uprobe")] {
+        let site = sites.iter().find(|x| x["name"] == name).context("site")?;
+        ensure!(site["backend"] == backend && site["entries"] == calls && site["returns"] == calls, "{site}");
+    }
+    let (mut given, mut returned) = (HashMap::new(), HashMap::new());
+    for l in std::fs::read_to_string(&jsonl)?.lines() {
+        let v = parse_line(l)?;
+        match v["name"].as_str() {
+            Some("main.record") => given.insert(v["args"]["id"].as_i64().context("id")?, v),
+            Some("main.argsFor") => returned.insert(v["args"]["id"].as_i64().context("id")?, v),
+            other => bail!("unexpected {other:?}"),
+        };
+    }
+    ensure!(given.len() == calls && returned.len() == calls, "{} and {} calls", given.len(), returned.len());
+    for (id, r) in &given {
+        let a = &returned[id]["results"];
+        let ctx = || format!("call {id}: record {r}, argsFor {}", returned[id]);
+        ensure!(a["~r0"] == r["args"]["neg"] && a["~r1"] == r["args"]["s"], "{}", ctx());
+        ensure!(a["~r3"] == r["args"]["b"] && a["~r4"] == r["args"]["ok"], "{}", ctx());
+    }
+    let _ = std::fs::remove_file(&jsonl);
+    eprintln!("auto: {calls} calls by trampolines and {calls} by uprobes, one ring, values agreeing");
+    Ok(())
+}

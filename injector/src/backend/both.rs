@@ -5,6 +5,7 @@
 
 use anyhow::Result;
 use go_abi::GoBinary;
+use ring_abi::Layout;
 use trampolines::RingAddrs;
 
 use super::trampoline::{Installation, install_trampolines};
@@ -33,12 +34,22 @@ impl Backend for Both {
         sites: &[ProbeSite],
         ring: RingAddrs,
     ) -> Result<Box<dyn Probes>> {
+        // Twice the sub-rings, each half as long: the trampolines use the first half (by
+        // P id), the pump the second, so each sub-ring has writers of one kind and its
+        // records stay in time order.
+        let l = ring.layout;
+        let (rings, share) = match Layout::new(l.rings * 2, (l.capacity / 2).max(64), l.slot_size) {
+            Ok(doubled) => (doubled.with_sites(l.sites).with_arena(l.arena), (l.rings, l.rings)),
+            Err(_) => (l, (0, l.rings)),
+        };
+        let ring = RingAddrs { layout: rings, ..ring };
         let mut inst = install_trampolines(pid, bin, bias, sites, ring)?;
         let writer = RingWriter {
             base: inst.ring_map.as_mut_ptr(),
             len: inst.ring_map.len(),
             layout: inst.layout,
             lossless: ring.wait_spins > 0,
+            rings: share,
         };
         let uprobes = match Attached::attach(pid, bin, bias, sites, &ring, writer) {
             Ok(u) => u,

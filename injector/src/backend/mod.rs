@@ -133,6 +133,11 @@ pub enum Choice {
 /// the patcher refused, and why.
 pub fn assign(sites: &mut [ProbeSite], bin: &GoBinary<'_>, bias: u64, choice: Choice) -> Result<()> {
     use crate::plan::Via;
+    if let Ok(names) = std::env::var("INJECT_REFUSE_TRAMPOLINE") {
+        for s in sites.iter_mut().filter(|s| names.split_whitespace().any(|n| n == s.name)) {
+            s.entry_patch = Err(crate::plan::FuncRefusal::Forced);
+        }
+    }
     match choice {
         Choice::Trampoline => {}
         Choice::Uprobe => {

@@ -62,7 +62,13 @@ impl Backend for Uprobes {
         let layout = ring.layout;
         let mut map = MmapMut::map_anon(layout.total_len()).context("mapping the ring")?;
         layout.initialise_zeroed(&mut map);
-        let writer = RingWriter { base: map.as_mut_ptr(), len: map.len(), layout, lossless: ring.wait_spins > 0 };
+        let writer = RingWriter {
+            base: map.as_mut_ptr(),
+            len: map.len(),
+            layout,
+            lossless: ring.wait_spins > 0,
+            rings: (0, layout.rings),
+        };
         let attached = Attached::attach(pid, bin, bias, sites, &ring, writer)?;
         let summary = Installed {
             sites: attached.sites.clone(),
@@ -138,7 +144,7 @@ impl Attached {
         let mut entries = Vec::new();
         let mut done = Vec::new();
         for s in sites {
-            let Via::Uprobe { rets } = &s.via else { continue };
+            let Via::Uprobe { at, rets } = &s.via else { continue };
             let entry =
                 abi::encode(s.id, ring_abi::Kind::Entry, &s.on_entry.plan).map_err(|e| anyhow!("{}: {e}", s.name))?;
             let ret =
@@ -146,7 +152,7 @@ impl Attached {
             let first = plans.len() as u32;
             plans.extend([entry, ret]);
             plan_sites.extend([s.id, s.id]);
-            entries.push((s.entry, first));
+            entries.push((*at, first));
             let exits = rets.as_deref().unwrap_or_default();
             points.extend(exits.iter().map(|&r| (r, first + 1)));
             done.push((s.id, exits.len()));

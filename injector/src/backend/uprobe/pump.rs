@@ -23,6 +23,10 @@ pub struct RingWriter {
     pub layout: Layout,
     /// Wait for room in a full sub-ring (lossless) rather than drop.
     pub lossless: bool,
+    /// The sub-rings it writes (first, how many: a power of two), by the CPU a record
+    /// was made on. Only its own: the collector takes each sub-ring's records in the order
+    /// they were written, and the pump writes later than the trampolines.
+    pub rings: (u32, u32),
 }
 
 // SAFETY: the mapping is shared memory that outlives the pump (the probes own it), and
@@ -42,7 +46,7 @@ impl RingWriter {
     /// Writes one record into sub-ring `r`; false when it was dropped (and counted).
     pub fn write(&self, r: u32, e: &Event<'_>, tsc: u64) -> bool {
         let l = &self.layout;
-        let r = r & (l.rings - 1);
+        let r = self.rings.0 + (r & (self.rings.1 - 1));
         let head = self.word(l.ring_offset(r) + ring::HEAD);
         let started = Instant::now();
         let ticket = loop {
@@ -85,21 +89,32 @@ impl RingWriter {
         true
     }
 
+    /// Says every record stamped before `tsc` is published (`ring::WRITTEN_UP_TO`).
+    fn written_up_to(&self, tsc: u64) {
+        for r in self.rings.0..self.rings.0 + self.rings.1 {
+            self.word(self.layout.ring_offset(r) + ring::WRITTEN_UP_TO).store(tsc.max(1), Ordering::Release);
+        }
+    }
+
     /// Counts `n` records of `site` lost, as a full sub-ring does.
     pub fn count_drop(&self, r: u32, site: u32, n: u64) {
         let l = &self.layout;
-        self.word(l.ring_offset(r & (l.rings - 1)) + ring::DROPPED).fetch_add(n, Ordering::Relaxed);
+        self.word(l.ring_offset(self.rings.0 + (r & (self.rings.1 - 1))) + ring::DROPPED)
+            .fetch_add(n, Ordering::Relaxed);
         if site < l.sites {
             self.word(l.site_drops_offset() + 8 * site as usize).fetch_add(n, Ordering::Relaxed);
         }
     }
 }
 
-/// CLOCK_MONOTONIC nanoseconds to time stamp counter ticks, the rate re-measured as time
-/// passes (a call's duration is microseconds: the rate's error does not show in it).
+/// CLOCK_MONOTONIC nanoseconds to time stamp counter ticks. Records from the uprobes and
+/// from the trampolines of one goroutine are ordered by these stamps, microseconds apart:
+/// each conversion is made from a fresh anchor (a counter reading and a clock reading
+/// taken together, at every pump round, a few milliseconds from the records converted),
+/// with the rate measured since the first anchor.
 struct MonoToTsc {
-    tsc0: u64,
-    mono0: u64,
+    first: (u64, u64),
+    anchor: (u64, u64),
     hz: f64,
 }
 
@@ -108,26 +123,46 @@ fn mono_ns() -> u64 {
         .map_or(0, |t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
 }
 
+/// A (counter, clock) pair read as close together as the machine allows: the tightest of
+/// a few tries, the counter taken at the middle of the clock read.
+fn pair() -> (u64, u64) {
+    (0..5)
+        .map(|_| {
+            let a = crate::spans::rdtsc();
+            let m = mono_ns();
+            let b = crate::spans::rdtsc();
+            (b - a, a + (b - a) / 2, m)
+        })
+        .min()
+        .map_or((0, 0), |(_, t, m)| (t, m))
+}
+
 impl MonoToTsc {
     fn new() -> MonoToTsc {
-        let (tsc0, mono0) = (crate::spans::rdtsc(), mono_ns());
-        std::thread::sleep(Duration::from_millis(10));
-        let (t1, m1) = (crate::spans::rdtsc(), mono_ns());
-        MonoToTsc { tsc0, mono0, hz: (t1 - tsc0) as f64 / ((m1 - mono0).max(1) as f64 / 1e9) }
+        let first = pair();
+        std::thread::sleep(Duration::from_millis(20));
+        let mut c = MonoToTsc { first, anchor: first, hz: 1e9 };
+        c.refine();
+        c
     }
 
+    /// A fresh anchor, and the rate over everything since the first.
     fn refine(&mut self) {
-        let (t, m) = (crate::spans::rdtsc(), mono_ns());
-        if m - self.mono0 > 500_000_000 {
-            self.hz = (t - self.tsc0) as f64 / ((m - self.mono0) as f64 / 1e9);
+        self.anchor = pair();
+        let (t, m) = self.anchor;
+        if m > self.first.1 {
+            self.hz = (t - self.first.0) as f64 / ((m - self.first.1) as f64 / 1e9);
         }
     }
 
     fn tsc(&self, ns: u64) -> u64 {
-        let dt = (ns as i64 - self.mono0 as i64) as f64 * self.hz / 1e9;
-        (self.tsc0 as i64 + dt as i64).max(0) as u64
+        let dt = (ns as i64 - self.anchor.1 as i64) as f64 * self.hz / 1e9;
+        (self.anchor.0 as i64 + dt as i64).max(0) as u64
     }
 }
+
+/// Slack for the BPF program between reading the clock and handing its record over.
+const STAMP_TO_OUTPUT_NS: u64 = 100_000;
 
 /// The pump thread's state.
 pub struct Pump {
@@ -155,6 +190,10 @@ impl Pump {
         let mut last_sync = Instant::now();
         loop {
             let stopping = stop.load(Ordering::Acquire);
+            // Records stamped before this are in the ring buffer once it reads empty (less
+            // the program's few instructions between its clock read and its output).
+            clock.refine();
+            let drained_at = mono_ns().saturating_sub(STAMP_TO_OUTPUT_NS);
             let mut n = 0;
             while let Some(item) = self.events.next() {
                 n += 1;
@@ -168,9 +207,9 @@ impl Pump {
                     None => totals.undecodable += 1,
                 }
             }
+            self.writer.written_up_to(clock.tsc(drained_at));
             if stopping || last_sync.elapsed() > Duration::from_secs(1) {
                 totals.dropped += self.sync_drops(&mut seen);
-                clock.refine();
                 last_sync = Instant::now();
             }
             if stopping && n == 0 {

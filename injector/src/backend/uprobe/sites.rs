@@ -14,7 +14,14 @@ use crate::plan::{FuncRefusal, ProbeSite, Via};
 
 /// Where uprobes go for `site`, or why they cannot.
 pub fn uprobe_via(bin: &GoBinary<'_>, bias: u64, site: &ProbeSite) -> Via {
-    if let Err(r @ (FuncRefusal::Assembly | FuncRefusal::Runtime | FuncRefusal::Undecodable(_))) = &site.entry_patch {
+    // A loop back to the entry would fire an entry uprobe on every iteration too.
+    if let Err(
+        r @ (FuncRefusal::Assembly
+        | FuncRefusal::Runtime
+        | FuncRefusal::Undecodable(_)
+        | FuncRefusal::Code(trampolines::Refusal::LoopToEntry { .. })),
+    ) = &site.entry_patch
+    {
         return Via::Refused(r.to_string());
     }
     for (plan, kind) in [(&site.on_entry.plan, ring_abi::Kind::Entry), (&site.on_return.plan, ring_abi::Kind::Return)] {
@@ -30,7 +37,24 @@ pub fn uprobe_via(bin: &GoBinary<'_>, bias: u64, site: &ProbeSite) -> Via {
         Ok(d) => d,
         Err(e) => return Via::Refused(format!("cannot decode its code: {e}")),
     };
-    Via::Uprobe { rets: exits(&decoded) }
+    Via::Uprobe { at: after_stack_check(&decoded), rets: exits(&decoded) }
+}
+
+/// Where the entry uprobe goes: after Go's stack check (`CMPQ SP|R12, 16(R14); JLS`),
+/// which jumps to the function's morestack block when the stack must grow, and that jumps
+/// back to the entry: a probe before the check would record such a call twice.
+fn after_stack_check(f: &Function) -> u64 {
+    use trampolines::iced_x86::{Code, Mnemonic, OpKind, Register};
+    let checks_g = |i: &trampolines::iced_x86::Instruction| {
+        i.mnemonic() == Mnemonic::Cmp
+            && i.op1_kind() == OpKind::Memory
+            && i.memory_base() == Register::R14
+            && i.memory_displacement64() == 16
+    };
+    let head = &f.insns[..f.insns.len().min(6)];
+    head.windows(2)
+        .find(|w| checks_g(&w[0]) && matches!(w[1].code(), Code::Jbe_rel8_64 | Code::Jbe_rel32_64))
+        .map_or(f.entry, |w| w[1].next_ip())
 }
 
 /// What uprobes cannot see: the X registers (the kernel hands a BPF program only the
