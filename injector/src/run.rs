@@ -486,7 +486,7 @@ fn start_tracing(
     pid: i32,
     exe: &crate::target::Executable,
     bin: &GoBinary<'_>,
-    sites: Vec<ProbeSite>,
+    mut sites: Vec<ProbeSite>,
     layout: RuntimeLayout,
     args: &RunArgs,
     out: Output,
@@ -532,7 +532,7 @@ fn start_tracing(
         sampling: sink.sampling(),
     };
     crate::filter::install(args.where_.as_deref(), &sites)?;
-    let mut inst = backend.install(pid, bin, exe.bias, &sites, ring)?;
+    let mut inst = crate::backend::install(args.backend, &*backend, pid, bin, exe.bias, &mut sites, ring)?;
     let done = inst.installed().clone();
     // The functions the user named, then the libraries' own probes as one figure each.
     let role = |id: u32| sites.iter().find(|s| s.id == id).map(|s| s.role);

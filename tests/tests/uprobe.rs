@@ -125,7 +125,8 @@ fn tracer(pid: i32) -> i32 {
 }
 
 /// A process strace already traces cannot be ptraced by inject: trampolines fail, and
-/// uprobes trace every call (so the uprobe backend never ptraces).
+/// `--backend uprobe` traces every call (so it never ptraces); so does the default, auto,
+/// saying it fell back to uprobes.
 #[test]
 fn a_process_another_tracer_holds_is_traced_with_uprobes() -> Result<()> {
     if !require_bpf()? {
@@ -135,44 +136,49 @@ fn a_process_another_tracer_holds_is_traced_with_uprobes() -> Result<()> {
     let tc = test_toolchains()?.pop().context("a toolchain")?;
     let exe = build_fixture("args", &tc, Flavor::Default)?;
     let calls = 5000;
-    let mut target = start_fixture(&exe, &["-wait", "-n", &calls.to_string(), "-goroutines", "2"], &[])?;
-    let pid = target.pid();
-    let mut strace = std::process::Command::new("strace")
-        .args(["-f", "-qq", "-o", "/dev/null", "-p", &pid.to_string()])
-        .spawn()
-        .context("starting strace (cargo xtask test installs it)")?;
-    let started = Instant::now();
-    while tracer(pid) == 0 {
-        ensure!(started.elapsed() < Duration::from_secs(10), "strace did not attach to {pid}");
-        std::thread::sleep(Duration::from_millis(20));
+    for backend in ["uprobe", "auto"] {
+        let mut target = start_fixture(&exe, &["-wait", "-n", &calls.to_string(), "-goroutines", "2"], &[])?;
+        let pid = target.pid();
+        let mut strace = std::process::Command::new("strace")
+            .args(["-f", "-qq", "-o", "/dev/null", "-p", &pid.to_string()])
+            .spawn()
+            .context("starting strace (cargo xtask test installs it)")?;
+        let started = Instant::now();
+        while tracer(pid) == 0 {
+            ensure!(started.elapsed() < Duration::from_secs(10), "strace did not attach to {pid}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let base = |backend: &str, out: &std::path::Path| -> Vec<String> {
+            ["--pid", &pid.to_string(), "--func", "main.record", "--backend", backend, "--output", "jsonl"]
+                .into_iter()
+                .chain(["--output-file", &out.display().to_string()])
+                .map(String::from)
+                .collect()
+        };
+        let jsonl = scratch("traced.jsonl");
+        let mut refused = start_inject(&base("trampoline", &jsonl), false)?;
+        let status = refused.wait(LIMIT)?;
+        ensure!(!status.success(), "trampolines attached to a traced process:\n{}", refused.transcript());
+        let summary = scratch("traced-summary.json");
+        let mut args = base(backend, &jsonl);
+        args.extend(["--summary-json".into(), summary.display().to_string()]);
+        let mut inject = start_inject(&args, true)?;
+        target.send_line("go")?;
+        ensure!(target.wait(LIMIT)?.success(), "target failed");
+        ensure!(inject.wait(LIMIT)?.success(), "inject failed:\n{}", inject.transcript());
+        let _ = strace.wait();
+        if backend == "auto" {
+            ensure!(inject.transcript().contains("using uprobes, which need no ptrace"), "{}", inject.transcript());
+        }
+        let s = read_summary(&summary)?;
+        ensure!(s["calls"] == calls && s["dropped"] == 0 && s["sites"][0]["backend"] == "uprobe", "{s}");
+        let lines = std::fs::read_to_string(&jsonl)?.lines().count();
+        ensure!(lines == calls, "{lines} lines for {calls} calls");
+        eprintln!(
+            "a process strace holds: trampolines refused ({}), --backend {backend}: uprobes saw {calls} of {calls} calls",
+            refused.transcript().lines().find(|l| l.contains("error")).unwrap_or("?")
+        );
     }
-    let base = |backend: &str, out: &std::path::Path| -> Vec<String> {
-        ["--pid", &pid.to_string(), "--func", "main.record", "--backend", backend, "--output", "jsonl"]
-            .into_iter()
-            .chain(["--output-file", &out.display().to_string()])
-            .map(String::from)
-            .collect()
-    };
-    let jsonl = scratch("traced.jsonl");
-    let mut refused = start_inject(&base("trampoline", &jsonl), false)?;
-    let status = refused.wait(LIMIT)?;
-    ensure!(!status.success(), "trampolines attached to a traced process:\n{}", refused.transcript());
-    let summary = scratch("traced-summary.json");
-    let mut args = base("uprobe", &jsonl);
-    args.extend(["--summary-json".into(), summary.display().to_string()]);
-    let mut inject = start_inject(&args, true)?;
-    target.send_line("go")?;
-    ensure!(target.wait(LIMIT)?.success(), "target failed");
-    ensure!(inject.wait(LIMIT)?.success(), "inject failed:\n{}", inject.transcript());
-    let _ = strace.wait();
-    let s = read_summary(&summary)?;
-    ensure!(s["calls"] == calls && s["dropped"] == 0, "{s}");
-    let lines = std::fs::read_to_string(&jsonl)?.lines().count();
-    ensure!(lines == calls, "{lines} lines for {calls} calls");
-    eprintln!(
-        "a process strace holds: trampolines refused ({}), uprobes saw {calls} of {calls} calls",
-        refused.transcript().lines().find(|l| l.contains("error")).unwrap_or("?")
-    );
     Ok(())
 }
 

@@ -178,3 +178,42 @@ pub fn for_sites(sites: &[ProbeSite]) -> Box<dyn Backend> {
         (true, true) => Box::new(both::Both),
     }
 }
+
+/// Installs `sites` with `backend`; with `--backend auto`, a process inject may not
+/// ptrace (another tracer holds it, or permission is denied) gets uprobes for every site
+/// they can take instead, with a warning, when BPF is permitted here.
+pub fn install(
+    choice: Choice,
+    backend: &dyn Backend,
+    pid: i32,
+    bin: &GoBinary<'_>,
+    bias: u64,
+    sites: &mut [ProbeSite],
+    ring: RingAddrs,
+) -> Result<Box<dyn Probes>> {
+    let err = match backend.install(pid, bin, bias, sites, ring) {
+        Ok(p) => return Ok(p),
+        Err(e) => e,
+    };
+    let denied = err.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<trampoline::ptrace::AttachError>(),
+            Some(
+                trampoline::ptrace::AttachError::AlreadyTraced { .. }
+                    | trampoline::ptrace::AttachError::PermissionDenied { .. }
+            )
+        )
+    });
+    if choice != Choice::Auto || !denied || uprobe::check::available().is_err() {
+        return Err(err);
+    }
+    eprintln!("inject: warning: {err:#}; using uprobes, which need no ptrace");
+    for s in sites.iter_mut() {
+        s.via = uprobe::sites::uprobe_via(bin, bias, s);
+        uprobe::sites::mark_floats(s);
+    }
+    if !sites.iter().any(ProbeSite::installable) {
+        anyhow::bail!("{err:#}; and uprobes cannot take any of the requested functions either");
+    }
+    uprobe::Uprobes.install(pid, bin, bias, sites, ring)
+}
