@@ -113,9 +113,10 @@ pub struct RunArgs {
     /// frame pointers in the trampoline; JSON `stack`, the OTLP `code.stacktrace`.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=32))]
     pub stack: Option<u8>,
-    /// What puts the probes in: trampolines (ptrace, ~30 ns a call), uprobes (BPF, no
-    /// ptrace, ~1.5 µs a call, no float arguments), or auto: trampolines, and uprobes for
-    /// the sites the patcher refuses (docs/uprobe.md).
+    /// What puts the probes in: trampolines (ptrace, ~50 ns a call), uprobes (BPF, no
+    /// ptrace, microseconds a call, no float arguments), or auto: trampolines, and uprobes
+    /// for the sites the patcher refuses and for a process inject may not ptrace
+    /// (docs/uprobe.md).
     #[arg(long, value_enum, default_value_t)]
     pub backend: crate::backend::Choice,
     /// Bytes of each string or []byte argument to copy.

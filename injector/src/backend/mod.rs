@@ -118,14 +118,15 @@ pub struct Removal {
 /// `--backend`: what puts the probes in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Choice {
-    /// Trampolines where the patcher installs them, uprobes for the sites it refuses (when
-    /// BPF is permitted here).
+    /// Trampolines where the patcher installs them, uprobes for the sites it refuses and
+    /// for a process inject may not ptrace (when BPF is permitted here).
     #[default]
     Auto,
-    /// Jumps to trampolines patched into the code with ptrace: ~30 ns a call.
+    /// Jumps to trampolines patched into the code with ptrace: tens of nanoseconds a call.
     Trampoline,
     /// Kernel uprobes running a BPF program: no ptrace at all, removed by the kernel even
-    /// when inject is killed; ~1.5 µs a call, float arguments not captured.
+    /// when inject is killed; a kernel trap per probe (microseconds a call), float arguments
+    /// not captured.
     Uprobe,
 }
 

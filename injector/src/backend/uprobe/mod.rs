@@ -33,7 +33,8 @@ pub use pump::RingWriter;
 pub const PROGRAM: &[u8] = include_bytes!("probe.bpf.o");
 
 /// Bytes of the BPF ring buffer: ~64,000 records of a few hundred bytes, tens of
-/// milliseconds at the most uprobes fire on two cores (each costs the target ~1.5 µs).
+/// milliseconds at the most uprobes fire on two cores (each is a kernel trap of
+/// microseconds).
 const EVENTS_BYTES: u32 = 16 << 20;
 
 /// The uprobe backend.
