@@ -733,7 +733,9 @@ const ENTRY_ONLY_NAMED: usize = 3;
 /// One refused site is a warning; none installable is an error. A function probed at
 /// entry only is named with what that means for its calls, and why.
 pub fn check_installable(sites: &[ProbeSite]) -> Result<()> {
-    for s in sites.iter().filter(|s| !s.installable()) {
+    // A library's probes refused by uprobes were named once, by library.
+    let said = |s: &ProbeSite| matches!(s.via, plan::Via::Refused(_)) && s.role != Role::Func;
+    for s in sites.iter().filter(|s| !s.installable() && !said(s)) {
         eprintln!("inject: warning: {}: {}", s.name, s.verdict());
     }
     let entry_only: Vec<&ProbeSite> = sites

@@ -143,9 +143,23 @@ pub fn assign(sites: &mut [ProbeSite], bin: &GoBinary<'_>, bias: u64, choice: Ch
         Choice::Trampoline => {}
         Choice::Uprobe => {
             uprobe::check::available().map_err(|why| anyhow::anyhow!("--backend uprobe: {why}"))?;
+            let mut off: Vec<&str> = Vec::new();
             for s in sites.iter_mut() {
                 s.via = uprobe::sites::uprobe_via(bin, bias, s);
                 uprobe::sites::mark_floats(s);
+                if let (Via::Refused(_), crate::plan::Role::Lib(p)) = (&s.via, s.role) {
+                    let name = crate::libs::library(p).name();
+                    if !crate::libs::library(p).support() && !off.contains(&name) {
+                        off.push(name);
+                    }
+                }
+            }
+            if !off.is_empty() {
+                eprintln!(
+                    "inject: warning: --backend uprobe: {} instrumentation off: its probes do trace-context work in \
+                     the target that the uprobe program does not do yet (--backend auto traces it with trampolines)",
+                    off.join(", ")
+                );
             }
         }
         Choice::Auto => {
