@@ -240,3 +240,46 @@ impl Pump {
         added
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ring::{DataShape, RingReader};
+    use ring_abi::Kind;
+
+    fn event(site: u32, kind: Kind, goid: u64, data: &[u8]) -> Event<'_> {
+        Event { site, kind: kind as u8, cpu: 3, goid, ktime: 0, sp: 0x40, ints: [7; ring_abi::slot::NINTS], data }
+    }
+
+    /// What the pump writes, the collector's reader reads back field for field; a full
+    /// sub-ring drops (counted for the site) unless lossless; the pump writes only its own
+    /// sub-rings and says up to when they are complete.
+    #[test]
+    fn the_reader_reads_what_the_pump_writes() {
+        let layout = Layout::new(4, 4, 256).unwrap().with_sites(2);
+        let mut map = memmap2::MmapMut::map_anon(layout.total_len()).unwrap();
+        layout.initialise_zeroed(&mut map);
+        let w = RingWriter { base: map.as_mut_ptr(), len: map.len(), layout, lossless: false, rings: (2, 2) };
+        let shapes = vec![[DataShape::fixed(8), DataShape::fixed(8)]; 2];
+        // SAFETY: the mapping outlives the reader.
+        let mut r = unsafe { RingReader::new(map.as_mut_ptr(), map.len(), layout, shapes) };
+        assert!(w.write(3, &event(1, Kind::Entry, 42, b"abcdefgh"), 1000));
+        assert!(w.write(3, &event(1, Kind::Return, 42, b"ABCDEFGH"), 2000));
+        let mut out = Vec::new();
+        assert_eq!(r.poll(&mut out, 100), 2);
+        // CPU 3 of the pump's two sub-rings (2 and 3): sub-ring 3.
+        assert_eq!((out[0].ring, out[0].site, out[0].kind, out[0].goid, out[0].tsc), (3, 1, Kind::Entry, 42, 1000));
+        assert_eq!((out[1].kind, out[1].tsc, out[1].sp, out[1].ints[8]), (Kind::Return, 2000, 0x40, 7));
+        assert_eq!(&out[0].data[..], b"abcdefgh");
+        assert_eq!(out[0].floats, [0; ring_abi::slot::NFLOATS]);
+        // Four slots: the fifth record without a read in between is dropped and counted.
+        for t in 0..5 {
+            w.write(1, &event(0, Kind::Entry, 9, b""), 3000 + t);
+        }
+        assert_eq!((r.dropped(), r.site_drops()), (1, vec![1, 0]));
+        assert_eq!(r.written_up_to(3, 99), 99, "nothing said yet: as now");
+        w.written_up_to(50);
+        assert_eq!((r.written_up_to(2, 99), r.written_up_to(3, 99), r.written_up_to(0, 99)), (50, 50, 99));
+        assert_eq!(r.written_up_to(3, 10), 10, "never beyond now");
+    }
+}
