@@ -194,6 +194,14 @@ pub fn for_sites(sites: &[ProbeSite]) -> Box<dyn Backend> {
     }
 }
 
+/// Whether process `pid` runs this inject's executable (or one named like it).
+fn is_inject(pid: i32) -> bool {
+    let exe = |p: &str| std::fs::read_link(format!("/proc/{p}/exe")).ok();
+    let comm = |p: &str| std::fs::read_to_string(format!("/proc/{p}/comm")).ok();
+    let theirs = pid.to_string();
+    exe(&theirs).is_some_and(|e| Some(e) == exe("self")) || comm(&theirs).is_some_and(|c| Some(c) == comm("self"))
+}
+
 /// Installs `sites` with `backend`; with `--backend auto`, a process inject may not
 /// ptrace (another tracer holds it, or permission is denied) gets uprobes for every site
 /// they can take instead, with a warning, when BPF is permitted here.
@@ -210,14 +218,12 @@ pub fn install(
         Ok(p) => return Ok(p),
         Err(e) => e,
     };
-    let denied = err.chain().any(|c| {
-        matches!(
-            c.downcast_ref::<trampoline::ptrace::AttachError>(),
-            Some(
-                trampoline::ptrace::AttachError::AlreadyTraced { .. }
-                    | trampoline::ptrace::AttachError::PermissionDenied { .. }
-            )
-        )
+    use trampoline::ptrace::AttachError;
+    // Not when the tracer is another inject: one inject per process.
+    let denied = err.chain().any(|c| match c.downcast_ref::<AttachError>() {
+        Some(AttachError::AlreadyTraced { tracer, .. }) => !is_inject(*tracer),
+        Some(AttachError::PermissionDenied { .. }) => true,
+        _ => false,
     });
     if choice != Choice::Auto || !denied || uprobe::check::available().is_err() {
         return Err(err);
