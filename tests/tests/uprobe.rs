@@ -296,3 +296,33 @@ fn auto_gives_refused_sites_to_uprobes() -> Result<()> {
     eprintln!("auto: {calls} calls by trampolines and {calls} by uprobes, one ring, values agreeing");
     Ok(())
 }
+
+/// A program the kernel's verifier refuses (a variant built with `-DINJECT_REJECTED`,
+/// given through INJECT_BPF_OBJECT): inject exits 1 with one error line carrying the
+/// verifier's reason, never a panic, and leaves the code as it was.
+#[test]
+fn a_verifier_rejection_is_reported_by_its_reason() -> Result<()> {
+    if !require_bpf()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    let object = scratch("rejected.bpf.o");
+    xtask::bpf::build_with(&object, &["-DINJECT_REJECTED"])?;
+    let tc = test_toolchains()?.pop().context("a toolchain")?;
+    let exe = build_fixture("args", &tc, Flavor::Default)?;
+    let target = start_fixture(&exe, &["-wait"], &[])?;
+    let args = ["--pid", &target.pid().to_string(), "--func", "main.record", "--backend", "uprobe"].map(String::from);
+    let mut inject = tests::start_inject_env(&args, &[("INJECT_BPF_OBJECT", &object.display().to_string())], false)?;
+    let status = inject.wait(LIMIT)?;
+    let t = inject.transcript();
+    ensure!(status.code() == Some(1) && !t.contains("panicked"), "{t}");
+    let errors: Vec<&str> = t.lines().filter(|l| l.contains("inject: error:")).collect();
+    ensure!(
+        errors.len() == 1 && errors[0].contains("verifier rejected") && errors[0].contains("invalid mem access"),
+        "{t}"
+    );
+    ensure!(text_changes(target.pid(), &exe)?.is_empty(), "a rejected program left the code changed");
+    let _ = std::fs::remove_file(&object);
+    eprintln!("rejected: {}", errors[0].trim());
+    Ok(())
+}

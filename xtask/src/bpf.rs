@@ -37,8 +37,15 @@ pub fn ensure_clang() -> Result<()> {
 
 /// Compiles the program into `out`.
 pub fn build(out: &Path) -> Result<()> {
+    build_with(out, &[])
+}
+
+/// Compiles the program into `out` with extra flags (`-DINJECT_REJECTED`: a variant the
+/// verifier refuses, for the tests).
+pub fn build_with(out: &Path, extra: &[&str]) -> Result<()> {
     ensure_clang()?;
     let status = Command::new(CLANG)
+        .args(extra)
         .args(FLAGS)
         .arg(out)
         .current_dir(dir())

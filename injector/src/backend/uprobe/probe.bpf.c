@@ -256,6 +256,11 @@ int inject_probe(struct pt_regs *r) {
     if (!p || !c || !e || !c->enabled)
         return 0;
     u64 g = r->r14, sp = r->sp, bp = r->bp;
+#ifdef INJECT_REJECTED
+    // Tests only (tests/uprobe.rs): a read through a register's value, which the verifier
+    // must refuse, to see how inject reports a rejection. Not in the shipped object.
+    e->goid = *(u64 *)r->ax;
+#endif
     e->site = p->site;
     e->kind = p->kind;
     e->cpu = bpf_get_smp_processor_id();
