@@ -246,7 +246,7 @@ pub fn run(
             pending[ring].push_back(r);
         }
         for (ring, &empty) in reader.drained().iter().enumerate() {
-            seen_up_to[ring] = if empty { round } else { last_seen[ring] };
+            seen_up_to[ring] = if empty { reader.written_up_to(ring as u32, round) } else { last_seen[ring] };
         }
         let watermark = seen_up_to.iter().copied().min().unwrap_or(0).saturating_sub(settle_ticks);
         loop {

@@ -96,7 +96,7 @@ pub fn launch(args: &RunArgs) -> Result<u8> {
                 if let Err(e) = t.finish(StopReason::TargetExited(Some(status)), None, args) {
                     eprintln!("inject: error: {e:#}");
                 }
-                if let Some(how) = run::died(Some(status)) {
+                if let Some(how) = crate::exit::died(Some(status)) {
                     eprintln!("inject: {program} {how} while probes were in");
                 }
                 status

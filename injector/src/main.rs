@@ -8,6 +8,7 @@ mod backend;
 mod benchcmd;
 mod clidoc;
 mod collect;
+mod exit;
 mod exports;
 mod filter;
 mod inspect;

@@ -17,6 +17,9 @@ pub enum FuncRefusal {
     Runtime,
     Code(Refusal),
     Undecodable(String),
+    /// Named in INJECT_REFUSE_TRAMPOLINE: the tests' way to make the patcher refuse a
+    /// site it would take, for `--backend auto`.
+    Forced,
 }
 
 impl fmt::Display for FuncRefusal {
@@ -28,6 +31,7 @@ impl fmt::Display for FuncRefusal {
             ),
             FuncRefusal::Code(r) => r.fmt(f),
             FuncRefusal::Undecodable(e) => write!(f, "cannot decode its code: {e}"),
+            FuncRefusal::Forced => f.write_str("named in INJECT_REFUSE_TRAMPOLINE"),
         }
     }
 }
@@ -56,9 +60,23 @@ pub struct ProbeSite {
     /// goroutine is parked at one (`ParkedScan`). Empty for the usual patches, whose jumps
     /// leave every such PC intact.
     pub parked_pcs: Vec<u64>,
+    /// Which backend puts the probes in (`--backend`; `crate::backend::assign`).
+    pub via: Via,
 }
 
-/// What a probe is for.
+/// Which backend puts a site's probes in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Via {
+    /// Trampolines, as `entry_patch` and `returns` say.
+    #[default]
+    Trampoline,
+    /// Kernel uprobes at `at` (the first instruction after the entry's stack check, so
+    /// that a call that grows its stack first is recorded once) and at each RET (run-time
+    /// addresses), or at the entry only, with the reason.
+    Uprobe { at: u64, rets: Result<Vec<u64>, String> },
+    /// Only uprobes were allowed (`--backend uprobe`), and they cannot take it: why.
+    Refused(String),
+}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     /// A function the user named: one span per call, arguments shown.
@@ -77,7 +95,28 @@ pub struct LibProbe {
 
 impl ProbeSite {
     pub fn installable(&self) -> bool {
-        self.entry_patch.is_ok()
+        match &self.via {
+            Via::Trampoline => self.entry_patch.is_ok(),
+            Via::Uprobe { .. } => true,
+            Via::Refused(_) => false,
+        }
+    }
+
+    /// Calls show their arguments only: no exit is probed.
+    pub fn entry_only(&self) -> bool {
+        match &self.via {
+            Via::Uprobe { rets, .. } => rets.is_err(),
+            _ => self.returns.is_err() && !self.entry_patch.as_ref().is_ok_and(|e| e.whole_body),
+        }
+    }
+
+    /// The backend's name, for the summary; None when refused.
+    pub fn backend(&self) -> Option<&'static str> {
+        match &self.via {
+            Via::Trampoline if self.entry_patch.is_ok() => Some("trampoline"),
+            Via::Uprobe { .. } => Some("uprobe"),
+            _ => None,
+        }
     }
 
     /// The verdict as users read it in `--dry-run` and warnings.
@@ -94,7 +133,7 @@ impl ProbeSite {
         let v = self.verdict_alone(done);
         match self.parked_pcs.len() {
             0 => v,
-            n if self.installable() => format!(
+            n if self.installable() && self.via == Via::Trampoline => format!(
                 "{v}, once no goroutine is parked at the {n} instruction{} its jumps cover",
                 if n == 1 { "" } else { "s" }
             ),
@@ -103,6 +142,14 @@ impl ProbeSite {
     }
 
     fn verdict_alone(&self, done: &str) -> String {
+        match &self.via {
+            Via::Uprobe { rets: Ok(r), .. } => {
+                return format!("{done}: entry and {} exit{} (uprobes)", r.len(), if r.len() == 1 { "" } else { "s" });
+            }
+            Via::Uprobe { rets: Err(why), .. } => return format!("{done} entry-only: {why} (uprobes)"),
+            Via::Refused(why) => return format!("refused: {why}"),
+            Via::Trampoline => {}
+        }
         match (&self.entry_patch, &self.returns) {
             (Err(e), _) => format!("refused: {e}"),
             (Ok(e), Ok(_)) if e.whole_body => format!("{done}: entry and exit (whole straight-line body relocated)"),
@@ -148,6 +195,7 @@ fn analyse_with(
         role,
         code: bin.pclntab.line(f, f.entry).map(|(file, line)| (file.into_owned(), line.max(0) as u32)),
         parked_pcs: Vec::new(),
+        via: Via::Trampoline,
     };
     if f.is_asm() {
         return site;

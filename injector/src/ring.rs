@@ -215,6 +215,15 @@ impl RingReader {
         skipped
     }
 
+    /// The time stamp counter value before which every record of sub-ring `r` is
+    /// published: the pump's word, or `now` for writers that publish as they stamp.
+    pub fn written_up_to(&self, r: u32, now: u64) -> u64 {
+        match self.word(self.layout.ring_offset(r) + ring::WRITTEN_UP_TO).load(Ordering::Acquire) {
+            0 => now,
+            w => w.min(now),
+        }
+    }
+
     /// Per sub-ring, whether the last `poll` read it up to its first unpublished slot.
     pub fn drained(&self) -> &[bool] {
         &self.drained

@@ -16,6 +16,7 @@ use ring_abi::Layout;
 use trampolines::codegen::RingSelect;
 
 use crate::backend::{Backend, Probes, Removal, trampoline::Trampolines};
+use crate::exit::{describe_exit, died, exited, zombie_status};
 use crate::otlp::{OtelArgs, OtelConfig};
 use crate::output::{Format, Sink};
 use crate::plan::{self, ProbeSite, Role};
@@ -123,6 +124,12 @@ pub struct RunArgs {
     /// Seconds between two --stats refreshes.
     #[arg(long, value_name = "SECS", default_value_t = 1.0)]
     pub stats_interval: f64,
+    /// What puts the probes in: trampolines (ptrace, ~50 ns a call), uprobes (BPF, no
+    /// ptrace, microseconds a call, no float arguments), or auto: trampolines, and uprobes
+    /// for the sites the patcher refuses and for a process inject may not ptrace
+    /// (docs/uprobe.md).
+    #[arg(long, value_enum, default_value_t)]
+    pub backend: crate::backend::Choice,
     /// Bytes of each string or []byte argument to copy.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub max_string: u16,
@@ -201,7 +208,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
         if let Some(why) = target.pid.and_then(|pid| Trampolines.held(pid)) {
             eprintln!("inject: warning: {why} (a real attach would be refused)");
         }
-        return print_verdicts(&plan_sites(&bin, args, exe.bias, &ctx)?);
+        let mut sites = plan_sites(&bin, args, exe.bias, &ctx)?;
+        crate::backend::assign(&mut sites, &bin, exe.bias, args.backend)?;
+        return print_verdicts(&sites, args.backend != crate::backend::Choice::Trampoline);
     }
     let pid = args.pid.context("--pid")?;
     // Signals that stop us are read from a signalfd, so they are blocked in every thread
@@ -239,52 +248,6 @@ pub fn run(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// The wait status of `pid` while it is a zombie (its parent has not collected it yet):
-/// field 52 of /proc/PID/stat. None once it is gone.
-fn zombie_status(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // fields[0] is field 3 (the state).
-    if fields.first() != Some(&"Z") {
-        return None;
-    }
-    fields.get(52 - 3)?.parse().ok()
-}
-
-fn exited(pidfd: &OwnedFd) -> bool {
-    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
-    poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
-}
-
-/// How a wait status says a process ended.
-pub fn describe_exit(status: Option<i32>) -> String {
-    match status {
-        None => "exited (status unknown)".into(),
-        Some(st) if libc::WIFSIGNALED(st) => {
-            let sig = libc::WTERMSIG(st);
-            let name = Signal::try_from(sig).map_or_else(|_| format!("signal {sig}"), |s| s.as_str().to_string());
-            format!("killed by {name}{}", if libc::WCOREDUMP(st) { " (core dumped)" } else { "" })
-        }
-        Some(st) => format!("exited with status {}", libc::WEXITSTATUS(st)),
-    }
-}
-
-/// Why a process that ended with `status` died, or None for a clean exit (or an unknown
-/// one).
-pub fn died(status: Option<i32>) -> Option<String> {
-    let st = status?;
-    if libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0 {
-        return None;
-    }
-    let hint = if libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 2 {
-        " (Go exits 2 on a fatal error, an unrecovered panic or a flag error: its stderr says which)"
-    } else {
-        ""
-    };
-    Some(format!("{}{hint}", describe_exit(status)))
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// `--pid`: a running program.
@@ -293,9 +256,20 @@ pub enum Mode {
     Launch,
 }
 
-/// --output, else OTEL_TRACES_EXPORTER, else OTLP when an endpoint is configured (always
-/// in launch mode, like any OpenTelemetry SDK), else console.
-/// Return addresses each --func call records (`--stack`, else `--callers`).
+/// The backend: trampolines alone when counting (`--stats` counts in the trampolines).
+fn stats_backend(args: &RunArgs) -> Result<crate::backend::Choice> {
+    use crate::backend::Choice;
+    match (args.stats, args.backend) {
+        (false, b) => Ok(b),
+        (true, Choice::Uprobe) => {
+            bail!(UsageError("--stats counts in the trampolines: not with --backend uprobe".into()))
+        }
+        (true, _) => Ok(Choice::Trampoline),
+    }
+}
+
+/// How much of each --func call is recorded: string bytes, return addresses (`--stack`,
+/// else `--callers`), pointers followed.
 fn limits(args: &RunArgs) -> plan::Limits {
     plan::Limits {
         max_string: args.max_string,
@@ -304,6 +278,8 @@ fn limits(args: &RunArgs) -> plan::Limits {
     }
 }
 
+/// --output, else OTEL_TRACES_EXPORTER, else OTLP when an endpoint is configured (always
+/// in launch mode, like any OpenTelemetry SDK), else console.
 fn output_format(args: &RunArgs, otel: &OtelConfig, mode: Mode) -> Format {
     args.output.unwrap_or(match otel.default_output {
         crate::otlp::config::DefaultOutput::Otlp => Format::Otlp,
@@ -477,6 +453,7 @@ pub fn start(pid: i32, args: &RunArgs, mode: Mode) -> Result<Option<Tracing>> {
     if args.stats {
         crate::stats::plan(&mut sites);
     }
+    crate::backend::assign(&mut sites, &bin, exe.bias, stats_backend(args)?)?;
     check_installable(&sites)?;
     let otel = OtelConfig::resolve(&args.otel, &crate::otlp::config::process_env)?;
     let format = if args.stats { args.output.unwrap_or(Format::Console) } else { output_format(args, &otel, mode) };
@@ -504,13 +481,13 @@ fn start_tracing(
     pid: i32,
     exe: &crate::target::Executable,
     bin: &GoBinary<'_>,
-    sites: Vec<ProbeSite>,
+    mut sites: Vec<ProbeSite>,
     layout: RuntimeLayout,
     args: &RunArgs,
     out: Output,
 ) -> Result<Tracing> {
     // Probes a dead inject left: put every byte back first.
-    let backend = Trampolines;
+    let backend = crate::backend::for_sites(&sites);
     if let Some(line) = backend.recover(pid, bin, exe.bias)? {
         eprintln!("{line}");
     }
@@ -555,7 +532,7 @@ fn start_tracing(
         sampling: sink.sampling(),
     };
     crate::filter::install(args.where_.as_deref(), &sites)?;
-    let mut inst = backend.install(pid, bin, exe.bias, &sites, ring)?;
+    let mut inst = crate::backend::install(args.backend, &*backend, pid, bin, exe.bias, &mut sites, ring)?;
     let done = inst.installed().clone();
     // The functions the user named, then the libraries' own probes as one figure each.
     let role = |id: u32| sites.iter().find(|s| s.id == id).map(|s| s.role);
@@ -571,8 +548,18 @@ fn start_tracing(
         }
     }
     let lib_sites = done.sites.len() - funcs;
+    let how = if done.pause.is_zero() && done.prepare_pause.is_zero() {
+        "by uprobes, no thread stopped".to_string()
+    } else {
+        format!(
+            "{} stopped for {:.2} ms (and {:.2} ms to map memory)",
+            crate::summary::count(done.threads, "thread"),
+            done.pause.as_secs_f64() * 1e3,
+            done.prepare_pause.as_secs_f64() * 1e3
+        )
+    };
     eprintln!(
-        "inject: probing {}{} in pid {pid}; {} stopped for {:.2} ms (and {:.2} ms to map memory)",
+        "inject: probing {}{} in pid {pid}; {how}",
         if funcs > 0 || libs.is_empty() {
             format!("{} ({})", crate::summary::count(funcs, "function"), crate::summary::count(exits, "exit"))
         } else {
@@ -588,9 +575,6 @@ fn start_tracing(
                 crate::summary::count(lib_sites, "probe")
             )
         },
-        crate::summary::count(done.threads, "thread"),
-        done.pause.as_secs_f64() * 1e3,
-        done.prepare_pause.as_secs_f64() * 1e3
     );
     // A long pause is worth explaining: it is the target's latency.
     for (what, pause, parts) in
@@ -610,7 +594,7 @@ fn start_tracing(
             entry: s.on_entry.clone(),
             ret: s.on_return.clone(),
             typed: s.typed,
-            entry_only: s.returns.is_err() && !s.entry_patch.as_ref().is_ok_and(|e| e.whole_body),
+            entry_only: s.entry_only(),
             code: s.code.clone(),
             role: s.role,
         })
@@ -744,11 +728,13 @@ fn wait_for_stop(pid: i32, sigfd: &SignalFd, pidfd: &OwnedFd, deadline: Option<I
     }
 }
 
-fn print_verdicts(sites: &[ProbeSite]) -> Result<()> {
+/// `--dry-run`'s lines; `mark` names the trampoline sites too (uprobe ones always are).
+fn print_verdicts(sites: &[ProbeSite], mark: bool) -> Result<()> {
     use std::io::Write;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for s in sites {
-        writeln!(out, "{:#018x}  {:<50} {}", s.entry, s.name, s.planned_verdict())?;
+        let by = if mark && s.backend() == Some("trampoline") { " (trampoline)" } else { "" };
+        writeln!(out, "{:#018x}  {:<50} {}{by}", s.entry, s.name, s.planned_verdict())?;
     }
     out.flush()?;
     Ok(())
@@ -760,7 +746,9 @@ const ENTRY_ONLY_NAMED: usize = 3;
 /// One refused site is a warning; none installable is an error. A function probed at
 /// entry only is named with what that means for its calls, and why.
 pub fn check_installable(sites: &[ProbeSite]) -> Result<()> {
-    for s in sites.iter().filter(|s| !s.installable()) {
+    // A library's probes refused by uprobes were named once, by library.
+    let said = |s: &ProbeSite| matches!(s.via, plan::Via::Refused(_)) && s.role != Role::Func;
+    for s in sites.iter().filter(|s| !s.installable() && !said(s)) {
         eprintln!("inject: warning: {}: {}", s.name, s.verdict());
     }
     let entry_only: Vec<&ProbeSite> = sites

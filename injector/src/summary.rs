@@ -14,6 +14,8 @@ use crate::plan::ProbeSite;
 struct SiteSummary<'a> {
     name: &'a str,
     verdict: String,
+    /// What put its probes in: `trampoline`, `uprobe`, or null when refused.
+    backend: Option<&'static str>,
     entries: u64,
     returns: u64,
     /// Records of this function the target dropped (ring full).
@@ -32,6 +34,9 @@ struct JumpSummary {
 
 impl JumpSummary {
     fn of(site: &ProbeSite) -> Vec<JumpSummary> {
+        if site.via != crate::plan::Via::Trampoline {
+            return Vec::new();
+        }
         let Ok(entry) = &site.entry_patch else { return Vec::new() };
         let exits = site.returns.as_deref().unwrap_or_default().iter().map(|r| &r.redirect);
         std::iter::once(&entry.redirect).chain(exits).map(|r| JumpSummary { at: r.at, pinned: r.pinned }).collect()
@@ -72,6 +77,8 @@ struct Summary<'a> {
     ring_reserve_ms: f64,
     remove_pause_ms: Option<f64>,
     restored: Option<usize>,
+    /// Uprobes the kernel took out at the end.
+    uprobes: Option<usize>,
     unmapped: Option<bool>,
     kept_bytes: Option<u64>,
     threads: usize,
@@ -106,6 +113,7 @@ pub fn report(facts: &Facts<'_>, stop: String, json: Option<&std::path::Path>) -
             .map(|(s, c)| SiteSummary {
                 name: &s.name,
                 verdict: s.verdict(),
+                backend: s.backend(),
                 entries: c.entries,
                 returns: c.returns,
                 dropped: c.dropped,
@@ -137,6 +145,7 @@ pub fn report(facts: &Facts<'_>, stop: String, json: Option<&std::path::Path>) -
         ring_reserve_ms: inst.reserve_time.as_secs_f64() * 1e3,
         remove_pause_ms: removal.map(|r| r.pause.as_secs_f64() * 1e3),
         restored: removal.map(|r| r.restored),
+        uprobes: removal.map(|r| r.uprobes),
         unmapped: removal.map(|r| r.unmapped),
         kept_bytes: removal.map(|r| r.kept.map_or(0, |k| k.1)),
         threads: inst.threads,
@@ -181,11 +190,15 @@ pub fn report(facts: &Facts<'_>, stop: String, json: Option<&std::path::Path>) -
         summary.corrupt,
         summary.stop,
         match removal {
+            Some(r) if r.restored == 0 && r.uprobes > 0 => {
+                format!("; removed {} uprobes in {:.2} ms", r.uprobes, r.pause.as_secs_f64() * 1e3)
+            }
             Some(r) => format!(
-                "; restored {} patches in {:.2} ms{}",
+                "; restored {} patches in {:.2} ms{}{}",
                 r.restored,
                 r.pause.as_secs_f64() * 1e3,
-                if r.unmapped { ", unmapped trampolines and ring" } else { "" }
+                if r.unmapped { ", unmapped trampolines and ring" } else { "" },
+                if r.uprobes > 0 { format!(", removed {} uprobes", r.uprobes) } else { String::new() }
             ) + &r.kept.map_or(String::new(), |(a, n)| {
                 format!(
                     "; left the {} KiB of Kafka headers at {a:#x} mapped (batches queued in the process may point there)",

@@ -39,6 +39,8 @@ pub struct ValueSpec {
     pub stack: Option<(u16, u16)>,
     /// A pointer or slice shown by its fields: where they were copied.
     pub deep: Option<deep::Deep>,
+    /// Why the backend cannot capture it (a float under uprobes), shown as `?`.
+    pub unavailable: Option<&'static str>,
 }
 
 /// Names the dynamic type of an interface from its first word (a type descriptor when
@@ -193,6 +195,7 @@ pub fn side(values: &[Value], shapes: &[Option<go_abi::dwarf::Shape>], max_strin
             scalar: v.scalar,
             stack,
             deep,
+            unavailable: None,
         });
     }
     Side { plan, values: specs, caller: None, stack: None }
@@ -279,6 +282,9 @@ fn float_text(f: f64) -> (String, serde_json::Value) {
 /// Formats one value of `rec`.
 pub fn show(spec: &ValueSpec, rec: &Record, types: &mut TypeNamer<'_>) -> Shown {
     let name = spec.name.clone();
+    if let Some(why) = spec.unavailable {
+        return Shown { name, text: "?".into(), json: serde_json::json!({ "unavailable": why }) };
+    }
     // The value's words: its registers, or the copy of its stack slots.
     let src = match (&spec.location, spec.stack) {
         (Location::Registers(p), _) => Words::Regs(p),

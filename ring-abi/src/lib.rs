@@ -107,6 +107,10 @@ pub mod ring {
     pub const TAIL: usize = 192;
     /// Lossless waits that ran out (`lock inc`).
     pub const WAIT_TIMEOUTS: usize = 256;
+    /// Written only by a writer that publishes records later than it stamps them (the
+    /// uprobe backend's pump): every record stamped before this time stamp counter value
+    /// is published. 0 for the trampolines' sub-rings, whose writers publish at once.
+    pub const WRITTEN_UP_TO: usize = 320;
     pub const LEN: usize = super::PAGE;
 }
 

@@ -23,6 +23,7 @@ fn returned_call() -> Value {
             "s": {"type": "*main.server", "data": "0xc000010000"},
             "i": 2,
             "f": 0.25,
+            "g": {"unavailable": "in a float register, which uprobes cannot read"},
             "inf": "+Inf",
             "name": "pear",
             "long": {"value": "abc", "len": 1_048_576},
@@ -109,11 +110,11 @@ fn summary() -> Value {
         "stop": "signal 15",
         "sites": [{
             "name": "main.depth",
-            "verdict": "installed: entry and 2 exits",
+            "verdict": "installed: entry and 2 exits", "backend": "trampoline",
             "entries": 10, "returns": 10, "dropped": 0,
             "jumps": [{"at": 4_198_400, "pinned": null}, {"at": 4_198_480, "pinned": 144}]
         }, {
-            "name": "main.asm", "verdict": "refused: written in assembly",
+            "name": "main.asm", "verdict": "refused: written in assembly", "backend": null,
             "entries": 0, "returns": 0, "dropped": 0, "jumps": []
         }],
         "records": 20, "tickets": 20, "consumed": 20, "unpublished": 0, "dropped": 0, "dropped_full": 0,
@@ -121,7 +122,7 @@ fn summary() -> Value {
         "open_calls": 0, "output_dropped": 0, "output_errors": 0,
         "install_pause_ms": 1.8, "prepare_pause_ms": 0.9, "install_pause": pause, "prepare_pause": pause,
         "ring_bytes": 35_127_296u64, "trampoline_bytes": 4096, "ring_reserve_ms": 12.5,
-        "remove_pause_ms": 1.1, "restored": 3, "unmapped": true, "kept_bytes": 528_384, "threads": 6,
+        "remove_pause_ms": 1.1, "restored": 3, "uprobes": 0, "unmapped": true, "kept_bytes": 528_384, "threads": 6,
         "otlp": {
             "endpoint": "http://127.0.0.1:4318", "protocol": "http/protobuf", "exported": 10, "sampled_out": 0,
             "dropped_queue_full": 0, "dropped_export_failed": 0, "requests": 1, "failed_requests": 0,

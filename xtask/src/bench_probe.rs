@@ -5,8 +5,9 @@
 //! - `call-overhead`: ns per call of a probed `main.add3(a, b, c int) int` in a tight loop
 //!   (and, counted with `--stats`, of `main.tick` from two goroutines on two cores):
 //!   no probe, inject's trampolines (entry and return, 3 arguments), and a kernel uprobe on
-//!   the same entry and return (bpftrace, from Debian). Goals: inject ≤ 60 ns added per
-//!   call, and at least 20× cheaper than the uprobe.
+//!   the same entry and return (bpftrace, from Debian), and inject's own uprobe backend
+//!   (`--backend uprobe`). Goals: inject ≤ 60 ns added per call, and at least 20× cheaper
+//!   than the uprobe.
 //! - `collector`: records per second the collector drains and pairs on one core (goal:
 //!   5 million).
 //! - `drain`: records per second inject takes out of a live target's ring while the target
@@ -219,6 +220,24 @@ pub fn call_overhead() -> Result<()> {
         std::thread::sleep(Duration::from_millis(1500));
         Ok(Some(c))
     })?;
+    // inject's own uprobe backend: a uprobe at the entry and one at the RET, both
+    // recording (a tenth of the calls, as for bpftrace: each costs microseconds).
+    let uprobe_summary = xtask::workspace_root().join("target/bench/call-overhead-uprobe.json");
+    let ours = loop_ns(&exe, n / 10, 5, &mut |pid| {
+        let mut c = Command::new(&inject)
+            .args(["--pid", &pid.to_string(), "--func", "main.add3", "--output", "none", "--backend", "uprobe"])
+            .arg("--summary-json")
+            .arg(&uprobe_summary)
+            .stderr(Stdio::piped())
+            .spawn()?;
+        xtask::wait_for_line(&mut c, false, "inject: probing")?;
+        Ok(Some(c))
+    })?;
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&uprobe_summary)?)?;
+    let (u_written, u_dropped) = (
+        s["sites"][0]["entries"].as_u64().unwrap_or(0) + s["sites"][0]["returns"].as_u64().unwrap_or(0),
+        s["dropped"].as_u64().unwrap_or(0),
+    );
     let b = median(baseline[1..].to_vec());
     let warm = median(recorded[1..].to_vec()) - b;
     let cold = recorded[0] - baseline[0];
@@ -252,6 +271,11 @@ pub fn call_overhead() -> Result<()> {
     let counted_ns = median(counted[1..].to_vec()) - b;
     println!(
         "  inject --stats (counted, no record) +{counted_ns:>7.2}   ({k_counted} of {made} entries and returns counted)"
+    );
+    println!(
+        "  inject --backend uprobe             +{:>7.2}   ({u_written} written, {u_dropped} dropped){}",
+        median(ours) - b,
+        labelled(u_dropped)
     );
     println!("  bpftrace uprobe (entry only, x2)    +{up:>7.2}");
     println!(

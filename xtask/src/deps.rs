@@ -14,9 +14,17 @@ const DEBIAN_PACKAGES: &[&str] = &["golang-1.19-go", "postgresql", "redis-server
 /// Commands the tests need, and the Debian package that brings each when it is not on
 /// PATH (a JDK installed some other way counts): Java 17 runs the Kafka broker, Maven
 /// fetches it from Maven Central (xtask::kafka); openssl makes the TLS tests' certificates
-/// (xtask::certs) and curl is their HTTPS client against the OpenTelemetry Collector.
-const COMMANDS: &[(&str, &str)] =
-    &[("java", "openjdk-17-jre-headless"), ("mvn", "maven"), ("openssl", "openssl"), ("curl", "curl")];
+/// (xtask::certs) and curl is their HTTPS client against the OpenTelemetry Collector;
+/// clang-19 rebuilds the uprobe program to check the checked-in object (xtask::bpf); strace
+/// is the other tracer the uprobe tests attach to a target before inject.
+const COMMANDS: &[(&str, &str)] = &[
+    ("java", "openjdk-17-jre-headless"),
+    ("mvn", "maven"),
+    ("openssl", "openssl"),
+    ("curl", "curl"),
+    ("clang-19", "clang-19"),
+    ("strace", "strace"),
+];
 
 fn on_path(cmd: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))

@@ -2,6 +2,7 @@
 //! toolchains we support (go-versions.toml), installing them, and building fixtures with
 //! a toolchain and a build flavor, cached under `target/fixtures/`.
 
+pub mod bpf;
 pub mod certs;
 pub mod collector;
 pub mod kafka;

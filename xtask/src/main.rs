@@ -36,6 +36,8 @@ cargo xtask <command>
                     DWARF of probe builds; --check fails on a difference (--help: the rest)
   docs [--check]    write docs/cli.md, the command-line reference, from inject's CLI definition;
                     --check fails when the file differs
+  bpf [--check]     compile the uprobe backend's BPF program (probe.bpf.c, with clang-19) into the
+                    checked-in probe.bpf.o; --check fails when the object differs
   bench [NAME]      run benchmarks (attach-100, attach-under-load, call-overhead, collector, drain, export, launch, http, grpc, db, kafka, functions-100mb; all by default)
 ";
 
@@ -59,6 +61,7 @@ fn main() -> ExitCode {
         },
         Some("offsets") => offsets(&args[1..]),
         Some("docs") => docs(args.iter().any(|a| a == "--check")),
+        Some("bpf") => xtask::bpf::run(args.iter().any(|a| a == "--check")),
         Some("help" | "--help" | "-h") | None => {
             print!("{HELP}");
             Ok(())

@@ -1,10 +1,13 @@
 //! Backends put probes into a live process, take them out again, and hand the collector
 //! the records the probes write. The trampoline backend (ptrace windows, patched jumps to
-//! generated trampolines, a shared-memory ring) is [`trampoline`]; BPF uprobes will be its
-//! sibling behind the same [`Backend`] and [`Probes`] traits. Nothing above this module
-//! knows how a probe gets in.
+//! generated trampolines, a shared-memory ring) is [`trampoline`]; BPF uprobes
+//! ([`uprobe`]) are its sibling behind the same [`Backend`] and [`Probes`] traits, and
+//! [`both`] runs the two at once (`--backend auto`). Nothing above this module knows how a
+//! probe gets in.
 
+mod both;
 pub mod trampoline;
+pub mod uprobe;
 
 use std::time::Duration;
 
@@ -101,10 +104,137 @@ pub struct Installed {
 /// What removal achieved.
 #[derive(Debug)]
 pub struct Removal {
+    /// Patches restored (trampolines).
     pub restored: usize,
+    /// Uprobes the kernel took out.
+    pub uprobes: usize,
     pub unmapped: bool,
     pub pause: Duration,
     /// Memory left mapped on purpose (address, length): the Kafka header arena, which
     /// batches queued in the process may still point to.
     pub kept: Option<(u64, u64)>,
+}
+
+/// `--backend`: what puts the probes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Choice {
+    /// Trampolines where the patcher installs them, uprobes for the sites it refuses and
+    /// for a process inject may not ptrace (when BPF is permitted here).
+    #[default]
+    Auto,
+    /// Jumps to trampolines patched into the code with ptrace: tens of nanoseconds a call.
+    Trampoline,
+    /// Kernel uprobes running a BPF program: no ptrace at all, removed by the kernel even
+    /// when inject is killed; a kernel trap per probe (microseconds a call), float arguments
+    /// not captured.
+    Uprobe,
+}
+
+/// Decides each site's backend; says on stderr when `auto` cannot use uprobes for sites
+/// the patcher refused, and why.
+pub fn assign(sites: &mut [ProbeSite], bin: &GoBinary<'_>, bias: u64, choice: Choice) -> Result<()> {
+    use crate::plan::Via;
+    if let Ok(names) = std::env::var("INJECT_REFUSE_TRAMPOLINE") {
+        for s in sites.iter_mut().filter(|s| names.split_whitespace().any(|n| n == s.name)) {
+            s.entry_patch = Err(crate::plan::FuncRefusal::Forced);
+        }
+    }
+    match choice {
+        Choice::Trampoline => {}
+        Choice::Uprobe => {
+            uprobe::check::available().map_err(|why| anyhow::anyhow!("--backend uprobe: {why}"))?;
+            let mut off: Vec<&str> = Vec::new();
+            for s in sites.iter_mut() {
+                s.via = uprobe::sites::uprobe_via(bin, bias, s);
+                uprobe::sites::mark_floats(s);
+                if let (Via::Refused(_), crate::plan::Role::Lib(p)) = (&s.via, s.role) {
+                    let name = crate::libs::library(p).name();
+                    if !crate::libs::library(p).support() && !off.contains(&name) {
+                        off.push(name);
+                    }
+                }
+            }
+            if !off.is_empty() {
+                eprintln!(
+                    "inject: warning: --backend uprobe: {} instrumentation off: its probes do trace-context work in \
+                     the target that the uprobe program does not do yet (--backend auto traces it with trampolines)",
+                    off.join(", ")
+                );
+            }
+        }
+        Choice::Auto => {
+            let refused: Vec<usize> = (0..sites.len()).filter(|&i| !sites[i].installable()).collect();
+            if refused.is_empty() {
+                return Ok(());
+            }
+            if let Err(why) = uprobe::check::available() {
+                eprintln!("inject: warning: trampolines alone: {why}");
+                return Ok(());
+            }
+            for i in refused {
+                if let via @ Via::Uprobe { .. } = uprobe::sites::uprobe_via(bin, bias, &sites[i]) {
+                    sites[i].via = via;
+                    uprobe::sites::mark_floats(&mut sites[i]);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The backend that installs `sites` as [`assign`] divided them.
+pub fn for_sites(sites: &[ProbeSite]) -> Box<dyn Backend> {
+    use crate::plan::Via;
+    let uprobes = sites.iter().any(|s| matches!(s.via, Via::Uprobe { .. }));
+    let trampolines = sites.iter().any(|s| s.via == Via::Trampoline && s.entry_patch.is_ok());
+    match (trampolines, uprobes) {
+        (_, false) => Box::new(trampoline::Trampolines),
+        (false, true) => Box::new(uprobe::Uprobes),
+        (true, true) => Box::new(both::Both),
+    }
+}
+
+/// Whether process `pid` runs this inject's executable (or one named like it).
+fn is_inject(pid: i32) -> bool {
+    let exe = |p: &str| std::fs::read_link(format!("/proc/{p}/exe")).ok();
+    let comm = |p: &str| std::fs::read_to_string(format!("/proc/{p}/comm")).ok();
+    let theirs = pid.to_string();
+    exe(&theirs).is_some_and(|e| Some(e) == exe("self")) || comm(&theirs).is_some_and(|c| Some(c) == comm("self"))
+}
+
+/// Installs `sites` with `backend`; with `--backend auto`, a process inject may not
+/// ptrace (another tracer holds it, or permission is denied) gets uprobes for every site
+/// they can take instead, with a warning, when BPF is permitted here.
+pub fn install(
+    choice: Choice,
+    backend: &dyn Backend,
+    pid: i32,
+    bin: &GoBinary<'_>,
+    bias: u64,
+    sites: &mut [ProbeSite],
+    ring: RingAddrs,
+) -> Result<Box<dyn Probes>> {
+    let err = match backend.install(pid, bin, bias, sites, ring) {
+        Ok(p) => return Ok(p),
+        Err(e) => e,
+    };
+    use trampoline::ptrace::AttachError;
+    // Not when the tracer is another inject: one inject per process.
+    let denied = err.chain().any(|c| match c.downcast_ref::<AttachError>() {
+        Some(AttachError::AlreadyTraced { tracer, .. }) => !is_inject(*tracer),
+        Some(AttachError::PermissionDenied { .. }) => true,
+        _ => false,
+    });
+    if choice != Choice::Auto || !denied || uprobe::check::available().is_err() {
+        return Err(err);
+    }
+    eprintln!("inject: warning: {err:#}; using uprobes, which need no ptrace");
+    for s in sites.iter_mut() {
+        s.via = uprobe::sites::uprobe_via(bin, bias, s);
+        uprobe::sites::mark_floats(s);
+    }
+    if !sites.iter().any(ProbeSite::installable) {
+        anyhow::bail!("{err:#}; and uprobes cannot take any of the requested functions either");
+    }
+    uprobe::Uprobes.install(pid, bin, bias, sites, ring)
 }

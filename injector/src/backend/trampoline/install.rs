@@ -673,7 +673,7 @@ pub fn remove(inst: &Installation) -> Result<Removal> {
     }
     // The world stood still until every thread but the unmapping one ran again.
     let pause = world_stopped.unwrap_or_else(|| started.elapsed());
-    Ok(Removal { restored: inst.patches.len(), unmapped, pause, kept })
+    Ok(Removal { restored: inst.patches.len(), uprobes: 0, unmapped, pause, kept })
 }
 
 /// The arena's place in the target when a Kafka header was ever written from it.

@@ -18,7 +18,7 @@ use super::{Backend, Installed, Probes, Removal};
 use crate::plan::ProbeSite;
 use crate::ring::RingReader;
 
-pub use install::Installation;
+pub use install::{Installation, install as install_trampolines};
 
 /// The trampoline backend.
 pub struct Trampolines;
