@@ -19,6 +19,7 @@ pub const HEADER_LEN: usize = 40 + 8 * ring_abi::slot::NINTS;
 const WHEN_HAS_OFF: u8 = 1;
 const WHEN_BYTE: u8 = 2;
 const WHEN_DIFFERS: u8 = 4;
+const WHEN_ABOVE: u8 = 8;
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
@@ -146,7 +147,8 @@ pub fn encode(site: u32, kind: ring_abi::Kind, plan: &CapturePlan) -> Result<Pla
                     let (npath, wpath) = path(&w.path)?;
                     let flags = w.off.map_or(0, |_| WHEN_HAS_OFF)
                         | if w.byte { WHEN_BYTE } else { 0 }
-                        | if w.differs { WHEN_DIFFERS } else { 0 };
+                        | if w.differs { WHEN_DIFFERS } else { 0 }
+                        | if w.above { WHEN_ABOVE } else { 0 };
                     *o = When {
                         reg: w.reg,
                         npath,

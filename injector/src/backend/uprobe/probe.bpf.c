@@ -64,8 +64,10 @@ struct copy {
 #define WHEN_HAS_OFF 1
 #define WHEN_BYTE 2
 #define WHEN_DIFFERS 4
+#define WHEN_ABOVE 8
 // A condition on a word: the register's value, or after following path (each pointer
-// nil-checked) the word (or byte) at off, equals (or differs from) equals.
+// nil-checked) the word (or byte) at off, equals (or differs from, or is above, unsigned:
+// a slice's length and an element's index) equals.
 struct when {
     u8 reg, npath, flags, pad;
     s32 off;
@@ -180,6 +182,8 @@ INLINE int when_holds(struct event *e, u64 sp, struct when *w) {
             v = word_at(v + w->off);
         }
     }
+    if (w->flags & WHEN_ABOVE)
+        return v > w->equals;
     if (w->flags & WHEN_DIFFERS)
         return v != w->equals;
     return v == w->equals;
