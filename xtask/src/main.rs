@@ -7,6 +7,7 @@ use xtask::{Flavor, all_toolchains, build_fixture, fixture_names, oldest_and_new
 
 mod bench;
 mod bench_db;
+mod bench_debug;
 mod bench_export;
 mod bench_grpc;
 mod bench_http;
@@ -36,7 +37,7 @@ cargo xtask <command>
                     DWARF of probe builds; --check fails on a difference (--help: the rest)
   docs [--check]    write docs/cli.md, the command-line reference, from inject's CLI definition;
                     --check fails when the file differs
-  bench [NAME]      run benchmarks (attach-100, attach-under-load, call-overhead, collector, drain, export, launch, http, grpc, db, kafka, functions-100mb; all by default)
+  bench [NAME]      run benchmarks (attach-100, attach-under-load, call-overhead, collector, drain, export, launch, http, grpc, db, kafka, debug, functions-100mb; all by default)
 ";
 
 fn main() -> ExitCode {
