@@ -361,7 +361,8 @@ impl Bench {
     }
 }
 
-/// Waits until every thread of `pid` has a tracer (Delve attached to all of them).
+/// Waits until every thread of `pid` has a tracer (Delve attached to all of them). The
+/// tracer is a thread of Delve's (TracerPid names the thread), not always its main one.
 fn wait_traced(pid: u32, tracer: &mut Tracer) -> Result<()> {
     let deadline = Instant::now() + STAGE;
     loop {
@@ -371,7 +372,8 @@ fn wait_traced(pid: u32, tracer: &mut Tracer) -> Result<()> {
             let traced = status
                 .lines()
                 .find_map(|l| l.strip_prefix("TracerPid:"))
-                .is_some_and(|v| v.trim().parse::<u32>().is_ok_and(|p| p == tracer.child.id()));
+                .and_then(|v| v.trim().parse::<u32>().ok())
+                .is_some_and(|tid| tid != 0 && Path::new(&format!("/proc/{}/task/{tid}", tracer.child.id())).exists());
             all &= traced;
         }
         if all {
