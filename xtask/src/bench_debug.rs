@@ -659,3 +659,70 @@ fn set_symbol_bounds(elf: &mut [u8], func: &str, ret_name: &str, ret: u64) -> Re
     elf[r + 16..r + 24].copy_from_slice(&1u64.to_le_bytes());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal ELF64: a header, a `.symtab` of [null, main.tick (0x1000, 9 bytes, section
+    /// 1), main.tick.ret (0x1008, 0 bytes, ABS)] and its string table.
+    fn elf() -> Vec<u8> {
+        let strings = b"\0main.tick\0main.tick.ret\0";
+        let mut symtab = vec![0u8; 24];
+        for (name, shndx, value, size) in [(1u32, 1u16, 0x1000u64, 9u64), (11, 0xfff1, 0x1008, 0)] {
+            symtab.extend(name.to_le_bytes());
+            symtab.extend([0x12, 0]);
+            symtab.extend(shndx.to_le_bytes());
+            symtab.extend(value.to_le_bytes());
+            symtab.extend(size.to_le_bytes());
+        }
+        let (sym_off, str_off) = (64usize, 64 + symtab.len());
+        let shoff = str_off + strings.len();
+        let mut e = vec![0u8; 64];
+        e[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        e[0x28..0x30].copy_from_slice(&(shoff as u64).to_le_bytes());
+        e[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+        e[0x3c..0x3e].copy_from_slice(&3u16.to_le_bytes());
+        e.extend(&symtab);
+        e.extend(strings);
+        let section = |kind: u32, off: usize, size: usize, link: u32| {
+            let mut h = vec![0u8; 64];
+            h[4..8].copy_from_slice(&kind.to_le_bytes());
+            h[0x18..0x20].copy_from_slice(&(off as u64).to_le_bytes());
+            h[0x20..0x28].copy_from_slice(&(size as u64).to_le_bytes());
+            h[0x28..0x2c].copy_from_slice(&link.to_le_bytes());
+            h
+        };
+        e.extend(section(0, 0, 0, 0));
+        e.extend(section(2, sym_off, symtab.len(), 2));
+        e.extend(section(3, str_off, strings.len(), 0));
+        e
+    }
+
+    #[test]
+    fn the_ret_symbol_gets_its_byte_and_the_function_ends_before_it() -> Result<()> {
+        let mut e = elf();
+        set_symbol_bounds(&mut e, "main.tick", "main.tick.ret", 0x1008)?;
+        let (tick, ret) = (64 + 24, 64 + 48);
+        assert_eq!((le(&e, tick + 8, 8)?, le(&e, tick + 16, 8)?), (0x1000, 8));
+        assert_eq!((le(&e, ret + 6, 2)?, le(&e, ret + 8, 8)?, le(&e, ret + 16, 8)?), (1, 0x1008, 1));
+        Ok(())
+    }
+
+    #[test]
+    fn a_ret_outside_the_function_or_a_missing_symbol_is_refused() {
+        let mut e = elf();
+        assert!(set_symbol_bounds(&mut e, "main.tick", "main.tick.ret", 0x1009).is_err());
+        assert!(set_symbol_bounds(&mut e, "main.tock", "main.tick.ret", 0x1008).is_err());
+        assert!(set_symbol_bounds(&mut e[..100], "main.tick", "main.tick.ret", 0x1008).is_err());
+        assert_eq!(e, elf(), "a refusal changes nothing");
+    }
+
+    #[test]
+    fn expected_sums_are_those_of_the_fixture_loop() {
+        let n = 1000u64;
+        let args: u128 = (0..n).map(u128::from).sum();
+        let results: u128 = (0..n).map(|x| 3 * u128::from(x) + 1).sum();
+        assert_eq!(expected_sums(n), (args, results));
+    }
+}
