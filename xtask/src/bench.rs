@@ -41,6 +41,7 @@ const BENCHMARKS: &[&str] = &[
     "grpc",
     "db",
     "kafka",
+    "debug",
 ];
 
 pub fn run(name: Option<&str>) -> Result<()> {
@@ -58,6 +59,7 @@ pub fn run(name: Option<&str>) -> Result<()> {
             crate::bench_grpc::grpc()?;
             crate::bench_db::db()?;
             crate::bench_kafka::kafka()?;
+            crate::bench_debug::debug()?;
             functions_100mb()
         }
         Some("functions-100mb") => functions_100mb(),
@@ -72,6 +74,7 @@ pub fn run(name: Option<&str>) -> Result<()> {
         Some("grpc") => crate::bench_grpc::grpc(),
         Some("db") => crate::bench_db::db(),
         Some("kafka") => crate::bench_kafka::kafka(),
+        Some("debug") => crate::bench_debug::debug(),
         Some(other) => bail!("unknown benchmark {other:?}; known: {}", BENCHMARKS.join(", ")),
     }
 }

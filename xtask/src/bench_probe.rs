@@ -26,13 +26,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
 }
 
-fn release_inject() -> Result<std::path::PathBuf> {
+/// `inject` built with the release profile (what the numbers are about).
+pub(crate) fn release_inject() -> Result<std::path::PathBuf> {
     // SAFETY: single-threaded at this point.
     unsafe { std::env::set_var("INJECT_PROFILE", "release") };
     inject_binary()
 }
 
-fn newest_go() -> Result<xtask::GoToolchain> {
+/// The newest Go of go-versions.toml, installed if needed.
+pub(crate) fn newest_go() -> Result<xtask::GoToolchain> {
     let v = xtask::go_versions()?;
     toolchain(v.last().context("no Go versions")?)
 }

@@ -7,6 +7,7 @@ use xtask::{Flavor, all_toolchains, build_fixture, fixture_names, oldest_and_new
 
 mod bench;
 mod bench_db;
+mod bench_debug;
 mod bench_export;
 mod bench_grpc;
 mod bench_http;
@@ -38,7 +39,7 @@ cargo xtask <command>
                     --check fails when the file differs
   bpf [--check]     compile the uprobe backend's BPF program (probe.bpf.c, with clang-19) into the
                     checked-in probe.bpf.o; --check fails when the object differs
-  bench [NAME]      run benchmarks (attach-100, attach-under-load, call-overhead, collector, drain, export, launch, http, grpc, db, kafka, functions-100mb; all by default)
+  bench [NAME]      run benchmarks (attach-100, attach-under-load, call-overhead, collector, drain, export, launch, http, grpc, db, kafka, debug, functions-100mb; all by default)
 ";
 
 fn main() -> ExitCode {
