@@ -6,7 +6,7 @@
 
 use trampolines::codegen::{CapturePlan, Fetch, FieldCopy, Op};
 
-use super::{Described, LibProbe, LibState, Library, Notes, OpenSpans, PlanCx, Planned};
+use super::{LibProbe, LibState, Library, Notes, OpenSpans, PlanCx, Planned};
 use crate::ring::Record;
 
 const SPAWN: u8 = 0;
@@ -63,18 +63,6 @@ impl Library for Goroutines {
 
     fn state(&self) -> Box<dyn LibState> {
         Box::new(Lineage)
-    }
-
-    fn describe(
-        &self,
-        _probe: u8,
-        _entry: &Record,
-        _ret: Option<&Record>,
-        _notes: Option<&Notes>,
-        _type_name: &mut dyn FnMut(u64) -> Option<String>,
-    ) -> Option<Described> {
-        // Never a span (`is_span` is false for every probe).
-        None
     }
 }
 

@@ -20,12 +20,8 @@ use trampolines::codegen::{CapturePlan, Fetch, Guard, Op, SP, When};
 use super::{
     Alt, Attr, Described, LibProbe, LibState, Library, Notes, OpenSpans, PlanCx, Planned, SpanKind, field, one_of,
 };
+use crate::libs::reg::{RAX, RBX, RDI, RSI};
 use crate::ring::Record;
-
-const RAX: u8 = 0;
-const RBX: u8 = 1;
-const RDI: u8 = 3;
-const RSI: u8 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

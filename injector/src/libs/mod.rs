@@ -21,6 +21,19 @@ use crate::plan::{PlanContext, ProbeSite, Role};
 use crate::ring::Record;
 use crate::values::Side;
 
+/// The register ABI's integer argument registers as capture plans number them.
+pub mod reg {
+    pub const RAX: u8 = 0;
+    pub const RBX: u8 = 1;
+    pub const RCX: u8 = 2;
+    pub const RDI: u8 = 3;
+    pub const RSI: u8 = 4;
+    pub const R8: u8 = 5;
+    pub const R9: u8 = 6;
+    pub const R10: u8 = 7;
+    pub const R11: u8 = 8;
+}
+
 /// Every library inject instruments, in the order their probes are planned.
 pub static LIBRARIES: &[&dyn Library] = &[
     &http::NetHttp,
@@ -85,16 +98,19 @@ pub trait Library: Sync {
     /// Its per-session state on the collector's side.
     fn state(&self) -> Box<dyn LibState>;
     /// Names and attributes a finished span of `probe` by the semantic conventions, or
-    /// None when the call did nothing the library reports (no span at all).
-    /// `type_name` names the dynamic type of an interface value from its itab.
+    /// None when the call did nothing the library reports (no span at all; always, for a
+    /// library whose probes are all events). `type_name` names the dynamic type of an
+    /// interface value from its itab.
     fn describe(
         &self,
-        probe: u8,
-        entry: &Record,
-        ret: Option<&Record>,
-        notes: Option<&Notes>,
-        type_name: &mut dyn FnMut(u64) -> Option<String>,
-    ) -> Option<Described>;
+        _probe: u8,
+        _entry: &Record,
+        _ret: Option<&Record>,
+        _notes: Option<&Notes>,
+        _type_name: &mut dyn FnMut(u64) -> Option<String>,
+    ) -> Option<Described> {
+        None
+    }
 }
 
 /// A library's collector-side state: what its events tell, kept until a span uses it.

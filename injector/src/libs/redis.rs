@@ -23,12 +23,8 @@ use super::sql::QueryText;
 use super::{
     Alt, Attr, Described, LibProbe, LibState, Library, Notes, OpenSpans, PlanCx, Planned, SpanKind, field, one_of,
 };
+use crate::libs::reg::{RAX, RBX, RCX, RSI};
 use crate::ring::Record;
-
-const RAX: u8 = 0;
-const RBX: u8 = 1;
-const RCX: u8 = 2;
-const RSI: u8 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

@@ -7,15 +7,8 @@ use ring_abi::{ctx, span_ids};
 use trampolines::codegen::{AfterWrite, ByteCopy, CapturePlan, Fetch, Guard, Op, When};
 
 use super::Probe;
+use crate::libs::reg::{R8, RAX, RBX, RCX, RDI, RSI};
 use crate::libs::{PlanCx, Planned, field, module_version, semver};
-
-/// Argument registers, in ABI order.
-const RAX: u8 = 0;
-const RBX: u8 = 1;
-const RCX: u8 = 2;
-const RDI: u8 = 3;
-const RSI: u8 = 4;
-const R8: u8 = 5;
 
 /// The grpc-go releases whose signatures the probes follow: [from, until).
 pub(super) const SUPPORTED: ((u32, u32, u32), (u32, u32, u32)) = ((1, 60, 0), (1, 86, 0));

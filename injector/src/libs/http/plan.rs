@@ -5,14 +5,9 @@ use ring_abi::span_ids;
 use trampolines::codegen::{AfterWrite, ByteCopy, CapturePlan, Fetch, FieldCopy, Guard, Op};
 
 use super::{H2_NAME_MAX, HEADER_LINE_MAX, Probe, ROUTE_MAX};
+use crate::libs::reg::{RAX, RBX, RCX, RDI};
 use crate::libs::{LibProbe, PlanCx, Planned};
 use crate::plan::Role;
-
-/// Argument registers, in ABI order.
-const RAX: u8 = 0;
-const RBX: u8 = 1;
-const RCX: u8 = 2;
-const RDI: u8 = 3;
 
 /// A value a span probe reads through the request (or response) pointer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

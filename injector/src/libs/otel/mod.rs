@@ -20,18 +20,11 @@ pub mod span;
 
 use trampolines::codegen::{ByteCopy, CapturePlan, Op};
 
-use super::{Described, LibProbe, LibState, Library, Notes, OpenSpans, PlanCx, Planned, module_version, semver};
+use super::{LibProbe, LibState, Library, Notes, OpenSpans, PlanCx, Planned, module_version, semver};
+use crate::libs::reg::{R8, R9, RAX, RBX, RCX, RDI, RSI};
 use crate::ring::Record;
 
 pub use span::AppSpan;
-
-const RAX: u8 = 0;
-const RBX: u8 = 1;
-const RCX: u8 = 2;
-const RDI: u8 = 3;
-const RSI: u8 = 4;
-const R8: u8 = 5;
-const R9: u8 = 6;
 
 /// Bytes of a span's JSON a record carries; a larger span is counted and not exported
 /// (the record's slot size grows with it, for every probe of the session).
@@ -121,18 +114,6 @@ impl Library for OtelSdk {
 
     fn state(&self) -> Box<dyn LibState> {
         Box::<AppSpans>::default()
-    }
-
-    fn describe(
-        &self,
-        _probe: u8,
-        _entry: &Record,
-        _ret: Option<&Record>,
-        _notes: Option<&Notes>,
-        _type_name: &mut dyn FnMut(u64) -> Option<String>,
-    ) -> Option<Described> {
-        // Its spans are the application's, whole ([`Notes::app_spans`]).
-        None
     }
 }
 

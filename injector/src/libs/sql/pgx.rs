@@ -9,13 +9,9 @@ use trampolines::codegen::{ByteCopy, CapturePlan, Fetch, Op};
 
 use super::describe::{Dsn, Statement, bytes_text, statement};
 use super::plan::Errors;
+use crate::libs::reg::{RAX, RCX, RDI, RSI};
 use crate::libs::{Described, LibState, Library, Notes, PlanCx, Planned, field, string_at, word_at};
 use crate::ring::Record;
-
-const RAX: u8 = 0;
-const RCX: u8 = 2;
-const RDI: u8 = 3;
-const RSI: u8 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

@@ -9,16 +9,8 @@
 use trampolines::codegen::{ByteCopy, CapturePlan, Fetch, FieldCopy, Op, When};
 
 use super::Probe;
+use crate::libs::reg::{R8, R9, R10, R11, RAX, RBX, RCX, RDI};
 use crate::libs::{Alt, PlanCx, Planned, field, one_of};
-
-const RAX: u8 = 0;
-const RBX: u8 = 1;
-const RCX: u8 = 2;
-const RDI: u8 = 3;
-const R8: u8 = 5;
-const R9: u8 = 6;
-const R10: u8 = 7;
-const R11: u8 = 8;
 
 /// Where values land in the records (the collector decodes with these). Entries fit the
 /// 1 KiB slots a binary with net/http already has (at most 840 bytes of data).
