@@ -635,6 +635,7 @@ impl Tracing {
 
     /// Stops collecting (after the ring is drained), flushes the export and reports.
     pub fn finish(self, reason: StopReason, removal: Option<Result<Removal>>, args: &RunArgs) -> Result<()> {
+        self.inst.drain();
         self.stop.store(true, Ordering::Release);
         let mut totals = self.collector.join().map_err(|_| anyhow::anyhow!("collector thread panicked"))?;
         totals.output_errors = self.output.join().map_err(|_| anyhow::anyhow!("output thread panicked"))?;

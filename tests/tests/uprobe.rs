@@ -326,3 +326,52 @@ fn a_verifier_rejection_is_reported_by_its_reason() -> Result<()> {
     eprintln!("rejected: {}", errors[0].trim());
     Ok(())
 }
+
+/// A launched program that makes its calls and exits within a millisecond, while both
+/// cores are busy: every call is in the output, even when the pump had not yet moved
+/// the records out of the kernel's buffer when the program exited (the collector's last
+/// look waits for it). Five runs each on the oldest and newest Go.
+#[test]
+fn a_short_launched_program_loses_no_call_to_uprobes() -> Result<()> {
+    if !require_bpf()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    let busy: Vec<std::process::Child> = (0..2)
+        .map(|_| std::process::Command::new("sh").args(["-c", "while :; do :; done"]).spawn())
+        .collect::<std::io::Result<_>>()?;
+    let result = (|| -> Result<()> {
+        for tc in test_toolchains()? {
+            let exe = build_fixture("tree", &tc, Flavor::Stripped)?;
+            for run in 0..5 {
+                let jsonl = scratch(&format!("uprobe-short-{}-{run}.jsonl", tc.version));
+                let out = std::process::Command::new(xtask::inject_binary()?)
+                    .args(["--backend", "uprobe", "--func", "main.handle", "--func", "main.query"])
+                    .args(["--output", "jsonl", "--output-file"])
+                    .arg(&jsonl)
+                    .arg("--")
+                    .arg(&exe)
+                    .args(["-n", "20", "-sleep", "0"])
+                    .output()?;
+                ensure!(out.status.success(), "Go {} run {run}: {}", tc.version, String::from_utf8_lossy(&out.stderr));
+                let lines = std::fs::read_to_string(&jsonl)?;
+                let _ = std::fs::remove_file(&jsonl);
+                let n = |name: &str| lines.lines().filter(|l| l.contains(&format!("\"name\":\"{name}\""))).count();
+                ensure!(
+                    (n("main.handle"), n("main.query")) == (20, 40),
+                    "Go {} run {run}: {} handle and {} query calls of 20 and 40:\n{}",
+                    tc.version,
+                    n("main.handle"),
+                    n("main.query"),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        Ok(())
+    })();
+    for mut b in busy {
+        let _ = b.kill();
+        let _ = b.wait();
+    }
+    result
+}

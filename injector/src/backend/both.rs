@@ -92,4 +92,8 @@ impl Probes for BothProbes {
     fn flush(&self) {
         Probes::flush(&self.inst);
     }
+
+    fn drain(&self) {
+        self.uprobes.stop_pump();
+    }
 }

@@ -49,6 +49,10 @@ pub trait Probes {
     fn remove(&self) -> Result<Removal>;
     /// Writes back anything buffered in our view of the records (before the summary).
     fn flush(&self);
+    /// Moves every record the probes have made into the ring, before the collector's last
+    /// look (a target that exited leaves uprobe records in the kernel's buffer until the
+    /// pump has moved them). Probes that write the ring themselves have nothing to do.
+    fn drain(&self) {}
 }
 
 /// Where a window's stopped time went.

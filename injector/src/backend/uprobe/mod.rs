@@ -254,7 +254,8 @@ impl Attached {
         Removal { restored: 0, uprobes: removed, unmapped: false, pause: started.elapsed(), kept: None }
     }
 
-    fn stop_pump(&self) {
+    /// Stops the pump once it has moved everything the kernel's buffer holds.
+    pub(crate) fn stop_pump(&self) {
         self.stop.store(true, Ordering::Release);
         if let Some(h) = self.pump.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = h.join();
@@ -310,4 +311,8 @@ impl Probes for UprobeProbes {
     }
 
     fn flush(&self) {}
+
+    fn drain(&self) {
+        self.attached.stop_pump();
+    }
 }
