@@ -11,7 +11,9 @@
 //! - gRPC (two more columns, the oldest grpc-go inject supports and the newest that Go
 //!   builds): the grpcsvc server launched under inject with no flags; its warm-up call to
 //!   itself gives a client span and a server span joined by the `traceparent` field inject
-//!   appended to the call's HTTP/2 headers.
+//!   appended to the call's HTTP/2 headers;
+//! - the uprobe backend (one more column, default / stripped / PIE): the launch check
+//!   again with `--backend uprobe` (kernel uprobes, no ptrace), the same calls and values.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -33,9 +35,10 @@ fn list(inject: &std::path::Path, exe: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn launch(inject: &std::path::Path, exe: &std::path::Path, typed: bool) -> Result<()> {
+fn launch(inject: &std::path::Path, exe: &std::path::Path, typed: bool, backend: &str) -> Result<()> {
     let jsonl = scratch("launch.jsonl")?;
     let out = Command::new(inject)
+        .args(["--backend", backend])
         .args(["--func", "main.handle", "--func", "main.query", "--output", "jsonl", "--output-file"])
         .arg(&jsonl)
         .arg("--")
@@ -218,11 +221,17 @@ unsafe extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }
 
+/// The uprobe backend's cell: the launch check with kernel uprobes.
+pub fn uprobe_cell(inject: &std::path::Path, tc: &GoToolchain, flavor: Flavor) -> Result<()> {
+    let exe = build_fixture("tree", tc, flavor)?;
+    launch(inject, &exe, flavor != Flavor::Stripped, "uprobe")
+}
+
 /// One cell of the table: `tree` built by `tc` as `flavor`.
 pub fn cell(inject: &std::path::Path, tc: &GoToolchain, flavor: Flavor) -> Result<()> {
     let exe = build_fixture("tree", tc, flavor)?;
     list(inject, &exe).context("list")?;
-    launch(inject, &exe, flavor != Flavor::Stripped).context("launch")?;
+    launch(inject, &exe, flavor != Flavor::Stripped, "trampoline").context("launch")?;
     attach_detach(inject, &exe).context("attach/detach")?;
     http(inject, tc, flavor).context("net/http")?;
     Ok(())
@@ -232,7 +241,7 @@ pub fn run() -> Result<()> {
     let inject = inject_binary()?;
     let flavors = [Flavor::Default, Flavor::Stripped, Flavor::Pie];
     let mut table = String::from(
-        "| Go | default | stripped (`-s -w`) | PIE | grpc-go v1.60.1 (default / stripped / PIE) | newest grpc-go it builds |\n|---|---|---|---|---|---|\n",
+        "| Go | default | stripped (`-s -w`) | PIE | grpc-go v1.60.1 (default / stripped / PIE) | newest grpc-go it builds | uprobe backend (default / stripped / PIE) |\n|---|---|---|---|---|---|---|\n",
     );
     let mut failures = 0;
     let mut mark = |r: Result<()>, what: &str| -> String {
@@ -260,13 +269,18 @@ pub fn run() -> Result<()> {
             let label = if version == crate::GRPC_OLDEST { String::new() } else { format!("{version}: ") };
             row.push_str(&format!(" {label}{} |", cells.join(" / ")));
         }
+        let cells: Vec<String> = flavors
+            .iter()
+            .map(|&f| mark(uprobe_cell(&inject, &tc, f), &format!("go{v} {} uprobe", f.name())))
+            .collect();
+        row.push_str(&format!(" {} |", cells.join(" / ")));
         println!("{row}");
         table.push_str(&row);
         table.push('\n');
     }
     println!("\n{table}");
     println!(
-        "✓: functions listed, calls traced at launch with their arguments (raw registers when stripped), attach and detach with every patch restored, net/http server and client spans joined by trace context; gRPC client and server spans joined by the traceparent inject wrote."
+        "✓: functions listed, calls traced at launch with their arguments (raw registers when stripped), attach and detach with every patch restored, net/http server and client spans joined by trace context; gRPC client and server spans joined by the traceparent inject wrote; uprobe backend: the launch check with --backend uprobe."
     );
     if failures > 0 {
         bail!("{failures} cells failed");
