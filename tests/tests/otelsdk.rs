@@ -243,8 +243,9 @@ fn an_application_with_its_own_sdk_exports_its_spans_once_and_inject_matches_the
     app.signal(15);
     ensure!(app.wait(LIMIT)?.success(), "{}", app.transcript());
     // Inject's 3 spans and the application's 2 per order.
+    // Both exporters flushed before their process (or inject) exited: nothing is still on
+    // its way.
     rx.wait_spans(5 * ORDERS.len() as u64, LIMIT).context("spans")?;
-    std::thread::sleep(Duration::from_millis(300));
     let spans = rx.spans();
     let mine: Vec<&Received> = spans.iter().filter(|s| s.scope == "shop").collect();
     ensure!(mine.len() == 2 * ORDERS.len(), "{} application spans for {} orders: {mine:#?}", mine.len(), ORDERS.len());

@@ -23,13 +23,7 @@ pub(super) fn emit_ring_select(
             // P (sysmon, signal handlers); both are checked, and a missing P uses ring 0.
             let mut no_p = a.create_label();
             let mut have = a.create_label();
-            a.mov(r13, qword_ptr(r14 + g_m as i32))?;
-            a.test(r13, r13)?;
-            a.je(no_p)?;
-            a.mov(r13, qword_ptr(r13 + m_p as i32))?;
-            a.test(r13, r13)?;
-            a.je(no_p)?;
-            a.mov(r13d, dword_ptr(r13 + p_id as i32))?;
+            emit_p_id(a, (g_m, m_p, p_id), no_p)?;
             a.jmp(have)?;
             a.set_label(&mut no_p)?;
             a.xor(r13d, r13d)?;

@@ -530,6 +530,23 @@ impl CapturePlan {
     }
 }
 
+/// R13d = the id of the P the goroutine in R14 runs on (`g.m.p.id`, offsets `g_m`, `m_p`,
+/// `p_id`), or a jump to `no_p` when its thread holds none (g.m or m.p nil). Writes R13
+/// and the flags only.
+pub(super) fn emit_p_id(
+    a: &mut CodeAssembler,
+    (g_m, m_p, p_id): (u32, u32, u32),
+    no_p: CodeLabel,
+) -> Result<(), IcedError> {
+    a.mov(r13, qword_ptr(r14 + g_m as i32))?;
+    a.test(r13, r13)?;
+    a.je(no_p)?;
+    a.mov(r13, qword_ptr(r13 + m_p as i32))?;
+    a.test(r13, r13)?;
+    a.je(no_p)?;
+    a.mov(r13d, dword_ptr(r13 + p_id as i32))
+}
+
 /// A generated trampoline: code to place at `at`.
 #[derive(Debug, Clone)]
 pub struct Trampoline {

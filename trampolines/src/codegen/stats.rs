@@ -66,13 +66,7 @@ pub(super) fn emit_stats(
     let mut no_block = if kind == Kind::Entry { a.create_label() } else { done };
     // R12 = this P's block of the site (Go code always runs holding a P; a thread without
     // one, or a P beyond the blocks, is counted as missed).
-    a.mov(r13, qword_ptr(r14 + g_m as i32))?;
-    a.test(r13, r13)?;
-    a.je(no_block)?;
-    a.mov(r13, qword_ptr(r13 + m_p as i32))?;
-    a.test(r13, r13)?;
-    a.je(no_block)?;
-    a.mov(r13d, dword_ptr(r13 + p_id as i32))?;
+    emit_p_id(a, (g_m, m_p, p_id), no_block)?;
     a.cmp(r13d, l.stats_slots as i32)?;
     a.jae(no_block)?;
     a.imul_3(r13, r13, st::BLOCK as i32)?;
