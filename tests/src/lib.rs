@@ -294,6 +294,28 @@ pub use xtask::is_root;
 
 static EXCLUSIVE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Whether uprobes can be used here (the uprobe PMU, root or CAP_BPF and CAP_PERFMON);
+/// under CI a machine without them fails.
+pub fn require_bpf() -> Result<bool> {
+    let pmu = std::path::Path::new("/sys/bus/event_source/devices/uprobe/type").exists();
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let caps = eff & (1 << 21) != 0 || (eff & (1 << 38) != 0 && eff & (1 << 39) != 0);
+    if pmu && caps {
+        return Ok(true);
+    }
+    let why = if pmu { "neither root nor CAP_BPF and CAP_PERFMON" } else { "no uprobe PMU in this kernel" };
+    if xtask::in_ci() {
+        bail!("uprobes are unavailable ({why}), and CI=true: this test must run");
+    }
+    eprintln!("SKIP: uprobes unavailable ({why})");
+    Ok(false)
+}
+
 /// Serialises the tests of one binary that run live targets under load: on two cores,
 /// two of them at once starve each other's collector and measure the machine, not inject.
 pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {

@@ -28,10 +28,22 @@ struct Service {
 impl Service {
     /// Starts the httpserver fixture and attaches an inject exporting to `rx` as `name`.
     fn start(tc: &GoToolchain, flavor: Flavor, name: &str, args: &[&str], rx: &Receiver) -> Result<Service> {
+        Service::start_by(tc, flavor, name, args, rx, &By::default())
+    }
+
+    /// As [`Service::start`], with inject's backend chosen by `by`.
+    fn start_by(
+        tc: &GoToolchain,
+        flavor: Flavor,
+        name: &str,
+        args: &[&str],
+        rx: &Receiver,
+        by: &By<'_>,
+    ) -> Result<Service> {
         let exe = build_fixture("httpserver", tc, flavor)?;
         let server = start_fixture(&exe, args, &[])?;
         let addr = server.value("LISTEN ").context("LISTEN line")?;
-        let inject = attach(server.pid(), name, rx)?;
+        let inject = attach_by(server.pid(), name, rx, by)?;
         Ok(Service { _server: server, addr, inject: inject.0, summary: inject.1 })
     }
 
@@ -46,15 +58,33 @@ impl Service {
     }
 }
 
+/// Which backend inject uses: `--backend`, and the patcher's forced refusals
+/// (`INJECT_REFUSE_TRAMPOLINE`, for `auto`).
+#[derive(Default)]
+struct By<'a> {
+    backend: Option<&'a str>,
+    refuse: Option<&'a str>,
+}
+
 fn attach(pid: i32, name: &str, rx: &Receiver) -> Result<(Proc, std::path::PathBuf)> {
+    attach_by(pid, name, rx, &By::default())
+}
+
+fn attach_by(pid: i32, name: &str, rx: &Receiver, by: &By<'_>) -> Result<(Proc, std::path::PathBuf)> {
     let summary = scratch(&format!("http-{name}-{pid}.json"));
-    let args: Vec<String> =
+    let mut args: Vec<String> =
         ["--pid", &pid.to_string(), "--service-name", name, "--summary-json", &summary.display().to_string()]
             .iter()
             .map(|s| s.to_string())
             .collect();
+    if let Some(b) = by.backend {
+        args.extend(["--backend".to_string(), b.to_string()]);
+    }
     let endpoint = rx.endpoint();
-    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")];
+    let mut env = vec![("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")];
+    if let Some(r) = by.refuse {
+        env.push(("INJECT_REFUSE_TRAMPOLINE", r));
+    }
     Ok((start_inject_env(&args, &env, true)?, summary))
 }
 
@@ -417,6 +447,132 @@ fn errors_panics_routes_http2_and_stripped_builds() -> Result<()> {
             "{}: the stripped build's spans differ from the unstripped build's",
             tc.version
         );
+    }
+    Ok(())
+}
+
+/// The backend each net/http probe site got, by the summary.
+fn site_backends(summary: &Value) -> Vec<(String, String)> {
+    let sites = summary["sites"].as_array().cloned().unwrap_or_default();
+    sites
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap_or("?").into(), s["backend"].as_str().unwrap_or("-").into()))
+        .collect()
+}
+
+/// The outcomes above, traced by each backend: trampolines; uprobes alone; and `auto` with
+/// the patcher made to refuse the server probe, which sends every probe that keeps trace
+/// context to uprobes with it (context lives in one place). The spans are the same: names,
+/// kinds, statuses, attributes, the caller's context continued, lineage to the fan-out
+/// goroutines' client spans, HTTP/1 and HTTP/2 (oldest Go: HTTP/1).
+#[test]
+fn each_backend_gives_the_same_spans() -> Result<()> {
+    if !require_ptrace()? || !tests::require_bpf()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    let toolchains = test_toolchains()?;
+    let newest = toolchains.last().context("no Go")?.version.clone();
+    const SERVE: &str = "net/http.serverHandler.ServeHTTP";
+    for tc in &toolchains {
+        for tls in [false, true] {
+            if tls && tc.version != newest {
+                continue;
+            }
+            let mut reference = None;
+            for (label, by) in [
+                ("trampoline", By { backend: Some("trampoline"), refuse: None }),
+                ("uprobe", By { backend: Some("uprobe"), refuse: None }),
+                ("auto, server probe refused", By { backend: Some("auto"), refuse: Some(SERVE) }),
+            ] {
+                let what = format!("{} tls={tls} {label}", tc.version);
+                let rx = Receiver::start(Transport::Http)?;
+                let mut args = vec!["-backend", "http://127.0.0.1:1/dead"];
+                if tls {
+                    args.push("-tls");
+                }
+                let mut svc = Service::start_by(tc, Flavor::Default, "svc", &args, &rx, &by)?;
+                outcomes(tc, &svc.addr, tls).with_context(|| what.clone())?;
+                let summary = svc.detach()?;
+                let want = 20 * 5 + 10 + 60 + 5;
+                rx.wait_spans(want, LIMIT).with_context(|| what.clone())?;
+                let spans = rx.spans();
+                let all: Vec<&Received> = spans.iter().collect();
+                ensure!(all.len() as u64 == want, "{what}: {} spans, want {want}", all.len());
+                ensure!(summary["dropped"] == 0, "{what}: records dropped: {}", summary["dropped"]);
+                check_outcomes(&all, tc, tls).with_context(|| what.clone())?;
+                // Every fan-out client span is the child of its request's server span.
+                for c in all.iter().filter(|s| s.span.kind == CLIENT) {
+                    let parent = all.iter().find(|s| Some(s.span_id()) == c.parent_id());
+                    ensure!(
+                        parent.is_some_and(|p| p.span.kind == SERVER && p.trace_id() == c.trace_id()),
+                        "{what}: a client span without its server span as parent"
+                    );
+                }
+                let backends = site_backends(&summary);
+                let on = |b: &str| backends.iter().filter(|(_, x)| x == b).count();
+                let server = backends.iter().find(|(n, _)| n == SERVE).map(|(_, b)| b.as_str());
+                match label {
+                    "trampoline" => ensure!(on("uprobe") == 0, "{what}: {backends:?}"),
+                    "uprobe" => ensure!(on("trampoline") == 0 && on("uprobe") > 5, "{what}: {backends:?}"),
+                    // The refused server probe and every context probe with it, on uprobes.
+                    _ => ensure!(server == Some("uprobe") && on("uprobe") > 5, "{what}: {backends:?}"),
+                }
+                let got = normalised(&all);
+                match &reference {
+                    None => reference = Some(got),
+                    Some(r) => ensure!(*r == got, "{what}: spans differ from the trampolines'"),
+                }
+                eprintln!("{what}: {} spans, the trampolines' spans; {} sites on uprobes", all.len(), on("uprobe"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Outgoing context under uprobes: the front's uprobes write the `traceparent` line into
+/// each request where the kernel allows `bpf_probe_write_user`, so the back's server spans
+/// are the front's client spans' children; under kernel lockdown they cannot, inject says
+/// so when it attaches, and counts no line written, and the back starts traces of its own.
+#[test]
+fn uprobes_carry_context_out_where_the_kernel_allows() -> Result<()> {
+    if !require_ptrace()? || !tests::require_bpf()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    const REQUESTS: u64 = 200;
+    let tc = test_toolchains()?.pop().context("no Go")?;
+    let rx = Receiver::start(Transport::Http)?;
+    let mut back = Service::start(&tc, Flavor::Default, "back", &[], &rx)?;
+    let backend = format!("http://{}/hello", back.addr);
+    let uprobes = By { backend: Some("uprobe"), refuse: None };
+    let mut front = Service::start_by(&tc, Flavor::Default, "front", &["-backend", &backend], &rx, &uprobes)?;
+    let url = format!("http://{}/fanout", front.addr);
+    let r = load(&tc, &["-url", &url, "-n", &REQUESTS.to_string(), "-c", "8"])?;
+    ensure!(r.success && r.get("ok") == REQUESTS, "load failed: {:?} {:?}", r.fields, r.lines);
+    let transcript = front.inject.transcript();
+    let (fs, bs) = (front.detach()?, back.detach()?);
+    rx.wait_spans(7 * REQUESTS, LIMIT).context("spans")?;
+    ensure!(fs["dropped"] == 0 && bs["dropped"] == 0, "records dropped: {} {}", fs["dropped"], bs["dropped"]);
+    let spans = rx.spans();
+    let (f, b) = (of_service(&spans, "front"), of_service(&spans, "back"));
+    ensure!(f.len() as u64 == 4 * REQUESTS && b.len() as u64 == 3 * REQUESTS, "{} front, {} back", f.len(), b.len());
+    let clients: HashMap<String, &Received> =
+        f.iter().filter(|s| s.span.kind == CLIENT).map(|s| (s.span_id(), *s)).collect();
+    let off = transcript.lines().find(|l| l.contains("outgoing trace context off"));
+    let children = b.iter().filter(|s| s.parent_id().is_some_and(|p| clients.contains_key(&p))).count();
+    match off {
+        Some(line) => {
+            ensure!(line.contains("bpf_probe_write_user"), "the warning does not say what is refused: {line}");
+            ensure!(fs["http_injected"] == 0, "lines counted as written: {}", fs["http_injected"]);
+            ensure!(children == 0 && b.iter().all(|s| s.parent_id().is_none()), "back spans with parents");
+            eprintln!("{REQUESTS} requests: outgoing context off under uprobes here ({line}); back spans are roots");
+        }
+        None => {
+            ensure!(fs["http_injected"] == 3 * REQUESTS, "lines written: {}", fs["http_injected"]);
+            ensure!(children as u64 == 3 * REQUESTS, "{children} back spans are the front's clients' children");
+            eprintln!("{REQUESTS} requests: every back span the child of its front client span, by uprobes");
+        }
     }
     Ok(())
 }

@@ -9,32 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use tests::schema::{parse_line, read_summary};
-use tests::{scratch, start_fixture, start_inject, text_changes};
+use tests::{require_bpf, scratch, start_fixture, start_inject, text_changes};
 use xtask::{Flavor, build_fixture, test_toolchains};
 
 const LIMIT: Duration = Duration::from_secs(300);
-
-/// Whether uprobes can be used here (the uprobe PMU, root or CAP_BPF and CAP_PERFMON);
-/// under CI a machine without them fails.
-fn require_bpf() -> Result<bool> {
-    let pmu = std::path::Path::new("/sys/bus/event_source/devices/uprobe/type").exists();
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    let caps = eff & (1 << 21) != 0 || (eff & (1 << 38) != 0 && eff & (1 << 39) != 0);
-    if pmu && caps {
-        return Ok(true);
-    }
-    let why = if pmu { "neither root nor CAP_BPF and CAP_PERFMON" } else { "no uprobe PMU in this kernel" };
-    if xtask::in_ci() {
-        bail!("uprobes are unavailable ({why}), and CI=true: this test must run");
-    }
-    eprintln!("SKIP: uprobes unavailable ({why})");
-    Ok(false)
-}
 
 /// Runs the args fixture for `calls` calls of main.record traced by inject with `backend`,
 /// returning each call's JSON line by id, the summary and the program's ARGS lines.

@@ -11,7 +11,7 @@ use trampolines::RingAddrs;
 use super::trampoline::{Installation, install_trampolines};
 use super::uprobe::{Attached, RingWriter};
 use super::{Backend, Installed, Probes, Removal};
-use crate::plan::ProbeSite;
+use crate::plan::{ProbeSite, Via};
 use crate::ring::RingReader;
 
 /// Trampolines and uprobes at once.
@@ -43,7 +43,12 @@ impl Backend for Both {
             Err(_) => (l, (0, l.rings)),
         };
         let ring = RingAddrs { layout: rings, ..ring };
-        let mut inst = install_trampolines(pid, bin, bias, sites, ring)?;
+        // Only the trampolines' own sites: a site the patcher could take may have gone to
+        // uprobes with the trace context (`one_home_for_context`), and one address must
+        // never get both (the kernel would step the INT3's instruction, then resume inside
+        // the jump).
+        let ours: Vec<ProbeSite> = sites.iter().filter(|s| s.via == Via::Trampoline).cloned().collect();
+        let mut inst = install_trampolines(pid, bin, bias, &ours, ring)?;
         let writer = RingWriter {
             base: inst.ring_map.as_mut_ptr(),
             len: inst.ring_map.len(),

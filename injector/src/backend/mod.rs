@@ -147,22 +147,21 @@ pub fn assign(sites: &mut [ProbeSite], bin: &GoBinary<'_>, bias: u64, choice: Ch
         Choice::Trampoline => {}
         Choice::Uprobe => {
             uprobe::check::available().map_err(|why| anyhow::anyhow!("--backend uprobe: {why}"))?;
-            let mut off: Vec<&str> = Vec::new();
+            let mut off: Vec<(&str, String)> = Vec::new();
             for s in sites.iter_mut() {
                 s.via = uprobe::sites::uprobe_via(bin, bias, s);
                 uprobe::sites::mark_floats(s);
-                if let (Via::Refused(_), crate::plan::Role::Lib(p)) = (&s.via, s.role) {
+                if let (Via::Refused(why), crate::plan::Role::Lib(p)) = (&s.via, s.role) {
                     let name = crate::libs::library(p).name();
-                    if !crate::libs::library(p).support() && !off.contains(&name) {
-                        off.push(name);
+                    if !off.iter().any(|(n, _)| *n == name) {
+                        off.push((name, format!("{}: {why}", s.name)));
                     }
                 }
             }
-            if !off.is_empty() {
+            for (name, why) in off {
                 eprintln!(
-                    "inject: warning: --backend uprobe: {} instrumentation off: its probes do trace-context work in \
-                     the target that the uprobe program does not do yet (--backend auto traces it with trampolines)",
-                    off.join(", ")
+                    "inject: warning: --backend uprobe: {name} instrumentation partly off ({why}); --backend auto \
+                     traces it with trampolines"
                 );
             }
         }
@@ -181,9 +180,62 @@ pub fn assign(sites: &mut [ProbeSite], bin: &GoBinary<'_>, bias: u64, choice: Ch
                     uprobe::sites::mark_floats(&mut sites[i]);
                 }
             }
+            one_home_for_context(sites, bin, bias);
         }
     }
     Ok(())
+}
+
+/// Trace context lives in one place: the ring's tables when trampolines run every probe
+/// that keeps it, the uprobe program's maps when one must be a uprobe. So under `auto`, when
+/// a site that keeps context went to uprobes, every such site goes with it; when one of
+/// them cannot, the site goes back to refused (a span that could not see its parent's
+/// context would start a trace of its own), and says why.
+fn one_home_for_context(sites: &mut [ProbeSite], bin: &GoBinary<'_>, bias: u64) {
+    use crate::plan::Via;
+    use trampolines::codegen::Op;
+    let keeps =
+        |s: &ProbeSite| uprobe::abi::uses_context(&s.on_entry.plan) || uprobe::abi::uses_context(&s.on_return.plan);
+    if !sites.iter().any(|s| keeps(s) && matches!(s.via, Via::Uprobe { .. })) {
+        return;
+    }
+    let moves: Vec<(usize, Via)> = (0..sites.len())
+        .filter(|&i| keeps(&sites[i]) && sites[i].via == Via::Trampoline && sites[i].entry_patch.is_ok())
+        .map(|i| (i, uprobe::sites::uprobe_via(bin, bias, &sites[i])))
+        .collect();
+    // A probe that only writes context out (an HTTP/2 traceparent field) may stay: it
+    // finds no span to write in the trampolines' tables, so those requests leave without
+    // one, which is said; any other would split the context, so the uprobe sites go back.
+    let writer_only = |s: &ProbeSite| {
+        [&s.on_entry.plan, &s.on_return.plan].iter().all(|p| {
+            p.ops.iter().all(|op| {
+                matches!(op, Op::Field(_) | Op::Stack { .. } | Op::InjectH2 { .. } | Op::InjectH2After { .. })
+            })
+        })
+    };
+    for (i, _) in moves.iter().filter(|(i, v)| matches!(v, Via::Refused(_)) && writer_only(&sites[*i])) {
+        eprintln!(
+            "inject: warning: {} stays on trampolines, which the uprobes' trace context does not reach: its \
+             requests leave without a traceparent",
+            sites[*i].name
+        );
+    }
+    let blocking = moves.iter().find(|(i, v)| matches!(v, Via::Refused(_)) && !writer_only(&sites[*i]));
+    if let Some((i, Via::Refused(why))) = blocking {
+        let reason = format!(
+            "its trace context would live in the uprobe program while {} keeps it in the trampolines' tables, \
+             which uprobes cannot take ({why})",
+            sites[*i].name
+        );
+        for s in sites.iter_mut().filter(|s| keeps(s) && matches!(s.via, Via::Uprobe { .. })) {
+            s.via = Via::Refused(reason.clone());
+        }
+        return;
+    }
+    for (i, via) in moves.into_iter().filter(|(_, v)| matches!(v, Via::Uprobe { .. })) {
+        sites[i].via = via;
+        uprobe::sites::mark_floats(&mut sites[i]);
+    }
 }
 
 /// The backend that installs `sites` as [`assign`] divided them.

@@ -10,6 +10,7 @@ pub const MAX_FIELDS: usize = 16;
 pub const MAX_PATH: usize = 4;
 pub const MAX_WHEN: usize = 2;
 pub const MAX_FRAMES: u8 = 32;
+pub const MAX_OPS: usize = 3;
 /// Bytes of copied data a record carries at most.
 pub const DATA_MAX: usize = 4096;
 /// Bytes of a record before its data: site, kind, cpu, data length, goid, time, depth,
@@ -60,6 +61,57 @@ pub struct Field {
     pub when: [When; MAX_WHEN],
 }
 
+/// A [`trampolines::codegen::Guard`]: record only when it holds.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Guard {
+    pub kind: u8,
+    pub a: u8,
+    pub b: u8,
+    pub nfirst: u8,
+    pub min_len: u16,
+    pub pad: u16,
+    pub first: [u8; 4],
+    pub bit: u32,
+}
+
+/// A trace-context [`Op`], as the program's `struct ctxop` holds it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CtxOp {
+    pub code: u8,
+    pub a: u8,
+    pub b: u8,
+    pub c: u8,
+    pub dest: u16,
+    pub d: u8,
+    pub flag: u8,
+    pub off1: i32,
+    pub off2: i32,
+    pub imm: u64,
+}
+
+/// The program's operation codes (`OP_*` in probe.bpf.c).
+mod code {
+    pub const STASH_LINE: u8 = 1;
+    pub const STASH_FIELD: u8 = 2;
+    pub const SERVER_BEGIN: u8 = 3;
+    pub const FORGET: u8 = 4;
+    pub const CLIENT_BEGIN: u8 = 5;
+    pub const CHILD_SPAN: u8 = 6;
+    pub const INHERIT: u8 = 7;
+    pub const INJECT_LINE: u8 = 8;
+    pub const UNDO_LINE: u8 = 9;
+    pub const PENDING_TO_REQUEST: u8 = 10;
+    pub const PENDING_FROM_REQUEST: u8 = 11;
+    pub const CLEAR_PENDING: u8 = 12;
+    pub const CLIENT_BEGIN_HERE: u8 = 13;
+    pub const CLIENT_END_HERE: u8 = 14;
+    pub const CLIENT_TO_REQUEST: u8 = 15;
+    pub const OUTGOING_FROM_REQUEST: u8 = 16;
+    pub const STAND_DOWN: u8 = 17;
+}
+
 /// One attach point's plan: what its records carry.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
@@ -71,12 +123,59 @@ pub struct Plan {
     pub stack_n: u8,
     pub stack_dest: u16,
     pub data_len: u16,
-    pub pad: u32,
+    pub nops: u8,
+    /// Run the operations, record nothing (the trampolines' `bare`).
+    pub norecord: u8,
+    pub pad0: u8,
+    pub pad1: u8,
+    pub guard: Guard,
+    pub ops: [CtxOp; MAX_OPS],
     pub copies: [Copy; MAX_COPIES],
     pub fields: [Field; MAX_FIELDS],
 }
 
-/// Offsets into `runtime.g` the program reads through R14, and whether it records at all.
+/// Which of the object's programs runs a plan: the header writes are programs of their
+/// own, so the capture program loads where the kernel refuses writes to user memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Program {
+    Probe,
+    /// Writes a `traceparent` line into the request's buffer.
+    Line,
+    /// Takes it back out when the application wrote its own.
+    Undo,
+}
+
+impl Program {
+    pub const ALL: [Program; 3] = [Program::Probe, Program::Line, Program::Undo];
+
+    /// Its function's name in the object.
+    pub fn name(self) -> &'static str {
+        match self {
+            Program::Probe => "inject_probe",
+            Program::Line => "inject_line",
+            Program::Undo => "inject_undo",
+        }
+    }
+
+    /// Whether it writes the target's memory (`bpf_probe_write_user`).
+    pub fn writes(self) -> bool {
+        self != Program::Probe
+    }
+}
+
+impl Plan {
+    /// The program that runs this plan.
+    pub fn program(&self) -> Program {
+        match self.ops[0].code {
+            code::INJECT_LINE if self.nops == 1 => Program::Line,
+            code::UNDO_LINE if self.nops == 1 => Program::Undo,
+            _ => Program::Probe,
+        }
+    }
+}
+
+/// Offsets into `runtime.g` the program reads through R14, whether it records at all, and
+/// the sampler its spans follow.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Config {
@@ -84,12 +183,22 @@ pub struct Config {
     pub stack_lo_off: u64,
     pub stack_hi_off: u64,
     pub enabled: u64,
+    pub root_below: u64,
+    pub parent_based: u64,
 }
 
 // SAFETY: plain integers with every padding byte an explicit field.
 unsafe impl aya::Pod for Plan {}
 // SAFETY: as above.
 unsafe impl aya::Pod for Config {}
+
+/// Whether a plan keeps trace context (its operations or its guard use the context
+/// tables): such plans must all run on one backend, where the context lives.
+pub fn uses_context(plan: &CapturePlan) -> bool {
+    use trampolines::codegen::Guard as G;
+    plan.ops.iter().any(|op| !matches!(op, Op::Field(_) | Op::Stack { .. }))
+        || matches!(plan.guard, Some(G::InRequests { .. } | G::Tagged { .. } | G::Own))
+}
 
 fn path(p: &[i32]) -> Result<(u8, [i32; MAX_PATH]), String> {
     if p.len() > MAX_PATH {
@@ -107,13 +216,20 @@ pub fn encode(site: u32, kind: ring_abi::Kind, plan: &CapturePlan) -> Result<Pla
     if data_len > DATA_MAX {
         return Err(format!("its records copy {data_len} bytes (the uprobe program copies at most {DATA_MAX})"));
     }
-    if plan.guard.is_some() || plan.bare || plan.off {
-        return Err("its probes filter or skip records in the target, which the uprobe program does not yet".into());
+    if plan.off {
+        return Err("it records nothing at this point (not attached)".into());
     }
     if plan.copies.len() > MAX_COPIES {
         return Err(format!("{} strings in registers (the uprobe program copies {MAX_COPIES})", plan.copies.len()));
     }
-    let mut p = Plan { site, kind: kind as u8, data_len: data_len as u16, ..Plan::default() };
+    let mut p = Plan {
+        site,
+        kind: kind as u8,
+        data_len: data_len as u16,
+        norecord: u8::from(plan.bare),
+        guard: guard(plan.guard.as_ref())?,
+        ..Plan::default()
+    };
     for (c, out) in plan.copies.iter().zip(p.copies.iter_mut()) {
         *out = Copy { ptr: c.ptr, len: c.len, max: c.max, dest: c.dest, pad: 0 };
     }
@@ -166,15 +282,93 @@ pub fn encode(site: u32, kind: ring_abi::Kind, plan: &CapturePlan) -> Result<Pla
                 p.stack_n = (*n).min(MAX_FRAMES);
                 p.stack_dest = *dest;
             }
+            // The incoming `tracestate` is not kept under uprobes: outgoing requests go
+            // without it (docs/uprobe.md).
+            Op::AdoptTracestate => {}
             other => {
-                return Err(format!(
-                    "its probes do trace-context work ({}) the uprobe program does not yet",
-                    op_name(other)
-                ));
+                let op = ctx_op(other).ok_or_else(|| {
+                    format!("its probes do trace-context work ({}) the uprobe program does not yet", op_name(other))
+                })?;
+                let i = usize::from(p.nops);
+                if i == MAX_OPS {
+                    return Err(format!("more than {MAX_OPS} trace-context operations"));
+                }
+                p.ops[i] = op;
+                p.nops += 1;
             }
         }
     }
+    if p.ops[..usize::from(p.nops)].iter().any(|o| matches!(o.code, code::INJECT_LINE | code::UNDO_LINE))
+        && (p.nops > 1 || p.nfields > 0 || p.ncopies > 0 || p.stack_n > 0)
+    {
+        return Err("a header write with other work at one point".into());
+    }
     Ok(p)
+}
+
+fn guard(g: Option<&trampolines::codegen::Guard>) -> Result<Guard, String> {
+    use trampolines::codegen::Guard as G;
+    Ok(match g {
+        None => Guard::default(),
+        Some(G::FirstByte { ptr, len, min_len, first }) => {
+            if first.len() > 4 {
+                return Err(format!("a guard on {} first bytes (the uprobe program checks 4)", first.len()));
+            }
+            let mut f = [0; 4];
+            f[..first.len()].copy_from_slice(first);
+            Guard {
+                kind: 1,
+                a: *ptr,
+                b: *len,
+                nfirst: first.len() as u8,
+                min_len: u16::from(*min_len),
+                first: f,
+                ..Guard::default()
+            }
+        }
+        Some(G::InRequests { key }) => Guard { kind: 2, a: *key, ..Guard::default() },
+        Some(G::Tagged { bit }) => Guard { kind: 3, bit: *bit, ..Guard::default() },
+        Some(G::Own) => Guard { kind: 4, ..Guard::default() },
+        Some(G::Zero { reg }) => Guard { kind: 5, a: *reg, ..Guard::default() },
+    })
+}
+
+/// The program's form of a trace-context operation, or None for one it does not run.
+fn ctx_op(op: &Op) -> Option<CtxOp> {
+    let o = |code| CtxOp { code, ..CtxOp::default() };
+    Some(match *op {
+        Op::StashTraceparent { ptr, len } => CtxOp { a: ptr, b: len, ..o(code::STASH_LINE) },
+        Op::StashTraceparentField { name_ptr, name_len, value_ptr, value_len } => {
+            CtxOp { a: name_ptr, b: name_len, c: value_ptr, d: value_len, ..o(code::STASH_FIELD) }
+        }
+        Op::ServerBegin { dest } => CtxOp { dest, ..o(code::SERVER_BEGIN) },
+        Op::ServerEnd | Op::Forget => o(code::FORGET),
+        Op::ClientBegin { req, header_off, dest } => CtxOp { a: req, off1: header_off, dest, ..o(code::CLIENT_BEGIN) },
+        Op::ChildSpan { dest } => CtxOp { dest, ..o(code::CHILD_SPAN) },
+        Op::Inherit { g, goid_off, parent_goid_off } => {
+            CtxOp { a: g, off1: goid_off, off2: parent_goid_off, ..o(code::INHERIT) }
+        }
+        Op::InjectTraceparent { map, itab, data, write_fn, buf_off, n_off, dest } => {
+            CtxOp { a: map, b: itab, c: data, imm: write_fn, off1: buf_off, off2: n_off, dest, ..o(code::INJECT_LINE) }
+        }
+        Op::UndoOwnTraceparent { buf_off, n_off, dest } => {
+            CtxOp { off1: buf_off, off2: n_off, dest, ..o(code::UNDO_LINE) }
+        }
+        Op::PendingToRequest { key } => CtxOp { a: key, ..o(code::PENDING_TO_REQUEST) },
+        Op::PendingFromRequest { key } => CtxOp { a: key, ..o(code::PENDING_FROM_REQUEST) },
+        Op::ClearPending => o(code::CLEAR_PENDING),
+        Op::ClientBeginHere { dest } => CtxOp { dest, ..o(code::CLIENT_BEGIN_HERE) },
+        Op::ClientEndHere => o(code::CLIENT_END_HERE),
+        Op::ClientToRequest { key } => CtxOp { a: key, ..o(code::CLIENT_TO_REQUEST) },
+        Op::OutgoingFromRequest { key, deref } => CtxOp {
+            a: key,
+            off1: deref.unwrap_or(0),
+            flag: u8::from(deref.is_some()),
+            ..o(code::OUTGOING_FROM_REQUEST)
+        },
+        Op::StandDown { name_ptr, name_len, dest } => CtxOp { a: name_ptr, b: name_len, dest, ..o(code::STAND_DOWN) },
+        _ => return None,
+    })
 }
 
 fn op_name(op: &Op) -> String {
@@ -230,11 +424,16 @@ mod tests {
         assert_eq!(value("plans"), size_of::<Plan>());
         assert_eq!(value("config"), size_of::<Config>());
         assert_eq!(value("scratch"), HEADER_LEN + 2 * DATA_MAX);
-        assert_eq!(size_of::<Plan>(), 16 + 8 * MAX_COPIES + 96 * MAX_FIELDS);
+        assert_eq!(value("tmps"), 88 + 72);
+        assert_eq!(size_of::<Plan>(), 16 + 16 + 24 * MAX_OPS + 8 * MAX_COPIES + 96 * MAX_FIELDS);
+        let names: Vec<&str> = obj.programs.keys().map(String::as_str).collect();
+        for p in Program::ALL {
+            assert!(names.contains(&p.name()), "{} not in {names:?}", p.name());
+        }
     }
 
     #[test]
-    fn a_func_plan_encodes_and_a_context_op_is_refused() {
+    fn plans_encode_with_their_context_ops_and_unknown_ops_are_refused() {
         use trampolines::codegen::{ByteCopy, FieldCopy};
         let mut plan = CapturePlan { ints: 0x7, ..CapturePlan::default() };
         plan.copies.push(ByteCopy { ptr: 0, len: 1, max: 64, dest: 0 });
@@ -253,9 +452,22 @@ mod tests {
         assert_eq!((p.fields[0].npath, p.fields[0].path[0], p.fields[0].fetch, p.fields[0].max), (1, 8, 1, 32));
         assert_eq!((p.fields[0].nwhen, p.fields[0].when[0].reg, p.fields[0].when[0].equals), (1, 2, 0x1234));
         assert_eq!(usize::from(p.data_len), plan.data_len());
+        assert_eq!(p.program(), Program::Probe);
         plan.ops.push(Op::ServerEnd);
+        let p = encode(3, ring_abi::Kind::Entry, &plan).unwrap();
+        assert_eq!((p.nops, p.ops[0].code), (1, code::FORGET));
+        plan.ops.push(Op::KafkaEnd);
         let why = encode(3, ring_abi::Kind::Entry, &plan).unwrap_err();
-        assert!(why.contains("ServerEnd"), "{why}");
+        assert!(why.contains("KafkaEnd"), "{why}");
+        // A header write runs in a program of its own, alone.
+        let line = Op::InjectTraceparent { map: 0, itab: 1, data: 2, write_fn: 0x1000, buf_off: 8, n_off: 40, dest: 0 };
+        let mut inject = CapturePlan { ops: vec![line.clone()], ..CapturePlan::default() };
+        inject.guard = Some(trampolines::codegen::Guard::InRequests { key: 0 });
+        let p = encode(4, ring_abi::Kind::Entry, &inject).unwrap();
+        assert_eq!((p.program(), p.guard.kind, p.ops[0].imm, p.ops[0].off2), (Program::Line, 2, 0x1000, 40));
+        inject.ops.push(Op::ServerEnd);
+        assert!(encode(4, ring_abi::Kind::Entry, &inject).is_err());
+        assert!(uses_context(&inject) && !uses_context(&CapturePlan::default()));
     }
 
     #[test]

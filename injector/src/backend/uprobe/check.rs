@@ -42,6 +42,23 @@ pub fn available() -> Result<(), String> {
     Ok(())
 }
 
+/// Why the kernel refused the programs that write a request's `traceparent` (`load`: the
+/// load error), in words: a kernel under lockdown (`integrity` or `confidentiality`)
+/// refuses `bpf_probe_write_user` to every program, root's included.
+pub fn writes_refused(load: &str) -> String {
+    if !load.contains("bpf_probe_write_user") {
+        return load.to_string();
+    }
+    let mode = std::fs::read_to_string("/sys/kernel/security/lockdown").ok().and_then(|l| {
+        l.split_whitespace().find(|w| w.starts_with('[')).map(|w| w.trim_matches(['[', ']']).to_string())
+    });
+    match mode.as_deref() {
+        Some("none") => format!("the kernel refuses bpf_probe_write_user to inject: {load}"),
+        Some(m) => format!("the kernel is locked down ({m}), which refuses bpf_probe_write_user"),
+        None => "the kernel refuses bpf_probe_write_user (kernel lockdown, or securityfs not mounted to tell)".into(),
+    }
+}
+
 /// The verifier log's line that says why it refused: the last one before its statistics.
 pub fn verifier_reason(log: &str) -> String {
     let stats = ["processed ", "verification time", "stack depth", "max_states_per_insn", "mark_read"];

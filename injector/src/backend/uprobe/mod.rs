@@ -90,8 +90,8 @@ impl Backend for Uprobes {
 /// Uprobes in a process, the program they run, and the pump moving their records.
 pub struct Attached {
     ebpf: Mutex<Option<aya::Ebpf>>,
-    /// The uprobes, in the order they went in.
-    links: Mutex<Vec<aya::programs::uprobe::UProbeLinkId>>,
+    /// The uprobes, in the order they went in, with the program each runs.
+    links: Mutex<Vec<(abi::Program, aya::programs::uprobe::UProbeLinkId)>>,
     ring: RingAddrs,
     /// Sites with uprobes (by id), with how many exits.
     pub sites: Vec<(u32, usize)>,
@@ -146,17 +146,24 @@ impl Attached {
         let mut done = Vec::new();
         for s in sites {
             let Via::Uprobe { at, rets } = &s.via else { continue };
-            let entry =
-                abi::encode(s.id, ring_abi::Kind::Entry, &s.on_entry.plan).map_err(|e| anyhow!("{}: {e}", s.name))?;
-            let ret =
-                abi::encode(s.id, ring_abi::Kind::Return, &s.on_return.plan).map_err(|e| anyhow!("{}: {e}", s.name))?;
+            // A side that records nothing (`off`) gets no uprobe.
+            let plan = |p: &trampolines::CapturePlan, kind| -> Result<Option<abi::Plan>> {
+                if p.off {
+                    return Ok(None);
+                }
+                abi::encode(s.id, kind, p).map(Some).map_err(|e| anyhow!("{}: {e}", s.name))
+            };
+            let entry = plan(&s.on_entry.plan, ring_abi::Kind::Entry)?;
+            let ret = plan(&s.on_return.plan, ring_abi::Kind::Return)?;
             let first = plans.len() as u32;
-            plans.extend([entry, ret]);
+            plans.extend([entry.unwrap_or_default(), ret.unwrap_or_default()]);
             plan_sites.extend([s.id, s.id]);
-            entries.push((*at, first));
-            let exits = rets.as_deref().unwrap_or_default();
+            if entry.is_some() {
+                entries.push((*at, first));
+            }
+            let exits = if ret.is_some() { rets.as_deref().unwrap_or_default() } else { &[] };
             points.extend(exits.iter().map(|&r| (r, first + 1)));
-            done.push((s.id, exits.len()));
+            done.push((s.id, rets.as_deref().map_or(0, <[u64]>::len)));
         }
         // Returns first, entries last (and out in the reverse order): every call whose
         // entry is recorded has its returns probed.
@@ -185,9 +192,34 @@ impl Attached {
         set_enabled(&mut ebpf, ring, false)?;
         let events = RingBuf::try_from(ebpf.take_map("events").context("events map")?)?;
         let drops = Array::try_from(ebpf.take_map("drops").context("drops map")?)?;
-        let prog: &mut UProbe =
-            ebpf.program_mut("inject_probe").context("the uprobe program is missing from its object")?.try_into()?;
-        prog.load().map_err(load_error)?;
+        // The capture program must load; the header writers may not (a kernel under
+        // lockdown refuses bpf_probe_write_user): then their points run the capture
+        // program, which records that nothing was written, and inject says so.
+        let mut writes_off = None;
+        for program in abi::Program::ALL {
+            if program != abi::Program::Probe && !plans.iter().any(|p| p.program() == program) {
+                continue;
+            }
+            let prog: &mut UProbe = ebpf
+                .program_mut(program.name())
+                .with_context(|| format!("{} is missing from the uprobe object", program.name()))?
+                .try_into()?;
+            match prog.load().map_err(load_error) {
+                Ok(()) => {}
+                Err(e) if program.writes() => writes_off = Some(check::writes_refused(&format!("{e:#}"))),
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(why) = &writes_off {
+            eprintln!(
+                "inject: warning: uprobes: outgoing trace context off: {why}; requests leave without a traceparent \
+                 (spans are still made and exported)"
+            );
+        }
+        let runs = |plan: &abi::Plan| match plan.program() {
+            p if p.writes() && writes_off.is_some() => abi::Program::Probe,
+            p => p,
+        };
         let exe = format!("/proc/{pid}/exe");
         let scope = UProbeScope::OneProcess(std::num::NonZeroU32::new(pid as u32).context("pid 0")?);
         // Start moving records before the first uprobe can fire.
@@ -212,8 +244,10 @@ impl Attached {
                 location: UProbeAttachLocation::AbsoluteOffset(off),
                 cookie: Some(u64::from(plan)),
             };
+            let program = plans.get(plan as usize).map_or(abi::Program::Probe, runs);
+            let prog: &mut UProbe = ebpf.program_mut(program.name()).context("a loaded program")?.try_into()?;
             match prog.attach(point, &exe, scope) {
-                Ok(link) => attached.links.lock().unwrap_or_else(|e| e.into_inner()).push(link),
+                Ok(link) => attached.links.lock().unwrap_or_else(|e| e.into_inner()).push((program, link)),
                 Err(e) => {
                     let name =
                         sites.iter().find(|s| s.id == plan_sites_of(&plans, plan)).map_or("?", |s| s.name.as_str());
@@ -241,12 +275,12 @@ impl Attached {
             let _ = set_enabled(ebpf, &self.ring, false);
         }
         let links = std::mem::take(&mut *self.links.lock().unwrap_or_else(|e| e.into_inner()));
-        let prog =
-            was.as_mut().and_then(|e| e.program_mut("inject_probe")).and_then(|p| <&mut UProbe>::try_from(p).ok());
-        if let Some(prog) = prog {
+        if let Some(ebpf) = was.as_mut() {
             // Entries out first: a call recorded from here on still has its returns probed.
-            for link in links.into_iter().rev() {
-                let _ = prog.detach(link);
+            for (program, link) in links.into_iter().rev() {
+                if let Some(prog) = ebpf.program_mut(program.name()).and_then(|p| <&mut UProbe>::try_from(p).ok()) {
+                    let _ = prog.detach(link);
+                }
             }
         }
         drop(was);
@@ -271,6 +305,8 @@ fn set_enabled(ebpf: &mut aya::Ebpf, ring: &RingAddrs, on: bool) -> Result<()> {
         stack_lo_off: 0,
         stack_hi_off: u64::from(ring.stack_hi_offset),
         enabled: u64::from(on),
+        root_below: ring.sampling.root_below,
+        parent_based: u64::from(ring.sampling.parent_based),
     };
     config.set(0, c, 0).context("writing the uprobe program's configuration")?;
     Ok(())

@@ -9,6 +9,14 @@
 // bpf_probe_read_user, which cannot fault. The layouts below are mirrored by
 // injector/src/backend/uprobe/abi.rs (a test checks the sizes).
 //
+// Trace context (the library probes: net/http, gRPC's HTTP/2, SQL, Redis) lives in two
+// hash maps, by goroutine and by request, the BPF counterparts of the trampolines' context
+// tables (ring_abi::ctx), with the same keys and states; the span ids made here are written
+// into the record as the trampolines write them (ring_abi::span_ids). Writing a traceparent
+// line into the target's bufio.Writer takes bpf_probe_write_user, which a kernel under
+// lockdown refuses: those steps are programs of their own (inject_line, inject_undo), so
+// that inject_probe loads everywhere and each is verified alone.
+//
 // Built by `cargo xtask bpf` (clang-19 -O2 -target bpf -mcpu=v3, no debug info, so the
 // object depends on nothing but this file); `cargo xtask bpf --check` and the uprobe tests
 // rebuild it and compare with the checked-in probe.bpf.o.
@@ -25,6 +33,7 @@ typedef unsigned long long u64;
 
 // linux/bpf.h, stable ABI.
 #define BPF_MAP_TYPE_ARRAY 2
+#define BPF_MAP_TYPE_LRU_HASH 9
 #define BPF_MAP_TYPE_PERCPU_ARRAY 6
 #define BPF_MAP_TYPE_RINGBUF 27
 
@@ -35,7 +44,11 @@ struct pt_regs {
 
 // Helper ids from linux/bpf.h (stable ABI).
 static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
+static long (*bpf_map_update_elem)(void *map, const void *key, const void *value, u64 flags) = (void *)2;
+static long (*bpf_map_delete_elem)(void *map, const void *key) = (void *)3;
 static u64 (*bpf_ktime_get_ns)(void) = (void *)5;
+static u32 (*bpf_get_prandom_u32)(void) = (void *)7;
+static long (*bpf_probe_write_user)(void *dst, const void *src, u32 len) = (void *)36;
 static u32 (*bpf_get_smp_processor_id)(void) = (void *)8;
 static long (*bpf_probe_read_user)(void *dst, u32 size, const void *src) = (void *)112;
 static long (*bpf_ringbuf_output)(void *ring, void *data, u64 size, u64 flags) = (void *)130;
@@ -89,19 +102,102 @@ struct field {
 // Register number meaning the stack pointer (trampolines::codegen::SP).
 #define REG_SP 0x80
 
+#define GUARD_FIRST_BYTE 1
+#define GUARD_IN_REQUESTS 2
+#define GUARD_TAGGED 3
+#define GUARD_OWN 4
+#define GUARD_ZERO 5
+// Record (and run the operations) only when this holds: trampolines::codegen::Guard.
+struct guard {
+    u8 kind, a, b, nfirst;
+    u16 min_len, pad;
+    u8 first[4];
+    u32 bit;
+};
+
+// Trace-context operations (trampolines::codegen::Op), run before the field reads.
+#define OP_STASH_LINE 1
+#define OP_STASH_FIELD 2
+#define OP_SERVER_BEGIN 3
+#define OP_FORGET 4
+#define OP_CLIENT_BEGIN 5
+#define OP_CHILD_SPAN 6
+#define OP_INHERIT 7
+#define OP_INJECT_LINE 8
+#define OP_UNDO_LINE 9
+#define OP_PENDING_TO_REQUEST 10
+#define OP_PENDING_FROM_REQUEST 11
+#define OP_CLEAR_PENDING 12
+#define OP_CLIENT_BEGIN_HERE 13
+#define OP_CLIENT_END_HERE 14
+#define OP_CLIENT_TO_REQUEST 15
+#define OP_OUTGOING_FROM_REQUEST 16
+#define OP_STAND_DOWN 17
+#define MAX_OPS 3
+// Registers a..d (ABI indices), a destination in the record, two offsets, a constant.
+struct ctxop {
+    u8 code, a, b, c;
+    u16 dest;
+    u8 d, flag;
+    s32 off1, off2;
+    u64 imm;
+};
+
 struct plan {
     u32 site;
     u8 kind, ncopies, nfields, stack_n;
     u16 stack_dest, data_len;
-    u32 pad;
+    // norecord: run the operations only (trampolines' `bare`).
+    u8 nops, norecord, pad0, pad1;
+    struct guard guard;
+    struct ctxop ops[MAX_OPS];
     struct copy copies[MAX_COPIES];
     struct field fields[MAX_FIELDS];
 };
 
 // Offsets into runtime.g; enabled: records are written only while it is set, so that the
 // uprobes go in and come out (one by one, each a kernel synchronisation) all at once.
+// The sampler (trampolines::codegen::Sampling): root_below, parent_based.
 struct config {
-    u64 goid_off, stack_lo_off, stack_hi_off, enabled;
+    u64 goid_off, stack_lo_off, stack_hi_off, enabled, root_below, parent_based;
+};
+
+// ring_abi::CtxState, ParentKind, span_ids, ctx tag bits.
+#define PENDING 1
+#define ACTIVE 2
+#define PARENT_NONE 0
+#define PARENT_REMOTE 1
+#define PARENT_LOCAL 2
+#define IDS_TRACE 0
+#define IDS_SPAN 32
+#define IDS_PARENT 48
+#define IDS_PARENT_KIND 64
+#define IDS_FLAGS 72
+#define IDS_LEN 80
+#define CLIENT_TAG (1ULL << 62)
+#define OUT_TAG (1ULL << 61)
+#define LINE_TAG (1ULL << 59)
+#define ITAB_FUN0 24
+#define W3C_LINE 70
+// Bytes of a writer's buffer the undo step looks through for the application's own line.
+#define SCAN_MAX 4096
+// Where in the record's data the undo step reads the writer's buffer into.
+#define TAIL_AT 1024
+
+// A context: a goroutine's (pending or active), a request's; for a LINE_TAG entry, the
+// writer and where the line went (aux).
+struct ctxval {
+    u64 state;
+    u8 trace[32];
+    u8 span[16];
+    u64 flags;
+    u64 aux[3];
+};
+
+// Working space (the BPF stack is 512 bytes): a context being built, a line being read.
+struct tmp {
+    struct ctxval v;
+    u8 buf[72];
 };
 
 // One record, as the ring buffer carries it; data_len bytes of data follow the header.
@@ -122,6 +218,10 @@ struct map_def events SEC("maps") = {BPF_MAP_TYPE_RINGBUF, 0, 0, 1 << 24, 0};
 // Records lost because the ring buffer was full, per plan (entry and return of each site).
 struct map_def drops SEC("maps") = {BPF_MAP_TYPE_ARRAY, 4, 8, 1, 0};
 struct map_def scratch SEC("maps") = {BPF_MAP_TYPE_PERCPU_ARRAY, 4, sizeof(struct event), 1, 0};
+// Least-recently-used hashes: a context whose end was never seen is evicted, never a leak.
+struct map_def tmps SEC("maps") = {BPF_MAP_TYPE_PERCPU_ARRAY, 4, sizeof(struct tmp), 1, 0};
+struct map_def goroutines SEC("maps") = {BPF_MAP_TYPE_LRU_HASH, 8, sizeof(struct ctxval), 1 << 14, 0};
+struct map_def requests SEC("maps") = {BPF_MAP_TYPE_LRU_HASH, 8, sizeof(struct ctxval), 1 << 13, 0};
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -250,8 +350,300 @@ INLINE void stack(struct event *e, u64 sp, u64 bp, u64 g, struct config *c, u32 
     *(u64 *)&e->data[dest] = count;
 }
 
-SEC("uprobe")
-int inject_probe(struct pt_regs *r) {
+// ---- Trace context ----
+
+INLINE u64 rnd(void) {
+    u64 v = ((u64)bpf_get_prandom_u32() << 32) | bpf_get_prandom_u32();
+    return v | 1;
+}
+
+// v as 16 lowercase hex digits.
+INLINE void hex16(u8 *out, u64 v) {
+    for (int i = 0; i < 16; i++) {
+        u8 n = (v >> (60 - 4 * i)) & 15;
+        out[i] = n < 10 ? '0' + n : 'a' + n - 10;
+    }
+}
+
+// 16 lowercase hex digits' value (a trace id's low half).
+INLINE u64 unhex16(const u8 *in) {
+    u64 v = 0;
+    for (int i = 0; i < 16; i++) {
+        u8 c = in[i];
+        v = (v << 4) | (c >= 'a' ? c - 'a' + 10 : c - '0');
+    }
+    return v;
+}
+
+// The flags the sampler gives a trace whose id's low 64 bits are low: "01" or "00".
+INLINE u64 decide(struct config *c, u64 low) {
+    u64 yes = '0' | ('1' << 8), no = '0' | ('0' << 8);
+    if (c->root_below == ~0ULL)
+        return yes;
+    if (c->root_below == 0)
+        return no;
+    return (low >> 1) < c->root_below ? yes : no;
+}
+
+INLINE u8 *ids_at(struct event *e, u32 dest) {
+    if (dest >= DATA_MAX)
+        return 0;
+    // Keeps clang from adding before it compares: the verifier bounds the pointer by the
+    // register it checked.
+    asm volatile("" : "+r"(dest));
+    return &e->data[dest & (DATA_MAX - 1)];
+}
+
+// A new span's ids at dest: a child of the goroutine's context when it is in `state` (its
+// parent recorded as `kind`), else the root of a new trace. Fills `out` as the span's
+// context (active).
+INLINE int begin_span(struct event *e, struct config *c, u32 dest, u64 state, u64 kind, struct ctxval *out) {
+    u8 *d = ids_at(e, dest);
+    if (!d)
+        return 0;
+    u64 key = e->goid;
+    struct ctxval *v = bpf_map_lookup_elem(&goroutines, &key);
+    if (v && v->state == state) {
+        __builtin_memcpy(d + IDS_TRACE, v->trace, 32);
+        __builtin_memcpy(d + IDS_PARENT, v->span, 16);
+        *(u64 *)(d + IDS_PARENT_KIND) = kind;
+        if (state == ACTIVE || c->parent_based)
+            *(u64 *)(d + IDS_FLAGS) = v->flags;
+        else
+            *(u64 *)(d + IDS_FLAGS) = decide(c, unhex16(&v->trace[16]));
+    } else {
+        hex16(d + IDS_TRACE, rnd());
+        u64 low = rnd();
+        *(u64 *)(d + IDS_FLAGS) = decide(c, low);
+        hex16(d + IDS_TRACE + 16, low);
+        *(u64 *)(d + IDS_PARENT) = 0;
+        *(u64 *)(d + IDS_PARENT + 8) = 0;
+        *(u64 *)(d + IDS_PARENT_KIND) = PARENT_NONE;
+    }
+    hex16(d + IDS_SPAN, rnd());
+    out->state = ACTIVE;
+    __builtin_memcpy(out->trace, d + IDS_TRACE, 32);
+    __builtin_memcpy(out->span, d + IDS_SPAN, 16);
+    out->flags = *(u64 *)(d + IDS_FLAGS);
+    out->aux[0] = out->aux[1] = out->aux[2] = 0;
+    return 1;
+}
+
+// A traceparent value (55 bytes read): when it is version 00 and well formed, the
+// goroutine's pending context.
+INLINE void stash_value(struct event *e, struct tmp *t, const u8 *v) {
+    if (v[0] != '0' || v[1] != '0' || v[2] != '-' || v[35] != '-' || v[52] != '-')
+        return;
+    for (int i = 53; i < 55; i++) {
+        u8 x = v[i];
+        if (!((x >= '0' && x <= '9') || (x >= 'a' && x <= 'f')))
+            return;
+    }
+    struct ctxval *nv = &t->v;
+    nv->state = PENDING;
+    __builtin_memcpy(nv->trace, v + 3, 32);
+    __builtin_memcpy(nv->span, v + 36, 16);
+    nv->flags = v[53] | ((u64)v[54] << 8);
+    nv->aux[0] = nv->aux[1] = nv->aux[2] = 0;
+    u64 key = e->goid;
+    bpf_map_update_elem(&goroutines, &key, nv, 0);
+}
+
+// `Traceparent: <value>` (the name in any case, one optional space), an HTTP/1 line.
+INLINE void stash_line(struct event *e, struct tmp *t, u64 ptr, s64 len) {
+    u8 *line = t->buf;
+    if (!ptr || len < 67)
+        return;
+    if (bpf_probe_read_user(line, len >= 68 ? 68 : 67, (void *)ptr) != 0)
+        return;
+    const char *name = "traceparent";
+    for (int i = 0; i < 11; i++)
+        if ((line[i] | 0x20) != name[i])
+            return;
+    if (line[11] != ':')
+        return;
+    if (line[12] == ' ') {
+        if (len >= 68)
+            stash_value(e, t, &line[13]);
+    } else {
+        stash_value(e, t, &line[12]);
+    }
+}
+
+// Whether the (pointer, length) string is exactly `traceparent` (an HTTP/2 field name).
+INLINE int is_traceparent(u64 ptr, s64 len) {
+    u8 name[11];
+    if (len != 11 || !ptr || bpf_probe_read_user(name, 11, (void *)ptr) != 0)
+        return 0;
+    const char *want = "traceparent";
+    for (int i = 0; i < 11; i++)
+        if (name[i] != want[i])
+            return 0;
+    return 1;
+}
+
+// Moves the entry under `key` in `from` (in `state`, when state is not 0) to `to_key` in `to`.
+INLINE void move_entry(struct tmp *t, void *from, u64 key, u64 state, void *to, u64 to_key) {
+    struct ctxval *v = bpf_map_lookup_elem(from, &key);
+    if (!v || (state && v->state != state) || !to_key)
+        return;
+    t->v = *v;
+    bpf_map_update_elem(to, &to_key, &t->v, 0);
+    bpf_map_delete_elem(from, &key);
+}
+
+INLINE void forget(void *map, u64 key) {
+    bpf_map_delete_elem(map, &key);
+}
+
+// One operation of the plan (the light ones: the header writes are programs of their own).
+INLINE void ctx_op(struct event *e, struct config *c, struct tmp *t, u64 sp, struct ctxop *o) {
+    struct ctxval *nv = &t->v;
+    u64 goid = e->goid;
+    switch (o->code) {
+    case OP_STASH_LINE:
+        stash_line(e, t, reg(e, sp, o->a), (s64)reg(e, sp, o->b));
+        break;
+    case OP_STASH_FIELD: {
+        if (!is_traceparent(reg(e, sp, o->a), (s64)reg(e, sp, o->b)))
+            break;
+        u64 vp = reg(e, sp, o->c);
+        if ((s64)reg(e, sp, o->d) < 55 || !vp || bpf_probe_read_user(t->buf, 55, (void *)vp) != 0)
+            break;
+        stash_value(e, t, t->buf);
+        break;
+    }
+    case OP_SERVER_BEGIN:
+        if (begin_span(e, c, o->dest, PENDING, PARENT_REMOTE, nv))
+            bpf_map_update_elem(&goroutines, &goid, nv, 0);
+        break;
+    case OP_FORGET:
+        forget(&goroutines, goid);
+        break;
+    case OP_CLIENT_BEGIN: {
+        if (!begin_span(e, c, o->dest, ACTIVE, PARENT_LOCAL, nv))
+            break;
+        u64 req = reg(e, sp, o->a);
+        if (!req)
+            break;
+        u64 map = word_at(req + o->off1);
+        if (map)
+            bpf_map_update_elem(&requests, &map, nv, 0);
+        break;
+    }
+    case OP_CHILD_SPAN:
+        begin_span(e, c, o->dest, ACTIVE, PARENT_LOCAL, nv);
+        break;
+    case OP_INHERIT: {
+        // A new g inherits its creator's active span, or its incoming context not yet
+        // started (HTTP/2 starts each handler on a goroutine of its own).
+        u64 newg = reg(e, sp, o->a);
+        if (!newg)
+            break;
+        u64 parent = word_at(newg + o->off2);
+        struct ctxval *v = bpf_map_lookup_elem(&goroutines, &parent);
+        if (!v || (v->state != ACTIVE && v->state != PENDING))
+            break;
+        *nv = *v;
+        u64 child = word_at(newg + o->off1);
+        if (child)
+            bpf_map_update_elem(&goroutines, &child, nv, 0);
+        break;
+    }
+    case OP_PENDING_TO_REQUEST:
+        move_entry(t, &goroutines, goid, PENDING, &requests, reg(e, sp, o->a));
+        break;
+    case OP_PENDING_FROM_REQUEST: {
+        u64 key = reg(e, sp, o->a);
+        if (key)
+            move_entry(t, &requests, key, PENDING, &goroutines, goid);
+        break;
+    }
+    case OP_CLEAR_PENDING: {
+        struct ctxval *v = bpf_map_lookup_elem(&goroutines, &goid);
+        if (v && v->state == PENDING)
+            forget(&goroutines, goid);
+        break;
+    }
+    case OP_CLIENT_BEGIN_HERE:
+        if (begin_span(e, c, o->dest, ACTIVE, PARENT_LOCAL, nv)) {
+            u64 key = goid | CLIENT_TAG;
+            bpf_map_update_elem(&goroutines, &key, nv, 0);
+        }
+        break;
+    case OP_CLIENT_END_HERE:
+        forget(&goroutines, goid | CLIENT_TAG);
+        break;
+    case OP_CLIENT_TO_REQUEST:
+        move_entry(t, &goroutines, goid | CLIENT_TAG, ACTIVE, &requests, reg(e, sp, o->a));
+        break;
+    case OP_OUTGOING_FROM_REQUEST: {
+        // A span left over (its headers never written) must not name the next.
+        forget(&goroutines, goid | OUT_TAG);
+        u64 key = reg(e, sp, o->a);
+        if (key && o->flag)
+            key = word_at(key + o->off1);
+        if (key)
+            move_entry(t, &requests, key, ACTIVE, &goroutines, goid | OUT_TAG);
+        break;
+    }
+    case OP_INJECT_LINE:
+    case OP_UNDO_LINE:
+        // Their own programs did not load (the kernel refuses writes to user memory):
+        // the record says nothing was written.
+        put_word(e, o->dest, 0);
+        break;
+    case OP_STAND_DOWN: {
+        put_word(e, o->dest, 0);
+        if (!is_traceparent(reg(e, sp, o->a), (s64)reg(e, sp, o->b)))
+            break;
+        u64 key = goid | OUT_TAG;
+        if (bpf_map_lookup_elem(&goroutines, &key)) {
+            forget(&goroutines, key);
+            put_word(e, o->dest, 1);
+        }
+        break;
+    }
+    }
+}
+
+INLINE int guard_holds(struct event *e, u64 sp, struct guard *gd) {
+    switch (gd->kind) {
+    case GUARD_FIRST_BYTE: {
+        s64 len = (s64)reg(e, sp, gd->b);
+        u64 ptr = reg(e, sp, gd->a);
+        u8 b = 0;
+        if (len < (gd->min_len ? gd->min_len : 1) || !ptr || bpf_probe_read_user(&b, 1, (void *)ptr) != 0)
+            return 0;
+        b |= 0x20;
+        for (int i = 0; i < 4; i++)
+            if (i < gd->nfirst && b == gd->first[i])
+                return 1;
+        return 0;
+    }
+    case GUARD_IN_REQUESTS: {
+        u64 key = reg(e, sp, gd->a);
+        return key && bpf_map_lookup_elem(&requests, &key) != 0;
+    }
+    case GUARD_TAGGED: {
+        u64 key = e->goid | (1ULL << (gd->bit & 63));
+        return bpf_map_lookup_elem(&goroutines, &key) != 0;
+    }
+    case GUARD_OWN: {
+        u64 key = e->goid;
+        return bpf_map_lookup_elem(&goroutines, &key) != 0;
+    }
+    case GUARD_ZERO:
+        return reg(e, sp, gd->a) == 0;
+    }
+    return 1;
+}
+
+// ---- The programs ----
+
+// The attach point's plan, the configuration and a filled record header, or 0 when
+// nothing is to be recorded (not enabled, or the guard does not hold).
+INLINE struct event *begin(struct pt_regs *r, struct plan **pp, struct config **cp, u32 *idxp) {
     u32 zero = 0;
     u32 idx = (u32)bpf_get_attach_cookie(r);
     struct plan *p = bpf_map_lookup_elem(&plans, &idx);
@@ -259,7 +651,7 @@ int inject_probe(struct pt_regs *r) {
     struct event *e = bpf_map_lookup_elem(&scratch, &zero);
     if (!p || !c || !e || !c->enabled)
         return 0;
-    u64 g = r->r14, sp = r->sp, bp = r->bp;
+    u64 g = r->r14, sp = r->sp;
 #ifdef INJECT_REJECTED
     // Tests only (tests/uprobe.rs): a read through a register's value, which the verifier
     // must refuse, to see how inject reports a rejection. Not in the shipped object.
@@ -279,28 +671,209 @@ int inject_probe(struct pt_regs *r) {
     e->ints[6] = r->r9;
     e->ints[7] = r->r10;
     e->ints[8] = r->r11;
+    if (p->guard.kind && !guard_holds(e, sp, &p->guard))
+        return 0;
     u32 len = p->data_len;
     if (len > DATA_MAX)
         len = DATA_MAX;
     e->data_len = len;
-    for (int i = 0; i < MAX_COPIES; i++) {
-        if (i >= p->ncopies)
-            break;
-        struct copy *cp = &p->copies[i];
-        copy_bytes(e, cp->dest, reg(e, sp, cp->ptr), (s64)reg(e, sp, cp->len), cp->max);
-    }
-    for (int i = 0; i < MAX_FIELDS; i++) {
-        if (i >= p->nfields)
-            break;
-        field(e, sp, &p->fields[i]);
-    }
-    if (p->stack_n > 0)
-        stack(e, sp, bp, g, c, p->stack_n, p->stack_dest);
+    *pp = p;
+    *cp = c;
+    *idxp = idx;
+    return e;
+}
+
+INLINE void finish(struct event *e, struct plan *p, u32 idx) {
+    if (p->norecord)
+        return;
     e->ktime = bpf_ktime_get_ns();
+    u32 len = e->data_len;
+    if (len > DATA_MAX)
+        len = DATA_MAX;
     if (bpf_ringbuf_output(&events, e, HEADER_LEN + len, 0) != 0) {
         u64 *d = bpf_map_lookup_elem(&drops, &idx);
         if (d)
             __sync_fetch_and_add(d, 1);
     }
+}
+
+// About to write a request's header map (o: map a, writer itab b and data c, the
+// bufio.(*Writer).Write entry imm, the writer's buf off1 and n off2): when the map has a
+// client span and the writer is a *bufio.Writer with room, a traceparent line goes into its
+// buffer before the request's own lines. The record's data: 1 and the span id when it did,
+// else 0; the goroutine keeps where the line went (LINE_TAG) for undo_line. 0: no record.
+INLINE int inject_line_op(struct event *e, u64 sp, struct ctxop *o) {
+    u32 dest = o->dest;
+    if (dest > DATA_MAX - 32)
+        return 0;
+    put_word(e, dest, 0);
+    put_word(e, dest + 24, 0);
+    u64 map = reg(e, sp, o->a), itab = reg(e, sp, o->b), w = reg(e, sp, o->c);
+    struct ctxval *v = map ? bpf_map_lookup_elem(&requests, &map) : 0;
+    if (!v || v->state != ACTIVE || !itab || !w || word_at(itab + ITAB_FUN0) != o->imm)
+        return 1;
+    struct ctxval cv = *v;
+    s64 n = (s64)word_at(w + o->off2);
+    u64 cap = word_at(w + o->off1 + 8), buf = word_at(w + o->off1);
+    if (n < 0 || (u64)n + W3C_LINE > cap || !buf)
+        return 1;
+    u8 line[W3C_LINE];
+    __builtin_memcpy(line, "traceparent: 00-", 16);
+    __builtin_memcpy(line + 16, cv.trace, 32);
+    line[48] = '-';
+    __builtin_memcpy(line + 49, cv.span, 16);
+    line[65] = '-';
+    u64 flags = cv.flags & 0xffff;
+    line[66] = flags ? (u8)flags : '0';
+    line[67] = flags ? (u8)(flags >> 8) : '1';
+    line[68] = '\r';
+    line[69] = '\n';
+    if (bpf_probe_write_user((void *)(buf + n), line, W3C_LINE) != 0)
+        return 1;
+    u64 filled = (u64)n + W3C_LINE;
+    bpf_probe_write_user((void *)(w + o->off2), &filled, 8);
+    // One request, one line: a later request with the same map gets its own.
+    bpf_map_delete_elem(&requests, &map);
+    put_word(e, dest, 1);
+    __builtin_memcpy(&e->data[(dest & (DATA_MAX - 1)) + 8], cv.span, 16);
+    struct ctxval at = {};
+    at.aux[0] = w;
+    at.aux[1] = (u64)n;
+    at.aux[2] = W3C_LINE;
+    u64 key = e->goid | LINE_TAG;
+    bpf_map_update_elem(&goroutines, &key, &at, 0);
+    return 1;
+}
+
+// At the return of the function inject_line_op wrote a line in (o: buf off1, n off2): when
+// a later header line names a traceparent (the application's own), ours comes back out:
+// the bytes after it move down over it and the fill index goes back. The record's data: 1
+// and the bytes taken out, 2 when the buffer was flushed meanwhile, else 0.
+INLINE int undo_line_op(struct event *e, struct ctxop *o) {
+    u32 dest = o->dest;
+    // The record's own data is the 16 bytes at dest; the writer's buffer is read into the
+    // spare bytes from TAIL_AT.
+    if (dest > TAIL_AT - 16)
+        return 0;
+    put_word(e, dest, 0);
+    u64 key = e->goid | LINE_TAG;
+    struct ctxval *v = bpf_map_lookup_elem(&goroutines, &key);
+    if (!v)
+        return 1;
+    u64 w = v->aux[0], start = v->aux[1], len = v->aux[2];
+    bpf_map_delete_elem(&goroutines, &key);
+    u64 n = word_at(w + o->off2), buf = word_at(w + o->off1), cap = word_at(w + o->off1 + 8);
+    if (!w || !buf || len != W3C_LINE)
+        return 1;
+    u8 head[16];
+    // A flush moved the fill index back, or the line is no longer there.
+    if (n > cap || n < start + len || bpf_probe_read_user(head, 16, (void *)(buf + start)) != 0 ||
+        __builtin_memcmp(head, "traceparent: 00-", 16) != 0) {
+        put_word(e, dest, 2);
+        return 1;
+    }
+    // The bytes from the '\n' ending our line to the fill index. Lines beyond the look are
+    // not looked through, so nothing is moved (the transport's buffer is 4096 bytes: a
+    // header block it holds always fits).
+    u64 from = start + len - 1;
+    u64 avail = n - from;
+    u8 *tail = &e->data[TAIL_AT];
+    if (avail > SCAN_MAX - 1 || avail < 14 ||
+        bpf_probe_read_user(tail, avail & (SCAN_MAX - 1), (void *)(buf + from)) != 0)
+        return 1;
+    // A word at a time: only a word holding a '\n' is looked at byte by byte (the verifier
+    // walks every iteration, and bounds the branches it follows).
+    u32 own = 0;
+    for (u32 k = 0; k < SCAN_MAX / 8; k++) {
+        u32 at = k * 8;
+        if (at + 13 > avail || own)
+            break;
+        u64 x = *(u64 *)&tail[at] ^ 0x0a0a0a0a0a0a0a0aULL;
+        if (((x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL) == 0)
+            continue;
+        for (u32 j = 0; j < 8; j++) {
+            u32 i = (at + j) & (SCAN_MAX - 1);
+            if (i + 13 > avail)
+                break;
+            if (tail[i] != '\n' || tail[i + 12] != ':')
+                continue;
+            u64 w8 = *(u64 *)&tail[i + 1] | 0x2020202020202020ULL;
+            u32 w4 = *(u32 *)&tail[i + 8] | 0x20202020;
+            if (w8 == 0x7261706563617274ULL && w4 == 0x746e6572) {
+                own = i + 1;
+                break;
+            }
+        }
+    }
+    if (!own)
+        return 1;
+    // buf[start+len:n] moves to buf[start:] (what follows our '\n'), n -= len.
+    u32 rest = (u32)(avail - 1) & (SCAN_MAX - 1);
+    if (rest == 0 || bpf_probe_write_user((void *)(buf + start), tail + 1, rest) != 0)
+        return 1;
+    u64 filled = n - len;
+    bpf_probe_write_user((void *)(w + o->off2), &filled, 8);
+    put_word(e, dest, 1);
+    put_word(e, dest + 8, len);
+    return 1;
+}
+
+// What every program does: the plan, the record's header, the guard; then its work (`which`,
+// a constant, so each program keeps its own); then the record out.
+INLINE int run(struct pt_regs *r, int which) {
+    struct plan *p = 0;
+    struct config *c = 0;
+    u32 idx = 0;
+    struct event *e = begin(r, &p, &c, &idx);
+    if (!e || !p || !c)
+        return 0;
+    u64 g = r->r14, sp = r->sp, bp = r->bp;
+    if (which == OP_INJECT_LINE) {
+        if (!inject_line_op(e, sp, &p->ops[0]))
+            return 0;
+    } else if (which == OP_UNDO_LINE) {
+        if (!undo_line_op(e, &p->ops[0]))
+            return 0;
+    } else {
+        u32 zero = 0;
+        struct tmp *t = bpf_map_lookup_elem(&tmps, &zero);
+        if (!t)
+            return 0;
+        for (int i = 0; i < MAX_OPS; i++) {
+            if (i >= p->nops)
+                break;
+            ctx_op(e, c, t, sp, &p->ops[i]);
+        }
+        for (int i = 0; i < MAX_COPIES; i++) {
+            if (i >= p->ncopies)
+                break;
+            struct copy *cp = &p->copies[i];
+            copy_bytes(e, cp->dest, reg(e, sp, cp->ptr), (s64)reg(e, sp, cp->len), cp->max);
+        }
+        for (int i = 0; i < MAX_FIELDS; i++) {
+            if (i >= p->nfields)
+                break;
+            field(e, sp, &p->fields[i]);
+        }
+        if (p->stack_n > 0)
+            stack(e, sp, bp, g, c, p->stack_n, p->stack_dest);
+    }
+    finish(e, p, idx);
     return 0;
+}
+
+SEC("uprobe")
+int inject_probe(struct pt_regs *r) {
+    return run(r, 0);
+}
+
+// The header writes (bpf_probe_write_user): programs of their own.
+SEC("uprobe")
+int inject_line(struct pt_regs *r) {
+    return run(r, OP_INJECT_LINE);
+}
+
+SEC("uprobe")
+int inject_undo(struct pt_regs *r) {
+    return run(r, OP_UNDO_LINE);
 }

@@ -25,6 +25,9 @@ pub fn uprobe_via(bin: &GoBinary<'_>, bias: u64, site: &ProbeSite) -> Via {
         return Via::Refused(r.to_string());
     }
     for (plan, kind) in [(&site.on_entry.plan, ring_abi::Kind::Entry), (&site.on_return.plan, ring_abi::Kind::Return)] {
+        if plan.off {
+            continue;
+        }
         if let Err(why) = super::abi::encode(site.id, kind, plan) {
             return Via::Refused(format!("not with uprobes: {why}"));
         }
