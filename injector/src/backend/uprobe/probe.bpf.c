@@ -52,6 +52,7 @@ static long (*bpf_probe_write_user)(void *dst, const void *src, u32 len) = (void
 static u32 (*bpf_get_smp_processor_id)(void) = (void *)8;
 static long (*bpf_probe_read_user)(void *dst, u32 size, const void *src) = (void *)112;
 static long (*bpf_ringbuf_output)(void *ring, void *data, u64 size, u64 flags) = (void *)130;
+static u64 (*bpf_ringbuf_query)(void *ring, u64 flags) = (void *)134;
 static u64 (*bpf_get_attach_cookie)(void *ctx) = (void *)174;
 
 // Legacy map definitions (section "maps"): no BTF needed, so no debug info in the object.
@@ -211,6 +212,13 @@ struct event {
 };
 
 #define HEADER_LEN (sizeof(struct event) - 2 * DATA_MAX)
+
+// linux/bpf.h: ring buffer flags and queries.
+#define BPF_RB_NO_WAKEUP 1
+#define BPF_RB_FORCE_WAKEUP 2
+#define BPF_RB_AVAIL_DATA 0
+// A quarter of the ring buffer (events' size, set by inject: 16 MiB).
+#define WAKE_AT (4 << 20)
 
 struct map_def plans SEC("maps") = {BPF_MAP_TYPE_ARRAY, 4, sizeof(struct plan), 1, 0};
 struct map_def config SEC("maps") = {BPF_MAP_TYPE_ARRAY, 4, sizeof(struct config), 1, 0};
@@ -690,7 +698,11 @@ INLINE void finish(struct event *e, struct plan *p, u32 idx) {
     u32 len = e->data_len;
     if (len > DATA_MAX)
         len = DATA_MAX;
-    if (bpf_ringbuf_output(&events, e, HEADER_LEN + len, 0) != 0) {
+    // The pump is woken only once the buffer is a quarter full; else it looks every few
+    // milliseconds. A wakeup per record cost each probed call an irq_work and the pump a
+    // context switch (docs/uprobe.md: the hit's cost).
+    u64 wake = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > WAKE_AT ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+    if (bpf_ringbuf_output(&events, e, HEADER_LEN + len, wake) != 0) {
         u64 *d = bpf_map_lookup_elem(&drops, &idx);
         if (d)
             __sync_fetch_and_add(d, 1);

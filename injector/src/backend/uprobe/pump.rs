@@ -33,6 +33,9 @@ pub struct RingWriter {
 // every access to words others write goes through atomics.
 unsafe impl Send for RingWriter {}
 
+/// How often the pump looks at the BPF ring buffer when the program has not woken it.
+const LOOK_MS: u8 = 4;
+
 /// How long the pump waits for room in lossless mode before it drops a record.
 const WAIT_MAX: Duration = Duration::from_millis(250);
 
@@ -220,7 +223,9 @@ impl Pump {
                 // SAFETY: the ring buffer's descriptor lives as long as `self.events`.
                 let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
                 let mut fds = [PollFd::new(borrowed, PollFlags::POLLIN)];
-                let _ = poll(&mut fds, PollTimeout::from(20u8));
+                // The program wakes the pump only when its buffer fills (a wakeup per record
+                // cost every probed call microseconds): look again within a few ms.
+                let _ = poll(&mut fds, PollTimeout::from(LOOK_MS));
             }
         }
         totals
