@@ -328,8 +328,34 @@ const THROUGH: &[(&str, usize, &str, bool)] = &[
     ("/produce1?key=own&hdr=app:v1", 1, "own", true),
 ];
 
+/// Sends the [`THROUGH`] requests to the producer at `addr`, waits for the consumer to
+/// print every message, then detaches both injects (`[producer's, consumer's]`). Returns
+/// how many messages were written.
+fn produce_through(what: &str, addr: &str, consumer: &mut Proc, injects: [&mut Proc; 2]) -> Result<usize> {
+    for (path, count, ..) in THROUGH {
+        let (code, body) = get(addr, path)?;
+        ensure!(code == 200 && body.trim() == format!("wrote {count}"), "{what}: {path}: {code} {body}");
+    }
+    let want: usize = THROUGH.iter().map(|r| r.1).sum();
+    let deadline = Instant::now() + LIMIT;
+    while messages(consumer)?.len() < want && Instant::now() < deadline {
+        consumer.drain(Duration::from_millis(100));
+    }
+    consumer.drain(Duration::from_millis(300));
+    for (p, name) in injects.into_iter().zip(["producer's inject", "consumer's inject"]) {
+        p.signal(15);
+        ensure!(p.wait(LIMIT)?.success(), "{what}: {name}:\n{}", p.transcript());
+    }
+    Ok(want)
+}
+
 /// Attaches an inject writing JSON lines and a summary; returns it and both paths.
 fn attach(p: &Proc, name: &str) -> Result<(Proc, PathBuf, PathBuf)> {
+    attach_by(p, name, "auto")
+}
+
+/// As [`attach`], with `--backend backend`.
+fn attach_by(p: &Proc, name: &str, backend: &str) -> Result<(Proc, PathBuf, PathBuf)> {
     let jsonl = tests::scratch(&format!("kafka-{name}-{}.jsonl", p.pid()));
     let summary = tests::scratch(&format!("kafka-{name}-{}.json", p.pid()));
     let pid = p.pid().to_string();
@@ -344,6 +370,8 @@ fn attach(p: &Proc, name: &str) -> Result<(Proc, PathBuf, PathBuf)> {
         &summary.display().to_string(),
         "--metrics",
         "console",
+        "--backend",
+        backend,
     ]
     .map(String::from)
     .into();
@@ -396,20 +424,7 @@ fn a_request_is_one_trace_through_kafka() -> Result<()> {
         let addr = producer.value("LISTEN").context("producer LISTEN")?;
         let (mut pi, p_jsonl, p_summary) = attach(&producer, "producer")?;
         let (mut ci, c_jsonl, c_summary) = attach(&consumer, "consumer")?;
-        for (path, count, ..) in THROUGH {
-            let (code, body) = get(&addr, path)?;
-            ensure!(code == 200 && body.trim() == format!("wrote {count}"), "{what}: {path}: {code} {body}");
-        }
-        let want: usize = THROUGH.iter().map(|r| r.1).sum();
-        let deadline = Instant::now() + LIMIT;
-        while messages(&consumer)?.len() < want && Instant::now() < deadline {
-            consumer.drain(Duration::from_millis(100));
-        }
-        consumer.drain(Duration::from_millis(300));
-        for (p, name) in [(&mut pi, "producer's inject"), (&mut ci, "consumer's inject")] {
-            p.signal(15);
-            ensure!(p.wait(LIMIT)?.success(), "{what}: {name}:\n{}", p.transcript());
-        }
+        let want = produce_through(what, &addr, &mut consumer, [&mut pi, &mut ci])?;
         // Detached: every byte of code is back, and of inject's memory only the header
         // arena is left (batches may point there); a second inject attaches beside it.
         ensure!(tests::text_differs_from_file(producer.pid(), exe)?.is_none(), "{what}: code left patched");
@@ -544,6 +559,99 @@ fn a_request_is_one_trace_through_kafka() -> Result<()> {
         );
         ensure!(psum["kept_bytes"] == ring_abi::arena::LEN as u64 && csum["kept_bytes"] == 0, "{what}: kept");
         eprintln!("kafka: {what}: {want} messages, each one trace from its request to the consumer's backend call");
+    }
+    Ok(())
+}
+
+/// kafka-go under uprobes (`--backend uprobe`): a consumer traced by uprobes continues the
+/// trace of each message a trampoline-traced producer wrote (CONSUMER spans under the
+/// PRODUCER span, the backend request under the processing); a producer traced by uprobes
+/// makes its PRODUCER spans under their requests, but writes no header (the trampolines'
+/// arena holds it, and uprobes have none: said on attaching, none counted), so the
+/// consumer's processing starts traces of its own. Newest Go and kafka-go.
+#[test]
+fn kafka_go_under_uprobes() -> Result<()> {
+    if !tests::require_ptrace()? || !tests::require_bpf()? || !require_kafka()? {
+        return Ok(());
+    }
+    let tc = test_toolchains()?.pop().context("no Go")?;
+    let kafka_go = xtask::kafka_go_newest(&tc.version);
+    let exe = build_pinned_fixture("kafkasvc", None, &[(KAFKA_GO, kafka_go)], &tc, Flavor::Default)?;
+    let backend = build_fixture("httpserver", &tc, Flavor::Default)?;
+    let Some((_serial, kafka)) = prepare()? else { return Ok(()) };
+    let brokers = kafka.addr();
+    for (n, producer_backend) in ["trampoline", "uprobe"].into_iter().enumerate() {
+        let what = format!("Go {} kafka-go {kafka_go}, producer on {producer_backend}s", tc.version);
+        let topic = format!("uprobe-{n}");
+        let mut back = start_fixture(&backend, &[], &[])?;
+        let url = format!("http://{}/hello", back.value("LISTEN").context("backend LISTEN")?);
+        let args = ["-mode", "consumer", "-brokers", &brokers, "-topic", &topic, "-partitions", "1", "-backend", &url];
+        let mut consumer = start_fixture(&exe, &args, &[])?;
+        let args = ["-mode", "producer", "-brokers", &brokers, "-topic", &topic, "-partitions", "1"];
+        let mut producer = start_fixture(&exe, &args, &[])?;
+        let addr = producer.value("LISTEN").context("producer LISTEN")?;
+        let (mut pi, p_jsonl, p_summary) = attach_by(&producer, "producer", producer_backend)?;
+        let (mut ci, c_jsonl, c_summary) = attach_by(&consumer, "consumer", "uprobe")?;
+        let want = produce_through(&what, &addr, &mut consumer, [&mut pi, &mut ci])?;
+        for (p, name) in [(&mut producer, "producer"), (&mut consumer, "consumer"), (&mut back, "backend")] {
+            p.signal(15);
+            ensure!(p.wait(LIMIT)?.success(), "{what}: the {name} failed:\n{}", p.transcript());
+        }
+        let msgs = messages(&consumer)?;
+        ensure!(msgs.len() == want, "{what}: {} messages consumed, want {want}", msgs.len());
+        let (ps, cs) = (tests::schema::read_jsonl(&p_jsonl)?, tests::schema::read_jsonl(&c_jsonl)?);
+        let psum = tests::schema::read_summary(&p_summary)?;
+        let csum = tests::schema::read_summary(&c_summary)?;
+        for f in [&p_jsonl, &c_jsonl, &p_summary, &c_summary] {
+            let _ = std::fs::remove_file(f);
+        }
+        let of =
+            |v: &[serde_json::Value], kind: &str| v.iter().filter(|s| s["kind"] == kind).cloned().collect::<Vec<_>>();
+        let (servers, producers) = (of(&ps, "SERVER"), of(&ps, "PRODUCER"));
+        let (process, clients) = (of(&cs, "CONSUMER"), of(&cs, "CLIENT"));
+        let all = || format!("producer side: {ps:?}\nconsumer side: {cs:?}");
+        ensure!(servers.len() == THROUGH.len() && producers.len() == THROUGH.len(), "{what}: {}", all());
+        ensure!(process.len() == want && clients.len() == want, "{what}: consumer spans: {}", all());
+        ensure!(csum["dropped"] == 0 && psum["dropped"] == 0, "{what}: records dropped");
+        let uprobes = |sum: &serde_json::Value| {
+            sum["sites"].as_array().map_or(0, |v| v.iter().filter(|s| s["backend"] == "uprobe").count())
+        };
+        ensure!(uprobes(&csum) > 0, "{what}: the consumer's sites: {}", csum["sites"]);
+        for m in &msgs {
+            let (i, (path, _, _, own)) =
+                THROUGH.iter().enumerate().find(|(_, r)| r.2 == m.key).context("a key nobody wrote")?;
+            let ctx = || format!("{what}: {path}: offset {}", m.offset);
+            let (server, span) =
+                (&servers[i], process.iter().find(|s| s["attributes"]["messaging.kafka.offset"] == m.offset));
+            let span = span.with_context(|| format!("{}: no process span: {}", ctx(), all()))?;
+            let producer = producers
+                .iter()
+                .find(|p| p["trace_id"] == server["trace_id"] && p["parent_span_id"] == server["span_id"])
+                .with_context(|| format!("{}: no producer span under its request: {}", ctx(), all()))?;
+            ensure!(span["name"] == format!("process {topic}").as_str(), "{}: {span}", ctx());
+            let carried = producer_backend == "trampoline" && !own;
+            if carried {
+                ensure!(m.headers.starts_with("traceparent="), "{}: headers {}", ctx(), m.headers);
+                ensure!(span["trace_id"] == server["trace_id"], "{}: not in the request's trace: {span}", ctx());
+                ensure!(span["parent_span_id"] == producer["span_id"] && span["parent_remote"] == true, "{}", ctx());
+            } else {
+                ensure!(!m.headers.contains("traceparent"), "{}: headers {}", ctx(), m.headers);
+                ensure!(span["parent_span_id"].is_null() && span["trace_id"] != server["trace_id"], "{}", ctx());
+            }
+            let client = clients.iter().find(|c| c["parent_span_id"] == span["span_id"]);
+            ensure!(
+                client.is_some_and(|c| c["trace_id"] == span["trace_id"]),
+                "{}: no backend request under its processing: {}",
+                ctx(),
+                all()
+            );
+        }
+        if producer_backend == "uprobe" {
+            ensure!(uprobes(&psum) > 0 && psum["kafka_headers_added"] == 0, "{what}: producer summary {psum}");
+            let said = pi.transcript().contains("messages leave without one");
+            ensure!(said, "{what}: the producer's inject did not say its messages leave without a header");
+        }
+        eprintln!("kafka: {what}: {want} messages, consumer on uprobes, traces as expected");
     }
     Ok(())
 }

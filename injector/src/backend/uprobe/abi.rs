@@ -110,6 +110,8 @@ mod code {
     pub const CLIENT_TO_REQUEST: u8 = 15;
     pub const OUTGOING_FROM_REQUEST: u8 = 16;
     pub const STAND_DOWN: u8 = 17;
+    pub const CONSUME_BEGIN: u8 = 18;
+    pub const CONSUME_END: u8 = 19;
 }
 
 /// One attach point's plan: what its records carry.
@@ -285,10 +287,12 @@ pub fn encode(site: u32, kind: ring_abi::Kind, plan: &CapturePlan) -> Result<Pla
             // The incoming `tracestate` is not kept under uprobes: outgoing requests go
             // without it (docs/uprobe.md).
             Op::AdoptTracestate => {}
+            // The header of a Kafka message is written in the trampolines' arena, which
+            // uprobes do not have: the slot is never made (so `add` finds none, and
+            // `WriteMessages`'s end has none to forget), and messages leave without one.
+            Op::KafkaSlot { .. } | Op::KafkaEnd => {}
             other => {
-                let op = ctx_op(other).ok_or_else(|| {
-                    format!("its probes do trace-context work ({}) the uprobe program does not yet", op_name(other))
-                })?;
+                let op = ctx_op(other).ok_or_else(|| unsupported(other))?;
                 let i = usize::from(p.nops);
                 if i == MAX_OPS {
                     return Err(format!("more than {MAX_OPS} trace-context operations"));
@@ -367,8 +371,27 @@ fn ctx_op(op: &Op) -> Option<CtxOp> {
             ..o(code::OUTGOING_FROM_REQUEST)
         },
         Op::StandDown { name_ptr, name_len, dest } => CtxOp { a: name_ptr, b: name_len, dest, ..o(code::STAND_DOWN) },
+        Op::ConsumeBegin { headers, dest } => CtxOp { off1: headers, dest, ..o(code::CONSUME_BEGIN) },
+        Op::ConsumeEnd => o(code::CONSUME_END),
         _ => return None,
     })
+}
+
+/// Why the program does not run `op`, for the verdict.
+fn unsupported(op: &Op) -> String {
+    match op {
+        Op::InjectH2 { .. } | Op::InjectH2After { .. } => {
+            "it writes a traceparent field into outgoing HTTP/2 frames, which the uprobe program does not yet: \
+             those requests leave without one"
+                .into()
+        }
+        Op::KafkaHeader { .. } => {
+            "it writes each message's traceparent header from the trampolines' arena, which uprobes do not have: \
+             messages leave without one"
+                .into()
+        }
+        other => format!("its probes do trace-context work ({}) the uprobe program does not yet", op_name(other)),
+    }
 }
 
 fn op_name(op: &Op) -> String {
@@ -456,9 +479,9 @@ mod tests {
         plan.ops.push(Op::ServerEnd);
         let p = encode(3, ring_abi::Kind::Entry, &plan).unwrap();
         assert_eq!((p.nops, p.ops[0].code), (1, code::FORGET));
-        plan.ops.push(Op::KafkaEnd);
+        plan.ops.push(Op::AutoEnd { span: 0 });
         let why = encode(3, ring_abi::Kind::Entry, &plan).unwrap_err();
-        assert!(why.contains("KafkaEnd"), "{why}");
+        assert!(why.contains("AutoEnd"), "{why}");
         // A header write runs in a program of its own, alone.
         let line = Op::InjectTraceparent { map: 0, itab: 1, data: 2, write_fn: 0x1000, buf_off: 8, n_off: 40, dest: 0 };
         let mut inject = CapturePlan { ops: vec![line.clone()], ..CapturePlan::default() };

@@ -134,6 +134,8 @@ struct guard {
 #define OP_CLIENT_TO_REQUEST 15
 #define OP_OUTGOING_FROM_REQUEST 16
 #define OP_STAND_DOWN 17
+#define OP_CONSUME_BEGIN 18
+#define OP_CONSUME_END 19
 #define MAX_OPS 3
 // Registers a..d (ABI indices), a destination in the record, two offsets, a constant.
 struct ctxop {
@@ -179,6 +181,12 @@ struct config {
 #define OUT_TAG (1ULL << 61)
 #define LINE_TAG (1ULL << 59)
 #define ITAB_FUN0 24
+// ring_abi::ctx::CONSUMER_MARK: a message's processing context holds its goid XOR this
+// (aux[0]), so a copy another goroutine inherits is never taken for one.
+#define CONSUMER_MARK 0x316b666b00000000ULL
+// kafka.Header (a string and a byte slice), and how many of a message's are looked at.
+#define KAFKA_HEADER_LEN 40
+#define KAFKA_HEADERS_MAX 16
 #define W3C_LINE 70
 // Bytes of a writer's buffer the undo step looks through for the application's own line.
 #define SCAN_MAX 4096
@@ -593,6 +601,46 @@ INLINE void ctx_op(struct event *e, struct config *c, struct tmp *t, u64 sp, str
             key = word_at(key + o->off1);
         if (key)
             move_entry(t, &requests, key, ACTIVE, &goroutines, goid | OUT_TAG);
+        break;
+    }
+    case OP_CONSUME_BEGIN: {
+        // Inside a span the goroutine serves: the processing is its child, and the
+        // goroutine's context stays the span's.
+        struct ctxval *v = bpf_map_lookup_elem(&goroutines, &goid);
+        if (v && v->state == ACTIVE && v->aux[0] != (goid ^ CONSUMER_MARK)) {
+            begin_span(e, c, o->dest, ACTIVE, PARENT_LOCAL, nv);
+            break;
+        }
+        // Else a context of its own, continuing the message's traceparent; a pending
+        // context left over from anything else is not the message's.
+        if (v && v->state == PENDING)
+            forget(&goroutines, goid);
+        u64 hs[2] = {0, 0};
+        if (bpf_probe_read_user(hs, 16, (void *)(sp + o->off1)) == 0 && hs[0] && (s64)hs[1] > 0) {
+            for (u32 k = 0; k < KAFKA_HEADERS_MAX; k++) {
+                if (k >= hs[1])
+                    break;
+                u64 h[4] = {0, 0, 0, 0};
+                if (bpf_probe_read_user(h, 32, (void *)(hs[0] + KAFKA_HEADER_LEN * k)) != 0)
+                    break;
+                if (!is_traceparent(h[0], (s64)h[1]))
+                    continue;
+                if ((s64)h[3] >= 55 && h[2] && bpf_probe_read_user(t->buf, 55, (void *)h[2]) == 0)
+                    stash_value(e, t, t->buf);
+                break;
+            }
+        }
+        if (begin_span(e, c, o->dest, PENDING, PARENT_REMOTE, nv)) {
+            nv->aux[0] = goid ^ CONSUMER_MARK;
+            bpf_map_update_elem(&goroutines, &goid, nv, 0);
+        }
+        break;
+    }
+    case OP_CONSUME_END: {
+        // The goroutine fetches again: the context its last message gave it ends.
+        struct ctxval *v = bpf_map_lookup_elem(&goroutines, &goid);
+        if (v && v->aux[0] == (goid ^ CONSUMER_MARK))
+            forget(&goroutines, goid);
         break;
     }
     case OP_INJECT_LINE:
