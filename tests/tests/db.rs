@@ -153,11 +153,18 @@ fn order_sql() -> Vec<(&'static str, bool)> {
 /// started without a context.Context; none twice (pgx under database/sql's driver);
 /// with the conventions' attributes, no query text by default, and none for the
 /// `defer tx.Rollback()` after a Commit.
-fn one_request_one_trace(tc: &GoToolchain, flavor: Flavor, pgx: &str, redis: &str, s: &Servers) -> Result<()> {
-    let what = format!("Go {} {flavor:?} pgx {pgx} go-redis {redis}", tc.version);
+/// One request's trace; `extra`: more inject arguments (`--backend uprobe`).
+fn one_request_one_trace(
+    tc: &GoToolchain,
+    flavor: Flavor,
+    (pgx, redis): (&str, &str),
+    s: &Servers,
+    extra: &[&str],
+) -> Result<()> {
+    let what = format!("Go {} {flavor:?} pgx {pgx} go-redis {redis} {}", tc.version, extra.join(" "));
     let exe = dbsvc(tc, flavor, pgx, redis, false)?;
     let (mut p, addr) = start_dbsvc(&exe, s, &[])?;
-    let traced = attach(&p, &[], &[])?;
+    let traced = attach(&p, extra, &[])?;
     let (code, body) = get(&addr, "/order?sku=sku-1&qty=1")?;
     ensure!(code == 200, "{what}: /order: {code} {body}");
     let spans = traced.finish()?;
@@ -221,9 +228,14 @@ fn one_request_is_one_trace_with_its_database_spans() -> Result<()> {
     let Some((_serial, s)) = prepare()? else { return Ok(()) };
     let tcs = test_toolchains()?;
     let (old, new) = (&tcs[0], tcs.last().context("toolchains")?);
-    one_request_one_trace(old, Flavor::Default, xtask::PGX_OLDEST, xtask::GO_REDIS_OLDEST, &s)?;
+    one_request_one_trace(old, Flavor::Default, (xtask::PGX_OLDEST, xtask::GO_REDIS_OLDEST), &s, &[])?;
+    let newest = (xtask::pgx_newest(&new.version), xtask::go_redis_newest(&new.version));
     for flavor in [Flavor::Default, Flavor::Stripped, Flavor::Pie] {
-        one_request_one_trace(new, flavor, xtask::pgx_newest(&new.version), xtask::go_redis_newest(&new.version), &s)?;
+        one_request_one_trace(new, flavor, newest, &s, &[])?;
+    }
+    // The same spans with every probe a kernel uprobe (docs/uprobe.md).
+    if tests::require_bpf()? {
+        one_request_one_trace(new, Flavor::Default, newest, &s, &["--backend", "uprobe"])?;
     }
     Ok(())
 }

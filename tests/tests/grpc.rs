@@ -73,9 +73,16 @@ impl Traced {
     /// Attaches an inject exporting to `rx` as `name` (after every process's warm-up
     /// call, so that only the test's requests are traced).
     fn attach(&mut self, name: &str, rx: &Receiver) -> Result<()> {
+        self.attach_by(name, rx, "auto")
+    }
+
+    /// As [`Traced::attach`], with `--backend backend`.
+    fn attach_by(&mut self, name: &str, rx: &Receiver, backend: &str) -> Result<()> {
         let proc = &self.proc;
         let summary = scratch(&format!("grpc-{name}-{}.json", proc.pid()));
         let args: Vec<String> = [
+            "--backend",
+            backend,
             "--pid",
             &proc.pid().to_string(),
             "--service-name",
@@ -103,6 +110,72 @@ impl Traced {
         let _ = std::fs::remove_file(&self.summary);
         Ok(s)
     }
+}
+
+/// A gRPC server traced by uprobes (`--backend uprobe`) continues each call's context
+/// from the HTTP/2 `traceparent` field its trampoline-traced caller wrote: the handler's
+/// SERVER span is the CLIENT span's child, and the backend fetch the handler makes is the
+/// handler's child. The field the uprobes cannot write into the fetch's frames is said on
+/// attaching and counted as none, so the backend's spans start traces of their own.
+#[test]
+fn a_grpc_server_on_uprobes_continues_its_callers_trace() -> Result<()> {
+    if !require_ptrace()? || !tests::require_bpf()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    const N: u64 = 20;
+    let tc = test_toolchains()?.pop().context("no Go")?;
+    let svc = build_module_fixture("grpcsvc", GRPC, grpc_newest(&tc.version), &tc, Flavor::Default)?;
+    let backend_exe = build_fixture("httpserver", &tc, Flavor::Default)?;
+    let rx = Receiver::start(Transport::Http)?;
+    let (mut back, mut grpc, mut front) = start_chain(&svc, &backend_exe, |_| Vec::new())?;
+    back.attach("back", &rx)?;
+    grpc.attach_by("grpc", &rx, "uprobe")?;
+    front.attach("front", &rx)?;
+    let warned = grpc.inject.as_ref().is_some_and(|p| p.transcript().contains("those requests leave without one"));
+    ensure!(warned, "the gRPC server's inject did not say its HTTP/2 requests leave without a traceparent");
+    let url = format!("http://{}/chain", front.addr);
+    let load = build_fixture("load", &tc, Flavor::Default)?;
+    let out = Command::new(&load).args(["-url", &url, "-n", &N.to_string(), "-c", "2"]).output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(out.status.success() && stdout.contains(&format!("ok={N} ")), "load: {stdout}");
+    let (fs, gs, bs) = (front.detach()?, grpc.detach()?, back.detach()?);
+    rx.wait_spans(9 * N, LIMIT).context("spans")?;
+    for (name, s) in [("front", &fs), ("grpc", &gs), ("back", &bs)] {
+        ensure!(s["dropped"] == 0, "{name}: {} records dropped", s["dropped"]);
+    }
+    ensure!(gs["http_injected"] == 0, "grpc: HTTP/2 traceparent fields {} under uprobes", gs["http_injected"]);
+    let spans = rx.spans();
+    let of = |service: &str, kind: i32| -> Vec<&Received> {
+        spans
+            .iter()
+            .filter(|s| s.resource_str("service.name").as_deref() == Some(service) && s.span.kind == kind)
+            .collect()
+    };
+    let (roots, calls, handlers, fetches, backs) =
+        (of("front", SERVER), of("front", CLIENT), of("grpc", SERVER), of("grpc", CLIENT), of("back", SERVER));
+    ensure!(
+        (roots.len(), calls.len(), handlers.len(), fetches.len(), backs.len()) == (20, 60, 60, 20, 20),
+        "spans: {} front server, {} calls, {} handlers, {} fetches, {} back",
+        roots.len(),
+        calls.len(),
+        handlers.len(),
+        fetches.len(),
+        backs.len()
+    );
+    for c in &calls {
+        let h: Vec<&&Received> = handlers.iter().filter(|h| h.parent_id() == Some(c.span_id())).collect();
+        ensure!(h.len() == 1, "{} handlers of {} {}", h.len(), c.span.name, c.span_id());
+        ensure!(h[0].span.name == c.span.name && h[0].trace_id() == c.trace_id(), "handler {}", h[0].span.name);
+        check_attrs(h[0], &[("rpc.system.name", "grpc".into()), ("rpc.method", c.span.name.clone().into())])?;
+    }
+    for f in &fetches {
+        let parent = handlers.iter().find(|h| Some(h.span_id()) == f.parent_id());
+        ensure!(parent.is_some_and(|h| h.trace_id() == f.trace_id()), "a fetch not under its handler");
+    }
+    ensure!(backs.iter().all(|b| b.parent_id().is_none()), "a back span with a parent: the field was written");
+    eprintln!("{N} requests: the gRPC server on uprobes continued all 60 calls; its 20 fetches left without context");
+    Ok(())
 }
 
 fn status(s: &Received) -> (i32, String) {
