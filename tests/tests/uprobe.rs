@@ -309,6 +309,64 @@ fn a_verifier_rejection_is_reported_by_its_reason() -> Result<()> {
 /// cores are busy: every call is in the output, even when the pump had not yet moved
 /// the records out of the kernel's buffer when the program exited (the collector's last
 /// look waits for it). Five runs each on the oldest and newest Go.
+/// The programs that write a request's `traceparent` (`inject_line`, `inject_undo`) pass
+/// the verifier. Where the kernel refuses `bpf_probe_write_user` (lockdown: this VM), a
+/// build whose writes are `bpf_trace_printk` calls of the same bytes (verified alike, failing
+/// at run time) is loaded instead: the programs load, nothing says outgoing context is off,
+/// no line is written, and the front's requests and spans are as usual.
+#[test]
+fn the_header_writing_programs_pass_the_verifier() -> Result<()> {
+    if !require_bpf()? {
+        return Ok(());
+    }
+    let _serial = tests::exclusive();
+    let object = scratch("writes-checked.bpf.o");
+    xtask::bpf::build_with(&object, &["-DINJECT_WRITES_CHECKED"])?;
+    let tc = test_toolchains()?.pop().context("a toolchain")?;
+    let exe = build_fixture("httpserver", &tc, Flavor::Default)?;
+    let back = start_fixture(&exe, &[], &[])?;
+    let backend = format!("http://{}/hello", back.value("LISTEN").context("back LISTEN")?);
+    let mut front = start_fixture(&exe, &["-backend", &backend], &[])?;
+    let addr = front.value("LISTEN").context("front LISTEN")?;
+    let (jsonl, summary) = (scratch("writes-checked.jsonl"), scratch("writes-checked.json"));
+    let args = [
+        "--pid",
+        &front.pid().to_string(),
+        "--backend",
+        "uprobe",
+        "--output",
+        "jsonl",
+        "--output-file",
+        &jsonl.display().to_string(),
+        "--summary-json",
+        &summary.display().to_string(),
+    ]
+    .map(String::from);
+    let env = [("INJECT_BPF_OBJECT", object.display().to_string())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut inject = tests::start_inject_env(&args, &env, true)?;
+    for _ in 0..3 {
+        let (code, body) = tests::http_get(&addr, "/fanout")?;
+        ensure!(code == 200 && body.matches("backend=200").count() == 3, "/fanout: {code} {body}");
+    }
+    inject.signal(15);
+    ensure!(inject.wait(LIMIT)?.success(), "inject:\n{}", inject.transcript());
+    let t = inject.transcript();
+    ensure!(!t.contains("outgoing trace context off") && !t.contains("rejected"), "{t}");
+    let s = read_summary(&summary)?;
+    ensure!(s["http_injected"] == 0, "lines written with the checked build: {}", s["http_injected"]);
+    let spans: Vec<Value> = std::fs::read_to_string(&jsonl)?.lines().map(parse_line).collect::<Result<_>>()?;
+    let kinds = |k: &str| spans.iter().filter(|v| v["kind"] == k).count();
+    ensure!(kinds("SERVER") == 3 && kinds("CLIENT") == 9, "{} spans: {spans:?}", spans.len());
+    front.signal(15);
+    ensure!(front.wait(LIMIT)?.success(), "the front failed:\n{}", front.transcript());
+    for f in [&object, &jsonl, &summary] {
+        let _ = std::fs::remove_file(f);
+    }
+    eprintln!("inject_line and inject_undo verified; 3 requests, 12 spans, no line written");
+    Ok(())
+}
+
 #[test]
 fn a_short_launched_program_loses_no_call_to_uprobes() -> Result<()> {
     if !require_bpf()? {
