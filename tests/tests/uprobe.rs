@@ -275,6 +275,14 @@ fn auto_gives_refused_sites_to_uprobes() -> Result<()> {
     Ok(())
 }
 
+/// A test build of the program with `define` set, and `fixture` built by the newest Go.
+fn variant(define: &str, fixture: &str) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let object = scratch(&format!("{define}.bpf.o"));
+    xtask::bpf::build_with(&object, &[&format!("-D{define}")])?;
+    let tc = test_toolchains()?.pop().context("a toolchain")?;
+    Ok((object, build_fixture(fixture, &tc, Flavor::Default)?))
+}
+
 /// A program the kernel's verifier refuses (a variant built with `-DINJECT_REJECTED`,
 /// given through INJECT_BPF_OBJECT): inject exits 1 with one error line carrying the
 /// verifier's reason, never a panic, and leaves the code as it was.
@@ -284,10 +292,7 @@ fn a_verifier_rejection_is_reported_by_its_reason() -> Result<()> {
         return Ok(());
     }
     let _serial = tests::exclusive();
-    let object = scratch("rejected.bpf.o");
-    xtask::bpf::build_with(&object, &["-DINJECT_REJECTED"])?;
-    let tc = test_toolchains()?.pop().context("a toolchain")?;
-    let exe = build_fixture("args", &tc, Flavor::Default)?;
+    let (object, exe) = variant("INJECT_REJECTED", "args")?;
     let target = start_fixture(&exe, &["-wait"], &[])?;
     let args = ["--pid", &target.pid().to_string(), "--func", "main.record", "--backend", "uprobe"].map(String::from);
     let mut inject = tests::start_inject_env(&args, &[("INJECT_BPF_OBJECT", &object.display().to_string())], false)?;
@@ -320,10 +325,7 @@ fn the_header_writing_programs_pass_the_verifier() -> Result<()> {
         return Ok(());
     }
     let _serial = tests::exclusive();
-    let object = scratch("writes-checked.bpf.o");
-    xtask::bpf::build_with(&object, &["-DINJECT_WRITES_CHECKED"])?;
-    let tc = test_toolchains()?.pop().context("a toolchain")?;
-    let exe = build_fixture("httpserver", &tc, Flavor::Default)?;
+    let (object, exe) = variant("INJECT_WRITES_CHECKED", "httpserver")?;
     let back = start_fixture(&exe, &[], &[])?;
     let backend = format!("http://{}/hello", back.value("LISTEN").context("back LISTEN")?);
     let mut front = start_fixture(&exe, &["-backend", &backend], &[])?;
