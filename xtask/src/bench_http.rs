@@ -1,10 +1,12 @@
 //! `cargo xtask bench http`: what net/http tracing costs a busy server. The httpserver
 //! fixture's `/work?n=N` handler (N rounds of SHA-256: 400 ≈ 50 µs, 1600 ≈ 200 µs) is
 //! loaded by the load fixture (HTTP/1.1 keep-alive, 8 connections) on loopback for a few
-//! seconds at a time, in rounds that interleave three setups on the same server process:
+//! seconds at a time, in rounds that interleave four setups on the same server process:
 //! - baseline: nothing attached;
 //! - inject: attached with its default net/http probes (server spans, context, lineage),
 //!   exporting every span over OTLP/HTTP to the test receiver in a process of its own;
+//! - inject with `--backend uprobe`: the same probes and spans from kernel uprobes (no
+//!   ptrace; a trap per probe hit, ~7 per request);
 //! - uprobe: bpftrace with kernel uprobes on the entries of `serverHandler.ServeHTTP` and
 //!   `(*response).WriteHeader`, counting (what an eBPF agent pays at the least: two
 //!   kernel round trips per request, no context, no export).
@@ -72,18 +74,20 @@ pub fn http() -> Result<()> {
         let url = format!("http://{addr}/work?n={work}");
         // Warm up the server, its connections and the machine.
         load(&load_exe, &url, None)?;
-        let (mut base, mut inj, mut up) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut base, mut inj, mut inj_up, mut up) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let spans0 = rx.spans()?;
         for round in 0..ROUNDS {
             base.push(load(&load_exe, &url, None)?);
-            let mut c = Command::new(&inject)
-                .args(["--pid", &pid.to_string()])
-                .env("OTEL_EXPORTER_OTLP_ENDPOINT", &rx.endpoint)
-                .stderr(Stdio::piped())
-                .spawn()?;
-            xtask::wait_for_line(&mut c, false, "inject: probing")?;
-            inj.push(load(&load_exe, &url, Some(c.id()))?);
-            stop(c)?;
+            for (backend, runs) in [("trampoline", &mut inj), ("uprobe", &mut inj_up)] {
+                let mut c = Command::new(&inject)
+                    .args(["--pid", &pid.to_string(), "--backend", backend])
+                    .env("OTEL_EXPORTER_OTLP_ENDPOINT", &rx.endpoint)
+                    .stderr(Stdio::piped())
+                    .spawn()?;
+                xtask::wait_for_line(&mut c, false, "inject: probing")?;
+                runs.push(load(&load_exe, &url, Some(c.id()))?);
+                stop(c)?;
+            }
             let script = format!(
                 "uprobe:{exe}:\"net/http.serverHandler.ServeHTTP\" {{ @r = count(); }} \
                  uprobe:{exe}:\"net/http.(*response).WriteHeader\" {{ @w = count(); }}",
@@ -97,10 +101,11 @@ pub fn http() -> Result<()> {
             up.push(load(&load_exe, &url, Some(b.id()))?);
             stop(b)?;
             eprintln!(
-                "  round {}: baseline {:.0}, inject {:.0}, uprobe {:.0} requests/s",
+                "  round {}: baseline {:.0}, inject {:.0}, inject on uprobes {:.0}, bpftrace {:.0} requests/s",
                 round + 1,
                 base[round].rps,
                 inj[round].rps,
+                inj_up[round].rps,
                 up[round].rps
             );
         }
@@ -119,6 +124,14 @@ pub fn http() -> Result<()> {
             med(&inj, |r| r.p50_us),
             i / b,
             med(&inj, |r| r.tracer_cores)
+        );
+        let iu = med(&inj_up, |r| r.rps);
+        println!(
+            "  inject on uprobes {iu:>9.0} requests/s   p50 {:>6.0} µs   {:.3} of baseline; inject used {:.2} cores \
+             (--backend uprobe: the same spans)",
+            med(&inj_up, |r| r.p50_us),
+            iu / b,
+            med(&inj_up, |r| r.tracer_cores)
         );
         println!(
             "  bpftrace uprobes  {u:>9.0} requests/s   p50 {:>6.0} µs   {:.3} of baseline (2 uprobes per request, counting only)",
