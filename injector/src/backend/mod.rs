@@ -193,7 +193,6 @@ pub fn assign(sites: &mut [ProbeSite], bin: &GoBinary<'_>, bias: u64, choice: Ch
 /// context would start a trace of its own), and says why.
 fn one_home_for_context(sites: &mut [ProbeSite], bin: &GoBinary<'_>, bias: u64) {
     use crate::plan::Via;
-    use trampolines::codegen::Op;
     let keeps =
         |s: &ProbeSite| uprobe::abi::uses_context(&s.on_entry.plan) || uprobe::abi::uses_context(&s.on_return.plan);
     if !sites.iter().any(|s| keeps(s) && matches!(s.via, Via::Uprobe { .. })) {
@@ -203,23 +202,11 @@ fn one_home_for_context(sites: &mut [ProbeSite], bin: &GoBinary<'_>, bias: u64) 
         .filter(|&i| keeps(&sites[i]) && sites[i].via == Via::Trampoline && sites[i].entry_patch.is_ok())
         .map(|i| (i, uprobe::sites::uprobe_via(bin, bias, &sites[i])))
         .collect();
-    // A probe that only writes context out (an HTTP/2 traceparent field, a Kafka message's
-    // header) may stay: it
-    // finds no span to write in the trampolines' tables, so those requests leave without
-    // one, which is said; any other would split the context, so the uprobe sites go back.
+    // A probe that only writes context out may stay: it finds no span to write in the
+    // trampolines' tables, so those requests leave without one, which is said; any other
+    // would split the context, so the uprobe sites go back.
     let writer_only = |s: &ProbeSite| {
-        [&s.on_entry.plan, &s.on_return.plan].iter().all(|p| {
-            p.ops.iter().all(|op| {
-                matches!(
-                    op,
-                    Op::Field(_)
-                        | Op::Stack { .. }
-                        | Op::InjectH2 { .. }
-                        | Op::InjectH2After { .. }
-                        | Op::KafkaHeader { .. }
-                )
-            })
-        })
+        uprobe::abi::only_writes_out(&s.on_entry.plan) && uprobe::abi::only_writes_out(&s.on_return.plan)
     };
     for (i, _) in moves.iter().filter(|(i, v)| matches!(v, Via::Refused(_)) && writer_only(&sites[*i])) {
         eprintln!(

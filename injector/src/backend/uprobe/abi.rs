@@ -194,6 +194,17 @@ unsafe impl aya::Pod for Plan {}
 // SAFETY: as above.
 unsafe impl aya::Pod for Config {}
 
+/// Whether a plan's only context work is writing a span out (an HTTP/2 `traceparent`
+/// field, a Kafka message's header): run where no span is kept, it writes nothing.
+pub fn only_writes_out(plan: &CapturePlan) -> bool {
+    plan.ops.iter().all(|op| {
+        matches!(
+            op,
+            Op::Field(_) | Op::Stack { .. } | Op::InjectH2 { .. } | Op::InjectH2After { .. } | Op::KafkaHeader { .. }
+        )
+    })
+}
+
 /// Whether a plan keeps trace context (its operations or its guard use the context
 /// tables): such plans must all run on one backend, where the context lives.
 pub fn uses_context(plan: &CapturePlan) -> bool {

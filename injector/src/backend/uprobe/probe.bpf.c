@@ -418,7 +418,7 @@ INLINE u8 *ids_at(struct event *e, u32 dest) {
     // Keeps clang from adding before it compares: the verifier bounds the pointer by the
     // register it checked.
     asm volatile("" : "+r"(dest));
-    return &e->data[dest & (DATA_MAX - 1)];
+    return &e->data[dest];
 }
 
 // A new span's ids at dest: a child of the goroutine's context when it is in `state` (its
@@ -509,6 +509,17 @@ INLINE int is_traceparent(u64 ptr, s64 len) {
     return 1;
 }
 
+// A (name, value) pair of strings, an HTTP/2 field or a Kafka header: when the name is
+// `traceparent`, its value (if a well-formed one) becomes the goroutine's pending context.
+// Whether the name matched.
+INLINE int stash_pair(struct event *e, struct tmp *t, u64 name, s64 name_len, u64 value, s64 value_len) {
+    if (!is_traceparent(name, name_len))
+        return 0;
+    if (value_len >= 55 && value && bpf_probe_read_user(t->buf, 55, (void *)value) == 0)
+        stash_value(e, t, t->buf);
+    return 1;
+}
+
 // Moves the entry under `key` in `from` (in `state`, when state is not 0) to `to_key` in `to`.
 INLINE void move_entry(struct tmp *t, void *from, u64 key, u64 state, void *to, u64 to_key) {
     struct ctxval *v = bpf_map_lookup_elem(from, &key);
@@ -531,15 +542,9 @@ INLINE void ctx_op(struct event *e, struct config *c, struct tmp *t, u64 sp, str
     case OP_STASH_LINE:
         stash_line(e, t, reg(e, sp, o->a), (s64)reg(e, sp, o->b));
         break;
-    case OP_STASH_FIELD: {
-        if (!is_traceparent(reg(e, sp, o->a), (s64)reg(e, sp, o->b)))
-            break;
-        u64 vp = reg(e, sp, o->c);
-        if ((s64)reg(e, sp, o->d) < 55 || !vp || bpf_probe_read_user(t->buf, 55, (void *)vp) != 0)
-            break;
-        stash_value(e, t, t->buf);
+    case OP_STASH_FIELD:
+        stash_pair(e, t, reg(e, sp, o->a), (s64)reg(e, sp, o->b), reg(e, sp, o->c), (s64)reg(e, sp, o->d));
         break;
-    }
     case OP_SERVER_BEGIN:
         if (begin_span(e, c, o->dest, PENDING, PARENT_REMOTE, nv))
             bpf_map_update_elem(&goroutines, &goid, nv, 0);
@@ -634,11 +639,8 @@ INLINE void ctx_op(struct event *e, struct config *c, struct tmp *t, u64 sp, str
                 u64 h[4] = {0, 0, 0, 0};
                 if (bpf_probe_read_user(h, 32, (void *)(hs[0] + KAFKA_HEADER_LEN * k)) != 0)
                     break;
-                if (!is_traceparent(h[0], (s64)h[1]))
-                    continue;
-                if ((s64)h[3] >= 55 && h[2] && bpf_probe_read_user(t->buf, 55, (void *)h[2]) == 0)
-                    stash_value(e, t, t->buf);
-                break;
+                if (stash_pair(e, t, h[0], (s64)h[1], h[2], (s64)h[3]))
+                    break;
             }
         }
         if (begin_span(e, c, o->dest, PENDING, PARENT_REMOTE, nv)) {
